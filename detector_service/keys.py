@@ -1,0 +1,22 @@
+"""Every Redis stream name, consumer-group name and key prefix the project uses."""
+
+TURNS_STREAM = "fama:turns"
+TURNS_DEAD_STREAM = "fama:turns:dead"
+DETECTOR_GROUP = "detectors"
+INTERVENTIONS_STREAM = "fama:interventions"
+REPLY_STREAM_PREFIX = "fama:replies:"
+SESSION_PREFIX = "fama:session:"
+EXTRACTION_PREFIX = "fama:extract:"  # cached per-policy-text extractions (DCE)
+LATE_VERDICTS_STREAM = "fama:verdicts:late"
+
+
+def reply_stream(instance: str) -> str:
+    return f"{REPLY_STREAM_PREFIX}{instance}"
+
+
+def session_key(tenant: str, session_id: str) -> str:
+    return f"{SESSION_PREFIX}{tenant}:{session_id}"
+
+
+def extraction_key(policy_hash: str) -> str:
+    return f"{EXTRACTION_PREFIX}{policy_hash}"

@@ -1,0 +1,29 @@
+"""Typed settings for ``fama detector``."""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_consumer() -> str:
+    return socket.gethostname()
+
+
+class DetectorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FAMA_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    profile: str = ""
+    consumer_name: str = Field(default_factory=_default_consumer)
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
+    batch_size: int = Field(default=64, ge=1)
+    block_ms: int = Field(default=1000, ge=1)
+    claim_idle_ms: int = Field(default=30_000, ge=100)
+    max_deliveries: int = Field(default=3, ge=1)
+    stream_maxlen: int = Field(default=100_000, ge=100)
+    drain_timeout_s: float = Field(default=20.0, gt=0)
+    log_level: str = "info"

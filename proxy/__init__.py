@@ -1,0 +1,1 @@
+"""FAMA proxy: the OpenAI-compatible edge that supervises tool-using agents."""

@@ -1,0 +1,112 @@
+"""The ``fama`` command line (DESIGN §6). The only place that reads the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from detector_service.profile import Mode
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="FAMA supervisory proxy for tool-using agents.")
+
+
+def _overrides(**flags: Any) -> dict[str, Any]:
+    """Flags override environment variables; a flag left unset does not."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+@app.command()
+def serve(
+    upstream_url: Annotated[str | None, typer.Option(help="Model server base URL [env FAMA_UPSTREAM_URL].")] = None,
+    upstream_api_key: Annotated[str | None, typer.Option(help="Key sent upstream [env FAMA_UPSTREAM_API_KEY].")] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address [env FAMA_HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port [env FAMA_PORT].")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes [env FAMA_WORKERS].")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="Redis URL; empty = embedded [env FAMA_REDIS_URL].")] = None,
+    mode: Annotated[Mode | None, typer.Option(help="observe or enforce [env FAMA_MODE].")] = None,
+    profile: Annotated[str | None, typer.Option(help="Profile YAML [env FAMA_PROFILE].")] = None,
+    local_model: Annotated[
+        bool | None, typer.Option("--local-model/--no-local-model", help="Start the bundled llama.cpp model.")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="Log level [env FAMA_LOG_LEVEL].")] = None,
+) -> None:
+    """Run the proxy."""
+    from proxy.server import run
+    from proxy.settings import ProxySettings
+
+    settings = ProxySettings(
+        **_overrides(
+            upstream_url=upstream_url,
+            upstream_api_key=upstream_api_key,
+            host=host,
+            port=port,
+            workers=workers,
+            redis_url=redis_url,
+            mode=mode,
+            profile=profile,
+            local_model=local_model,
+            log_level=log_level,
+        )
+    )
+    run(settings)
+
+
+@app.command()
+def detector(
+    redis_url: Annotated[str | None, typer.Option(help="Redis URL [env FAMA_REDIS_URL].")] = None,
+    profile: Annotated[str | None, typer.Option(help="Profile YAML [env FAMA_PROFILE].")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Metrics/health port [env FAMA_METRICS_PORT].")] = None,
+    until_idle: Annotated[bool, typer.Option(help="Exit once the stream has no work left.")] = False,
+    log_level: Annotated[str | None, typer.Option(help="Log level [env FAMA_LOG_LEVEL].")] = None,
+) -> None:
+    """Run a detector worker (a member of the Redis consumer group)."""
+    from detector_service.settings import DetectorSettings
+    from detector_service.worker import run
+
+    settings = DetectorSettings(
+        **_overrides(redis_url=redis_url, profile=profile, metrics_port=metrics_port, log_level=log_level)
+    )
+    run(settings, until_idle=until_idle)
+
+
+@app.command()
+def replay(
+    files: Annotated[list[Path], typer.Argument(help="Trajectory files (tau-bench v1, tau2-bench, JSONL).")],
+    tools: Annotated[Path | None, typer.Option(help="OpenAI tools array for records that carry none.")] = None,
+    profile: Annotated[Path | None, typer.Option(help="Profile YAML.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write per-trajectory flags here.")] = None,
+) -> None:
+    """Replay recorded trajectories through the detectors, turn by turn."""
+    from detector_service.replay import replay_command
+
+    raise typer.Exit(replay_command(files, tools=tools, profile=profile, json_out=json_out))
+
+
+@app.command()
+def analyze(
+    files: Annotated[list[Path], typer.Argument(help="Trajectory files with outcomes.")],
+    out: Annotated[Path, typer.Option(help="Where to write the profile YAML.")],
+    tools: Annotated[Path | None, typer.Option(help="OpenAI tools array for records that carry none.")] = None,
+) -> None:
+    """Stage 1: failure analysis over trajectories; writes a profile."""
+    from detector_service.analyze import analyze_command
+
+    raise typer.Exit(analyze_command(files, tools=tools, out=out))
+
+
+@app.command()
+def bench(
+    requests: Annotated[int, typer.Option(help="Requests per measured series.")] = 2000,
+    concurrency: Annotated[int, typer.Option(help="Concurrent clients for the throughput series.")] = 16,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+) -> None:
+    """Overhead benchmark: direct vs through the proxy, in the same run."""
+    from proxy.bench import bench_command
+
+    raise typer.Exit(bench_command(requests=requests, concurrency=concurrency, json_out=json_out))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,77 @@
+"""Typed settings for ``fama serve``. Built once at the edge (the CLI) and passed down."""
+
+from __future__ import annotations
+
+import socket
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from detector_service.profile import Mode
+
+_PLACEHOLDERS = {"changeme", "change-me", "changethis", "secret", "xxx", "placeholder"}
+
+
+def _default_instance() -> str:
+    return socket.gethostname()
+
+
+class ProxySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FAMA_", extra="ignore")
+
+    upstream_url: str = "http://127.0.0.1:8000/v1"
+    upstream_api_key: SecretStr | None = None  # None: pass the client's key through
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1)
+    redis_url: str = ""  # empty: embedded detectors
+    mode: Mode = Mode.OBSERVE
+    profile: str = ""
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    admin_key: SecretStr | None = None
+    instance_id: str = Field(default_factory=_default_instance)
+
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=600.0, gt=0)  # between bytes from upstream
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    max_upstream_connections: int = Field(default=512, ge=1)
+    session_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    sse_ping_s: float = Field(default=15.0, gt=0)
+    graceful_shutdown_s: float = Field(default=25.0, gt=0)
+    log_level: str = "info"
+
+    local_model: bool = False
+    local_model_port: int = Field(default=8090, ge=0, le=65535)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_placeholder_keys(cls, v: list[SecretStr]) -> list[SecretStr]:
+        for key in v:
+            if key.get_secret_value().lower() in _PLACEHOLDERS:
+                raise ValueError("FAMA_API_KEYS contains a placeholder value; set real keys")
+        return v
+
+    @field_validator("admin_key", "upstream_api_key")
+    @classmethod
+    def _no_placeholder_secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and v.get_secret_value().lower() in _PLACEHOLDERS:
+            raise ValueError("a placeholder value was given for a secret; set a real one")
+        if v is not None and v.get_secret_value() == "":
+            return None
+        return v
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        v = v.strip()
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("upstream_url must be an http(s) URL such as http://vllm:8000/v1")
+        return v.rstrip("/")
