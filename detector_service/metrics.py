@@ -1,0 +1,42 @@
+"""Every Prometheus metric the detector service exports."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+DETECT_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5)
+
+
+class DetectorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.turns = Counter(
+            "fama_detector_turns_total", "Turns processed, by outcome (ok, error, dead).", ["outcome"], registry=r
+        )
+        self.processing = Histogram(
+            "fama_detector_processing_seconds",
+            "Time to evaluate one turn (all detectors).",
+            buckets=DETECT_BUCKETS,
+            registry=r,
+        )
+        self.findings = Counter(
+            "fama_detector_findings_total", "Findings by category and detector.", ["category", "detector"], registry=r
+        )
+        self.verdicts = Counter("fama_detector_verdicts_total", "Verdicts published by action.", ["action"], registry=r)
+        self.stream_lag = Gauge(
+            "fama_detector_stream_lag", "Entries in the turn stream not yet delivered to the group.", registry=r
+        )
+        self.pending = Gauge(
+            "fama_detector_pending_entries", "Entries delivered to the group but not yet acknowledged.", registry=r
+        )
+        self.reclaimed = Counter(
+            "fama_detector_reclaimed_total", "Entries reclaimed from idle consumers (XAUTOCLAIM).", registry=r
+        )
+        self.dead_letters = Counter(
+            "fama_detector_dead_letters_total", "Entries moved to the dead-letter stream.", ["reason"], registry=r
+        )
+        self.redis_errors = Counter(
+            "fama_detector_redis_errors_total", "Redis operations that failed.", ["op"], registry=r
+        )
+        self.up = Gauge("fama_detector_up", "1 while the worker loop is running.", registry=r)

@@ -1,0 +1,113 @@
+"""Every Prometheus metric the proxy exports. One instance per app, on its own registry.
+
+Label sets are bounded: routes are templates, models are whatever the upstream lists (operators run
+a handful), categories/actions/agents are enums, tools are the request's declared tool names capped
+by ``MAX_TOOL_LABELS`` (the rest become ``other``).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+MAX_TOOL_LABELS = 200
+
+
+class ProxyMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "fama_requests_total", "Requests by route, status and model.", ["route", "status", "model"], registry=r
+        )
+        self.request_duration = Histogram(
+            "fama_request_duration_seconds",
+            "Whole request time as the client sees it (to the last byte).",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "fama_time_to_first_token_seconds",
+            "Time from request to the first content byte sent to the client (streaming).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "fama_upstream_duration_seconds",
+            "Time spent waiting on the upstream model server.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "fama_proxy_overhead_seconds",
+            "Request time minus upstream time: what the proxy adds.",
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "fama_upstream_errors_total",
+            "Upstream failures by kind (connect, timeout, status_4xx, status_5xx, stream).",
+            ["kind"],
+            registry=r,
+        )
+        self.injections = Counter(
+            "fama_injections_total", "Pre-decision context injections by specialized agent.", ["agent"], registry=r
+        )
+        self.findings = Counter(
+            "fama_findings_total",
+            "Detector findings seen by the proxy, by category, detector and tool.",
+            ["category", "detector", "tool"],
+            registry=r,
+        )
+        self.interventions = Counter(
+            "fama_interventions_total",
+            "Interventions applied to responses, by action and category.",
+            ["action", "category", "mode"],
+            registry=r,
+        )
+        self.verdict_wait = Histogram(
+            "fama_verdict_wait_seconds",
+            "Time a turn waited for its verdict.",
+            ["transport"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.deadline_misses = Counter(
+            "fama_verdict_deadline_misses_total", "Verdicts not ready by the deadline.", ["transport"], registry=r
+        )
+        self.late_verdicts = Counter(
+            "fama_late_verdicts_total",
+            "Verdicts that arrived after their deadline (recorded, not applied).",
+            registry=r,
+        )
+        self.degraded = Counter(
+            "fama_degraded_responses_total",
+            "Responses served without a verdict (deadline or detector outage), by reason and policy.",
+            ["reason", "policy"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "fama_retries_total",
+            "Corrective retries by category and outcome (fixed, failed, exhausted).",
+            ["category", "outcome"],
+            registry=r,
+        )
+        self.sessions = Counter(
+            "fama_session_turns_total",
+            "Chat turns by whether the session has had an intervention so far and the turn's finish reason.",
+            ["intervened", "finish_reason"],
+            registry=r,
+        )
+        self.session_outcomes = Counter(
+            "fama_session_outcomes_total",
+            "Session outcomes reported by clients (success/failure), split by whether interventions happened.",
+            ["outcome", "intervened"],
+            registry=r,
+        )
+        self.active_streams = Gauge("fama_active_streams", "Streaming responses in flight.", registry=r)
+        self.redis_errors = Counter("fama_redis_errors_total", "Redis operations that failed.", ["op"], registry=r)
