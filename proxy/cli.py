@@ -33,6 +33,7 @@ def serve(
     log_level: Annotated[str | None, typer.Option(help="Log level [env FAMA_LOG_LEVEL].")] = None,
 ) -> None:
     """Run the proxy."""
+    from proxy.local_model import LocalModelError
     from proxy.server import run
     from proxy.settings import ProxySettings
 
@@ -50,7 +51,11 @@ def serve(
             log_level=log_level,
         )
     )
-    run(settings)
+    try:
+        run(settings)
+    except LocalModelError as e:
+        typer.echo(f"fama serve: {e}", err=True)
+        raise typer.Exit(1) from e
 
 
 @app.command()

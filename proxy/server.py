@@ -1,18 +1,98 @@
-"""Process entry for ``fama serve``: uvicorn around :func:`proxy.app.create_app`."""
+"""Process entry for ``fama serve``: the optional local model, then uvicorn around :func:`proxy.app.create_app`."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
 import uvicorn
+from fastapi import FastAPI
+from pydantic import SecretStr
 
 from proxy.app import create_app
 from proxy.settings import ProxySettings
 
+logger = logging.getLogger("fama.server")
+
+# With several workers uvicorn imports the app in fresh processes, so the settings built by the CLI travel to
+# them, complete and validated, in this one variable.
+SETTINGS_ENV = "FAMA_SERVE_SETTINGS_JSON"
+
+
+class Shutdown(BaseException):
+    """SIGTERM/SIGINT outside uvicorn's own handling (startup, or re-raised after its graceful shutdown)."""
+
+
+def _raise_shutdown(signum: int, frame: FrameType | None) -> None:
+    raise Shutdown(signal.Signals(signum).name)
+
+
+@contextmanager
+def _shutdown_on_signals() -> Iterator[None]:
+    # uvicorn restores the previous handlers after its graceful shutdown and re-raises the signal it caught;
+    # with the default SIGTERM disposition that would kill the process before the local model child is stopped.
+    previous = {sig: signal.signal(sig, _raise_shutdown) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def settings_to_env(settings: ProxySettings) -> str:
+    return json.dumps({name: _plain(getattr(settings, name)) for name in type(settings).model_fields})
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for worker processes: the app for the settings the parent put in the environment."""
+    # model_validate does not read FAMA_* variables: the parent's resolved settings are the whole truth.
+    return create_app(ProxySettings.model_validate(json.loads(os.environ[SETTINGS_ENV])))
+
+
+def _serve(settings: ProxySettings) -> None:
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "timeout_graceful_shutdown": max(1, round(settings.graceful_shutdown_s)),
+        # The proxy sets x-request-id and its own headers; uvicorn's Server/Date add nothing clients need.
+        "server_header": False,
+    }
+    if settings.workers > 1:
+        os.environ[SETTINGS_ENV] = settings_to_env(settings)
+        uvicorn.run("proxy.server:app_from_env", factory=True, workers=settings.workers, **common)
+    else:
+        uvicorn.run(create_app(settings), **common)
+
 
 def run(settings: ProxySettings) -> None:
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
-    )
+    """Run ``fama serve`` until SIGTERM/SIGINT; with ``local_model`` the bundled model is the upstream."""
+    from proxy.local_model import LocalModel, LocalModelOptions
+
+    if not logging.getLogger().handlers:
+        # uvicorn configures only its own loggers; ours (e.g. the local model's output at debug) need a handler.
+        level = logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.DEBUG)  # uvicorn has "trace"
+        logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
+    try:
+        with _shutdown_on_signals():
+            if not settings.local_model:
+                _serve(settings)
+                return
+            with LocalModel(LocalModelOptions.from_settings(settings)) as model:
+                _serve(settings.model_copy(update={"upstream_url": model.base_url}))
+    except Shutdown as stop:
+        logger.info("stopped by %s", stop)
