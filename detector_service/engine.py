@@ -1,55 +1,103 @@
 """The detector engine: runs the enabled detectors over one turn and folds findings into a verdict.
 
 The same engine serves the Redis worker, the proxy's embedded mode and ``fama replay``.
-Contract: ``Engine(profile).evaluate(turn) -> Verdict`` is pure (no I/O) and thread-safe.
+Contract: ``Engine(profile).evaluate(turn) -> Verdict`` is pure (no I/O) and thread-safe: it keeps no
+state between calls besides caches of compiled schemas.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
+from typing import Any
 
+import orjson
+
+from detector_service.detectors import dcv, ifu, loop, mtc, rules, wrco
 from detector_service.profile import Profile
-from detector_service.wire import ACTION_STRENGTH, Action, Category, Finding, Severity, TurnEvent, Verdict
+from detector_service.toolkinds import ToolKinds
+from detector_service.turn import ConversationIndex, TurnView, tools_by_name
+from detector_service.wire import ACTION_STRENGTH, Action, Category, Finding, TurnEvent, Verdict
 
-DETECTOR_VERSION = "0.1.0"
+DETECTOR_VERSION = "0.2.0"
+
+Detector = Callable[[TurnView], list[Finding]]
+
+DETECTORS: dict[str, Detector] = {
+    "mtc": mtc.detect,
+    "dcv": dcv.detect,
+    "rules": rules.detect,
+    "wrco": wrco.detect,
+    "ifu": ifu.detect,
+    "loop": loop.detect,
+}
 
 
 class Engine:
     def __init__(self, profile: Profile | None = None) -> None:
         self.profile = profile or Profile()
+        self._detectors = [fn for name, fn in DETECTORS.items() if self.profile.detector_enabled(name)]
+
+    def index(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> ConversationIndex:
+        """An index of ``messages``; extend it with ``add`` to follow a conversation incrementally."""
+        return ConversationIndex.build(messages, ToolKinds(self.profile, tools))
+
+    def view(
+        self, index: ConversationIndex, candidate: Mapping[str, Any], tools: Mapping[str, Mapping[str, Any]]
+    ) -> TurnView:
+        return TurnView.of(index, candidate, tools, self.profile)
 
     def findings(self, turn: TurnEvent) -> list[Finding]:
-        known = {t.get("function", {}).get("name") for t in turn.tools if isinstance(t, dict)}
+        index = self.index(turn.messages, turn.tools)
+        return self.findings_for(self.view(index, turn.candidate, tools_by_name(turn.tools)))
+
+    def findings_for(self, view: TurnView) -> list[Finding]:
         out: list[Finding] = []
-        for call in turn.candidate.get("tool_calls") or []:
-            name = (call.get("function") or {}).get("name")
-            if known and name not in known:
-                out.append(
-                    Finding(
-                        category=Category.MTC,
-                        detector="unknown_tool",
-                        severity=Severity.ERROR,
-                        message=f"Tool {name!r} does not exist; available tools: {', '.join(sorted(map(str, known)))}.",
-                        tool_call_id=call.get("id"),
-                        tool_name=name,
-                    )
-                )
+        for detect in self._detectors:
+            out.extend(detect(view))
         return out
+
+    def decide(self, candidate: Mapping[str, Any], found: list[Finding]) -> tuple[Action, dict[str, Any] | None]:
+        """The strongest per-category action, and the repaired candidate when only repairs were found."""
+        action = Action.PASS
+        repairs = {
+            f.tool_call_id: f.evidence["repaired_arguments"] for f in found if "repaired_arguments" in f.evidence
+        }
+        rewritten = None
+        for f in found:
+            if "repaired_arguments" in f.evidence:
+                candidate_action = Action.REWRITE
+            else:
+                candidate_action = self.profile.action_for(f.category)
+            if ACTION_STRENGTH[candidate_action] > ACTION_STRENGTH[action]:
+                action = candidate_action
+        if repairs:
+            rewritten = _rewrite(candidate, repairs)
+        return action, rewritten
 
     def evaluate(self, turn: TurnEvent) -> Verdict:
         start = time.perf_counter()
         found = self.findings(turn)
-        action = Action.PASS
-        for f in found:
-            candidate = self.profile.action_for(f.category)
-            if ACTION_STRENGTH[candidate] > ACTION_STRENGTH[action]:
-                action = candidate
+        action, rewritten = self.decide(turn.candidate, found)
         return Verdict(
             turn_id=turn.turn_id,
             session_id=turn.session_id,
             tenant=turn.tenant,
             action=action,
             findings=found,
+            rewritten=rewritten,
             detector_version=DETECTOR_VERSION,
             elapsed_ms=(time.perf_counter() - start) * 1000,
         )
+
+
+def _rewrite(candidate: Mapping[str, Any], repairs: Mapping[str | None, str]) -> dict[str, Any]:
+    out = orjson.loads(orjson.dumps(candidate))
+    for call in out.get("tool_calls") or []:
+        fixed = repairs.get(call.get("id"))
+        if fixed is not None:
+            call.setdefault("function", {})["arguments"] = fixed
+    return dict(out)
+
+
+__all__ = ["DETECTORS", "DETECTOR_VERSION", "Category", "Engine"]

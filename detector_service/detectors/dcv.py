@@ -1,0 +1,125 @@
+"""DCV, domain constraint violation: write calls without explicit confirmation, too many calls per turn.
+
+Confirmation means: the assistant stated the action to the user (its last message before the latest
+user message names the action or one of the call's argument values) and the latest user message says
+yes without saying no. The generic check holds for every write tool; the profile can narrow it to the
+tools its policy names (``requires_confirmation`` rules) through the ``dcv`` detector settings.
+"""
+
+from __future__ import annotations
+
+import re
+
+from detector_service.profile import OneToolCallPerTurn, RequiresConfirmation, ToolKind
+from detector_service.turn import Call, TurnView, is_amount_key, is_id_key, is_id_value, leaves, norm, text_values
+from detector_service.wire import Category, Finding, Severity
+
+_YES = re.compile(
+    r"\b(yes|yeah|yep|yup|i confirm|confirmed|oui|sí)\b",
+    re.IGNORECASE,
+)
+_NO = re.compile(
+    r"^\s*(no|nope|nah|wait|hold on|stop|not yet|don'?t|do not|cancel that)\b|\b(don'?t|do not) (proceed|go ahead|do)",
+    re.IGNORECASE,
+)
+_VERB = re.compile(r"^[a-z]+", re.IGNORECASE)
+_ASKS = re.compile(r"\b(confirm|proceed|shall i|should i|would you like|do you want|go ahead)\b", re.IGNORECASE)
+
+
+def says_yes(text: str) -> bool:
+    return bool(_YES.search(text)) and not _NO.search(text)
+
+
+def _stated(call: Call, stated: str) -> bool:
+    """The assistant's previous message asked for the go-ahead, or named the action or a salient argument."""
+    if not stated.strip():
+        return False
+    if _ASKS.search(stated):
+        return True
+    words = text_values(stated)
+    verb = _VERB.match(call.name)
+    if verb and len(verb.group(0)) > 2 and any(w.startswith(verb.group(0).lower()[:5]) for w in words):
+        return True
+    for key, value in leaves(call.args or {}):
+        if (is_id_key(key) or is_id_value(value) or is_amount_key(key)) and norm(value) in words:
+            return True
+    return False
+
+
+def _needs_confirmation(view: TurnView, call: Call) -> bool:
+    settings = view.profile.detector_settings("dcv")
+    named = {r.tool for r in view.profile.rules if isinstance(r, RequiresConfirmation)}
+    if call.name in named:
+        return False  # the rules detector reports these, with the rule's own wording
+    if settings.get("confirm_all_writes", True) is False:
+        return False
+    return call.kind is ToolKind.WRITE
+
+
+def unconfirmed(view: TurnView, call: Call, detector: str) -> Finding | None:
+    index = view.index
+    if index.user_count == 0:
+        return None
+    # A confirmation covers the writes that follow it until the assistant talks to the user again.
+    yes = says_yes(index.latest_user_text)
+    stated = _stated(call, index.stated_before_user)
+    if yes and stated:
+        return None
+    if not yes:
+        reason = f"the latest user message does not confirm it (it says: {index.latest_user_text[:160]!r})"
+    else:
+        reason = "the action and its details were not listed to the user before they said yes"
+    return Finding(
+        category=Category.DCV,
+        detector=detector,
+        severity=Severity.ERROR,
+        message=(
+            f"Rule: list the details of a database-changing action and get explicit user confirmation (yes) first. "
+            f"'{call.name}' changes data, but {reason}. Describe the exact action to the user and ask them to "
+            "confirm before calling it."
+        ),
+        evidence={"latest_user": index.latest_user_text[:300], "stated": bool(stated)},
+        tool_call_id=call.call_id,
+        tool_name=call.name,
+    )
+
+
+def detect(view: TurnView) -> list[Finding]:
+    out: list[Finding] = []
+    for call in view.calls:
+        if _needs_confirmation(view, call):
+            found = unconfirmed(view, call, "write_without_confirmation")
+            if found is not None:
+                out.append(found)
+    out.extend(_one_call_per_turn(view))
+    return out
+
+
+def _one_call_per_turn(view: TurnView) -> list[Finding]:
+    rule = next((r for r in view.profile.rules if isinstance(r, OneToolCallPerTurn)), None)
+    if rule is None or not view.calls:
+        return []
+    if len(view.calls) > 1:
+        names = ", ".join(c.name for c in view.calls)
+        return [
+            Finding(
+                category=Category.DCV,
+                detector="one_tool_call_per_turn",
+                severity=Severity.ERROR,
+                message=f"Rule: make one tool call at a time. This turn makes {len(view.calls)} calls ({names}); "
+                "make the first call, wait for its result, then decide the next.",
+                evidence={"calls": len(view.calls)},
+            )
+        ]
+    if rule.no_text_with_tool_call and view.text.strip():
+        return [
+            Finding(
+                category=Category.DCV,
+                detector="one_tool_call_per_turn",
+                severity=Severity.WARNING,
+                message=f"Rule: do not talk to the user and call a tool in the same turn. This turn calls "
+                f"'{view.calls[0].name}' and also says {view.text[:120]!r}; either call the tool or answer the user.",
+                evidence={"text": view.text[:300]},
+            )
+        ]
+    return []

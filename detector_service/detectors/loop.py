@@ -1,0 +1,47 @@
+"""LOOP: the same call repeated, or calling a tool again after it kept failing."""
+
+from __future__ import annotations
+
+from detector_service.turn import TurnView
+from detector_service.wire import Category, Finding, Severity
+
+
+def detect(view: TurnView) -> list[Finding]:
+    index = view.index
+    settings = view.profile.detector_settings("loop")
+    max_repeats = int(settings.get("max_repeats", 2))
+    max_errors = int(settings.get("max_errors", 2))
+    out: list[Finding] = []
+    last = index.calls[-1] if index.calls else None
+    for call in view.calls:
+        # Repeats the user asked for (a new user message in between) are not loops.
+        seen = index.recent_calls.get(call.key, 0)
+        back_to_back = last is not None and last.key == call.key and seen > 0 and not last.error
+        if seen >= max_repeats or back_to_back:
+            out.append(
+                Finding(
+                    category=Category.LOOP,
+                    detector="repeated_call",
+                    severity=Severity.WARNING,
+                    message=f"Rule: do not repeat a call whose result you already have. '{call.name}' with these "
+                    f"exact arguments was already called {seen} time(s); use the earlier result or change approach.",
+                    evidence={"times": seen},
+                    tool_call_id=call.call_id,
+                    tool_name=call.name,
+                )
+            )
+        elif index.consecutive_errors >= max_errors and call.name == index.last_error_tool:
+            out.append(
+                Finding(
+                    category=Category.LOOP,
+                    detector="repeated_errors",
+                    severity=Severity.WARNING,
+                    message=f"Rule: stop retrying a failing tool blindly. The last {index.consecutive_errors} tool "
+                    f"calls failed (last error from '{call.name}'); read the error, fix the arguments from tool "
+                    "outputs or ask the user.",
+                    evidence={"errors": index.consecutive_errors},
+                    tool_call_id=call.call_id,
+                    tool_name=call.name,
+                )
+            )
+    return out

@@ -1,0 +1,168 @@
+"""MTC, malformed tool call: unknown tool, arguments that are not JSON or violate the tool's schema.
+
+When exactly one repair is possible (JSON with a trailing comma or single quotes, a number sent as a
+string where the schema wants a number, arguments sent as an object), the finding carries the repaired
+arguments in ``evidence["repaired_arguments"]`` and the engine proposes a rewrite.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import re
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+
+from detector_service.turn import Call, TurnView
+from detector_service.wire import Category, Finding, Severity
+
+_TRAILING_COMMA = re.compile(r",\s*([}\]])")
+_validators: dict[str, Draft202012Validator | None] = {}
+_validators_lock = threading.Lock()
+
+
+def validator_for(schema: Mapping[str, Any]) -> Draft202012Validator | None:
+    """A compiled validator per distinct schema, built once and shared across threads."""
+    key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode()
+    found = _validators.get(key, False)
+    if found is not False:
+        return found
+    try:
+        Draft202012Validator.check_schema(schema)
+        built: Draft202012Validator | None = Draft202012Validator(schema)
+    except SchemaError:
+        built = None  # a broken schema cannot judge arguments; unknown-tool and JSON checks still run
+    with _validators_lock:
+        _validators[key] = built
+    return built
+
+
+def schema_of(tool: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    fn = tool.get("function") if isinstance(tool.get("function"), Mapping) else tool
+    params = fn.get("parameters") if isinstance(fn, Mapping) else None
+    return params if isinstance(params, Mapping) else None
+
+
+def _repair_json(text: str) -> dict[str, Any] | None:
+    """The one object a near-JSON string can mean, or None when it is not unambiguous."""
+    candidates: list[Any] = []
+    fixed = _TRAILING_COMMA.sub(r"\1", text)
+    if fixed != text:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            candidates.append(orjson.loads(fixed))
+    if not candidates:
+        # Python-literal syntax (single quotes, True/None) parses one way only; literal_eval runs no code.
+        with contextlib.suppress(ValueError, SyntaxError, MemoryError, RecursionError):
+            candidates.append(ast.literal_eval(fixed))
+    if len(candidates) == 1 and isinstance(candidates[0], dict):
+        try:
+            orjson.dumps(candidates[0])
+        except TypeError:
+            return None
+        return candidates[0]
+    return None
+
+
+def _coerce(args: dict[str, Any], schema: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Numeric strings where the schema wants numbers; None if nothing changes."""
+    props = schema.get("properties")
+    if not isinstance(props, Mapping):
+        return None
+    out = dict(args)
+    changed = False
+    for k, v in args.items():
+        spec = props.get(k)
+        if not isinstance(spec, Mapping) or not isinstance(v, str):
+            continue
+        want = spec.get("type")
+        try:
+            if want == "integer" and re.fullmatch(r"\s*-?\d+\s*", v):
+                out[k], changed = int(v), True
+            elif want == "number" and re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", v):
+                f = float(v)
+                out[k], changed = (int(f) if f.is_integer() else f), True
+        except ValueError:
+            continue
+    return out if changed else None
+
+
+def _finding(call: Call, detector: str, message: str, **evidence: Any) -> Finding:
+    return Finding(
+        category=Category.MTC,
+        detector=detector,
+        severity=Severity.ERROR,
+        message=message,
+        evidence=evidence,
+        tool_call_id=call.call_id,
+        tool_name=call.name,
+    )
+
+
+def _schema_errors(validator: Draft202012Validator, args: Any) -> list[str]:
+    errors = sorted(validator.iter_errors(args), key=lambda e: list(e.absolute_path))
+    out = []
+    for e in errors[:3]:
+        where = "/".join(str(p) for p in e.absolute_path) or "arguments"
+        out.append(f"{where}: {e.message}")
+    return out
+
+
+def detect(view: TurnView) -> list[Finding]:
+    out: list[Finding] = []
+    for raw, call in zip(view.candidate.get("tool_calls") or [], view.calls, strict=False):
+        if view.tools and call.name not in view.tools:
+            names = ", ".join(sorted(view.tools))
+            out.append(_finding(call, "unknown_tool", f"Tool '{call.name}' does not exist. Available tools: {names}."))
+            continue
+        tool = view.tools.get(call.name)
+        schema = schema_of(tool) if tool is not None else None
+        validator = validator_for(schema) if schema is not None else None
+        sent_object = isinstance((raw.get("function") or {}).get("arguments"), dict)
+        args: Any = call.args
+        repaired: dict[str, Any] | None = None
+        if args is None:
+            repaired = _repair_json(call.arguments)
+            if repaired is None:
+                out.append(
+                    _finding(
+                        call,
+                        "arguments_not_json",
+                        f"The arguments of '{call.name}' are not a JSON object: {call.arguments[:200]!r}. "
+                        "Send the arguments as one valid JSON object.",
+                    )
+                )
+                continue
+            args = repaired
+        if validator is not None:
+            problems = _schema_errors(validator, args)
+            if problems:
+                coerced = _coerce(args, schema) if schema is not None else None
+                if coerced is not None and not _schema_errors(validator, coerced):
+                    repaired = coerced
+                else:
+                    out.append(
+                        _finding(
+                            call,
+                            "schema_violation",
+                            f"The arguments of '{call.name}' violate its JSON Schema: {'; '.join(problems)}.",
+                            errors=problems,
+                        )
+                    )
+                    continue
+        if repaired is not None or sent_object:
+            fixed = orjson.dumps(repaired if repaired is not None else args).decode()
+            out.append(
+                _finding(
+                    call,
+                    "arguments_repaired",
+                    f"The arguments of '{call.name}' were not valid JSON of the right types; "
+                    f"they were repaired unambiguously to {fixed}.",
+                    repaired_arguments=fixed,
+                )
+            )
+    return out

@@ -1,0 +1,293 @@
+"""A typed, read-only view of one turn, and the conversation index it is built on.
+
+``ConversationIndex`` absorbs a conversation one message at a time and keeps what the detectors ask
+about: the values seen in tool outputs and user messages, the calls made so far with their results, the
+latest user message and what the assistant said right before it. Replay extends one index as it
+advances, so checking every turn of a conversation costs time linear in its length. ``TurnView`` pairs
+an index with the candidate assistant message; detectors only read it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from detector_service.profile import Profile, ToolKind
+from detector_service.toolkinds import ToolKinds
+
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.@]*[A-Za-z0-9]|[A-Za-z0-9]")
+_NUMBER = re.compile(r"(?<![A-Za-z0-9_])\$?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?![A-Za-z0-9_])")
+_ERROR_PREFIX = re.compile(r"^\s*(error\b|exception\b|traceback\b)", re.IGNORECASE)
+
+
+def text_of(content: Any) -> str:
+    """The text of an OpenAI message ``content`` (a string, ``None`` or a list of parts)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return str(content)
+
+
+def norm(value: Any) -> str:
+    """A canonical string for comparing scalar values across JSON, free text and arguments."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        f = float(value)
+        return str(int(f)) if f.is_integer() else repr(round(f, 6))
+    s = str(value).strip().lower()
+    try:
+        f = float(s.replace(",", "").lstrip("$"))
+    except ValueError:
+        return s
+    if f != f or f in (float("inf"), float("-inf")):  # NaN/inf spelled as words stay words
+        return s
+    return str(int(f)) if f.is_integer() else repr(round(f, 6))
+
+
+def leaves(value: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """Scalar leaves of a JSON value as (innermost key, value)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from leaves(v, str(k))
+    elif isinstance(value, list):
+        for v in value:
+            yield from leaves(v, key)
+    elif value is not None:
+        yield key, value
+
+
+def dicts(value: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(value, dict):
+        yield value
+        for v in value.values():
+            yield from dicts(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from dicts(v)
+
+
+def parse_json(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def text_values(text: str) -> set[str]:
+    """Tokens and numbers of free text, normalized like ``norm``."""
+    out = {m.group(0).lower().rstrip(".") for m in _TOKEN.finditer(text)}
+    # An e-mail address also names its local part, which is often the account id.
+    out |= {t.split("@", 1)[0] for t in out if "@" in t}
+    for m in _NUMBER.finditer(text):
+        out.add(norm(m.group(1).replace(",", "") + (m.group(2) or "")))
+    return out
+
+
+@dataclass(slots=True)
+class Call:
+    """One tool call, as made by the assistant, with its result once the tool answered."""
+
+    index: int  # index in ``messages`` of the assistant message that made it
+    call_id: str | None
+    name: str
+    arguments: str
+    args: dict[str, Any] | None
+    kind: ToolKind
+    result: str | None = None
+    error: bool = False
+
+    @property
+    def key(self) -> str:
+        if self.args is None:
+            return f"{self.name}:{self.arguments}"
+        return f"{self.name}:{orjson.dumps(self.args, option=orjson.OPT_SORT_KEYS).decode()}"
+
+
+def parse_call(raw: Mapping[str, Any], index: int, kinds: ToolKinds) -> Call:
+    fn = raw.get("function") or {}
+    name = str(fn.get("name") or "")
+    arguments = fn.get("arguments")
+    args: dict[str, Any] | None
+    if isinstance(arguments, dict):
+        args, arguments = arguments, orjson.dumps(arguments).decode()
+    else:
+        arguments = "" if arguments is None else str(arguments)
+        parsed = parse_json(arguments) if arguments.strip() else {}
+        args = parsed if isinstance(parsed, dict) else None
+    return Call(index=index, call_id=raw.get("id"), name=name, arguments=arguments, args=args, kind=kinds.kind(name))
+
+
+@dataclass
+class ConversationIndex:
+    """What the detectors need to know about the conversation so far; grows one message at a time."""
+
+    kinds: ToolKinds
+    size: int = 0
+    system_text: str = ""
+    user_count: int = 0
+    latest_user_text: str = ""
+    latest_user_index: int = -1
+    # The assistant's last words to the user before the latest user message: where the action was stated.
+    stated_before_user: str = ""
+    last_assistant_text: str = ""
+    user_values: set[str] = field(default_factory=set)
+    told_values: set[str] = field(default_factory=set)  # values the assistant said to the user
+    recent_calls: Counter[str] = field(default_factory=Counter)  # calls since the latest user message
+    tool_values: set[str] = field(default_factory=set)
+    read_values: set[str] = field(default_factory=set)  # values read back from, or looked up with, read tools
+    # (id-like key, value) -> objects of tool outputs holding that pair, for contradiction checks
+    entities: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
+    calls: list[Call] = field(default_factory=list)
+    pending: dict[str, Call] = field(default_factory=dict)
+    call_counts: Counter[str] = field(default_factory=Counter)
+    writes: int = 0
+    reads: int = 0
+    calls_since_user: int = 0
+    consecutive_errors: int = 0
+    last_error_tool: str | None = None
+
+    @classmethod
+    def build(cls, messages: Iterable[Mapping[str, Any]], kinds: ToolKinds) -> ConversationIndex:
+        index = cls(kinds=kinds)
+        for m in messages:
+            index.add(m)
+        return index
+
+    def add(self, message: Mapping[str, Any]) -> None:
+        role = message.get("role")
+        i = self.size
+        self.size += 1
+        if role == "system" or role == "developer":
+            self.system_text += text_of(message.get("content")) + "\n"
+        elif role == "user":
+            text = text_of(message.get("content"))
+            self.user_count += 1
+            self.latest_user_text = text
+            self.latest_user_index = i
+            self.stated_before_user = self.last_assistant_text
+            self.user_values |= text_values(text)
+            self.calls_since_user = 0
+            self.recent_calls.clear()
+        elif role == "assistant":
+            text = text_of(message.get("content"))
+            if text.strip():
+                self.last_assistant_text = text
+                self.told_values |= text_values(text)
+            for raw in message.get("tool_calls") or []:
+                call = parse_call(raw, i, self.kinds)
+                self.calls.append(call)
+                self.call_counts[call.key] += 1
+                self.recent_calls[call.key] += 1
+                self.calls_since_user += 1
+                if call.call_id:
+                    self.pending[call.call_id] = call
+                if call.kind is ToolKind.WRITE:
+                    self.writes += 1
+                elif call.kind is ToolKind.READ:
+                    self.reads += 1
+                    if call.args:
+                        self.read_values.update(norm(v) for _, v in leaves(call.args))
+        elif role == "tool" or role == "function":
+            self._add_tool_output(message)
+
+    def _add_tool_output(self, message: Mapping[str, Any]) -> None:
+        text = text_of(message.get("content"))
+        call = self.pending.pop(str(message.get("tool_call_id")), None)
+        if call is None and self.calls and self.calls[-1].result is None:
+            call = self.calls[-1]
+        error = bool(message.get("error")) or bool(_ERROR_PREFIX.match(text))
+        if call is not None:
+            call.result = text
+            call.error = error
+        if error:
+            self.consecutive_errors += 1
+            self.last_error_tool = call.name if call else None
+            return
+        self.consecutive_errors = 0
+        parsed = parse_json(text)
+        values: set[str]
+        if parsed is None or isinstance(parsed, str):
+            values = text_values(text if parsed is None else parsed)
+        else:
+            values = {norm(v) for _, v in leaves(parsed)}
+            for obj in dicts(parsed):
+                for k, v in obj.items():
+                    if isinstance(v, str | int) and not isinstance(v, bool) and is_id_key(k):
+                        self.entities.setdefault((k, norm(v)), []).append(obj)
+        self.tool_values |= values
+        if call is not None and call.kind is ToolKind.READ:
+            self.read_values |= values
+
+    def grounded(self, value: Any) -> bool:
+        v = norm(value)
+        return v in self.tool_values or v in self.user_values or self._grounded_words(v)
+
+    def _grounded_words(self, v: str) -> bool:
+        # Multi-word values (names, addresses) are grounded when every word was seen.
+        words = v.split()
+        if len(words) < 2:
+            return False
+        return all(w.strip(",.") in self.tool_values or w.strip(",.") in self.user_values for w in words)
+
+
+_ID_KEY = re.compile(r"(^|_)(id|ids|number|code|key)$|^(id|uuid)$", re.IGNORECASE)
+_ID_VALUE = re.compile(r"^(?=[A-Za-z0-9_\-]*\d)(?=[A-Za-z0-9_\-]*[A-Za-z])[A-Za-z0-9_\-]{5,}$")
+_AMOUNT_KEY = re.compile(r"amount|price|cost|total|fee|refund|balance|count|quantity|baggages|num_", re.IGNORECASE)
+
+
+def is_id_key(key: str) -> bool:
+    return bool(_ID_KEY.search(key))
+
+
+def is_id_value(value: Any) -> bool:
+    return isinstance(value, str) and bool(_ID_VALUE.match(value))
+
+
+def is_amount_key(key: str) -> bool:
+    return bool(_AMOUNT_KEY.search(key))
+
+
+@dataclass(frozen=True, slots=True)
+class TurnView:
+    """One candidate assistant message and the conversation before it. Read-only for detectors."""
+
+    index: ConversationIndex
+    candidate: Mapping[str, Any]
+    calls: tuple[Call, ...]
+    tools: Mapping[str, Mapping[str, Any]]  # tool name -> OpenAI ``function`` object
+    profile: Profile
+
+    @property
+    def text(self) -> str:
+        return text_of(self.candidate.get("content"))
+
+    @classmethod
+    def of(
+        cls,
+        index: ConversationIndex,
+        candidate: Mapping[str, Any],
+        tools: Mapping[str, Mapping[str, Any]],
+        profile: Profile,
+    ) -> TurnView:
+        calls = tuple(parse_call(raw, index.size, index.kinds) for raw in candidate.get("tool_calls") or [])
+        return cls(index=index, candidate=candidate, calls=calls, tools=tools, profile=profile)
+
+
+def tools_by_name(tools: Iterable[Any]) -> dict[str, Mapping[str, Any]]:
+    out: dict[str, Mapping[str, Any]] = {}
+    for t in tools:
+        if isinstance(t, dict):
+            fn = t.get("function") if isinstance(t.get("function"), dict) else t
+            name = fn.get("name") if isinstance(fn, dict) else None
+            if isinstance(name, str):
+                out[name] = t
+    return out
