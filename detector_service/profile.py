@@ -82,8 +82,32 @@ class Forbidden(_Strict):
     message: str | None = None
 
 
+class FieldCondition(_Strict):
+    """One test on a field of an entity a tool returned (``field`` is a dotted path)."""
+
+    field: str
+    equals: Any | None = None
+    one_of: list[Any] | None = None
+    within_hours: float | None = None  # a timestamp field no older than this, counted back from the rule's ``now``
+    any_item_equals: Any | None = None  # a list field (or list of objects' ``field`` leaf) holding this value
+
+
+class EntityCondition(_Strict):
+    """The tool may only act on the entity named by ``argument`` when one of ``any_of`` holds for it.
+
+    The entity is the object an earlier tool output returned with the same ``argument`` value.
+    """
+
+    type: Literal["entity_condition"] = "entity_condition"
+    tool: str
+    argument: str
+    any_of: list[FieldCondition]
+    now: str | None = None  # ISO timestamp the policy states as the current time
+    message: str | None = None
+
+
 Rule = Annotated[
-    RequiresConfirmation | RequiresPriorRead | ArgumentConstraint | OneToolCallPerTurn | Forbidden,
+    RequiresConfirmation | RequiresPriorRead | ArgumentConstraint | OneToolCallPerTurn | Forbidden | EntityCondition,
     Field(discriminator="type"),
 ]
 

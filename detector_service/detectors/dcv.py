@@ -23,6 +23,8 @@ _NO = re.compile(
     re.IGNORECASE,
 )
 _VERB = re.compile(r"^[a-z]+", re.IGNORECASE)
+# Payment instruments are named to users by type ("your gift card"), not by their internal id.
+_PAYMENT = re.compile(r"payment|method|card|instrument", re.IGNORECASE)
 _ASKS = re.compile(r"\b(confirm|proceed|shall i|should i|would you like|do you want|go ahead)\b", re.IGNORECASE)
 
 
@@ -84,11 +86,50 @@ def unconfirmed(view: TurnView, call: Call, detector: str) -> Finding | None:
     )
 
 
+def _existing_values(view: TurnView, call: Call) -> set[str]:
+    """Values the entity being changed already holds (unchanged parts need no listing)."""
+    out: set[str] = set()
+    for key, value in (call.args or {}).items():
+        if isinstance(value, str | int) and not isinstance(value, bool) and is_id_key(key):
+            for obj in view.index.entities.get((key, norm(value)), ()):
+                out.update(norm(v) for _, v in leaves(obj))
+    return out
+
+
+def unlisted(view: TurnView, call: Call) -> Finding | None:
+    """Write details (ids, amounts) that the assistant never told the user and the user never said."""
+    index = view.index
+    existing = _existing_values(view, call)
+    hidden = [
+        f"{key}={value!r}"
+        for key, value in leaves(call.args or {})
+        if (is_id_value(value) or (is_amount_key(key) and isinstance(value, int | float)))
+        and not _PAYMENT.search(key)
+        and norm(value) not in index.told_values
+        and norm(value) not in index.user_values
+        and norm(value) not in existing
+    ]
+    if not hidden:
+        return None
+    return Finding(
+        category=Category.DCV,
+        detector="details_not_listed",
+        severity=Severity.ERROR,
+        message=(
+            f"Rule: list the action details to the user before a database-changing action. '{call.name}' uses "
+            f"{', '.join(hidden)}, which the user was never shown. List these details and get a yes first."
+        ),
+        evidence={"values": hidden},
+        tool_call_id=call.call_id,
+        tool_name=call.name,
+    )
+
+
 def detect(view: TurnView) -> list[Finding]:
     out: list[Finding] = []
     for call in view.calls:
         if _needs_confirmation(view, call):
-            found = unconfirmed(view, call, "write_without_confirmation")
+            found = unconfirmed(view, call, "write_without_confirmation") or unlisted(view, call)
             if found is not None:
                 out.append(found)
     out.extend(_one_call_per_turn(view))

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
 from detector_service.detectors.dcv import unconfirmed
-from detector_service.profile import ArgumentConstraint, Forbidden, RequiresConfirmation, RequiresPriorRead
+from detector_service.profile import (
+    ArgumentConstraint,
+    EntityCondition,
+    FieldCondition,
+    Forbidden,
+    RequiresConfirmation,
+    RequiresPriorRead,
+)
 from detector_service.turn import Call, TurnView, leaves, norm
 from detector_service.wire import Category, Finding, Severity
 
@@ -78,6 +86,75 @@ def _constraint(rule: ArgumentConstraint, call: Call) -> Finding | None:
     return None
 
 
+def _field(obj: Any, path: str) -> list[Any]:
+    values = [obj]
+    for part in path.split("."):
+        nxt: list[Any] = []
+        for v in values:
+            items = v if isinstance(v, list) else [v]
+            nxt.extend(item[part] for item in items if isinstance(item, dict) and part in item)
+        values = nxt
+    flat: list[Any] = []
+    for v in values:
+        flat.extend(v if isinstance(v, list) else [v])
+    return flat
+
+
+def _time(text: Any) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(text).replace(" EST", "").strip())
+    except ValueError:
+        return None
+
+
+def _holds(cond: FieldCondition, entity: dict[str, Any], now: datetime | None) -> bool:
+    values = _field(entity, cond.field)
+    if cond.equals is not None and norm(cond.equals) in {norm(v) for v in values}:
+        return True
+    if cond.one_of is not None and {norm(v) for v in values} & {norm(v) for v in cond.one_of}:
+        return True
+    if cond.any_item_equals is not None and norm(cond.any_item_equals) in {norm(v) for v in values}:
+        return True
+    if cond.within_hours is not None and now is not None:
+        for v in values:
+            when = _time(v)
+            if when is not None and timedelta(0) <= now - when <= timedelta(hours=cond.within_hours):
+                return True
+    return False
+
+
+def _describe(cond: FieldCondition) -> str:
+    if cond.within_hours is not None:
+        return f"{cond.field} within {cond.within_hours:g} hours"
+    if cond.one_of is not None:
+        return f"{cond.field} in {cond.one_of}"
+    return f"{cond.field} = {cond.equals if cond.equals is not None else cond.any_item_equals!r}"
+
+
+def _entity_condition(view: TurnView, rule: EntityCondition, call: Call) -> Finding | None:
+    for value in _values(call, rule.argument):
+        found = view.index.entities.get((rule.argument, norm(value)))
+        if not found:
+            continue  # never read: the write-on-unread-entity check speaks for this case
+        # The latest full record wins: a write's output shows the entity as it is now.
+        widest = max(len(o) for o in found)
+        entity = next(o for o in reversed(found) if len(o) * 2 >= widest)
+        now = _time(rule.now) if rule.now else None
+        if any(_holds(c, entity, now) for c in rule.any_of):
+            continue
+        needs = " or ".join(_describe(c) for c in rule.any_of)
+        why = f" ({rule.message})" if rule.message else ""
+        return _finding(
+            call,
+            "entity_condition",
+            f"Rule: '{call.name}' is allowed only when {needs}{why}. The {rule.argument} {value!r} that the tools "
+            "returned meets none of these; do not call it, explain the policy to the user instead.",
+            argument=rule.argument,
+            value=value,
+        )
+    return None
+
+
 def detect(view: TurnView) -> list[Finding]:
     out: list[Finding] = []
     for call in view.calls:
@@ -91,6 +168,8 @@ def detect(view: TurnView) -> list[Finding]:
                 found = _prior_read(view, rule, call)
             elif isinstance(rule, ArgumentConstraint):
                 found = _constraint(rule, call)
+            elif isinstance(rule, EntityCondition):
+                found = _entity_condition(view, rule, call)
             elif isinstance(rule, Forbidden):
                 why = f" ({rule.message})" if rule.message else ""
                 found = _finding(call, "forbidden", f"Rule: '{call.name}' must not be called{why}.")
