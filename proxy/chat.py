@@ -1,0 +1,163 @@
+"""The ``/v1/chat/completions`` flow, as a pipeline of small steps.
+
+::
+
+    parse_request(raw)                    400 naming the param; unknown fields kept untouched
+      -> hooks.before_upstream(ctx, body) SEAM: may rewrite the request (e.g. inject a system message)
+      -> adapt_for_upstream(body)         request-side quirks every upstream accepts
+      -> upstream call
+           non-streaming: ctx.complete(body) -> normalized response dict
+                          -> hooks.after_response(ctx, response)   SEAM: may replace it or retry
+           streaming:     ctx.open_stream(body) -> iterator of normalized chunk dicts
+                          -> hooks.stream(ctx, chunks)              SEAM: may hold/replace deltas or retry
+      -> client (JSON body, or the SSE relay in :mod:`proxy.streaming`)
+
+Supervision plugs in by passing a :class:`ChatHooks` subclass to ``create_app``. A hook that retries
+calls ``ctx.complete(new_body)`` / ``ctx.open_stream(new_body)`` again: every upstream response the
+context opened is closed when the turn ends (``ctx.aclose``), also on client disconnect. Hooks see
+normalized, spec-valid dicts only; upstream errors reach them as :class:`~proxy.errors.ProxyError`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+import orjson
+from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
+from starlette.responses import Response
+
+from proxy import normalize
+from proxy.errors import InvalidRequest, UpstreamStreamError
+from proxy.inbound import json_object, require
+from proxy.metrics import ProxyMetrics
+from proxy.streaming import relay, upstream_events
+from proxy.tracing import Trace
+from proxy.upstream import Upstream, close
+
+PATH = "/chat/completions"
+
+
+def parse_request(raw: bytes) -> dict[str, Any]:
+    body = json_object(raw)
+    require(body, "model", (str,), "a string")
+    require(body, "messages", (list,), "an array of messages")
+    messages: list[Any] = body["messages"]
+    if not messages:
+        raise InvalidRequest("'messages' must contain at least one message", param="messages", code="empty_array")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"'messages[{i}]' must be an object", param=f"messages[{i}]", code="invalid_type")
+        if not isinstance(message.get("role"), str):
+            raise InvalidRequest(
+                f"'messages[{i}].role' must be a string", param=f"messages[{i}].role", code="invalid_type"
+            )
+    require(body, "stream", (bool,), "a boolean", optional=True)
+    require(body, "stream_options", (dict,), "an object", optional=True)
+    require(body, "tools", (list,), "an array of tools", optional=True)
+    require(body, "n", (int,), "an integer", optional=True)
+    return body
+
+
+def adapt_for_upstream(body: dict[str, Any]) -> dict[str, Any]:
+    """Request-side quirks. llama-cpp-python answers 500 to an assistant message whose ``content`` is
+    null next to ``tool_calls``; an empty string means the same to every server."""
+    for message in body["messages"]:
+        if message.get("role") == "assistant" and message.get("tool_calls") and message.get("content") is None:
+            message["content"] = ""
+    return body
+
+
+def wants_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
+
+
+@dataclass
+class ChatContext:
+    """One chat turn: who asked, how to reach the upstream, and every upstream response it opened."""
+
+    body: dict[str, Any]
+    tenant: str
+    trace: Trace
+    upstream: Upstream
+    metrics: ProxyMetrics
+    upstream_headers: dict[str, str]
+    _open: list[tuple[httpx2.Response, float]] = field(default_factory=list)
+
+    @property
+    def model(self) -> str:
+        model: str = self.body["model"]
+        return model
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        payload, _ = await self.upstream.request_json(
+            "POST", PATH, self.upstream_headers, self.trace, orjson.dumps(body)
+        )
+        if not isinstance(payload, dict):
+            raise UpstreamStreamError("the upstream model server answered with something other than a JSON object")
+        return normalize.chat_completion(payload, self.model)
+
+    async def open_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Open a streamed completion; upstream error statuses raise here, before any byte is sent."""
+        started = time.perf_counter()
+        response = await self.upstream.open("POST", PATH, self.upstream_headers, orjson.dumps(body))
+        self._open.append((response, started))
+        return normalized_chunks(upstream_events(response), normalize.ChunkNormalizer(self.model, wants_usage(body)))
+
+    async def aclose(self) -> None:
+        while self._open:
+            response, started = self._open.pop()
+            await close(response)
+            self.trace.upstream_s += time.perf_counter() - started
+
+
+async def normalized_chunks(
+    events: AsyncIterator[object], normalizer: normalize.ChunkNormalizer
+) -> AsyncIterator[dict[str, Any]]:
+    async for payload in events:
+        if not isinstance(payload, dict):
+            raise UpstreamStreamError("the upstream model server sent a stream chunk that is not a JSON object")
+        chunk = normalizer.chunk(payload)
+        if chunk is not None:
+            yield chunk
+    final = normalizer.usage_chunk()
+    if final is not None:
+        yield final
+
+
+class ChatHooks:
+    """The supervision seam. The defaults pass everything through unchanged."""
+
+    async def before_upstream(self, ctx: ChatContext, body: dict[str, Any]) -> dict[str, Any]:
+        return body
+
+    async def after_response(self, ctx: ChatContext, response: dict[str, Any]) -> dict[str, Any]:
+        return response
+
+    def stream(self, ctx: ChatContext, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        return chunks
+
+
+async def respond(ctx: ChatContext, hooks: ChatHooks, ping_s: float) -> Response:
+    body = adapt_for_upstream(await hooks.before_upstream(ctx, ctx.body))
+    if body.get("stream"):
+        try:
+            chunks = hooks.stream(ctx, await ctx.open_stream(body))
+        except BaseException:
+            await ctx.aclose()
+            raise
+        return EventSourceResponse(
+            relay(chunks, ctx.trace, ctx.metrics, ctx.aclose),
+            ping=ping_s,
+            background=BackgroundTask(ctx.aclose),  # also when the client left before the first event
+        )
+    try:
+        response = await hooks.after_response(ctx, await ctx.complete(body))
+    finally:
+        await ctx.aclose()
+    return Response(orjson.dumps(response), media_type="application/json")

@@ -1,0 +1,82 @@
+"""The client side of a request: a bounded body read, JSON parsing, and watching for a disconnect."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+import orjson
+from starlette.requests import Request
+
+from proxy.errors import InvalidRequest, PayloadTooLarge, ProxyError
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(ProxyError):
+    """The client went away before the answer was ready; nobody reads this response."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        parts.append(part)
+    return b"".join(parts)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def require(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str, optional: bool = False) -> None:
+    """400 naming ``name`` when it is missing (unless optional) or not of one of ``kinds``."""
+    value = body.get(name)
+    if value is None:
+        if optional:
+            return
+        raise InvalidRequest(f"you must provide the '{name}' parameter", param=name, code="missing_required_parameter")
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise InvalidRequest(f"'{name}' must be {what}", param=name, code="invalid_type")
+
+
+async def cancel_on_disconnect(request: Request, work: Callable[[], Awaitable[T]]) -> T:
+    """Run ``work``; if the client disconnects first, cancel it (and with it the upstream request)."""
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        try:
+            outcome.append(await work())
+        except Exception as exc:  # re-raised below, outside the task group, unwrapped
+            failure.append(exc)
+        group.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    if not outcome:
+        raise ClientDisconnected("the client closed the connection")
+    return outcome[0]

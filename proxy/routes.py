@@ -1,0 +1,161 @@
+"""The OpenAI-compatible ``/v1`` endpoints.
+
+Chat goes through :mod:`proxy.chat`. Completions and embeddings are relayed as bytes (their bodies need
+no fixing; only errors are normalized, by :mod:`proxy.upstream`). Model lists are small and get
+normalized (TGI answers a single object; llama.cpp and TGI have no ``/models/{id}``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import httpx2
+import orjson
+from fastapi import APIRouter, Depends
+from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy import chat, normalize
+from proxy.auth import Tenant
+from proxy.errors import RouteNotFound, UpstreamError, UpstreamUnreachable
+from proxy.inbound import cancel_on_disconnect, json_object, read_body, require
+from proxy.metrics import ProxyMetrics
+from proxy.settings import ProxySettings
+from proxy.streaming import relay, upstream_events
+from proxy.tracing import Trace
+from proxy.upstream import Upstream, close
+
+
+def _upstream(request: Request) -> Upstream:
+    upstream: Upstream = request.state.upstream
+    return upstream
+
+
+def _trace(request: Request) -> Trace:
+    trace: Trace = request.state.trace
+    return trace
+
+
+UpstreamDep = Annotated[Upstream, Depends(_upstream)]
+TraceDep = Annotated[Trace, Depends(_trace)]
+
+router = APIRouter(prefix="/v1")
+
+
+def _settings(request: Request) -> ProxySettings:
+    settings: ProxySettings = request.app.state.settings
+    return settings
+
+
+def _metrics(request: Request) -> ProxyMetrics:
+    metrics: ProxyMetrics = request.app.state.metrics
+    return metrics
+
+
+def _json(payload: object) -> Response:
+    return Response(orjson.dumps(payload), media_type="application/json")
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, tenant: Tenant, upstream: UpstreamDep, trace: TraceDep) -> Response:
+    settings = _settings(request)
+    body = chat.parse_request(await read_body(request, settings.max_request_bytes))
+    trace.model = body["model"]
+    ctx = chat.ChatContext(
+        body=body,
+        tenant=tenant,
+        trace=trace,
+        upstream=upstream,
+        metrics=_metrics(request),
+        upstream_headers=upstream.headers(request.headers.get("authorization"), trace.request_id),
+    )
+    hooks: chat.ChatHooks = request.app.state.chat_hooks
+    return await cancel_on_disconnect(request, lambda: chat.respond(ctx, hooks, settings.sse_ping_s))
+
+
+async def _relay(request: Request, path: str, body: dict[str, Any], upstream: Upstream, trace: Trace) -> Response:
+    """Completions and embeddings: bytes through; a stream re-framed event by event."""
+    trace.model = body["model"]
+    headers = upstream.headers(request.headers.get("authorization"), trace.request_id)
+    content = orjson.dumps(body)
+    started = time.perf_counter()
+
+    async def done(response: httpx2.Response) -> None:
+        if not response.is_closed:
+            await close(response)
+            trace.upstream_s += time.perf_counter() - started
+
+    async def call() -> Response:
+        response = await upstream.open("POST", path, headers, content)
+        if body.get("stream"):
+            return EventSourceResponse(
+                relay(_dicts(upstream_events(response)), trace, _metrics(request), lambda: done(response)),
+                ping=_settings(request).sse_ping_s,
+                background=BackgroundTask(done, response),
+            )
+        try:
+            raw = await response.aread()
+        except httpx2.HTTPError as exc:
+            raise UpstreamUnreachable(f"the upstream connection failed mid-response ({type(exc).__name__})") from exc
+        finally:
+            await done(response)
+        return Response(raw, media_type=response.headers.get("content-type", "application/json"))
+
+    return await cancel_on_disconnect(request, call)
+
+
+async def _dicts(events: AsyncIterator[object]) -> AsyncIterator[dict[str, Any]]:
+    async for payload in events:
+        if isinstance(payload, dict):
+            yield payload
+
+
+@router.post("/completions")
+async def completions(request: Request, tenant: Tenant, upstream: UpstreamDep, trace: TraceDep) -> Response:
+    body = json_object(await read_body(request, _settings(request).max_request_bytes))
+    require(body, "model", (str,), "a string")
+    require(body, "prompt", (str, list), "a string or an array")
+    require(body, "stream", (bool,), "a boolean", optional=True)
+    return await _relay(request, "/completions", body, upstream, trace)
+
+
+@router.post("/embeddings")
+async def embeddings(request: Request, tenant: Tenant, upstream: UpstreamDep, trace: TraceDep) -> Response:
+    body = json_object(await read_body(request, _settings(request).max_request_bytes))
+    require(body, "model", (str,), "a string")
+    require(body, "input", (str, list), "a string or an array")
+    return await _relay(request, "/embeddings", body, upstream, trace)
+
+
+async def _models(request: Request, upstream: Upstream, trace: Trace) -> dict[str, Any]:
+    headers = upstream.headers(request.headers.get("authorization"), trace.request_id)
+    payload, _ = await upstream.request_json("GET", "/models", headers, trace)
+    return normalize.model_list(payload)
+
+
+@router.get("/models")
+async def list_models(request: Request, tenant: Tenant, upstream: UpstreamDep, trace: TraceDep) -> Response:
+    return _json(await _models(request, upstream, trace))
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(
+    model_id: str, request: Request, tenant: Tenant, upstream: UpstreamDep, trace: TraceDep
+) -> Response:
+    headers = upstream.headers(request.headers.get("authorization"), trace.request_id)
+    try:
+        payload, _ = await upstream.request_json("GET", f"/models/{model_id}", headers, trace)
+    except UpstreamError as exc:
+        if exc.status not in (404, 405):
+            raise
+        payload = None  # llama.cpp and TGI only list models; look it up in the list
+    if isinstance(payload, dict) and payload.get("id") == model_id:
+        return _json(normalize.model(payload))
+    for entry in (await _models(request, upstream, trace))["data"]:
+        if isinstance(entry, dict) and entry.get("id") == model_id:
+            return _json(entry)
+    raise RouteNotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")

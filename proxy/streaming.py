@@ -1,0 +1,137 @@
+"""The SSE relay: reading an upstream event stream, and sending normalized events to the client.
+
+:func:`upstream_events` parses the upstream's SSE bytes with a bounded buffer and yields each ``data:``
+payload as parsed JSON until ``[DONE]``. Every way a stream can fail after its headers were sent is
+raised as :class:`~proxy.errors.UpstreamStreamError`: llama.cpp's ``error: {...}`` line, a ``data:``
+payload that is an error object (vLLM, TGI), a payload that is not JSON, a dropped connection, a read
+timeout.
+
+:func:`relay` is the one generator handed to sse-starlette (which does the framing and notices a client
+disconnect). It turns such an error into a last ``data: {"error": {...}}`` event, for which the
+official SDK raises ``APIError``, then ends without ``[DONE]``. Its ``finally`` closes the upstream
+responses, so a client disconnect cancels the upstream request at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import httpx2
+import orjson
+from sse_starlette import ServerSentEvent
+
+from proxy import normalize
+from proxy.errors import ProxyError, UpstreamStreamError
+from proxy.metrics import ProxyMetrics
+from proxy.tracing import Trace
+
+MAX_EVENT_BYTES = 4 * 1024 * 1024
+
+
+def stream_error(payload: object, status: int = 500) -> UpstreamStreamError:
+    err = normalize.error_from_upstream(status, payload, "the upstream model server failed mid-stream")["error"]
+    return UpstreamStreamError(err["message"], type_=err["type"], param=err["param"], code=err["code"])
+
+
+def _payload(data: bytes) -> object:
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamStreamError("the upstream model server sent a stream chunk that is not JSON") from exc
+    if normalize.is_error_event(payload):
+        raise stream_error(payload)
+    return payload
+
+
+def _line_event(line: bytes, data: list[bytes]) -> None:
+    """Handle one non-empty SSE line; ``data:`` lines accumulate until the blank line ends the event."""
+    if line.startswith(b":"):
+        return
+    name, _, value = line.partition(b":")
+    if value.startswith(b" "):
+        value = value[1:]
+    if name == b"data":
+        data.append(value)
+    elif name == b"error":  # llama.cpp server: "error: {json}" instead of a data event
+        try:
+            payload: object = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            payload = value.decode("utf-8", "replace")
+        raise stream_error(payload)
+
+
+async def upstream_events(response: httpx2.Response, max_event_bytes: int = MAX_EVENT_BYTES) -> AsyncIterator[object]:
+    buffer = bytearray()
+    data: list[bytes] = []
+    try:
+        async for part in response.aiter_bytes():
+            buffer += part
+            while (end := buffer.find(b"\n")) >= 0:
+                line = bytes(buffer[:end]).rstrip(b"\r")
+                del buffer[: end + 1]
+                if line:
+                    _line_event(line, data)
+                    continue
+                if data:
+                    joined = b"\n".join(data)
+                    data.clear()
+                    if joined.strip() == b"[DONE]":
+                        return
+                    yield _payload(joined)
+            if len(buffer) + sum(map(len, data)) > max_event_bytes:
+                raise UpstreamStreamError("an upstream stream event exceeded the size limit")
+    except httpx2.TimeoutException as exc:
+        raise UpstreamStreamError(
+            "the upstream model server stopped sending mid-stream", code="upstream_timeout"
+        ) from exc
+    except httpx2.TransportError as exc:
+        raise UpstreamStreamError(f"the upstream connection failed mid-stream ({type(exc).__name__})") from exc
+    # A stream that ends without a blank line or [DONE] still delivers what it sent.
+    if buffer.strip():
+        _line_event(bytes(buffer).rstrip(b"\r"), data)
+    if data and (joined := b"\n".join(data)).strip() != b"[DONE]":
+        yield _payload(joined)
+
+
+def _has_output(chunk: dict[str, Any]) -> bool:
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or choice
+        if delta.get("content") or delta.get("tool_calls") or choice.get("text"):
+            return True
+    return False
+
+
+def _event(payload: object) -> ServerSentEvent:
+    return ServerSentEvent(data=orjson.dumps(payload).decode())
+
+
+async def relay(
+    chunks: AsyncIterator[dict[str, Any]],
+    trace: Trace,
+    metrics: ProxyMetrics,
+    close: Callable[[], Awaitable[None]],
+) -> AsyncIterator[ServerSentEvent]:
+    """Send ``chunks`` as SSE events, then ``[DONE]``; a failure becomes a final error event."""
+    metrics.active_streams.inc()
+    waiting_first = True
+    try:
+        async for chunk in chunks:
+            if waiting_first and _has_output(chunk):
+                waiting_first = False
+                metrics.ttft.labels(trace.model).observe(time.perf_counter() - trace.started)
+            yield _event(chunk)
+        yield ServerSentEvent(data="[DONE]")
+    except UpstreamStreamError as exc:
+        metrics.upstream_errors.labels("stream").inc()
+        yield _event(exc.body())
+    except ProxyError as exc:  # a hook's own upstream call (e.g. a retry) failed after headers were sent
+        yield _event(exc.body())
+    finally:
+        metrics.active_streams.dec()
+        with anyio.CancelScope(shield=True):  # runs while a client disconnect cancels this task
+            await close()
+            if isinstance(chunks, AsyncGenerator):
+                await chunks.aclose()
