@@ -26,4 +26,6 @@ class DetectorSettings(BaseSettings):
     max_deliveries: int = Field(default=3, ge=1)
     stream_maxlen: int = Field(default=100_000, ge=100)
     drain_timeout_s: float = Field(default=20.0, gt=0)
+    reply_maxlen: int = Field(default=10_000, ge=100)  # per proxy reply stream
+    reply_ttl_s: int = Field(default=300, ge=1)  # a dead proxy's reply stream vanishes after this
     log_level: str = "info"

@@ -1,12 +1,284 @@
-"""Not built yet."""
+"""``fama detector``: one member of the ``detectors`` consumer group on ``fama:turns``.
+
+The loop blocks on ``XREADGROUP``, evaluates each turn with the engine, publishes the verdict to the
+turn's ``reply_to`` stream and only then acknowledges the entry. Now and then it reclaims entries
+left idle by crashed consumers. On SIGTERM/SIGINT it stops reading, finishes the batch in hand and
+exits within ``drain_timeout_s``. ``until_idle`` ("burst") exits once nothing is pending and nothing
+new arrives, so tests need no sleeps.
+
+The engine runs inline: it is pure CPU and takes microseconds per turn, so a thread would only add
+hand-off cost without freeing the GIL.
+"""
 
 from __future__ import annotations
 
-import sys
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
 
+import orjson
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from detector_service import keys, streams
+from detector_service.engine import Engine
+from detector_service.health import create_health_app, health_server
+from detector_service.metrics import DetectorMetrics
+from detector_service.profile import load_profile
 from detector_service.settings import DetectorSettings
+from detector_service.wire import SchemaVersionError, TurnEvent, Verdict, check_version, dumps
+
+log = logging.getLogger(__name__)
+
+STATS_INTERVAL_S = 2.0
+MAX_BACKOFF_S = 2.0
+
+
+class MalformedEntry(ValueError):
+    """The entry cannot be turned into a ``TurnEvent``; ``reason`` labels the dead letter."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_turn(data: str | None) -> TurnEvent:
+    if data is None:
+        raise MalformedEntry("malformed", "entry has no 'data' field")
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedEntry("malformed", f"data is not JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise MalformedEntry("malformed", f"data is a JSON {type(payload).__name__}, not an object")
+    try:
+        check_version(payload)
+    except SchemaVersionError as exc:
+        raise MalformedEntry("version", str(exc)) from exc
+    try:
+        return TurnEvent.model_validate(payload)
+    except ValidationError as exc:
+        raise MalformedEntry("malformed", f"not a turn event: {exc}") from exc
+
+
+@dataclass(slots=True)
+class _Done:
+    entry: streams.Entry
+    verdict: Verdict
+    reply_to: str | None
+
+
+class Worker:
+    def __init__(self, settings: DetectorSettings, redis: Redis, engine: Engine, metrics: DetectorMetrics) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.engine = engine
+        self.metrics = metrics
+        self.consumer = settings.consumer_name
+        self.processed = 0
+
+    async def run(self, stop: asyncio.Event, *, until_idle: bool = False) -> None:
+        """Consume until ``stop`` is set (or, with ``until_idle``, until the group has no work left)."""
+        s = self.settings
+        claim_every = max(s.claim_idle_ms / 2000, 0.05)
+        next_claim = 0.0
+        next_stats = 0.0
+        backoff = 0.1
+        await self._ensure_group(stop)
+        self.metrics.up.set(1)
+        try:
+            while not stop.is_set():
+                try:
+                    now = time.monotonic()
+                    if now >= next_claim:
+                        next_claim = now + claim_every
+                        await self._reclaim()
+                    entries = await streams.read_group(
+                        self.redis,
+                        keys.TURNS_STREAM,
+                        keys.DETECTOR_GROUP,
+                        self.consumer,
+                        count=s.batch_size,
+                        block_ms=s.block_ms,
+                    )
+                    if entries:
+                        await self.handle(entries)
+                    if time.monotonic() >= next_stats or (until_idle and not entries):
+                        next_stats = time.monotonic() + STATS_INTERVAL_S
+                        stats = await self._stats()
+                        if until_idle and not entries and stats.pending == 0:
+                            log.info("no work left; exiting (until-idle)")
+                            return
+                    backoff = 0.1
+                except (RedisError, OSError) as exc:
+                    self.metrics.redis_errors.labels(op="loop").inc()
+                    log.warning("redis error in the consume loop, retrying in %.1fs: %s", backoff, exc)
+                    await _wait(stop, backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+        finally:
+            self.metrics.up.set(0)
+
+    async def _ensure_group(self, stop: asyncio.Event) -> None:
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                await streams.ensure_group(self.redis, keys.TURNS_STREAM, keys.DETECTOR_GROUP)
+                return
+            except (RedisError, OSError) as exc:
+                self.metrics.redis_errors.labels(op="group_create").inc()
+                log.warning("cannot create consumer group yet, retrying in %.1fs: %s", backoff, exc)
+                await _wait(stop, backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    async def _reclaim(self) -> None:
+        s = self.settings
+        entries = await streams.reclaim(
+            self.redis,
+            keys.TURNS_STREAM,
+            keys.DETECTOR_GROUP,
+            self.consumer,
+            min_idle_ms=s.claim_idle_ms,
+            count=s.batch_size,
+        )
+        if entries:
+            self.metrics.reclaimed.inc(len(entries))
+            log.info("reclaimed %d idle entries", len(entries))
+            await self.handle(entries)
+
+    async def _stats(self) -> streams.GroupStats:
+        stats = await streams.group_stats(self.redis, keys.TURNS_STREAM, keys.DETECTOR_GROUP)
+        if stats.lag is not None:
+            self.metrics.stream_lag.set(stats.lag)
+        self.metrics.pending.set(stats.pending)
+        return stats
+
+    async def handle(self, entries: list[streams.Entry]) -> None:
+        """Evaluate a batch, publish its verdicts in one round trip, then acknowledge what was published."""
+        s = self.settings
+        done: list[_Done] = []
+        for entry in entries:
+            if entry.deliveries > s.max_deliveries:
+                await self._dead(
+                    entry,
+                    "max_deliveries",
+                    f"delivered {entry.deliveries} times without being acknowledged "
+                    f"(limit {s.max_deliveries}): its consumers failed or crashed",
+                )
+                continue
+            try:
+                turn = parse_turn(entry.data)
+            except MalformedEntry as exc:
+                await self._dead(entry, exc.reason, str(exc))
+                continue
+            start = time.perf_counter()
+            try:
+                verdict = self.engine.evaluate(turn)
+            except Exception as exc:  # a detector bug must not stop the worker; the entry is retried or dead-lettered
+                self.metrics.turns.labels(outcome="error").inc()
+                log.exception(
+                    "engine failed on turn %s (entry %s, delivery %d)", turn.turn_id, entry.id, entry.deliveries
+                )
+                if entry.deliveries >= s.max_deliveries:
+                    await self._dead(entry, "failed", f"{type(exc).__name__}: {exc}")
+                continue
+            self.metrics.processing.observe(time.perf_counter() - start)
+            verdict.worker = self.consumer
+            done.append(_Done(entry, verdict, turn.reply_to))
+        if not done:
+            return
+        replies = [(d.reply_to, dumps(d.verdict)) for d in done if d.reply_to]
+        published = iter(await streams.publish_replies(self.redis, replies, maxlen=s.reply_maxlen, ttl_s=s.reply_ttl_s))
+        to_ack: list[str] = []
+        for d in done:
+            # A turn without reply_to asks for no answer (nobody waits): evaluate, count and acknowledge.
+            if d.reply_to and not next(published):
+                self.metrics.redis_errors.labels(op="publish").inc()
+                log.warning("could not publish the verdict for entry %s to %s; left pending", d.entry.id, d.reply_to)
+                continue
+            to_ack.append(d.entry.id)
+            self.metrics.turns.labels(outcome="ok").inc()
+            self.metrics.verdicts.labels(action=d.verdict.action.value).inc()
+            for f in d.verdict.findings:
+                self.metrics.findings.labels(category=f.category.value, detector=f.detector).inc()
+        await streams.ack(self.redis, keys.TURNS_STREAM, keys.DETECTOR_GROUP, to_ack)
+        self.processed += len(to_ack)
+
+    async def _dead(self, entry: streams.Entry, reason: str, error: str) -> None:
+        await streams.dead_letter(
+            self.redis,
+            keys.TURNS_STREAM,
+            keys.DETECTOR_GROUP,
+            entry,
+            reason=reason,
+            error=error,
+            consumer=self.consumer,
+        )
+        self.metrics.turns.labels(outcome="dead").inc()
+        self.metrics.dead_letters.labels(reason=reason).inc()
+        log.warning("entry %s moved to %s (%s): %s", entry.id, keys.TURNS_DEAD_STREAM, reason, error)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    # A back-off that a stop request cuts short.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+def redis_client(settings: DetectorSettings) -> Redis:
+    # The read timeout must outlast the XREADGROUP block, or every idle read would look like a failure.
+    return Redis.from_url(settings.redis_url, socket_timeout=settings.block_ms / 1000 + 5.0, socket_connect_timeout=5.0)
+
+
+async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> int:
+    """Run one worker with its health/metrics server until stopped; returns the process exit code."""
+    stop = stop or asyncio.Event()
+    metrics = DetectorMetrics()
+    redis = redis_client(settings)
+    worker = Worker(settings, redis, Engine(load_profile(settings.profile)), metrics)
+    server = None
+    server_task = None
+    if settings.metrics_port:
+        server = health_server(create_health_app(redis, metrics), settings.metrics_host, settings.metrics_port)
+        server_task = asyncio.create_task(server.serve())
+    consume = asyncio.create_task(worker.run(stop, until_idle=until_idle))
+    stopping = asyncio.create_task(stop.wait())
+    code = 0
+    try:
+        await asyncio.wait({consume, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not consume.done():
+            log.info("stopping: draining in-flight work (at most %.1fs)", settings.drain_timeout_s)
+            done, _ = await asyncio.wait({consume}, timeout=settings.drain_timeout_s)
+            if not done:
+                log.error(
+                    "drain did not finish within %.1fs; unacknowledged entries will be reclaimed",
+                    settings.drain_timeout_s,
+                )
+                consume.cancel()
+                code = 1
+        if consume.done() and not consume.cancelled():
+            consume.result()  # re-raises what stopped the loop, if anything did
+    finally:
+        stopping.cancel()
+        if server is not None and server_task is not None:
+            server.should_exit = True
+            await server_task
+        await redis.aclose()
+    log.info("worker %s stopped after %d turns", worker.consumer, worker.processed)
+    return code
 
 
 def run(settings: DetectorSettings, *, until_idle: bool = False) -> None:
-    print("not implemented in this build", file=sys.stderr)
-    raise SystemExit(2)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await serve(settings, until_idle=until_idle, stop=stop)
+
+    raise SystemExit(asyncio.run(main()))
