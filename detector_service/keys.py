@@ -6,6 +6,7 @@ DETECTOR_GROUP = "detectors"
 INTERVENTIONS_STREAM = "fama:interventions"
 REPLY_STREAM_PREFIX = "fama:replies:"
 SESSION_PREFIX = "fama:session:"
+SESSION_STATE_PREFIX = "fama:state:"  # per-session supervision state carried across turns
 EXTRACTION_PREFIX = "fama:extract:"  # cached per-policy-text extractions (DCE)
 LATE_VERDICTS_STREAM = "fama:verdicts:late"
 
@@ -20,3 +21,7 @@ def session_key(tenant: str, session_id: str) -> str:
 
 def extraction_key(policy_hash: str) -> str:
     return f"{EXTRACTION_PREFIX}{policy_hash}"
+
+
+def session_state_key(tenant: str, session_id: str) -> str:
+    return f"{SESSION_STATE_PREFIX}{tenant}:{session_id}"

@@ -1,0 +1,230 @@
+"""A read-only, typed view over one conversation in OpenAI chat format, built in one linear pass."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from detector_service.profile import Profile, ToolKind
+
+_CONFIRM = re.compile(
+    r"\b(yes|yeah|yep|yup|confirm(ed|s)?|go ahead|proceed|please do|do it|sounds good|that'?s (right|correct|fine)|"
+    r"correct|i agree|agreed|approve[d]?)\b",
+    re.IGNORECASE,
+)
+_DENY = re.compile(r"\b(no|nope|don'?t|do not|cancel that|wait|hold on|not yet|never ?mind)\b", re.IGNORECASE)
+_WRITE_VERBS = frozenset(
+    [
+        "add",
+        "book",
+        "buy",
+        "cancel",
+        "change",
+        "charge",
+        "create",
+        "delete",
+        "disable",
+        "edit",
+        "enable",
+        "exchange",
+        "insert",
+        "issue",
+        "modify",
+        "move",
+        "order",
+        "pay",
+        "post",
+        "purchase",
+        "refund",
+        "refuel",
+        "remove",
+        "replace",
+        "reset",
+        "resume",
+        "return",
+        "revoke",
+        "send",
+        "set",
+        "submit",
+        "suspend",
+        "transfer",
+        "update",
+        "upgrade",
+        "write",
+    ]
+)
+_READ_VERBS = frozenset(
+    [
+        "calculate",
+        "check",
+        "fetch",
+        "find",
+        "get",
+        "list",
+        "lookup",
+        "query",
+        "read",
+        "retrieve",
+        "search",
+        "show",
+        "think",
+        "view",
+    ]
+)
+_GENERIC_NAMES = ("transfer_to_human", "think", "calculate")
+
+
+def text_of(content: Any) -> str:
+    """The text of a message ``content``: a string, or the text parts of a content-part list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError):
+        return None
+
+
+def is_confirmation(text: str) -> bool:
+    """Whether a user message explicitly agrees to go ahead (and does not also hold back)."""
+    return bool(_CONFIRM.search(text)) and not _DENY.search(text)
+
+
+def tool_kind(name: str, profile: Profile, declared: dict[str, Any] | None = None) -> ToolKind:
+    """Read or write, from the profile, then MCP-style annotations, then the name's leading verb (DESIGN §3)."""
+    if name in profile.tools:
+        return profile.tools[name]
+    if declared is not None:
+        hints = declared.get("annotations") or (declared.get("function") or {}).get("annotations") or {}
+        if hints.get("readOnlyHint") is True:
+            return ToolKind.READ
+        if hints.get("destructiveHint") is True or hints.get("readOnlyHint") is False:
+            return ToolKind.WRITE
+    if name.startswith(_GENERIC_NAMES):
+        return ToolKind.GENERIC
+    verb = re.split(r"[_\-.]|(?<=[a-z])(?=[A-Z])", name)[0].lower()
+    if verb in _WRITE_VERBS:
+        return ToolKind.WRITE
+    if verb in _READ_VERBS:
+        return ToolKind.READ
+    return ToolKind.GENERIC
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    index: int  # position of the assistant message in ``messages``
+    id: str | None
+    name: str
+    raw_arguments: str
+    arguments: dict[str, Any] | None  # None when the arguments are not a JSON object
+    output: str | None = None
+    output_index: int | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.output is not None and self.output.lstrip().lower().startswith(("error", "exception"))
+
+
+@dataclass(frozen=True)
+class DeclaredTool:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    kind: ToolKind
+
+    @property
+    def required(self) -> list[str]:
+        req = self.parameters.get("required")
+        return [str(r) for r in req] if isinstance(req, list) else []
+
+
+@dataclass
+class ConversationView:
+    messages: Sequence[dict[str, Any]]
+    tools: list[DeclaredTool]
+    system_text: str
+    user_turns: list[tuple[int, str]] = field(default_factory=list)
+    assistant_turns: list[tuple[int, str]] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]], profile: Profile
+    ) -> ConversationView:
+        declared: list[DeclaredTool] = []
+        for t in tools:
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                continue
+            params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
+            declared.append(
+                DeclaredTool(
+                    fn["name"], str(fn.get("description") or ""), params or {}, tool_kind(fn["name"], profile, t)
+                )
+            )
+        system: list[str] = []
+        view = cls(messages=messages, tools=declared, system_text="")
+        pending: dict[str, int] = {}  # tool_call_id -> position in view.calls
+        for i, m in enumerate(messages):
+            role = m.get("role")
+            text = text_of(m.get("content"))
+            if role in ("system", "developer"):
+                system.append(text)
+            elif role == "user":
+                view.user_turns.append((i, text))
+            elif role == "assistant":
+                if text:
+                    view.assistant_turns.append((i, text))
+                for call in m.get("tool_calls") or []:
+                    fn = call.get("function") or {}
+                    raw = fn.get("arguments")
+                    raw = raw if isinstance(raw, str) else json.dumps(raw)
+                    args = parse_json(raw)
+                    tc = ToolCall(
+                        i, call.get("id"), str(fn.get("name") or ""), raw, args if isinstance(args, dict) else None
+                    )
+                    if tc.id:
+                        pending[tc.id] = len(view.calls)
+                    view.calls.append(tc)
+            elif role == "tool":
+                pos = pending.pop(str(m.get("tool_call_id")), None)
+                if pos is None:  # unpaired output: attach to the latest call still waiting, if any
+                    waiting = [k for k, c in enumerate(view.calls) if c.output is None]
+                    pos = waiting[-1] if waiting else None
+                if pos is not None:
+                    c = view.calls[pos]
+                    view.calls[pos] = ToolCall(c.index, c.id, c.name, c.raw_arguments, c.arguments, text, i)
+        if not system and profile.policy:
+            system.append(profile.policy)
+        view.system_text = "\n\n".join(system)
+        return view
+
+    @property
+    def latest_user(self) -> str:
+        return self.user_turns[-1][1] if self.user_turns else ""
+
+    @property
+    def last_assistant_text(self) -> str:
+        return self.assistant_turns[-1][1] if self.assistant_turns else ""
+
+    def tool(self, name: str) -> DeclaredTool | None:
+        return next((t for t in self.tools if t.name == name), None)
+
+    def kind_of(self, name: str, profile: Profile) -> ToolKind:
+        found = self.tool(name)
+        return found.kind if found is not None else tool_kind(name, profile)
+
+    def confirmed_by_user(self, profile: Profile) -> bool:
+        """Whether the latest user message explicitly confirms and no write has used that confirmation yet."""
+        if not self.user_turns or not is_confirmation(self.latest_user):
+            return False
+        since = self.user_turns[-1][0]
+        return not any(c.index > since and self.kind_of(c.name, profile) is ToolKind.WRITE for c in self.calls)

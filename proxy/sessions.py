@@ -1,0 +1,182 @@
+"""Session identity and the small per-session state supervision carries from one turn to the next.
+
+Identity (DESIGN §2): the ``X-FAMA-Session`` header when the client sends one, else a hash of the
+conversation's stable prefix (system messages, first user message, tool names). Every later turn of
+the same conversation repeats that prefix, so unmodified OpenAI-SDK apps get per-conversation state.
+Sessions are namespaced by tenant (the API key's identity; ``default`` without client auth).
+
+State: guidance waiting for the next turn, agents switched on by earlier findings, counts. Embedded
+mode keeps it in a bounded in-memory LRU with a TTL; with Redis it is one JSON value per session
+under ``fama:state:<tenant>:<session>`` with a TTL. A store failure never fails a turn: the turn runs
+with empty state, the failure is logged and counted in ``fama_redis_errors_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import BaseModel, Field, ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from detector_service.keys import session_state_key
+from detector_service.profile import AgentName
+from proxy.metrics import ProxyMetrics
+
+log = logging.getLogger(__name__)
+
+SESSION_HEADER = "x-fama-session"
+DEFAULT_TENANT = "default"
+MAX_GUIDANCE = 6
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+
+
+@dataclass(frozen=True)
+class SessionRef:
+    tenant: str
+    session_id: str
+    derived: bool  # True when named by the conversation hash rather than the header
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def derive_session_id(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]) -> str:
+    """A stable name for a conversation: its system messages, first user message and tool names."""
+    system = [_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer")]
+    first_user = next((_text(m.get("content")) for m in messages if m.get("role") == "user"), "")
+    names = sorted(str((t.get("function") or {}).get("name", "")) for t in tools if isinstance(t, Mapping))
+    prefix = json.dumps([system, first_user, names], ensure_ascii=False, separators=(",", ":"))
+    return "c-" + hashlib.sha256(prefix.encode("utf-8")).hexdigest()[:32]
+
+
+def session_from_header(value: str) -> str:
+    """The header's value when it is a safe key part; otherwise a hash of it (it ends up in Redis keys and logs)."""
+    value = value.strip()
+    if _SAFE_ID.fullmatch(value):
+        return value
+    return "h-" + hashlib.sha256(value.encode("utf-8")).hexdigest()[:32]
+
+
+def identify(
+    header: str | None,
+    tenant: str | None,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]],
+) -> SessionRef:
+    tenant = tenant or DEFAULT_TENANT
+    if header is not None and header.strip():
+        return SessionRef(tenant, session_from_header(header), derived=False)
+    return SessionRef(tenant, derive_session_id(messages, tools), derived=True)
+
+
+class SessionState(BaseModel):
+    guidance: list[str] = Field(default_factory=list)  # corrective notes for the next turn's injection
+    agents: list[AgentName] = Field(default_factory=list)  # switched on by earlier findings
+    interventions: int = 0
+    turns: int = 0
+
+    def add_guidance(self, notes: Sequence[str]) -> None:
+        for note in notes:
+            if note not in self.guidance:
+                self.guidance.append(note)
+        del self.guidance[:-MAX_GUIDANCE]
+
+    def activate(self, agents: Sequence[AgentName]) -> None:
+        for agent in agents:
+            if agent not in self.agents:
+                self.agents.append(agent)
+
+
+class SessionStore(Protocol):
+    async def load(self, ref: SessionRef) -> SessionState: ...
+
+    async def save(self, ref: SessionRef, state: SessionState) -> None: ...
+
+
+class MemorySessionStore:
+    """Bounded LRU with a TTL, for one embedded proxy process."""
+
+    def __init__(
+        self, max_sessions: int = 10_000, ttl_s: float = 24 * 3600, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._max = max_sessions
+        self._ttl = ttl_s
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
+
+    async def load(self, ref: SessionRef) -> SessionState:
+        key = (ref.tenant, ref.session_id)
+        found = self._entries.get(key)
+        if found is None:
+            return SessionState()
+        expires, raw = found
+        if expires <= self._clock():
+            del self._entries[key]
+            return SessionState()
+        self._entries.move_to_end(key)
+        # Stored as JSON so a caller mutating its copy cannot change what the next turn reads.
+        return SessionState.model_validate_json(raw)
+
+    async def save(self, ref: SessionRef, state: SessionState) -> None:
+        key = (ref.tenant, ref.session_id)
+        self._entries[key] = (self._clock() + self._ttl, state.model_dump_json())
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class RedisSessionStore:
+    """One JSON value per session with a TTL. Failures degrade to empty state, never to a failed turn."""
+
+    def __init__(self, redis: Redis, ttl_s: int, metrics: ProxyMetrics | None = None, timeout_s: float = 0.05) -> None:
+        self._redis = redis
+        self._ttl = ttl_s
+        self._metrics = metrics
+        self._timeout = timeout_s
+
+    def _failed(self, op: str, ref: SessionRef, exc: BaseException) -> None:
+        log.warning("session state %s failed for %s/%s: %r", op, ref.tenant, ref.session_id, exc)
+        if self._metrics is not None:
+            self._metrics.redis_errors.labels(op=f"session_state_{op}").inc()
+
+    async def load(self, ref: SessionRef) -> SessionState:
+        try:
+            async with asyncio.timeout(self._timeout):
+                raw = await self._redis.get(session_state_key(ref.tenant, ref.session_id))
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("load", ref, exc)
+            return SessionState()
+        if raw is None:
+            return SessionState()
+        try:
+            return SessionState.model_validate_json(raw)
+        except ValidationError as exc:
+            self._failed("decode", ref, exc)
+            return SessionState()
+
+    async def save(self, ref: SessionRef, state: SessionState) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._redis.set(
+                    session_state_key(ref.tenant, ref.session_id), state.model_dump_json(), ex=self._ttl
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("save", ref, exc)

@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from detector_service.keys import session_state_key
+from detector_service.profile import AgentName
+from proxy.metrics import ProxyMetrics
+from proxy.sessions import (
+    MemorySessionStore,
+    RedisSessionStore,
+    SessionRef,
+    SessionState,
+    derive_session_id,
+    identify,
+    session_from_header,
+)
+
+TOOLS = [{"type": "function", "function": {"name": "get_order"}}, {"type": "function", "function": {"name": "cancel"}}]
+CONVO = [
+    {"role": "system", "content": "You are a support agent."},
+    {"role": "user", "content": "Cancel my order #W123."},
+]
+
+
+def test_derived_id_is_stable_as_the_conversation_grows() -> None:
+    later = [*CONVO, {"role": "assistant", "content": "Sure."}, {"role": "user", "content": "yes"}]
+    assert derive_session_id(CONVO, TOOLS) == derive_session_id(later, TOOLS)
+    assert derive_session_id(CONVO, TOOLS) == derive_session_id(CONVO, list(reversed(TOOLS)))
+
+
+def test_derived_id_separates_conversations() -> None:
+    other_user = [CONVO[0], {"role": "user", "content": "Cancel my order #W999."}]
+    other_system = [{"role": "system", "content": "You are a travel agent."}, CONVO[1]]
+    ids = {
+        derive_session_id(CONVO, TOOLS),
+        derive_session_id(other_user, TOOLS),
+        derive_session_id(other_system, TOOLS),
+        derive_session_id(CONVO, TOOLS[:1]),
+    }
+    assert len(ids) == 4
+
+
+def test_header_wins_and_unsafe_values_are_hashed() -> None:
+    ref = identify("conv-42", "acme", CONVO, TOOLS)
+    assert ref == SessionRef("acme", "conv-42", derived=False)
+    assert identify(None, None, CONVO, TOOLS).tenant == "default"
+    assert identify("  ", None, CONVO, TOOLS).derived
+    unsafe = session_from_header("a b\r\nc" * 50)
+    assert unsafe.startswith("h-")
+    assert len(unsafe) == 34
+    assert unsafe == session_from_header("a b\r\nc" * 50)
+
+
+async def test_memory_store_round_trip_ttl_and_lru_bound() -> None:
+    now = [0.0]
+    store = MemorySessionStore(max_sessions=2, ttl_s=10, clock=lambda: now[0])
+    a, b, c = (SessionRef("t", x, False) for x in "abc")
+    state = SessionState(interventions=1)
+    state.add_guidance(["[DCV] ask first"])
+    await store.save(a, state)
+    state.guidance.append("mutated after save")
+    loaded = await store.load(a)
+    assert loaded.guidance == ["[DCV] ask first"]
+    assert loaded.interventions == 1
+    await store.save(b, SessionState())
+    await store.load(a)  # a is now the most recently used
+    await store.save(c, SessionState())
+    assert len(store) == 2
+    assert (await store.load(a)).interventions == 1
+    assert (await store.load(b)) == SessionState()  # evicted
+    now[0] = 11.0
+    assert (await store.load(a)) == SessionState()  # expired
+
+
+def test_state_bounds_guidance_and_deduplicates_agents() -> None:
+    state = SessionState()
+    state.add_guidance([f"note {i}" for i in range(20)])
+    state.add_guidance(["note 19"])
+    assert len(state.guidance) == 6
+    assert state.guidance[-1] == "note 19"
+    state.activate([AgentName.TOR, AgentName.TOR, AgentName.DCE])
+    assert state.agents == [AgentName.TOR, AgentName.DCE]
+
+
+async def test_redis_store_uses_the_state_key_with_ttl(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        store = RedisSessionStore(client, ttl_s=120)
+        ref = SessionRef("acme", "s1", False)
+        state = SessionState(agents=[AgentName.VERIFIER], turns=3)
+        await store.save(ref, state)
+        assert await store.load(ref) == state
+        ttl = await client.ttl(session_state_key("acme", "s1"))
+        assert 0 < ttl <= 120
+        assert await store.load(SessionRef("other", "s1", False)) == SessionState()
+    finally:
+        await client.aclose()
+
+
+async def test_redis_store_outage_degrades_to_empty_state() -> None:
+    metrics = ProxyMetrics()
+    client = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.05)
+    try:
+        store = RedisSessionStore(client, ttl_s=60, metrics=metrics, timeout_s=0.5)
+        ref = SessionRef("t", "s", False)
+        await store.save(ref, SessionState(turns=1))
+        assert await store.load(ref) == SessionState()
+        assert metrics.registry.get_sample_value("fama_redis_errors_total", {"op": "session_state_load"}) == 1
+        assert metrics.registry.get_sample_value("fama_redis_errors_total", {"op": "session_state_save"}) == 1
+    finally:
+        await client.aclose()
