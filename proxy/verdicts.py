@@ -33,6 +33,8 @@ from typing import Protocol, TypeVar
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from detector_service import keys, streams
@@ -77,6 +79,29 @@ class VerdictSource(Protocol):
     async def stop(self) -> None: ...
 
     async def evaluate(self, turn: TurnEvent, timeout_s: float) -> VerdictOutcome: ...
+
+
+def redis_client(url: str, *, block_ms: int = 1000) -> Redis:
+    """The proxy's Redis client, shared by the verdict source and the recorder.
+
+    Short connect timeout and a single immediate retry (a pooled connection may be stale after a Redis
+    restart): hidden back-off retries would outlast every verdict deadline. The read timeout outlasts
+    the reply reader's ``XREAD`` block.
+    """
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=1.0,
+        socket_timeout=block_ms / 1000 + 2.0,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+    )
+
+
+def verdict_source(redis: Redis | None, engine: Engine, instance_id: str, metrics: ProxyMetrics) -> VerdictSource:
+    """Redis transport when a client is given, the in-process engine otherwise."""
+    if redis is None:
+        return EmbeddedVerdicts(engine, metrics)
+    return RedisVerdicts(redis, process_instance_id(instance_id), metrics)
 
 
 def process_instance_id(base: str) -> str:
