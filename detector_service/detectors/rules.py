@@ -50,7 +50,9 @@ def _prior_read(view: TurnView, rule: RequiresPriorRead, call: Call) -> Finding 
             continue
         if rule.read_tools and earlier.name not in rule.read_tools:
             continue
-        if any(w in earlier.result.lower() for w in wanted):
+        # A read "of the same id" either looked the value up or returned it.
+        looked_up = {norm(v) for _, v in leaves(earlier.args or {})}
+        if wanted & looked_up or any(w in earlier.result.lower() for w in wanted):
             return None
     tools = " or ".join(rule.read_tools) if rule.read_tools else "a read tool"
     return _finding(

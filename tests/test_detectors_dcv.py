@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from detector_service.detectors.dcv import says_yes
+from detector_service.engine import Engine
+from detector_service.profile import OneToolCallPerTurn, Profile, load_profile
+from detector_service.wire import Action, Category, Finding
+from tests.tau_turns import QWEN, V1, turn
+
+pytestmark = pytest.mark.tau
+AIRLINE = Path(__file__).resolve().parents[1] / "profiles" / "airline.yaml"
+
+
+def detectors(findings: list[Finding]) -> set[str]:
+    return {f.detector for f in findings}
+
+
+def test_write_without_yes_is_flagged(tau_dir: Path) -> None:
+    # qwen books while the user only sent passenger details and asked for the total first.
+    verdict = Engine().evaluate(turn(tau_dir, QWEN, "10#0", 22))
+    dcv = [f for f in verdict.findings if f.category is Category.DCV]
+    assert [f.detector for f in dcv] == ["write_without_confirmation"]
+    assert "book_reservation" in dcv[0].message
+    assert "confirm" in dcv[0].message
+    assert verdict.action is Action.RETRY
+
+
+def test_write_after_listed_details_and_yes_passes(tau_dir: Path) -> None:
+    # gpt-4o listed the booking and the user answered "Yes, please proceed with that booking."
+    verdict = Engine().evaluate(turn(tau_dir, V1, "0#0", 20))
+    assert not [f for f in verdict.findings if f.category is Category.DCV]
+
+
+def test_one_call_per_turn_only_when_the_profile_says_so(tau_dir: Path) -> None:
+    event = turn(tau_dir, QWEN, "9#0", 5)
+    assert len(event.candidate["tool_calls"]) > 1
+    assert "one_tool_call_per_turn" not in detectors(Engine().evaluate(event).findings)
+    ruled = Engine(Profile(rules=[OneToolCallPerTurn()])).evaluate(event)
+    assert "one_tool_call_per_turn" in detectors(ruled.findings)
+
+
+def test_text_with_tool_call(tau_dir: Path) -> None:
+    # gpt-4o talks to the user and calls the transfer tool in the same message.
+    event = turn(tau_dir, V1, "37#3", 6)
+    assert event.candidate.get("content")
+    assert event.candidate.get("tool_calls")
+    strict = Engine(Profile(rules=[OneToolCallPerTurn(no_text_with_tool_call=True)])).evaluate(event)
+    lenient = Engine(Profile(rules=[OneToolCallPerTurn()])).evaluate(event)
+    assert "one_tool_call_per_turn" in detectors(strict.findings)
+    assert "one_tool_call_per_turn" not in detectors(lenient.findings)
+
+
+def test_profile_narrows_confirmation_to_named_tools(tau_dir: Path) -> None:
+    # send_certificate is not among the actions the airline policy lists as needing a yes.
+    event = turn(tau_dir, V1, "45#0", 12)
+    assert "write_without_confirmation" in detectors(Engine().evaluate(event).findings)
+    profiled = Engine(load_profile(AIRLINE)).evaluate(event)
+    assert not [f for f in profiled.findings if f.category is Category.DCV]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Yes, please proceed with the change.", True),
+        ("Oui, please proceed. Merci!", True),
+        ("Sure, here are the details: Liam Khan, born 1985.", False),
+        ("No, wait, yes I mean the other one", False),
+        ("Please let me know the total before finalizing anything.", False),
+    ],
+)
+def test_says_yes(text: str, expected: bool) -> None:
+    assert says_yes(text) is expected

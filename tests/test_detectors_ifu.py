@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from detector_service.engine import Engine
+from detector_service.wire import Category, TurnEvent
+from tests.tau_turns import V1, tools, trajectory, turn
+
+pytestmark = pytest.mark.tau
+
+TRANSFER: dict[str, Any] = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [
+        {
+            "id": "call_t",
+            "type": "function",
+            "function": {"name": "transfer_to_human_agents", "arguments": '{"summary": "user needs help"}'},
+        }
+    ],
+}
+
+
+def ifu(event: TurnEvent) -> list[str]:
+    return [f.detector for f in Engine().evaluate(event).findings if f.category is Category.IFU]
+
+
+def opening(tau_dir: Path, trajectory_id: str, candidate: dict[str, Any]) -> TurnEvent:
+    """The conversation up to the user's first request, answered by ``candidate``."""
+    t = trajectory(tau_dir, V1, trajectory_id)
+    first_user = next(i for i, m in enumerate(t.messages) if m["role"] == "user")
+    return TurnEvent(
+        session_id=trajectory_id, messages=t.messages[: first_user + 1], tools=tools(tau_dir, V1), candidate=candidate
+    )
+
+
+def test_handoff_before_any_attempt(tau_dir: Path) -> None:
+    # The user asks to book a flight; handing off at once, with no look-up, gives up early.
+    assert ifu(opening(tau_dir, "0#0", TRANSFER)) == ["handoff_before_attempt"]
+
+
+def test_handoff_the_user_asked_for_passes(tau_dir: Path) -> None:
+    # "Yes, please transfer me to someone who can assist further."
+    assert ifu(turn(tau_dir, V1, "18#3", 16)) == []
+
+
+def test_claim_without_any_write(tau_dir: Path) -> None:
+    claim = {"role": "assistant", "content": "Your reservation has been successfully cancelled."}
+    assert ifu(opening(tau_dir, "39#1", claim)) == ["claimed_without_action"]
+
+
+def test_claim_after_the_write_passes(tau_dir: Path) -> None:
+    # gpt-4o reports the cancellation after the cancel call returned.
+    t = trajectory(tau_dir, V1, "39#1")
+    after = next(
+        i
+        for i, m in enumerate(t.messages)
+        if m["role"] == "assistant" and not m.get("tool_calls") and i > 10 and m.get("content")
+    )
+    assert ifu(turn(tau_dir, V1, "39#1", after)) == []

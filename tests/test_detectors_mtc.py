@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from detector_service.engine import Engine
+from detector_service.wire import Action, Category, TurnEvent
+from tests.tau_turns import V1, turn
+
+pytestmark = pytest.mark.tau
+
+
+def booking(tau_dir: Path, arguments: Any = None, name: str | None = None) -> TurnEvent:
+    """gpt-4o's confirmed booking turn, with its tool call altered."""
+    event = turn(tau_dir, V1, "0#0", 20)
+    candidate = copy.deepcopy(event.candidate)
+    fn = candidate["tool_calls"][0]["function"]
+    if arguments is not None:
+        fn["arguments"] = arguments
+    if name is not None:
+        fn["name"] = name
+    return event.model_copy(update={"candidate": candidate})
+
+
+def original_args(tau_dir: Path) -> dict[str, Any]:
+    args: dict[str, Any] = json.loads(turn(tau_dir, V1, "0#0", 20).candidate["tool_calls"][0]["function"]["arguments"])
+    return args
+
+
+def mtc(event: TurnEvent) -> list[str]:
+    return [f.detector for f in Engine().evaluate(event).findings if f.category is Category.MTC]
+
+
+def test_recorded_call_is_well_formed(tau_dir: Path) -> None:
+    assert mtc(booking(tau_dir)) == []
+
+
+def test_unknown_tool(tau_dir: Path) -> None:
+    verdict = Engine().evaluate(booking(tau_dir, name="book_flight"))
+    found = [f for f in verdict.findings if f.category is Category.MTC]
+    assert [f.detector for f in found] == ["unknown_tool"]
+    assert "book_flight" in found[0].message
+    assert "book_reservation" in found[0].message
+    assert verdict.action is Action.RETRY
+
+
+def test_arguments_not_json(tau_dir: Path) -> None:
+    assert mtc(booking(tau_dir, arguments='{"user_id": "mia_li_3668", "origin": ')) == ["arguments_not_json"]
+
+
+def test_schema_violation(tau_dir: Path) -> None:
+    args = original_args(tau_dir)
+    del args["passengers"]
+    args["insurance"] = "maybe"
+    verdict = Engine().evaluate(booking(tau_dir, arguments=json.dumps(args)))
+    found = [f for f in verdict.findings if f.category is Category.MTC]
+    assert [f.detector for f in found] == ["schema_violation"]
+    assert "passengers" in found[0].message
+    assert "maybe" in found[0].message
+    assert verdict.rewritten is None
+
+
+def test_trailing_comma_is_repaired(tau_dir: Path) -> None:
+    args = original_args(tau_dir)
+    broken = json.dumps(args)[:-1] + ",}"
+    verdict = Engine().evaluate(booking(tau_dir, arguments=broken))
+    assert [f.detector for f in verdict.findings if f.category is Category.MTC] == ["arguments_repaired"]
+    assert verdict.action is Action.REWRITE
+    assert verdict.rewritten is not None
+    assert json.loads(verdict.rewritten["tool_calls"][0]["function"]["arguments"]) == args
+
+
+def test_single_quotes_are_repaired(tau_dir: Path) -> None:
+    args = original_args(tau_dir)
+    verdict = Engine().evaluate(booking(tau_dir, arguments=repr(args)))
+    assert verdict.rewritten is not None
+    assert json.loads(verdict.rewritten["tool_calls"][0]["function"]["arguments"]) == args
+
+
+def test_numeric_string_is_coerced(tau_dir: Path) -> None:
+    args = original_args(tau_dir)
+    args["total_baggages"] = str(args["total_baggages"])
+    verdict = Engine().evaluate(booking(tau_dir, arguments=json.dumps(args)))
+    assert verdict.rewritten is not None
+    fixed = json.loads(verdict.rewritten["tool_calls"][0]["function"]["arguments"])
+    assert fixed["total_baggages"] == int(args["total_baggages"])
+
+
+def test_arguments_sent_as_object(tau_dir: Path) -> None:
+    args = original_args(tau_dir)
+    verdict = Engine().evaluate(booking(tau_dir, arguments=args))
+    assert verdict.action is Action.REWRITE
+    assert verdict.rewritten is not None
+    assert json.loads(verdict.rewritten["tool_calls"][0]["function"]["arguments"]) == args

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from detector_service.engine import Engine
+from detector_service.profile import (
+    ArgumentConstraint,
+    EntityCondition,
+    FieldCondition,
+    Forbidden,
+    Profile,
+    RequiresPriorRead,
+    load_profile,
+)
+from detector_service.wire import Action, Category, Finding, TurnEvent
+from tests.tau_turns import V1, turn
+
+pytestmark = pytest.mark.tau
+AIRLINE = Path(__file__).resolve().parents[1] / "profiles" / "airline.yaml"
+
+
+def rules(profile: Profile, event: TurnEvent) -> list[Finding]:
+    return [f for f in Engine(profile).evaluate(event).findings if f.detector in RULE_DETECTORS]
+
+
+RULE_DETECTORS = {
+    "requires_confirmation",
+    "requires_prior_read",
+    "argument_constraint",
+    "forbidden",
+    "entity_condition",
+}
+
+
+def test_cancellation_the_policy_does_not_allow(tau_dir: Path) -> None:
+    # An economy reservation without insurance, booked long ago: the airline policy forbids cancelling it.
+    found = rules(load_profile(AIRLINE), turn(tau_dir, V1, "29#1", 22))
+    assert [f.detector for f in found] == ["entity_condition"]
+    assert "insurance" in found[0].message
+
+
+def test_cancellation_the_policy_allows(tau_dir: Path) -> None:
+    profile = Profile(
+        rules=[
+            EntityCondition(
+                tool="cancel_reservation",
+                argument="reservation_id",
+                any_of=[FieldCondition(field="cabin", one_of=["economy", "basic_economy", "business"])],
+            )
+        ]
+    )
+    assert rules(profile, turn(tau_dir, V1, "29#1", 22)) == []
+
+
+def test_requires_prior_read(tau_dir: Path) -> None:
+    event = turn(tau_dir, V1, "0#0", 20)
+    read_user = RequiresPriorRead(tool="book_reservation", argument="user_id", read_tools=["get_user_details"])
+    read_flight = RequiresPriorRead(tool="book_reservation", argument="user_id", read_tools=["get_flight_status"])
+    assert rules(Profile(rules=[read_user]), event) == []
+    assert [f.detector for f in rules(Profile(rules=[read_flight]), event)] == ["requires_prior_read"]
+
+
+def test_argument_constraint(tau_dir: Path) -> None:
+    event = turn(tau_dir, V1, "0#0", 20)
+    bags = json.loads(event.candidate["tool_calls"][0]["function"]["arguments"])["total_baggages"]
+    too_few = ArgumentConstraint(tool="book_reservation", argument="total_baggages", maximum=bags - 1)
+    enough = ArgumentConstraint(tool="book_reservation", argument="total_baggages", maximum=bags)
+    found = rules(Profile(rules=[too_few]), event)
+    assert [f.detector for f in found] == ["argument_constraint"]
+    assert "total_baggages" in found[0].message
+    assert rules(Profile(rules=[enough]), event) == []
+
+
+def test_forbidden_tool_blocks_when_the_profile_says_so(tau_dir: Path) -> None:
+    profile = Profile(
+        rules=[Forbidden(tool="book_reservation", message="bookings are disabled")],
+        actions={Category.DCV: Action.BLOCK},
+    )
+    verdict = Engine(profile).evaluate(turn(tau_dir, V1, "0#0", 20))
+    assert [f.detector for f in verdict.findings] == ["forbidden"]
+    assert verdict.action is Action.BLOCK
+
+
+def test_airline_profile_loads_and_names_the_write_tools() -> None:
+    profile = load_profile(AIRLINE)
+    confirmed = {r.tool for r in profile.rules if r.type == "requires_confirmation"}
+    assert confirmed == {
+        "book_reservation",
+        "cancel_reservation",
+        "update_reservation_baggages",
+        "update_reservation_flights",
+        "update_reservation_passengers",
+    }

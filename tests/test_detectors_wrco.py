@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from detector_service.engine import Engine
+from detector_service.wire import Category, Finding, TurnEvent
+from tests.tau_turns import QWEN, V1, turn
+
+pytestmark = pytest.mark.tau
+
+
+def wrco(event: TurnEvent) -> list[Finding]:
+    return [f for f in Engine().evaluate(event).findings if f.category is Category.WRCO]
+
+
+def test_ungrounded_value_in_a_write(tau_dir: Path) -> None:
+    found = wrco(turn(tau_dir, QWEN, "15#0", 17))
+    assert [f.detector for f in found] == ["ungrounded_value"]
+    assert "appears in no earlier tool output or user message" in found[0].message
+
+
+def test_grounded_write_passes(tau_dir: Path) -> None:
+    assert wrco(turn(tau_dir, V1, "0#0", 20)) == []
+
+
+def test_write_on_unread_entity(tau_dir: Path) -> None:
+    found = wrco(turn(tau_dir, QWEN, "7#0", 7))
+    assert "write_on_unread_entity" in {f.detector for f in found}
+
+
+def test_made_up_reservation_id(tau_dir: Path) -> None:
+    # The same confirmed cancellation, with an id the conversation never mentioned.
+    event = turn(tau_dir, V1, "39#1", 10)
+    candidate = copy.deepcopy(event.candidate)
+    candidate["tool_calls"][0]["function"]["arguments"] = json.dumps({"reservation_id": "ZZ9QQ7"})
+    found = wrco(event.model_copy(update={"candidate": candidate}))
+    assert [f.detector for f in found] == ["ungrounded_value"]
+    assert "ZZ9QQ7" in found[0].message
+
+
+def test_value_contradicting_a_tool_output(tau_dir: Path) -> None:
+    # A write that pairs the reservation with a user id the reservation record does not have.
+    event = turn(tau_dir, V1, "39#1", 10)
+    reservation_id = json.loads(event.candidate["tool_calls"][0]["function"]["arguments"])["reservation_id"]
+    tools = [*event.tools]
+    tools.append(
+        {
+            "type": "function",
+            "function": {
+                "name": "cancel_reservation_for_user",
+                "parameters": {"type": "object", "properties": {"reservation_id": {}, "user_id": {}}},
+            },
+        }
+    )
+    candidate = copy.deepcopy(event.candidate)
+    candidate["tool_calls"][0]["function"] = {
+        "name": "cancel_reservation_for_user",
+        "arguments": json.dumps({"reservation_id": reservation_id, "user_id": "mia_li_3668"}),
+    }
+    found = wrco(event.model_copy(update={"candidate": candidate, "tools": tools}))
+    contradiction = [f for f in found if f.detector == "contradicts_tool_output"]
+    assert contradiction, found
+    assert "mia_li_3668" in contradiction[0].message

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from detector_service.engine import Engine
+from detector_service.profile import load_profile
+from detector_service.replay import replay_command, replay_one
+from detector_service.trajectories import load
+from detector_service.wire import TurnEvent
+from tests.tau_turns import DOMAIN, QWEN, V1, tools
+
+pytestmark = pytest.mark.tau
+AIRLINE = Path(__file__).resolve().parents[1] / "profiles" / "airline.yaml"
+
+
+@pytest.mark.parametrize("file", [V1, QWEN])
+def test_json_out_has_one_record_per_trajectory_in_input_order(tau_dir: Path, tmp_path: Path, file: str) -> None:
+    source = tau_dir / "trajectories" / file
+    out = tmp_path / "out.json"
+    code = replay_command(
+        [source], tools=tau_dir / "domains" / DOMAIN[file] / "tools_openai.json", profile=None, json_out=out
+    )
+    assert code == 0
+    doc = json.loads(out.read_text())
+    lines = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    records = doc["records"]
+    assert len(records) == len(lines)
+    assert [r["reward"] for r in records] == [line["reward"] for line in lines]
+    for record, line in zip(records, lines, strict=True):
+        assert set(record) == {"id", "reward", "flags"}
+        for flag in record["flags"]:
+            assert set(flag) == {"turn", "category", "detector", "action", "message"}
+            assert line["messages"][flag["turn"]]["role"] == "assistant"
+    summary = doc["summary"]
+    assert summary["trajectories"] == len(lines)
+    assert summary["flagged"] == sum(1 for r in records if r["flags"])
+    assert summary["by_outcome"]["failed"]["flagged"] > 0
+
+
+def test_incremental_replay_matches_the_engine_contract(tau_dir: Path) -> None:
+    """Replay's growing index must give exactly what ``evaluate`` gives on each turn from scratch."""
+    engine = Engine(load_profile(AIRLINE))
+    schema = tools(tau_dir, QWEN)
+    for t in list(load(tau_dir / "trajectories" / QWEN))[:8]:
+        replayed = replay_one(engine, t, schema)
+        incremental = [(f.turn, f.finding.detector, f.finding.message) for f in replayed.flags]
+        scratch: list[tuple[int, str, str]] = []
+        for i, m in enumerate(t.messages):
+            if m["role"] != "assistant":
+                continue
+            verdict = engine.evaluate(TurnEvent(session_id=t.id, messages=t.messages[:i], tools=schema, candidate=m))
+            scratch.extend((i, f.detector, f.message) for f in verdict.findings)
+        assert incremental == scratch
+
+
+def _as_v1(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"task_id": r["task_id"], "trial": r["trial"], "reward": r["reward"], "traj": r["messages"]} for r in records
+    ]
+
+
+def _as_tau2(records: list[dict[str, Any]], policy: str) -> dict[str, Any]:
+    sims = []
+    for r in records:
+        messages = []
+        for m in r["messages"]:
+            if m["role"] == "system":
+                continue
+            if m["role"] == "tool":
+                messages.append({"role": "tool", "id": m["tool_call_id"], "content": m["content"]})
+                continue
+            msg: dict[str, Any] = {"role": m["role"], "content": m.get("content")}
+            if m.get("tool_calls"):
+                msg["tool_calls"] = [
+                    {"id": c["id"], "name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}
+                    for c in m["tool_calls"]
+                ]
+            messages.append(msg)
+        sims.append(
+            {
+                "id": f"sim-{r['task_id']}",
+                "task_id": r["task_id"],
+                "messages": messages,
+                "reward_info": {"reward": r["reward"]},
+            }
+        )
+    return {"info": {"environment_info": {"policy": policy}}, "tasks": [], "simulations": sims}
+
+
+def test_v1_and_tau2_result_files_replay_like_jsonl(tau_dir: Path, tmp_path: Path) -> None:
+    source = tau_dir / "trajectories" / QWEN
+    records = [json.loads(line) for line in source.read_text().splitlines()[:5]]
+    v1_file = tmp_path / "v1.json"
+    v1_file.write_text(json.dumps(_as_v1(records)))
+    tau2_file = tmp_path / "tau2.json"
+    tau2_file.write_text(json.dumps(_as_tau2(records, records[0]["messages"][0]["content"])))
+    schema = tools(tau_dir, QWEN)
+    engine = Engine()
+    expected = [[(f.turn, f.finding.detector) for f in replay_one(engine, t, schema).flags] for t in load(source)][:5]
+    for path in (v1_file, tau2_file):
+        loaded = list(load(path))
+        assert [t.reward for t in loaded] == [r["reward"] for r in records]
+        got = [[(f.turn, f.finding.detector) for f in replay_one(engine, t, schema).flags] for t in loaded]
+        assert got == expected, path.name
+
+
+def test_unreadable_input_fails_cleanly(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"no_messages": true}\n')
+    assert replay_command([bad], tools=None, profile=None, json_out=None) == 2
