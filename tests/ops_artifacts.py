@@ -76,9 +76,9 @@ def run(cmd: list[str], *, cwd: Path = ROOT, env: dict[str, str] | None = None) 
 
 
 def kustomize(path: Path) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
+    kubectl = scripts_binary("kubectl")
     assert kubectl is not None
-    proc = run([kubectl, "kustomize", str(path)])
+    proc = run([str(kubectl), "kustomize", str(path)])
     assert proc.returncode == 0, f"kubectl kustomize {path} failed:\n{proc.stderr}"
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 

