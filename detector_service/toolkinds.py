@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import Any
 
 from detector_service.profile import Profile, ToolKind
@@ -39,6 +40,7 @@ def annotations_of(tool: Mapping[str, Any]) -> Mapping[str, Any]:
     return {}
 
 
+@lru_cache(maxsize=4096)
 def kind_from_name(name: str) -> ToolKind:
     if is_handoff(name) or _GENERIC.match(name):
         return ToolKind.GENERIC

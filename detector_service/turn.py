@@ -13,6 +13,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -82,14 +83,40 @@ def parse_json(text: str) -> Any:
         return None
 
 
-def text_values(text: str) -> set[str]:
-    """Tokens and numbers of free text, normalized like ``norm``."""
+@lru_cache(maxsize=8192)
+def text_values(text: str) -> frozenset[str]:
+    """Tokens and numbers of free text, normalized like ``norm``.
+
+    Cached: every later turn of a conversation carries the same messages again.
+    """
     out = {m.group(0).lower().rstrip(".") for m in _TOKEN.finditer(text)}
     # An e-mail address also names its local part, which is often the account id.
     out |= {t.split("@", 1)[0] for t in out if "@" in t}
     for m in _NUMBER.finditer(text):
         out.add(norm(m.group(1).replace(",", "") + (m.group(2) or "")))
-    return out
+    return frozenset(out)
+
+
+EntityPairs = tuple[tuple[tuple[str, str], dict[str, Any]], ...]
+
+
+@lru_cache(maxsize=8192)
+def output_digest(text: str) -> tuple[frozenset[str], EntityPairs]:
+    """The values of one tool output and its (id key, value) -> object pairs. Cached like ``text_values``.
+
+    The objects are shared between callers and must be treated as read-only.
+    """
+    parsed = parse_json(text)
+    if parsed is None or isinstance(parsed, str):
+        return text_values(text if parsed is None else parsed), ()
+    values = frozenset(norm(v) for _, v in leaves(parsed))
+    pairs = tuple(
+        ((k, norm(v)), obj)
+        for obj in dicts(parsed)
+        for k, v in obj.items()
+        if isinstance(v, str | int) and not isinstance(v, bool) and is_id_key(k)
+    )
+    return values, pairs
 
 
 @dataclass(slots=True)
@@ -213,16 +240,9 @@ class ConversationIndex:
             self.last_error_tool = call.name if call else None
             return
         self.consecutive_errors = 0
-        parsed = parse_json(text)
-        values: set[str]
-        if parsed is None or isinstance(parsed, str):
-            values = text_values(text if parsed is None else parsed)
-        else:
-            values = {norm(v) for _, v in leaves(parsed)}
-            for obj in dicts(parsed):
-                for k, v in obj.items():
-                    if isinstance(v, str | int) and not isinstance(v, bool) and is_id_key(k):
-                        self.entities.setdefault((k, norm(v)), []).append(obj)
+        values, pairs = output_digest(text)
+        for pair, obj in pairs:
+            self.entities.setdefault(pair, []).append(obj)
         self.tool_values |= values
         if call is not None and call.kind is ToolKind.READ:
             self.read_values |= values
