@@ -1,0 +1,185 @@
+"""The optional LLM judge (off by default): a rubric over DCV, WRCO, CM and IFU for one turn.
+
+Any OpenAI-compatible endpoint serves (the same self-hosted model server works). The answer is
+constrained to a JSON Schema with ``response_format``; each call has a timeout; verdicts are cached per
+turn. The judge does I/O, so it lives outside the pure engine: the worker awaits it after the
+deterministic detectors when the profile enables it and merges its findings into the verdict.
+Failures (timeout, transport, malformed answer) raise ``JudgeError``; the caller decides whether the
+turn goes on without the judge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from typing import Any, Literal
+
+import openai
+import orjson
+from openai import AsyncOpenAI
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from detector_service.profile import JudgeConfig
+from detector_service.turn import text_of
+from detector_service.wire import Category, Finding, Severity, TurnEvent
+
+RUBRIC = """You review one decision of a customer-service agent that uses tools. Judge only the
+candidate assistant message at the end, against the policy and the conversation before it. Report a
+finding only when you are confident, for these categories:
+- DCV: the candidate breaks a rule of the policy (for example it changes data without an explicit yes
+  from the user after listing the details, or does something the policy forbids).
+- WRCO: an argument or stated fact (id, price, count, date) does not match what the tools returned.
+- CM: the action does not serve what the user actually asked for.
+- IFU: the agent gives up, hands off, or ends while the user's request could still be completed.
+Each message must name the rule or the evidence in plain words, addressed to the agent, so it can
+correct itself. Return an empty list when the candidate is fine."""
+
+JUDGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["findings"],
+    "properties": {
+        "findings": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["category", "message", "confidence"],
+                "properties": {
+                    "category": {"type": "string", "enum": ["DCV", "WRCO", "CM", "IFU"]},
+                    "message": {"type": "string"},
+                    "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                },
+            },
+        }
+    },
+}
+
+
+class JudgeError(RuntimeError):
+    pass
+
+
+class _JudgeFinding(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    category: Literal["DCV", "WRCO", "CM", "IFU"]
+    message: str
+    confidence: float = Field(ge=0, le=1)
+
+
+class _JudgeAnswer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    findings: list[_JudgeFinding]
+
+
+def make_client(config: JudgeConfig, api_key: str | None) -> AsyncOpenAI:
+    """The judge's client; retries are off because the timeout bounds the whole attempt."""
+    return AsyncOpenAI(base_url=config.base_url, api_key=api_key or "none", timeout=config.timeout_s, max_retries=0)
+
+
+def _transcript(turn: TurnEvent, max_chars: int) -> tuple[str, str]:
+    policy = "\n".join(text_of(m.get("content")) for m in turn.messages if m.get("role") in ("system", "developer"))
+    lines = []
+    for m in turn.messages:
+        role = m.get("role")
+        if role in ("system", "developer"):
+            continue
+        text = text_of(m.get("content"))
+        calls = m.get("tool_calls") or []
+        if calls:
+            text += " " + " ".join(
+                f"[call {c.get('function', {}).get('name')} {c.get('function', {}).get('arguments')}]" for c in calls
+            )
+        lines.append(f"{role}: {text.strip()}")
+    conversation = "\n".join(lines)[-max_chars:]  # the end of the conversation matters most
+    return policy[:max_chars], conversation
+
+
+class Judge:
+    def __init__(
+        self, config: JudgeConfig, client: AsyncOpenAI, *, min_confidence: float = 0.5, cache_size: int = 4096
+    ) -> None:
+        if not config.model:
+            raise ValueError("the judge needs a model name (profile judge.model)")
+        self.config = config
+        self.client = client
+        self.min_confidence = min_confidence
+        self._cache: OrderedDict[str, list[Finding]] = OrderedDict()
+        self._cache_size = cache_size
+        self._inflight: dict[str, asyncio.Future[list[Finding]]] = {}
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+    def _key(self, turn: TurnEvent) -> str:
+        return f"{turn.tenant}:{turn.turn_id}:{turn.attempt}"
+
+    async def findings(self, turn: TurnEvent) -> list[Finding]:
+        key = self._key(turn)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return list(cached)
+        pending = self._inflight.get(key)
+        if pending is not None:  # the same turn asked twice at once: one call serves both
+            return list(await asyncio.shield(pending))
+        future: asyncio.Future[list[Finding]] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            result = await self._ask(turn)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: a lone caller re-raises it below
+            raise
+        else:
+            future.set_result(result)
+            self._cache[key] = result
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            return list(result)
+        finally:
+            del self._inflight[key]
+
+    async def _ask(self, turn: TurnEvent) -> list[Finding]:
+        policy, conversation = _transcript(turn, 12_000)
+        candidate = orjson.dumps(
+            {"content": turn.candidate.get("content"), "tool_calls": turn.candidate.get("tool_calls")}
+        ).decode()
+        messages: list[Any] = [
+            {"role": "system", "content": RUBRIC},
+            {
+                "role": "user",
+                "content": f"POLICY:\n{policy or '(none)'}\n\nCONVERSATION:\n{conversation}\n\nCANDIDATE:\n{candidate}",
+            },
+        ]
+        try:
+            response = await self.client.chat.completions.create(
+                model=str(self.config.model),
+                messages=messages,
+                temperature=0,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "fama_judge", "strict": True, "schema": JUDGE_SCHEMA},
+                },
+                timeout=self.config.timeout_s,
+            )
+        except openai.APITimeoutError as exc:
+            raise JudgeError(f"judge timed out after {self.config.timeout_s}s") from exc
+        except openai.APIError as exc:
+            raise JudgeError(f"judge request failed: {exc}") from exc
+        content = response.choices[0].message.content if response.choices else None
+        try:
+            answer = _JudgeAnswer.model_validate_json(content or "")
+        except ValidationError as exc:
+            raise JudgeError(f"judge answer does not match the schema: {exc.errors()[:1]}") from exc
+        return [
+            Finding(
+                category=Category(f.category),
+                detector="llm_judge",
+                severity=Severity.WARNING,
+                message=f.message,
+                evidence={"confidence": f.confidence},
+            )
+            for f in answer.findings
+            if f.confidence >= self.min_confidence
+        ]
