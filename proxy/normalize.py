@@ -158,6 +158,8 @@ def chat_completion(body: dict[str, Any], model: str) -> dict[str, Any]:
             calls = [calls]
         if calls:
             message["tool_calls"] = [_tool_call(c) for c in calls if isinstance(c, dict)]
+            if message["content"] == "":  # Ollama/llama.cpp; OpenAI sends null next to tool calls
+                message["content"] = None
         else:
             message.pop("tool_calls", None)
         choice["finish_reason"] = finish_reason(choice.get("finish_reason"), bool(message.get("tool_calls"))) or "stop"
@@ -241,6 +243,9 @@ class ChunkNormalizer:
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             choice["delta"] = delta = {}
+        if delta.get("content") == "":
+            # Carries nothing; as null, a tool-call turn aggregates to ``content: null`` as with OpenAI.
+            delta["content"] = None
         if index in self._role_sent:
             delta.pop("role", None)
         else:

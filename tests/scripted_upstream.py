@@ -31,6 +31,7 @@ Every request is recorded in :attr:`ScriptedUpstream.requests` (path, headers, p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -440,12 +441,24 @@ class ScriptedUpstream:
             headers = {"retry-after": "7"} if status == 429 else {}
             return JSONResponse(script.error(status, f"scripted {status} from {style}"), status, headers=headers)
         if scenario == "hang":
-            await asyncio.sleep(5)
+            await self._hang(request)
         calls = {"tool": CALLS[:1], "tools": CALLS}.get(scenario, ())
         if not body.get("stream"):
             return JSONResponse(script.completion(calls))
         chunks = list(script.tool_stream(calls, include_usage) if calls else script.text_stream(include_usage))
         return StreamingResponse(self._stream(script, scenario, chunks), media_type="text/event-stream")
+
+    async def _hang(self, request: Request) -> None:
+        """Answer nothing for 5 s; note it when the caller gives up first (closes the connection)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                self._note_cancel()
+
+    def _note_cancel(self) -> None:
+        self.cancelled_at = time.monotonic()
+        self.cancelled.set()
 
     async def _stream(self, script: Script, scenario: str, chunks: list[dict[str, Any]]) -> AsyncIterator[bytes]:
         finished = False
@@ -470,8 +483,7 @@ class ScriptedUpstream:
             finished = True
         finally:
             if not finished and scenario != "drop":
-                self.cancelled_at = time.monotonic()
-                self.cancelled.set()
+                self._note_cancel()
 
     async def completions(self, request: Request) -> Response:
         body = await self._record(request)

@@ -1,0 +1,202 @@
+"""Every error class, as the official SDK sees it, with OpenAI-shaped bodies that validate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+
+from tests.proxy_harness import MESSAGES, running_proxy, schema_errors, sdk
+from tests.scripted_upstream import STYLES, ScriptedUpstream
+from tests.servers import free_port, serve_in_thread
+
+
+@pytest.fixture(scope="module")
+def upstream_url() -> Iterator[str]:
+    with serve_in_thread(ScriptedUpstream().app) as url:
+        yield url + "/v1"
+
+
+@pytest.fixture(scope="module")
+def proxy_url(upstream_url: str) -> Iterator[str]:
+    with running_proxy(upstream_url) as url:
+        yield url
+
+
+@pytest.fixture
+def client(proxy_url: str) -> Iterator[openai.OpenAI]:
+    with sdk(proxy_url) as client:
+        yield client
+
+
+def error_of(exc: openai.APIStatusError) -> dict[str, Any]:
+    body = exc.response.json()
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+def assert_openai_shaped(schemas: Path, response: httpx2.Response) -> dict[str, Any]:
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert schema_errors(schemas, "ErrorResponse", body) == []
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"model": "m", "messages": [', None),
+        (b"[1, 2]", None),
+        (b'{"model": "m"}', "messages"),
+        (b'{"model": "m", "messages": "hi"}', "messages"),
+        (b'{"model": "m", "messages": []}', "messages"),
+        (b'{"model": "m", "messages": [{"content": "x"}]}', "messages[0].role"),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', "model"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": {}}', "tools"),
+    ],
+)
+def test_invalid_requests_are_400_naming_the_param(
+    proxy_url: str, openai_schemas: Path, body: bytes, param: str | None
+) -> None:
+    response = httpx2.post(
+        proxy_url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    error = assert_openai_shaped(openai_schemas, response)
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+def test_invalid_request_raises_bad_request_in_the_sdk(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="m", messages=[])
+    assert caught.value.param == "messages"
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize(
+    ("status", "exc_type"),
+    [
+        (400, openai.BadRequestError),
+        (404, openai.NotFoundError),
+        (422, openai.UnprocessableEntityError),
+        (429, openai.RateLimitError),
+        (500, openai.InternalServerError),
+        (503, openai.InternalServerError),
+    ],
+)
+def test_upstream_error_status_is_kept_with_a_normalized_body(
+    client: openai.OpenAI,
+    proxy_url: str,
+    openai_schemas: Path,
+    style: str,
+    status: int,
+    exc_type: type[openai.APIStatusError],
+) -> None:
+    with pytest.raises(exc_type) as caught:
+        client.chat.completions.create(model=f"{style}:error-{status}", messages=MESSAGES)
+    assert caught.value.status_code == status
+    error = error_of(caught.value)
+    assert error["message"] == f"scripted {status} from {style}"
+    assert error["code"] is None or isinstance(error["code"], str)
+    assert schema_errors(openai_schemas, "ErrorResponse", caught.value.response.json()) == []
+    # the streaming request fails the same way, before any event
+    with pytest.raises(exc_type):
+        client.chat.completions.create(model=f"{style}:error-{status}", messages=MESSAGES, stream=True)
+
+
+def test_numeric_vllm_code_becomes_a_string(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="vllm:error-400", messages=MESSAGES)
+    assert error_of(caught.value)["code"] == "400"
+    assert error_of(caught.value)["type"] == "BadRequestError"
+
+
+def test_tgi_flat_error_is_mapped(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        client.chat.completions.create(model="tgi:error-422", messages=MESSAGES)
+    error = error_of(caught.value)
+    assert (error["type"], error["code"]) == ("invalid_request_error", "validation")
+
+
+def test_429_passes_retry_after_through(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="openai:error-429", messages=MESSAGES)
+    assert caught.value.response.headers["retry-after"] == "7"
+    assert error_of(caught.value)["code"] == "rate_limit_exceeded"
+
+
+def test_unknown_route_and_wrong_method(proxy_url: str, openai_schemas: Path) -> None:
+    missing = httpx2.post(proxy_url + "/v1/assistants", json={})
+    assert missing.status_code == 404
+    assert assert_openai_shaped(openai_schemas, missing)["code"] == "unknown_url"
+    assert missing.headers["x-request-id"]
+    wrong = httpx2.get(proxy_url + "/v1/chat/completions")
+    assert wrong.status_code == 405
+    assert assert_openai_shaped(openai_schemas, wrong)["code"] == "method_not_allowed"
+    with sdk(proxy_url) as client, pytest.raises(openai.NotFoundError):
+        client.files.list()
+
+
+def test_connect_refused_is_502(openai_schemas: Path) -> None:
+    with running_proxy(f"http://127.0.0.1:{free_port()}/v1", connect_timeout_s=2) as proxy, sdk(proxy) as client:
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model="openai:text", messages=MESSAGES)
+        assert caught.value.status_code == 502
+        assert error_of(caught.value)["code"] == "upstream_unreachable"
+        readiness = httpx2.get(proxy + "/readyz")
+        assert readiness.status_code == 503
+        assert_openai_shaped(openai_schemas, readiness)
+        assert httpx2.get(proxy + "/healthz").status_code == 200
+
+
+def test_upstream_timeout_is_504(upstream_url: str) -> None:
+    with running_proxy(upstream_url, read_timeout_s=0.3) as proxy, sdk(proxy) as client:
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model="openai:hang", messages=MESSAGES)
+        assert caught.value.status_code == 504
+        assert error_of(caught.value)["code"] == "upstream_timeout"
+        with pytest.raises(openai.InternalServerError) as streamed:
+            client.chat.completions.create(model="openai:hang", messages=MESSAGES, stream=True)
+        assert streamed.value.status_code == 504
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_midstream_error_raises_api_error(client: openai.OpenAI, style: str) -> None:
+    stream = client.chat.completions.create(model=f"{style}:midstream-error", messages=MESSAGES, stream=True)
+    assert next(stream).choices[0].delta.role == "assistant"  # the failure comes after content started
+    with pytest.raises(openai.APIError) as caught:
+        list(stream)
+    assert "scripted failure during generation" in caught.value.message
+    assert isinstance(caught.value.body, dict)
+    assert set(caught.value.body) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("scenario", ["drop", "bad-json"])
+def test_broken_upstream_stream_raises_api_error(client: openai.OpenAI, proxy_url: str, scenario: str) -> None:
+    stream = client.chat.completions.create(model=f"vllm:{scenario}", messages=MESSAGES, stream=True)
+    with pytest.raises(openai.APIError) as caught:
+        list(stream)
+    assert caught.value.body is not None
+    metrics = httpx2.get(proxy_url + "/metrics").text
+    assert 'fama_upstream_errors_total{kind="stream"}' in metrics
+
+
+def test_auth_required_when_keys_are_configured(upstream_url: str, openai_schemas: Path) -> None:
+    with running_proxy(upstream_url, api_keys="key-alpha-1,key-beta-2") as proxy:
+        with sdk(proxy, api_key="wrong-key") as wrong, pytest.raises(openai.AuthenticationError) as caught:
+            wrong.chat.completions.create(model="openai:text", messages=MESSAGES)
+        assert error_of(caught.value)["code"] == "invalid_api_key"
+        missing = httpx2.post(proxy + "/v1/chat/completions", json={"model": "openai:text", "messages": MESSAGES})
+        assert missing.status_code == 401
+        assert assert_openai_shaped(openai_schemas, missing)["code"] == "invalid_api_key"
+        with sdk(proxy, api_key="key-beta-2") as right:
+            ok = right.chat.completions.create(model="openai:text", messages=MESSAGES)
+        assert ok.choices[0].message.content
+        assert httpx2.get(proxy + "/healthz").status_code == 200  # probes need no key
