@@ -61,3 +61,15 @@ def test_claim_after_the_write_passes(tau_dir: Path) -> None:
         if m["role"] == "assistant" and not m.get("tool_calls") and i > 10 and m.get("content")
     )
     assert ifu(turn(tau_dir, V1, "39#1", after)) == []
+
+
+def test_deferring_the_request_without_looking_it_up(tau_dir: Path) -> None:
+    # gpt-4o asks the user to come back with the details instead of looking them up itself.
+    assert ifu(turn(tau_dir, V1, "8#0", 6)) == ["deferred_request"]
+
+
+def test_deferring_after_the_look_ups_passes(tau_dir: Path) -> None:
+    # Same kind of sentence, but after the agent had searched with the read tools.
+    t = trajectory(tau_dir, V1, "15#3")
+    assert sum(1 for m in t.messages[:26] for c in m.get("tool_calls") or []) > 1
+    assert ifu(turn(tau_dir, V1, "15#3", 26)) == []

@@ -23,9 +23,9 @@ AIRLINE = Path(__file__).resolve().parents[1] / "profiles" / "airline.yaml"
 
 # file, profile -> (failed flagged >=, passed flagged <=, failed flagged early >=)
 FLOORS = {
-    (V1, None): (0.28, 0.04, 0.18),
+    (V1, None): (0.47, 0.06, 0.38),
     (QWEN, None): (0.50, 0.17, 0.40),
-    (V1, "airline"): (0.33, 0.06, 0.24),
+    (V1, "airline"): (0.53, 0.10, 0.44),
     (QWEN, "airline"): (0.66, 0.17, 0.62),
 }
 

@@ -2,6 +2,8 @@
 
 - early hand-off: a hand-off tool (transfer to a human) or a give-up sentence before any tool was tried
   for the user's request;
+- deferred request: the assistant sends the user away to come back later ("once you have your
+  reservation id, reach out") after next to no look-ups and no action: the request stays open;
 - unfulfilled claim: the assistant tells the user an action is done while no write call in the
   conversation succeeded, so the request is still open.
 """
@@ -16,6 +18,13 @@ from detector_service.wire import Category, Finding, Severity
 
 _ASKED_HUMAN = re.compile(
     r"\b(human|person|supervisor|manager|representative|someone|real agent|transfer|escalat\w*|higher-up)\b",
+    re.IGNORECASE,
+)
+# The assistant sends the user away to come back later instead of finishing the request now.
+_DEFER = re.compile(
+    r"\b(once you (have|find|locate|get|are able)|when you have|whenever you('re| are) ready|"
+    r"(reach|get|come) (out|back)( to (me|us))? (again |whenever|when|once|later|soon)|"
+    r"feel free to reach out (again )?(when|once|whenever)|when you find|if you (can )?(find|locate)|take your time)",
     re.IGNORECASE,
 )
 _DONE = re.compile(
@@ -44,6 +53,21 @@ def detect(view: TurnView) -> list[Finding]:
                 evidence={"tools_tried": tried},
                 tool_call_id=handoff.call_id,
                 tool_name=handoff.name,
+            )
+        )
+    max_reads = int(view.profile.detector_settings("ifu").get("max_reads_before_defer", 1))
+    if not view.calls and index.writes == 0 and index.reads <= max_reads and _DEFER.search(view.text):
+        phrase = _DEFER.search(view.text)
+        out.append(
+            Finding(
+                category=Category.IFU,
+                detector="deferred_request",
+                severity=Severity.WARNING,
+                message=f"Rule: finish the user's request in this conversation when the tools allow it. This message "
+                f"puts it off ({phrase.group(0) if phrase else ''!r}) after {index.reads} look-up(s) and no action; "
+                "look the missing details up with the read tools (for example from the user's profile) instead "
+                "of asking the user to come back.",
+                evidence={"reads": index.reads},
             )
         )
     if not view.calls and index.writes == 0 and _DONE.search(view.text):
