@@ -18,6 +18,7 @@ from proxy.chat import ChatHooks
 from proxy.errors import InvalidRequest, ProxyError, RouteNotFound, error_response
 from proxy.metrics import ProxyMetrics
 from proxy.settings import ProxySettings
+from proxy.supervisor import build_supervisor
 from proxy.tracing import TracingMiddleware
 from proxy.upstream import Upstream
 
@@ -57,22 +58,26 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: ProxySettings, hooks: ChatHooks | None = None) -> FastAPI:
-    """The proxy. ``hooks`` is the supervision seam of the chat pipeline (see :mod:`proxy.chat`)."""
+    """The proxy. ``hooks`` is the supervision seam of the chat pipeline (see :mod:`proxy.chat`); by default
+    the supervisor of :mod:`proxy.supervisor`, with ``settings.mode`` and the profile ``settings.profile``."""
     metrics = ProxyMetrics()
+    chat_hooks = hooks if hooks is not None else build_supervisor(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[ProxyState]:
         upstream = Upstream(settings, metrics)
+        await chat_hooks.start()
         try:
             yield {"upstream": upstream}
         finally:
+            await chat_hooks.stop()
             await upstream.aclose()
 
     app = FastAPI(title="FAMA proxy", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.auth = Authenticator(settings.api_keys)
-    app.state.chat_hooks = hooks or ChatHooks()
+    app.state.chat_hooks = chat_hooks
     app.state.readiness = health.Readiness()
     app.add_exception_handler(ProxyError, _proxy_error)
     app.add_exception_handler(HTTPException, _http_error)

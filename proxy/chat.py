@@ -21,7 +21,7 @@ normalized, spec-valid dicts only; upstream errors reach them as :class:`~proxy.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +88,9 @@ class ChatContext:
     metrics: ProxyMetrics
     upstream_headers: dict[str, str]
     _open: list[tuple[httpx2.Response, float]] = field(default_factory=list)
+    request_headers: Mapping[str, str] = field(default_factory=dict)  # the client's (e.g. x-fama-session)
+    response_headers: dict[str, str] = field(default_factory=dict)  # hooks add theirs; sent with the response
+    hook_state: dict[str, Any] = field(default_factory=dict)  # a hook's per-turn state, from request to answer
 
     @property
     def model(self) -> str:
@@ -133,6 +136,12 @@ async def normalized_chunks(
 class ChatHooks:
     """The supervision seam. The defaults pass everything through unchanged."""
 
+    async def start(self) -> None:
+        """Open the hooks' resources; called from the app's lifespan."""
+
+    async def stop(self) -> None:
+        """Close them; called from the app's lifespan."""
+
     async def before_upstream(self, ctx: ChatContext, body: dict[str, Any]) -> dict[str, Any]:
         return body
 
@@ -153,6 +162,7 @@ async def respond(ctx: ChatContext, hooks: ChatHooks, ping_s: float) -> Response
             raise
         return EventSourceResponse(
             relay(chunks, ctx.trace, ctx.metrics, ctx.aclose),
+            headers=ctx.response_headers,
             ping=ping_s,
             background=BackgroundTask(ctx.aclose),  # also when the client left before the first event
         )
@@ -160,4 +170,4 @@ async def respond(ctx: ChatContext, hooks: ChatHooks, ping_s: float) -> Response
         response = await hooks.after_response(ctx, await ctx.complete(body))
     finally:
         await ctx.aclose()
-    return Response(orjson.dumps(response), media_type="application/json")
+    return Response(orjson.dumps(response), media_type="application/json", headers=ctx.response_headers)

@@ -72,6 +72,7 @@ async def chat_completions(request: Request, tenant: Tenant, upstream: UpstreamD
         upstream=upstream,
         metrics=_metrics(request),
         upstream_headers=upstream.headers(request.headers.get("authorization"), trace.request_id),
+        request_headers=request.headers,
     )
     hooks: chat.ChatHooks = request.app.state.chat_hooks
     return await cancel_on_disconnect(request, lambda: chat.respond(ctx, hooks, settings.sse_ping_s))

@@ -159,7 +159,7 @@ def decide(
     tool_bytes_sent: bool = False,
 ) -> Decision:
     if isinstance(outcome, Degraded):
-        return _degraded(mode, profile, outcome, candidate, tools)
+        return _degraded(mode, profile, outcome, candidate, tools, tool_bytes_sent)
     verdict = outcome
     findings = tuple(verdict.findings)
     guidance = tuple(f"[{f.category.value}] {f.message}" for f in findings)
@@ -190,10 +190,15 @@ def decide(
 
 
 def _degraded(
-    mode: Mode, profile: Profile, outcome: Degraded, candidate: dict[str, Any], tools: Sequence[dict[str, Any]]
+    mode: Mode,
+    profile: Profile,
+    outcome: Degraded,
+    candidate: dict[str, Any],
+    tools: Sequence[dict[str, Any]],
+    tool_bytes_sent: bool,
 ) -> Decision:
     closed = tuple(c for c in at_stake(candidate, tools, profile) if profile.fail_closed(c))
-    if mode is Mode.OBSERVE or not closed:
+    if mode is Mode.OBSERVE or not closed or tool_bytes_sent:
         return Decision(Action.PASS, Action.PASS, degraded=outcome.reason)
     return Decision(
         Action.BLOCK,

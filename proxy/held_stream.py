@@ -1,0 +1,123 @@
+"""Pieces of a supervised stream: the candidate assembled from deltas, and the chunks sent in its place.
+
+Under ``enforce`` a streamed answer is split: content deltas go to the client at once, tool-call deltas
+are held in a :class:`CandidateBuffer` until the verdict. What is then sent is built here so that the
+client sees one coherent stream whatever happened upstream (retries included): every chunk carries
+the first attempt's ``id``/``created``/``model``, the role is sent once, tool calls are numbered from
+0 in the order sent, and exactly one chunk carries a ``finish_reason``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+_ENVELOPE_KEYS = ("id", "object", "created", "model", "system_fingerprint")
+
+
+@dataclass
+class _Call:
+    id: str = ""
+    type: str = "function"
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass
+class CandidateBuffer:
+    """Folds the deltas of choice 0 into the complete assistant message they describe."""
+
+    content: str = ""
+    saw_content: bool = False
+    finish_reason: str | None = None
+    calls: dict[int, _Call] = field(default_factory=dict)
+
+    def add(self, choice: dict[str, Any]) -> None:
+        delta = choice.get("delta") or {}
+        text = delta.get("content")
+        if isinstance(text, str):
+            self.content += text
+            self.saw_content = self.saw_content or bool(text)
+        for piece in delta.get("tool_calls") or ():
+            call = self.calls.setdefault(int(piece.get("index", 0)), _Call())
+            call.id = piece.get("id") or call.id
+            call.type = piece.get("type") or call.type
+            fn = piece.get("function") or {}
+            call.name = fn.get("name") or call.name
+            call.arguments += fn.get("arguments") or ""
+        if choice.get("finish_reason") is not None:
+            self.finish_reason = choice["finish_reason"]
+
+    @property
+    def has_tool_calls(self) -> bool:
+        return bool(self.calls)
+
+    def message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": self.content if self.saw_content else None}
+        if self.calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": c.type, "function": {"name": c.name, "arguments": c.arguments}}
+                for _, c in sorted(self.calls.items())
+            ]
+        return message
+
+
+def content_delta(chunk: dict[str, Any], role_sent: bool) -> dict[str, Any] | None:
+    """What of choice 0's delta may go to the client at once: everything but tool calls (and a repeated role)."""
+    choices = chunk.get("choices") or ()
+    if not choices:
+        return None
+    delta = choices[0].get("delta") or {}
+    out = {k: v for k, v in delta.items() if k != "tool_calls" and not (k == "role" and role_sent)}
+    if "role" in out:
+        return out
+    return out if out.get("content") or out.get("refusal") else None
+
+
+@dataclass
+class Envelope:
+    fields: dict[str, Any]
+
+    @classmethod
+    def of(cls, chunk: dict[str, Any]) -> Envelope:
+        return cls({k: chunk[k] for k in _ENVELOPE_KEYS if k in chunk})
+
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**self.fields, "choices": [choice], **extra}
+
+    def usage_chunk(self, usage: dict[str, Any] | None) -> dict[str, Any]:
+        return {**self.fields, "choices": [], "usage": usage}
+
+
+def tool_call_deltas(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """One delta per tool call, each complete (id, type, name, whole arguments), indexed from 0."""
+    return [
+        {
+            "tool_calls": [
+                {
+                    "index": i,
+                    "id": call.get("id") or f"call_{i}",
+                    "type": "function",
+                    "function": {
+                        "name": (call.get("function") or {}).get("name", ""),
+                        "arguments": (call.get("function") or {}).get("arguments", ""),
+                    },
+                }
+            ]
+        }
+        for i, call in enumerate(message.get("tool_calls") or ())
+    ]
+
+
+def add_usage(total: dict[str, Any] | None, usage: object) -> dict[str, Any] | None:
+    """Token counts summed over attempts: a retried turn costs what all its attempts cost."""
+    if not isinstance(usage, dict):
+        return total
+    if total is None:
+        return dict(usage)
+    out = dict(total)
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        if isinstance(usage.get(key), int):
+            out[key] = int(out.get(key) or 0) + usage[key]
+    return out

@@ -1,0 +1,412 @@
+"""The supervision loop on chat turns, plugged into the chat pipeline's seam (:class:`proxy.chat.ChatHooks`).
+
+Per turn (only requests that declare ``tools``; plain chat passes through untouched):
+
+1. ``before_upstream``: name the session (:mod:`proxy.sessions`), load its state, add the one context
+   message (:mod:`proxy.injection`), set ``x-fama-session``.
+2. The candidate answer becomes a :class:`~detector_service.wire.TurnEvent` (the client's conversation
+   plus the candidate) and goes to the verdict source with the profile's deadline.
+   :func:`proxy.supervision.decide` says what to do with it.
+3. ``enforce``, non-streaming: retry (the model is re-asked with the findings as feedback; the client
+   never sees the rejected attempt), rewrite, block or pass, then answer. ``enforce``, streaming:
+   content deltas are relayed at once and tool-call deltas held until the verdict
+   (:mod:`proxy.held_stream`); a text-only streamed answer has already reached the client, so its
+   verdict can only become guidance. ``observe``: the answer goes out untouched and is evaluated in the
+   background; the next turn of the session waits for that evaluation (bounded by the deadline) so its
+   guidance is never lost.
+4. Guidance and agents triggered by findings are saved in the session state for the next turn.
+
+Transparency. Non-streaming responses carry ``x-fama-session``, ``x-fama-intervention`` (e.g.
+``retry:DCV``; comma-separated when several) when the answer was changed, and ``x-fama-degraded``
+(``deadline`` or ``outage``) when it was served without a verdict. A stream's headers leave before any
+verdict exists, so a supervised stream carries only ``x-fama-session`` as a header, and its final
+chunk (the one with ``finish_reason``) carries ``"fama": {"session", "intervention", "degraded"}``
+(the last two only when they apply). Every change is also logged, and every turn is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+
+from detector_service.engine import Engine
+from detector_service.profile import Mode, Profile, load_profile
+from detector_service.wire import Action, Category, TurnEvent, Verdict
+from proxy import chat
+from proxy.held_stream import CandidateBuffer, Envelope, add_usage, content_delta, tool_call_deltas
+from proxy.injection import GUIDANCE_LABEL, Injector, triggered_agents
+from proxy.metrics import MAX_TOOL_LABELS, ProxyMetrics
+from proxy.recorder import Intervention, Recorder, recorder_for
+from proxy.sessions import (
+    SESSION_HEADER,
+    MemorySessionStore,
+    RedisSessionStore,
+    SessionRef,
+    SessionState,
+    SessionStore,
+    identify,
+)
+from proxy.settings import ProxySettings
+from proxy.supervision import Decision, Degraded, decide
+from proxy.verdicts import (
+    EmbeddedVerdicts,
+    MissReason,
+    RedisVerdicts,
+    VerdictOutcome,
+    VerdictSource,
+    process_instance_id,
+)
+
+log = logging.getLogger(__name__)
+
+INTERVENTION_HEADER = "x-fama-intervention"
+DEGRADED_HEADER = "x-fama-degraded"
+TRAILER_KEY = "fama"
+_STATE_KEY = "supervision"
+
+
+@dataclass
+class Turn:
+    """Everything one supervised chat turn carries from the request to the answer."""
+
+    ref: SessionRef
+    state: SessionState
+    messages: list[dict[str, Any]]  # as the client sent them: what the detectors judge
+    tools: list[dict[str, Any]]
+    body: dict[str, Any]  # as sent upstream, context message included
+    injected: tuple[str, ...]
+    labels: list[str] = field(default_factory=list)
+    degraded: str | None = None
+    retrying: tuple[Category, ...] = ()  # categories of the retry in flight, to count its outcome
+
+    def retry_body(self, feedback: dict[str, Any]) -> dict[str, Any]:
+        # Fresh message dicts: the upstream adapter edits messages in place.
+        messages = [dict(m) for m in self.body["messages"]]
+        return chat.adapt_for_upstream({**self.body, "messages": [*messages, feedback]})
+
+
+class Supervisor(chat.ChatHooks):
+    def __init__(
+        self,
+        mode: Mode,
+        profile: Profile,
+        verdicts: VerdictSource,
+        store: SessionStore,
+        metrics: ProxyMetrics,
+        recorder: Recorder | None = None,
+        injector: Injector | None = None,
+        closing: Redis | None = None,
+    ) -> None:
+        self.mode = mode
+        self.profile = profile
+        self.verdicts = verdicts
+        self.store = store
+        self.metrics = metrics
+        self.recorder = recorder
+        self.injector = injector or Injector(profile, metrics)
+        self._closing = closing  # a Redis client this supervisor owns and closes on stop
+        self.deadline_s = profile.deadline_ms / 1000
+        # Background evaluations (observe mode, streamed text) by session, so the next turn can wait for them.
+        self._pending: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    async def start(self) -> None:
+        await self.verdicts.start()
+        if self.recorder is not None:
+            await self.recorder.start()
+
+    async def stop(self) -> None:
+        pending = list(self._pending.values())
+        if pending:
+            await asyncio.wait(pending, timeout=self.deadline_s + 1)
+        await self.verdicts.stop()
+        if self.recorder is not None:
+            await self.recorder.stop()
+        if self._closing is not None:
+            await self._closing.aclose()
+
+    # -- the seam -------------------------------------------------------------------------------------
+
+    async def before_upstream(self, ctx: chat.ChatContext, body: dict[str, Any]) -> dict[str, Any]:
+        messages: list[dict[str, Any]] = body["messages"]
+        tools: list[dict[str, Any]] = [t for t in body.get("tools") or () if isinstance(t, dict)]
+        ref = identify(ctx.request_headers.get(SESSION_HEADER), ctx.tenant, messages, tools)
+        ctx.response_headers[SESSION_HEADER] = ref.session_id
+        if not tools or int(body.get("n") or 1) != 1:
+            return body  # nothing to supervise: no tool use, or several answers the client will choose from
+        await self._settled(ref)
+        state = await self.store.load(ref)
+        injection = self.injector.inject(messages, tools, state)
+        if GUIDANCE_LABEL in injection.labels:
+            state.guidance.clear()  # delivered; findings of this turn may add new guidance
+        state.turns += 1
+        sent = {**body, "messages": injection.messages}
+        ctx.hook_state[_STATE_KEY] = Turn(ref, state, list(messages), tools, sent, injection.labels)
+        return sent
+
+    async def after_response(self, ctx: chat.ChatContext, response: dict[str, Any]) -> dict[str, Any]:
+        turn: Turn | None = ctx.hook_state.get(_STATE_KEY)
+        if turn is None or len(response.get("choices") or ()) != 1:
+            return response
+        if self.mode is Mode.OBSERVE:
+            self._later(turn, response["choices"][0].get("message") or {}, 0, response["choices"][0])
+            return response
+        attempt = 0
+        usage = response.get("usage")
+        while True:
+            choice = response["choices"][0]
+            candidate = choice.get("message") or {}
+            decision = await self._judge(turn, candidate, attempt, tool_bytes_sent=False)
+            if decision.action is not Action.RETRY or decision.feedback is None:
+                break
+            response = await ctx.complete(turn.retry_body(decision.feedback))
+            usage = add_usage(usage, response.get("usage"))
+            attempt += 1
+            if len(response.get("choices") or ()) != 1:
+                break  # an upstream that ignores n=1 cannot be supervised further; serve what it said
+        if decision.replacement is not None and len(response.get("choices") or ()) == 1:
+            _replace(response["choices"][0], decision.replacement)
+        if usage is not None:
+            response["usage"] = usage
+        finish = str(response["choices"][0].get("finish_reason")) if response.get("choices") else "none"
+        await self._finish(turn, finish)
+        if turn.labels:
+            ctx.response_headers[INTERVENTION_HEADER] = ",".join(turn.labels)
+        if turn.degraded:
+            ctx.response_headers[DEGRADED_HEADER] = turn.degraded
+        return response
+
+    def stream(self, ctx: chat.ChatContext, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        turn: Turn | None = ctx.hook_state.get(_STATE_KEY)
+        if turn is None:
+            return chunks
+        if self.mode is Mode.OBSERVE:
+            return self._observed_stream(turn, chunks)
+        return self._enforced_stream(ctx, turn, chunks)
+
+    # -- streams --------------------------------------------------------------------------------------
+
+    async def _observed_stream(
+        self, turn: Turn, chunks: AsyncIterator[dict[str, Any]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        buffer = CandidateBuffer()
+        async for chunk in chunks:
+            choices = chunk.get("choices") or ()
+            if choices and choices[0].get("index", 0) == 0:
+                buffer.add(choices[0])
+            yield chunk
+        # Only a stream that ran to its end is a decision worth judging.
+        self._later(turn, buffer.message(), 0, {"finish_reason": buffer.finish_reason})
+
+    async def _enforced_stream(
+        self, ctx: chat.ChatContext, turn: Turn, chunks: AsyncIterator[dict[str, Any]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        envelope: Envelope | None = None
+        role_sent = content_sent = False
+        usage: dict[str, Any] | None = None
+        attempt = 0
+        while True:
+            buffer = CandidateBuffer()
+            async for chunk in chunks:
+                envelope = envelope or Envelope.of(chunk)
+                usage = add_usage(usage, chunk.get("usage"))
+                choices = chunk.get("choices") or ()
+                if not choices:
+                    continue
+                buffer.add(choices[0])
+                delta = content_delta(chunk, role_sent)
+                if delta is not None:
+                    role_sent = True
+                    content_sent = content_sent or bool(delta.get("content"))
+                    yield envelope.chunk(delta)
+            candidate = buffer.message()
+            if not buffer.has_tool_calls:
+                # The text is already with the client: nothing to hold or replace, only guidance to gain.
+                self._later(turn, candidate, attempt, {"finish_reason": buffer.finish_reason})
+                final, finish = candidate, buffer.finish_reason or "stop"
+                break
+            decision = await self._judge(turn, candidate, attempt, tool_bytes_sent=False)
+            if decision.action is Action.RETRY and decision.feedback is not None:
+                chunks = await ctx.open_stream(turn.retry_body(decision.feedback))
+                attempt += 1
+                continue
+            final = decision.replacement or candidate
+            finish = "tool_calls" if final.get("tool_calls") else "stop"
+            await self._finish(turn, finish)
+            break
+        envelope = envelope or Envelope({"id": "chatcmpl-fama", "object": "chat.completion.chunk", "created": 0})
+        if not role_sent:
+            yield envelope.chunk({"role": "assistant", "content": None})
+        if final is not candidate and final.get("content"):
+            text = str(final["content"])
+            yield envelope.chunk({"content": f"\n\n{text}" if content_sent else text})
+        if final.get("tool_calls"):
+            for delta in tool_call_deltas(final):
+                yield envelope.chunk(delta)
+        yield envelope.chunk({}, finish, **{TRAILER_KEY: self._trailer(turn)})
+        if chat.wants_usage(ctx.body):
+            yield envelope.usage_chunk(usage)
+
+    # -- judging --------------------------------------------------------------------------------------
+
+    async def _judge(self, turn: Turn, candidate: dict[str, Any], attempt: int, tool_bytes_sent: bool) -> Decision:
+        event = TurnEvent(
+            session_id=turn.ref.session_id,
+            tenant=turn.ref.tenant,
+            profile=self.profile.name,
+            messages=turn.messages,
+            tools=turn.tools,
+            candidate=candidate,
+            attempt=attempt,
+        )
+        outcome = await self.verdicts.evaluate(event, self.deadline_s)
+        result: Verdict | Degraded
+        if outcome.verdict is not None:
+            result = outcome.verdict
+        else:
+            result = Degraded("deadline" if outcome.reason is MissReason.DEADLINE else "outage")
+        decision = decide(self.mode, self.profile, result, candidate, turn.tools, attempt, tool_bytes_sent)
+        self._account(turn, candidate, attempt, outcome, decision)
+        self._record(event, outcome, decision)
+        return decision
+
+    def _record(self, event: TurnEvent, outcome: VerdictOutcome, decision: Decision) -> None:
+        if self.recorder is None:
+            return
+        self.recorder.record_turn(event)
+        if outcome.verdict is not None:
+            self.recorder.record_verdict(outcome.verdict)
+        if decision.changes_answer:
+            why = decision.feedback["content"] if decision.feedback else "; ".join(f.message for f in decision.findings)
+            self.recorder.record_intervention(
+                Intervention(
+                    tenant=event.tenant,
+                    session_id=event.session_id,
+                    turn_id=event.turn_id,
+                    action=decision.action,
+                    categories=list(decision.categories),
+                    mode=self.mode.value,
+                    original=event.candidate,
+                    final=decision.replacement,  # None for a retry: the rejected attempt is never sent
+                    message=why or f"no verdict ({decision.degraded})",
+                    attempt=event.attempt,
+                )
+            )
+
+    def _account(
+        self, turn: Turn, candidate: dict[str, Any], attempt: int, outcome: VerdictOutcome, decision: Decision
+    ) -> None:
+        """Metrics, labels, guidance and the attempt's record, for one decision."""
+        mode = self.mode.value
+        declared = {str((t.get("function") or {}).get("name")) for t in turn.tools[:MAX_TOOL_LABELS]}
+        for f in decision.findings:
+            tool = "none" if f.tool_name is None else (f.tool_name if f.tool_name in declared else "other")
+            self.metrics.findings.labels(category=f.category.value, detector=f.detector, tool=tool).inc()
+        if turn.retrying:
+            outcome_label = (
+                "fixed" if not decision.changes_answer else ("exhausted" if decision.exhausted else "failed")
+            )
+            for c in turn.retrying:
+                self.metrics.retries.labels(category=c.value, outcome=outcome_label).inc()
+            turn.retrying = ()
+        if decision.action is Action.RETRY:
+            turn.retrying = decision.categories
+        if decision.changes_answer:
+            for category in [c.value for c in decision.categories] or ["none"]:
+                self.metrics.interventions.labels(action=decision.action.value, category=category, mode=mode).inc()
+            turn.labels.extend(label for label in decision.labels if label not in turn.labels)
+            log.info(
+                "session %s/%s attempt %d: %s (%s)",
+                turn.ref.tenant,
+                turn.ref.session_id,
+                attempt,
+                ",".join(decision.labels),
+                "; ".join(f.message for f in decision.findings)[:500] or decision.degraded,
+            )
+        if decision.degraded is not None:
+            policy = "closed" if decision.action is Action.BLOCK else "open"
+            self.metrics.degraded.labels(reason=decision.degraded, policy=policy).inc()
+            turn.degraded = decision.degraded
+        turn.state.add_guidance(decision.guidance)
+        turn.state.activate(triggered_agents(f.category for f in decision.findings))
+
+    async def _finish(self, turn: Turn, finish_reason: str) -> None:
+        if turn.labels:
+            turn.state.interventions += 1
+        intervened = "yes" if turn.state.interventions else "no"
+        self.metrics.sessions.labels(intervened=intervened, finish_reason=finish_reason).inc()
+        await self.store.save(turn.ref, turn.state)
+
+    def _trailer(self, turn: Turn) -> dict[str, str]:
+        trailer = {"session": turn.ref.session_id}
+        if turn.labels:
+            trailer["intervention"] = ",".join(turn.labels)
+        if turn.degraded:
+            trailer["degraded"] = turn.degraded
+        return trailer
+
+    # -- background evaluation ------------------------------------------------------------------------
+
+    def _later(self, turn: Turn, candidate: dict[str, Any], attempt: int, choice: Mapping[str, Any]) -> None:
+        key = (turn.ref.tenant, turn.ref.session_id)
+        finish = str(choice.get("finish_reason") or "none")
+
+        async def run() -> None:
+            try:
+                await self._judge(turn, candidate, attempt, tool_bytes_sent=True)
+                await self._finish(turn, finish)
+            except Exception:  # a background evaluation must never take the process down; it is logged
+                log.exception("background evaluation failed for session %s/%s", *key)
+            finally:
+                if self._pending.get(key) is task:
+                    del self._pending[key]
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"evaluate:{key[1]}")
+        self._pending[key] = task
+
+    async def _settled(self, ref: SessionRef) -> None:
+        """Wait (bounded) for the previous turn's background evaluation, so its guidance reaches this turn."""
+        task = self._pending.get((ref.tenant, ref.session_id))
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=self.deadline_s + 0.05)
+
+
+def _replace(choice: dict[str, Any], message: dict[str, Any]) -> None:
+    original = choice.get("message") or {}
+    replaced = {k: v for k, v in original.items() if k not in ("content", "tool_calls")}
+    replaced.update({"role": "assistant", "content": message.get("content")})
+    if message.get("tool_calls"):
+        replaced["tool_calls"] = message["tool_calls"]
+    choice["message"] = replaced
+    choice["finish_reason"] = "tool_calls" if message.get("tool_calls") else "stop"
+
+
+def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervisor:
+    """The supervisor for ``fama serve``: embedded detectors without a Redis URL, the Redis bus with one.
+
+    Nothing connects here; connections open lazily, the verdict reader and recorder start in the lifespan.
+    """
+    profile = load_profile(settings.profile or None)
+    if not settings.redis_url:
+        return Supervisor(
+            settings.mode,
+            profile,
+            EmbeddedVerdicts(Engine(profile), metrics),
+            MemorySessionStore(ttl_s=settings.session_ttl_s),
+            metrics,
+            recorder_for(None, metrics, session_ttl_s=settings.session_ttl_s),
+        )
+    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, health_check_interval=30)
+    return Supervisor(
+        settings.mode,
+        profile,
+        RedisVerdicts(redis, process_instance_id(settings.instance_id), metrics),
+        RedisSessionStore(redis, settings.session_ttl_s, metrics),
+        metrics,
+        recorder_for(redis, metrics, session_ttl_s=settings.session_ttl_s),
+        closing=redis,
+    )

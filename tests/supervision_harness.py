@@ -1,0 +1,108 @@
+"""Shared pieces of the supervision tests: a conversation, profiles on disk, the proxy on a real uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import yaml
+from fastapi import FastAPI
+
+from proxy.app import create_app
+from proxy.recorder import Intervention, Recorder
+from proxy.settings import ProxySettings
+from proxy.supervisor import Supervisor
+from tests.servers import serve_in_thread
+from tests.supervised_upstream import ScriptedModel, call, feedback_in
+
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_reservation_details",
+            "description": "Get the details of a reservation.",
+            "parameters": {
+                "type": "object",
+                "properties": {"reservation_id": {"type": "string"}},
+                "required": ["reservation_id"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "cancel_reservation",
+            "description": "Cancel the whole reservation.",
+            "parameters": {
+                "type": "object",
+                "properties": {"reservation_id": {"type": "string"}},
+                "required": ["reservation_id"],
+            },
+        },
+    },
+]
+SYSTEM = (
+    "You are an airline agent. Before any action that changes a booking, list the details and obtain explicit "
+    "user confirmation (yes)."
+)
+RESERVATION = {"reservation_id": "ZFA04Y", "status": "booked", "flights": [{"flight_number": "HAT136", "price": 152}]}
+# The reservation was looked up; the user has not confirmed the cancellation.
+LOOKED_UP: list[Any] = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": "Please cancel my reservation ZFA04Y."},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [call("get_reservation_details", '{"reservation_id": "ZFA04Y"}', "call_0")],
+    },
+    {"role": "tool", "tool_call_id": "call_0", "content": json.dumps(RESERVATION)},
+]
+QUESTION = "Reservation ZFA04Y (flight HAT136) will be cancelled. Do you confirm? (yes/no)"
+CANCEL = call("cancel_reservation", '{"reservation_id": "ZFA04Y"}')
+
+
+def cancels_until_told(body: dict[str, Any]) -> dict[str, Any]:
+    """Calls the write tool at once; asks for confirmation once the proxy's feedback says so."""
+    if feedback_in(body):
+        return {"content": QUESTION}
+    return {"tool_calls": [CANCEL]}
+
+
+def always_cancels(body: dict[str, Any]) -> dict[str, Any]:
+    return {"tool_calls": [CANCEL]}
+
+
+def sdk(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="client-key", max_retries=0, timeout=20)
+
+
+@contextlib.contextmanager
+def proxy_for(model: ScriptedModel, tmp_path: Path, **settings: Any) -> Iterator[tuple[openai.OpenAI, FastAPI]]:
+    """The scripted model, the proxy in front of it and an SDK client of the proxy.
+
+    ``profile`` (a dict) is written to a YAML file for the proxy to load.
+    """
+    profile = settings.pop("profile", {})
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    with serve_in_thread(model.app) as upstream:
+        app = create_app(ProxySettings(upstream_url=upstream + "/v1", profile=str(path), **settings))
+        with serve_in_thread(app) as url, sdk(url) as client:
+            yield client, app
+
+
+def recorder_of(app: FastAPI) -> Recorder:
+    supervisor = app.state.chat_hooks
+    assert isinstance(supervisor, Supervisor)
+    assert supervisor.recorder is not None
+    return supervisor.recorder
+
+
+def interventions(app: FastAPI) -> list[Intervention]:
+    """What the (in-memory) recorder holds, oldest first."""
+    return list(reversed(asyncio.run(recorder_of(app).interventions())))

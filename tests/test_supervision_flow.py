@@ -1,0 +1,227 @@
+"""Supervision end to end, embedded detectors: official SDK → proxy (uvicorn) → scripted model (uvicorn)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import openai
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageFunctionToolCall
+from openai.types.chat.chat_completion_message_function_tool_call import Function
+
+from detector_service.wire import Action, Category
+from tests.supervised_upstream import ScriptedModel, call, context_in, feedback_in
+from tests.supervision_harness import (
+    CANCEL,
+    LOOKED_UP,
+    QUESTION,
+    TOOLS,
+    always_cancels,
+    cancels_until_told,
+    interventions,
+    proxy_for,
+)
+
+ENFORCE = {"mode": "enforce"}
+
+
+def _stream(client: openai.OpenAI, messages: list[Any]) -> list[ChatCompletionChunk]:
+    stream = client.chat.completions.create(
+        model="m", messages=messages, tools=TOOLS, stream=True, stream_options={"include_usage": True}
+    )
+    return list(stream)
+
+
+def _assert_coherent(chunks: list[ChatCompletionChunk]) -> None:
+    """One id, one role delta, exactly one finish_reason, usage last."""
+    assert len({c.id for c in chunks}) == 1
+    roles = [c for c in chunks if c.choices and c.choices[0].delta.role]
+    assert len(roles) == 1
+    assert chunks.index(roles[0]) == 0
+    finishes = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishes) == 1
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+
+
+def _fn(tool_call: object) -> Function:
+    assert isinstance(tool_call, ChatCompletionMessageFunctionToolCall)
+    return tool_call.function
+
+
+def _text(chunks: list[ChatCompletionChunk]) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def _tool_deltas(chunks: list[ChatCompletionChunk]) -> list[Any]:
+    return [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or ()]
+
+
+def test_enforce_retries_an_unconfirmed_write_and_the_client_gets_only_the_question(tmp_path: Path) -> None:
+    model = ScriptedModel(cancels_until_told)
+    with proxy_for(model, tmp_path, **ENFORCE) as (client, app):
+        raw = client.chat.completions.with_raw_response.create(model="m", messages=LOOKED_UP, tools=TOOLS)
+        completion = raw.parse()
+        assert raw.headers["x-fama-intervention"] == "retry:DCV"
+        assert raw.headers["x-fama-session"].startswith("c-")
+        assert "x-fama-degraded" not in raw.headers
+        message = completion.choices[0].message
+        assert message.content == QUESTION
+        assert message.tool_calls is None
+        assert completion.choices[0].finish_reason == "stop"
+        assert completion.usage is not None
+        assert completion.usage.total_tokens == 30  # both attempts are paid for
+
+        first, retry = model.bodies()
+        assert feedback_in(first) is None
+        feedback = feedback_in(retry)
+        assert feedback is not None
+        assert "`cancel_reservation` (reservation_id: ZFA04Y)" in feedback
+        assert "[DCV]" in feedback
+        assert retry["messages"][:-1] == first["messages"]  # the feedback is appended for the retry only
+
+        [recorded] = interventions(app)
+        assert recorded.action is Action.RETRY
+        assert recorded.categories == [Category.DCV]
+        assert recorded.original["tool_calls"][0]["function"]["name"] == "cancel_reservation"
+        assert recorded.final is None
+        metrics = app.state.metrics.registry
+        assert metrics.get_sample_value("fama_retries_total", {"category": "DCV", "outcome": "fixed"}) == 1
+        labels = {"action": "retry", "category": "DCV", "mode": "enforce"}
+        assert metrics.get_sample_value("fama_interventions_total", labels) == 1
+
+
+def test_enforce_stream_retries_and_sends_one_coherent_stream(tmp_path: Path) -> None:
+    model = ScriptedModel(cancels_until_told)
+    with proxy_for(model, tmp_path, **ENFORCE) as (client, app):
+        chunks = _stream(client, LOOKED_UP)
+        _assert_coherent(chunks)
+        assert _text(chunks) == QUESTION
+        assert _tool_deltas(chunks) == []  # no byte of the rejected tool call reached the client
+        final = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+        assert final.choices[0].finish_reason == "stop"
+        assert final.model_extra is not None
+        assert final.model_extra["fama"]["intervention"] == "retry:DCV"
+        assert final.model_extra["fama"]["session"].startswith("c-")
+        assert chunks[-1].usage is not None
+        assert chunks[-1].usage.total_tokens == 30
+        assert len(model.bodies()) == 2
+        assert [i.action for i in interventions(app)] == [Action.RETRY]
+
+
+def test_observe_passes_untouched_and_the_next_turn_carries_the_guidance(tmp_path: Path) -> None:
+    model = ScriptedModel(always_cancels)
+    with proxy_for(model, tmp_path, mode="observe") as (client, app):
+        raw = client.chat.completions.with_raw_response.create(model="m", messages=LOOKED_UP, tools=TOOLS)
+        completion = raw.parse()
+        assert "x-fama-intervention" not in raw.headers
+        calls = completion.choices[0].message.tool_calls
+        assert calls is not None
+        assert _fn(calls[0]).name == "cancel_reservation"
+        assert len(model.bodies()) == 1
+        assert "[DCV]" not in (context_in(model.bodies()[0]) or "")
+
+        # The app runs the call and continues the same conversation (same derived session).
+        assistant = completion.choices[0].message.model_dump(exclude_none=True)
+        follow_up = [
+            *LOOKED_UP,
+            assistant,
+            {"role": "tool", "tool_call_id": calls[0].id, "content": '{"status": "cancelled"}'},
+        ]
+        second = client.chat.completions.with_raw_response.create(model="m", messages=follow_up, tools=TOOLS)
+        assert second.headers["x-fama-session"] == raw.headers["x-fama-session"]
+        context = context_in(model.bodies()[1])
+        assert context is not None
+        assert "## Correction from the previous turn" in context
+        assert "[DCV]" in context
+        assert "cancel_reservation" in context
+        assert interventions(app) == []  # observe mode changes nothing
+        registry = app.state.metrics.registry
+        labels = {"category": "DCV", "detector": "write_without_confirmation", "tool": "cancel_reservation"}
+        # At least the first turn's finding (the second turn's evaluation may still be running).
+        assert (registry.get_sample_value("fama_findings_total", labels) or 0) >= 1
+
+
+def test_malformed_arguments_are_repaired_without_a_retry(tmp_path: Path) -> None:
+    model = ScriptedModel(
+        lambda body: {"tool_calls": [call("get_reservation_details", "{'reservation_id': 'ZFA04Y'}")]}
+    )
+    with proxy_for(model, tmp_path, **ENFORCE) as (client, app):
+        raw = client.chat.completions.with_raw_response.create(model="m", messages=LOOKED_UP[:2], tools=TOOLS)
+        assert raw.headers["x-fama-intervention"] == "rewrite:MTC"
+        calls = raw.parse().choices[0].message.tool_calls
+        assert calls is not None
+        assert json.loads(_fn(calls[0]).arguments) == {"reservation_id": "ZFA04Y"}
+        assert calls[0].id == "call_1"
+        assert len(model.bodies()) == 1
+        [recorded] = interventions(app)
+        assert recorded.action is Action.REWRITE
+        assert recorded.final is not None
+
+        chunks = _stream(client, LOOKED_UP[:2])
+        _assert_coherent(chunks)
+        deltas = _tool_deltas(chunks)
+        assert len(deltas) == 1
+        assert json.loads(deltas[0].function.arguments) == {"reservation_id": "ZFA04Y"}
+
+
+def test_unknown_tool_is_retried(tmp_path: Path) -> None:
+    def reply(body: dict[str, Any]) -> dict[str, Any]:
+        name = "get_reservation_details" if feedback_in(body) else "get_reservation"
+        return {"tool_calls": [call(name, '{"reservation_id": "ZFA04Y"}')]}
+
+    model = ScriptedModel(reply)
+    with proxy_for(model, tmp_path, **ENFORCE) as (client, _):
+        raw = client.chat.completions.with_raw_response.create(model="m", messages=LOOKED_UP[:2], tools=TOOLS)
+        assert raw.headers["x-fama-intervention"] == "retry:MTC"
+        calls = raw.parse().choices[0].message.tool_calls
+        assert calls is not None
+        assert _fn(calls[0]).name == "get_reservation_details"
+        feedback = feedback_in(model.bodies()[1])
+        assert feedback is not None
+        assert "'get_reservation' does not exist" in feedback
+
+
+def test_block_when_retries_are_exhausted(tmp_path: Path) -> None:
+    model = ScriptedModel(always_cancels)
+    with proxy_for(model, tmp_path, mode="enforce", profile={"max_retries": 1}) as (client, app):
+        raw = client.chat.completions.with_raw_response.create(model="m", messages=LOOKED_UP, tools=TOOLS)
+        assert raw.headers["x-fama-intervention"] == "retry:DCV,block:DCV"
+        completion = raw.parse()
+        assert completion.choices[0].message.tool_calls is None
+        assert completion.choices[0].message.content == (
+            "Before I go ahead with `cancel_reservation` (reservation_id: ZFA04Y), "
+            "please confirm: do you want me to proceed? (yes/no)"
+        )
+        assert len(model.bodies()) == 2
+        assert [i.action for i in interventions(app)] == [Action.RETRY, Action.BLOCK]
+        registry = app.state.metrics.registry
+        assert registry.get_sample_value("fama_retries_total", {"category": "DCV", "outcome": "exhausted"}) == 1
+
+        chunks = _stream(client, LOOKED_UP)
+        _assert_coherent(chunks)
+        assert _tool_deltas(chunks) == []
+        assert _text(chunks).startswith("Before I go ahead with `cancel_reservation`")
+
+
+def test_plain_chat_without_tools_is_not_supervised(tmp_path: Path) -> None:
+    model = ScriptedModel(lambda body: {"content": "Hello!"})
+    with proxy_for(model, tmp_path, **ENFORCE) as (client, _):
+        raw = client.chat.completions.with_raw_response.create(model="m", messages=LOOKED_UP[:2])
+        assert raw.parse().choices[0].message.content == "Hello!"
+        assert model.bodies()[0]["messages"] == LOOKED_UP[:2]  # nothing injected
+        assert "x-fama-intervention" not in raw.headers
+        assert raw.headers["x-fama-session"].startswith("c-")
+
+
+def test_session_header_names_the_session_and_text_streams_through(tmp_path: Path) -> None:
+    model = ScriptedModel(lambda body: {"content": QUESTION})
+    with proxy_for(model, tmp_path, **ENFORCE) as (client, _):
+        stream = client.chat.completions.with_raw_response.create(
+            model="m", messages=LOOKED_UP, tools=TOOLS, stream=True, extra_headers={"X-FAMA-Session": "conv-7"}
+        )
+        assert stream.headers["x-fama-session"] == "conv-7"
+        chunks = list(stream.parse())
+        assert _text(chunks) == QUESTION
+        assert CANCEL["function"]["name"] not in json.dumps([c.model_dump() for c in chunks])
