@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from detector_service.profile import ToolKind
-from detector_service.replay import Replayed
 from detector_service.toolkinds import ToolKinds
 from detector_service.turn import norm, parse_json
+
+if TYPE_CHECKING:
+    from detector_service.replay import Replayed
 
 
 def _canonical(value: Any) -> Any:
@@ -68,6 +70,9 @@ class Score:
     failed_early: int = 0
     by_category: dict[str, dict[str, int]] = field(default_factory=dict)
 
+    def report(self) -> dict[str, Any]:
+        return {"failed": self.failed, "passed": self.passed, **self.rates(), "by_category": self.by_category}
+
     def rates(self) -> dict[str, float]:
         return {
             "failed_flagged": self.failed_flagged / self.failed if self.failed else 0.0,
@@ -77,6 +82,7 @@ class Score:
 
 
 def score(results: Iterable[Replayed], kinds: ToolKinds) -> Score:
+    """Only trajectories with a reward count; ``early`` needs ``ground_truth.actions`` in the record."""
     out = Score()
     for r in results:
         reward = r.trajectory.reward

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from detector_service.engine import Engine
+from detector_service.evaluation import score
 from detector_service.profile import Profile, ProfileError, load_profile
 from detector_service.toolkinds import ToolKinds
 from detector_service.trajectories import Trajectory, TrajectoryError, load, load_tools
@@ -133,7 +134,16 @@ def replay_command(
             results.append(replay_one(engine, t, default_tools))
             progress.advance(task)
     summary = summarize(results)
+    if any("ground_truth" in r.trajectory.extra for r in results):
+        # Records with ground-truth actions (tau-bench runs) also get the detection-quality numbers.
+        summary["evaluation"] = score(results, ToolKinds(prof, default_tools)).report()
     Console(file=sys.stdout).print(_table(summary))
+    if "evaluation" in summary:
+        ev = summary["evaluation"]
+        Console(file=sys.stdout).print(
+            f"failed flagged {ev['failed_flagged']:.0%}, passed flagged {ev['passed_flagged']:.0%}, "
+            f"failed flagged at or before the first deviating write {ev['failed_early']:.0%}"
+        )
     if json_out is not None:
         doc = {"records": [r.record() for r in results], "summary": summary}
         json_out.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
