@@ -100,3 +100,14 @@ def test_every_query_parses_in_prometheus(tmp_path: Path) -> None:
     proc = run([promtool, "check", "rules", str(path)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{len(queries)} rules found" in proc.stdout
+
+
+def test_panels_fit_the_grid_without_overlapping() -> None:
+    cells: set[tuple[int, int]] = set()
+    for panel in load_dashboard()["panels"]:
+        pos = panel["gridPos"]
+        assert pos["x"] >= 0
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        area = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"]) for y in range(pos["y"], pos["y"] + pos["h"])}
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area
