@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from detector_service.engine import Engine
+from detector_service.profile import DetectorConfig, Profile, load_profile
+from detector_service.trajectories import load
+from detector_service.wire import Action, Category, TurnEvent
+from tests.tau_turns import QWEN, tools, turn
+
+pytestmark = pytest.mark.tau
+AIRLINE = Path(__file__).resolve().parents[1] / "profiles" / "airline.yaml"
+
+
+def test_verdict_action_is_the_strongest_per_category_action(tau_dir: Path) -> None:
+    event = turn(tau_dir, QWEN, "15#0", 29)  # unconfirmed write, ungrounded value and repeated errors at once
+    profile = Profile(actions={Category.DCV: Action.GUIDE, Category.WRCO: Action.BLOCK, Category.LOOP: Action.RETRY})
+    verdict = Engine(profile).evaluate(event)
+    assert {Category.DCV, Category.WRCO, Category.LOOP} <= set(verdict.categories)
+    assert verdict.action is Action.BLOCK
+    assert verdict.turn_id == event.turn_id
+    assert verdict.session_id == event.session_id
+    assert Engine(profile).findings(event) == verdict.findings
+
+
+def test_disabled_detectors_do_not_run(tau_dir: Path) -> None:
+    event = turn(tau_dir, QWEN, "15#0", 29)
+    profile = Profile(detectors={"loop": DetectorConfig(enabled=False), "wrco": DetectorConfig(enabled=False)})
+    categories = set(Engine(profile).evaluate(event).categories)
+    assert Category.LOOP not in categories
+    assert Category.WRCO not in categories
+    assert Category.DCV in categories
+
+
+def test_no_findings_means_pass(tau_dir: Path) -> None:
+    verdict = Engine().evaluate(turn(tau_dir, QWEN, "15#0", 3))
+    assert verdict.findings == []
+    assert verdict.action is Action.PASS
+    assert verdict.rewritten is None
+
+
+def test_one_engine_serves_many_threads(tau_dir: Path) -> None:
+    engine = Engine(load_profile(AIRLINE))
+    schema = tools(tau_dir, QWEN)
+    events = [
+        TurnEvent(session_id=t.id, messages=t.messages[:i], tools=schema, candidate=m)
+        for t in load(tau_dir / "trajectories" / QWEN)
+        for i, m in enumerate(t.messages)
+        if m["role"] == "assistant"
+    ]
+    expected = [[f.message for f in engine.evaluate(e).findings] for e in events]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda e: [f.message for f in engine.evaluate(e).findings], events))
+    assert got == expected
+    assert any(expected)
