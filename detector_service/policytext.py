@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import lru_cache
 
 from detector_service.profile import OneToolCallPerTurn, RequiresConfirmation, Rule
 
@@ -29,11 +30,16 @@ def sentences(policy: str) -> list[str]:
     return [s.strip() for s in _SENTENCE.split(policy) if s.strip()]
 
 
+@lru_cache(maxsize=256)
+def demands_confirmation(policy: str) -> bool:
+    """Whether the policy asks for explicit user confirmation before changing data. Cached per policy text."""
+    return any(_CONFIRM.search(s) and _WRITE_SCOPE.search(s) for s in sentences(policy))
+
+
 def extract_rules(policy: str, write_tools: Iterable[str]) -> list[Rule]:
     rules: list[Rule] = []
-    text = sentences(policy)
-    if any(_CONFIRM.search(s) and _WRITE_SCOPE.search(s) for s in text):
+    if demands_confirmation(policy):
         rules.extend(RequiresConfirmation(tool=name) for name in sorted(write_tools))
-    if any(_ONE_CALL.search(s) for s in text):
+    if any(_ONE_CALL.search(s) for s in sentences(policy)):
         rules.append(OneToolCallPerTurn(no_text_with_tool_call=bool(_NO_TEXT.search(policy))))
     return rules

@@ -6,7 +6,7 @@ import pytest
 
 from detector_service.detectors.dcv import says_yes
 from detector_service.engine import Engine
-from detector_service.profile import OneToolCallPerTurn, Profile, load_profile
+from detector_service.profile import DetectorConfig, OneToolCallPerTurn, Profile, load_profile
 from detector_service.wire import Action, Category, Finding
 from tests.tau_turns import QWEN, V1, turn
 
@@ -73,3 +73,15 @@ def test_profile_narrows_confirmation_to_named_tools(tau_dir: Path) -> None:
 )
 def test_says_yes(text: str, expected: bool) -> None:
     assert says_yes(text) is expected
+
+
+def test_generic_confirmation_check_follows_the_policy_in_the_request(tau_dir: Path) -> None:
+    # The same unconfirmed booking, under the telecom policy, which asks for no blanket confirmation.
+    event = turn(tau_dir, QWEN, "10#0", 22)
+    telecom = (tau_dir / "domains" / "tau2-telecom" / "main_policy.md").read_text()
+    messages = [{"role": "system", "content": telecom}, *event.messages[1:]]
+    assert "write_without_confirmation" in detectors(Engine().evaluate(event).findings)
+    relaxed = event.model_copy(update={"messages": messages})
+    assert "write_without_confirmation" not in detectors(Engine().evaluate(relaxed).findings)
+    forced = Engine(Profile(detectors={"dcv": DetectorConfig(settings={"confirm_all_writes": True})}))
+    assert "write_without_confirmation" in detectors(forced.evaluate(relaxed).findings)

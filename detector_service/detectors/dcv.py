@@ -2,14 +2,17 @@
 
 Confirmation means: the assistant stated the action to the user (its last message before the latest
 user message names the action or one of the call's argument values) and the latest user message says
-yes without saying no. The generic check holds for every write tool; the profile can narrow it to the
-tools its policy names (``requires_confirmation`` rules) through the ``dcv`` detector settings.
+yes without saying no. The generic check covers every write tool when the request's policy (system
+message) asks for explicit confirmation, or when there is no policy at all (``confirm_all_writes:
+auto``, the default; ``true``/``false`` force it). A profile can instead name the tools with
+``requires_confirmation`` rules and set ``confirm_all_writes: false``.
 """
 
 from __future__ import annotations
 
 import re
 
+from detector_service.policytext import demands_confirmation
 from detector_service.profile import OneToolCallPerTurn, RequiresConfirmation, ToolKind
 from detector_service.turn import Call, TurnView, is_amount_key, is_id_key, is_id_value, leaves, norm, text_values
 from detector_service.wire import Category, Finding, Severity
@@ -53,9 +56,13 @@ def _needs_confirmation(view: TurnView, call: Call) -> bool:
     named = {r.tool for r in view.profile.rules if isinstance(r, RequiresConfirmation)}
     if call.name in named:
         return False  # the rules detector reports these, with the rule's own wording
-    if settings.get("confirm_all_writes", True) is False:
+    if call.kind is not ToolKind.WRITE:
         return False
-    return call.kind is ToolKind.WRITE
+    mode = settings.get("confirm_all_writes", "auto")
+    if mode == "auto" and view.index.system_text.strip():
+        # With a policy in the request, follow it: only policies that ask for a yes before writes get the check.
+        return demands_confirmation(view.index.system_text)
+    return mode is not False
 
 
 def unconfirmed(view: TurnView, call: Call, detector: str) -> Finding | None:
