@@ -171,6 +171,8 @@ class ConversationIndex:
     recent_calls: Counter[str] = field(default_factory=Counter)  # calls since the latest user message
     tool_values: set[str] = field(default_factory=set)
     read_values: set[str] = field(default_factory=set)  # values read back from, or looked up with, read tools
+    # tool name -> values its successful calls looked up or returned, for "prior read of the same id" rules
+    values_by_tool: dict[str, set[str]] = field(default_factory=dict)
     # (id-like key, value) -> objects of tool outputs holding that pair, for contradiction checks
     entities: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
@@ -244,8 +246,13 @@ class ConversationIndex:
         for pair, obj in pairs:
             self.entities.setdefault(pair, []).append(obj)
         self.tool_values |= values
-        if call is not None and call.kind is ToolKind.READ:
-            self.read_values |= values
+        if call is not None:
+            seen = self.values_by_tool.setdefault(call.name, set())
+            seen |= values
+            if call.args:
+                seen.update(norm(v) for _, v in leaves(call.args))
+            if call.kind is ToolKind.READ:
+                self.read_values |= values
 
     def grounded(self, value: Any) -> bool:
         v = norm(value)

@@ -15,6 +15,7 @@ from detector_service.profile import (
     Forbidden,
     RequiresConfirmation,
     RequiresPriorRead,
+    ToolKind,
 )
 from detector_service.turn import Call, TurnView, leaves, norm
 from detector_service.wire import Category, Finding, Severity
@@ -41,19 +42,19 @@ def _values(call: Call, argument: str) -> list[Any]:
     return [v for k, v in leaves(call.args or {}) if k == argument]
 
 
+def _read_tools(view: TurnView) -> list[tuple[str, ToolKind]]:
+    kinds = view.index.kinds
+    return [(name, kinds.kind(name)) for name in view.index.values_by_tool if kinds.kind(name) is ToolKind.READ]
+
+
 def _prior_read(view: TurnView, rule: RequiresPriorRead, call: Call) -> Finding | None:
     wanted = {norm(v) for v in _values(call, rule.argument)}
     if not wanted:
         return None
-    for earlier in view.index.calls:
-        if earlier.result is None or earlier.error:
-            continue
-        if rule.read_tools and earlier.name not in rule.read_tools:
-            continue
-        # A read "of the same id" either looked the value up or returned it.
-        looked_up = {norm(v) for _, v in leaves(earlier.args or {})}
-        if wanted & looked_up or any(w in earlier.result.lower() for w in wanted):
-            return None
+    # A read "of the same id" either looked the value up or returned it.
+    names = rule.read_tools or [n for n, k in _read_tools(view)]
+    if any(wanted <= view.index.values_by_tool.get(name, set()) for name in names):
+        return None
     tools = " or ".join(rule.read_tools) if rule.read_tools else "a read tool"
     return _finding(
         call,
