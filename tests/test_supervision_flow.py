@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +13,16 @@ import openai
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageFunctionToolCall
 from openai.types.chat.chat_completion_message_function_tool_call import Function
 
-from detector_service.wire import Action, Category
+from detector_service.engine import Engine
+from detector_service.profile import Mode, Profile
+from detector_service.wire import Action, Category, TurnEvent
+from proxy.app import create_app
+from proxy.metrics import ProxyMetrics
+from proxy.sessions import MemorySessionStore
+from proxy.settings import ProxySettings
+from proxy.supervisor import Supervisor
+from proxy.verdicts import EmbeddedVerdicts, VerdictOutcome
+from tests.servers import serve_in_thread
 from tests.supervised_upstream import ScriptedModel, call, context_in, feedback_in
 from tests.supervision_harness import (
     CANCEL,
@@ -21,6 +33,7 @@ from tests.supervision_harness import (
     cancels_until_told,
     interventions,
     proxy_for,
+    sdk,
 )
 
 ENFORCE = {"mode": "enforce"}
@@ -225,3 +238,60 @@ def test_session_header_names_the_session_and_text_streams_through(tmp_path: Pat
         chunks = list(stream.parse())
         assert _text(chunks) == QUESTION
         assert CANCEL["function"]["name"] not in json.dumps([c.model_dump() for c in chunks])
+
+
+class GatedVerdicts(EmbeddedVerdicts):
+    """The real detectors, but the verdict is only given once the test opens the gate."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.asked = threading.Event()
+        self.gate = threading.Event()
+
+    async def evaluate(self, turn: TurnEvent, timeout_s: float) -> VerdictOutcome:
+        self.asked.set()
+        await asyncio.to_thread(self.gate.wait, 20)
+        return await super().evaluate(turn, timeout_s)
+
+
+def test_stream_sends_content_before_the_verdict_and_tool_calls_only_after(tmp_path: Path) -> None:
+    lookup = call("get_reservation_details", '{"reservation_id": "ZFA04Y"}')
+    text = "Let me look that reservation up for you."
+    model = ScriptedModel(lambda body: {"content": text, "tool_calls": [lookup]})
+    profile = Profile(deadline_ms=30_000)
+    verdicts = GatedVerdicts(Engine(profile))
+    supervisor = Supervisor(Mode.ENFORCE, profile, verdicts, MemorySessionStore(), ProxyMetrics())
+    received: list[ChatCompletionChunk] = []
+    with serve_in_thread(model.app) as upstream:
+        app = create_app(ProxySettings(upstream_url=upstream + "/v1"), hooks=supervisor)
+        with serve_in_thread(app) as url, sdk(url) as client:
+            stream = client.chat.completions.create(model="m", messages=LOOKED_UP[:2], tools=TOOLS, stream=True)
+            reader = threading.Thread(target=lambda: received.extend(stream), daemon=True)
+            reader.start()
+            assert verdicts.asked.wait(10)
+            deadline = time.monotonic() + 10
+            while _text(list(received)) != text and time.monotonic() < deadline:
+                time.sleep(0.01)
+            # The whole text is with the client while the verdict does not exist yet; no tool-call byte is.
+            assert _text(list(received)) == text
+            assert _tool_deltas(list(received)) == []
+            assert not verdicts.gate.is_set()
+            verdicts.gate.set()
+            reader.join(10)
+            assert not reader.is_alive()
+    _assert_coherent_without_usage(received)
+    deltas = _tool_deltas(received)
+    assert [d.function.name for d in deltas if d.function] == ["get_reservation_details"]
+    first_tool = next(i for i, c in enumerate(received) if c.choices and c.choices[0].delta.tool_calls)
+    last_text = max(i for i, c in enumerate(received) if c.choices and c.choices[0].delta.content)
+    assert last_text < first_tool
+    final = received[-1]
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert final.model_extra is not None
+    assert "intervention" not in final.model_extra["fama"]
+
+
+def _assert_coherent_without_usage(chunks: list[ChatCompletionChunk]) -> None:
+    assert len({c.id for c in chunks}) == 1
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.role) == 1
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
