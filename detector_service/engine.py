@@ -91,6 +91,15 @@ class Engine:
         )
 
 
+def merge(engine: Engine, verdict: Verdict, candidate: Mapping[str, Any], extra: list[Finding]) -> Verdict:
+    """The verdict with more findings (e.g. the LLM judge's) folded in; the action is recomputed."""
+    if not extra:
+        return verdict
+    found = [*verdict.findings, *extra]
+    action, rewritten = engine.decide(candidate, found)
+    return verdict.model_copy(update={"findings": found, "action": action, "rewritten": rewritten})
+
+
 def _rewrite(candidate: Mapping[str, Any], repairs: Mapping[str | None, str]) -> dict[str, Any]:
     out = orjson.loads(orjson.dumps(candidate))
     for call in out.get("tool_calls") or []:
@@ -100,4 +109,4 @@ def _rewrite(candidate: Mapping[str, Any], repairs: Mapping[str | None, str]) ->
     return dict(out)
 
 
-__all__ = ["DETECTORS", "DETECTOR_VERSION", "Category", "Engine"]
+__all__ = ["DETECTORS", "DETECTOR_VERSION", "Category", "Engine", "merge"]

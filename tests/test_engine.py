@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from detector_service.engine import Engine
+from detector_service.engine import Engine, merge
 from detector_service.profile import DetectorConfig, Profile, load_profile
 from detector_service.trajectories import load
-from detector_service.wire import Action, Category, TurnEvent
+from detector_service.wire import Action, Category, Finding, TurnEvent
 from tests.tau_turns import QWEN, tools, turn
 
 pytestmark = pytest.mark.tau
@@ -56,3 +56,15 @@ def test_one_engine_serves_many_threads(tau_dir: Path) -> None:
         got = list(pool.map(lambda e: [f.message for f in engine.evaluate(e).findings], events))
     assert got == expected
     assert any(expected)
+
+
+def test_merging_judge_findings_recomputes_the_action(tau_dir: Path) -> None:
+    event = turn(tau_dir, QWEN, "15#0", 3)
+    engine = Engine(Profile(actions={Category.CM: Action.GUIDE}))
+    verdict = engine.evaluate(event)
+    judged = Finding(category=Category.CM, detector="llm_judge", message="Not what the user asked for.")
+    merged = merge(engine, verdict, event.candidate, [judged])
+    assert merged.action is Action.GUIDE
+    assert merged.findings == [judged]
+    assert merged.turn_id == verdict.turn_id
+    assert merge(engine, verdict, event.candidate, []) is verdict
