@@ -94,3 +94,14 @@ def test_airline_profile_loads_and_names_the_write_tools() -> None:
         "update_reservation_flights",
         "update_reservation_passengers",
     }
+
+
+@pytest.mark.parametrize(("name", "domain"), [("airline", "tau2-airline"), ("retail", "tau2-retail")])
+def test_domain_profiles_name_only_real_tools(tau_dir: Path, name: str, domain: str) -> None:
+    profile = load_profile(AIRLINE.parent / f"{name}.yaml")
+    schema = json.loads((tau_dir / "domains" / domain / "tools_openai.json").read_text())
+    real = {t["function"]["name"] for t in schema} | {"think"}  # think exists in the v1 tool sets
+    assert set(profile.tools) <= real
+    assert {getattr(r, "tool", None) for r in profile.rules} - {None} <= real
+    kinds = {t["name"]: t["kind"] for t in json.loads((tau_dir / "domains" / domain / "tools.json").read_text())}
+    assert all(profile.tools[n].value == k for n, k in kinds.items() if n in profile.tools)
