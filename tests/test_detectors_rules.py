@@ -96,7 +96,9 @@ def test_airline_profile_loads_and_names_the_write_tools() -> None:
     }
 
 
-@pytest.mark.parametrize(("name", "domain"), [("airline", "tau2-airline"), ("retail", "tau2-retail")])
+@pytest.mark.parametrize(
+    ("name", "domain"), [("airline", "tau2-airline"), ("retail", "tau2-retail"), ("telecom", "tau2-telecom")]
+)
 def test_domain_profiles_name_only_real_tools(tau_dir: Path, name: str, domain: str) -> None:
     profile = load_profile(AIRLINE.parent / f"{name}.yaml")
     schema = json.loads((tau_dir / "domains" / domain / "tools_openai.json").read_text())
