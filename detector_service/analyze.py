@@ -45,7 +45,7 @@ from detector_service.profile import (
 from detector_service.replay import Replayed, replay
 from detector_service.toolkinds import ToolKinds
 from detector_service.trajectories import Trajectory, TrajectoryError, load, load_tools
-from detector_service.turn import text_of
+from detector_service.turn import text_of, tool_calls_of
 from detector_service.wire import Action, Category, Severity
 
 COVERAGE = 0.8
@@ -148,7 +148,7 @@ def _name(tool: dict[str, Any]) -> str:
 def _tool_names(t: Trajectory) -> set[str]:
     out = {_name(x) for x in t.tools or []}
     for m in t.messages:
-        for call in m.get("tool_calls") or []:
+        for call in tool_calls_of(m):
             out.add(str((call.get("function") or {}).get("name") or ""))
     return out
 

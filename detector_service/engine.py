@@ -16,7 +16,7 @@ import orjson
 from detector_service.detectors import dcv, ifu, loop, mtc, rules, wrco
 from detector_service.profile import Profile
 from detector_service.toolkinds import ToolKinds
-from detector_service.turn import ConversationIndex, TurnView, tools_by_name
+from detector_service.turn import ConversationIndex, TurnView, tool_calls_of, tools_by_name
 from detector_service.wire import ACTION_STRENGTH, Action, Category, Finding, TurnEvent, Verdict
 
 DETECTOR_VERSION = "0.2.0"
@@ -69,6 +69,9 @@ class Engine:
                 candidate_action = Action.REWRITE
             else:
                 candidate_action = self.profile.action_for(f.category)
+                if candidate_action is Action.REWRITE:
+                    # Only a repair can be rewritten; anything else the model must redo itself.
+                    candidate_action = Action.RETRY
             if ACTION_STRENGTH[candidate_action] > ACTION_STRENGTH[action]:
                 action = candidate_action
         if repairs:
@@ -102,10 +105,10 @@ def merge(engine: Engine, verdict: Verdict, candidate: Mapping[str, Any], extra:
 
 def _rewrite(candidate: Mapping[str, Any], repairs: Mapping[str | None, str]) -> dict[str, Any]:
     out = orjson.loads(orjson.dumps(candidate))
-    for call in out.get("tool_calls") or []:
+    for call in tool_calls_of(out):
         fixed = repairs.get(call.get("id"))
-        if fixed is not None:
-            call.setdefault("function", {})["arguments"] = fixed
+        if fixed is not None and isinstance(call.get("function"), dict):
+            call["function"]["arguments"] = fixed
     return dict(out)
 
 

@@ -17,7 +17,7 @@ import orjson
 
 from detector_service.profile import ToolKind
 from detector_service.toolkinds import ToolKinds
-from detector_service.turn import norm, parse_json
+from detector_service.turn import norm, parse_json, tool_calls_of
 
 if TYPE_CHECKING:
     from detector_service.replay import Replayed
@@ -49,7 +49,7 @@ def first_deviating_write(messages: Sequence[Mapping[str, Any]], kinds: ToolKind
     for i, m in enumerate(messages):
         if m.get("role") != "assistant":
             continue
-        for call in m.get("tool_calls") or []:
+        for call in tool_calls_of(m):
             fn = call.get("function") or {}
             name = str(fn.get("name"))
             if kinds.kind(name) is not ToolKind.WRITE:

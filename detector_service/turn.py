@@ -139,8 +139,18 @@ class Call:
         return f"{self.name}:{orjson.dumps(self.args, option=orjson.OPT_SORT_KEYS).decode()}"
 
 
+def tool_calls_of(message: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The message's tool calls that are objects; anything else a client sent is not a call."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return []
+    return [c for c in calls if isinstance(c, Mapping)]
+
+
 def parse_call(raw: Mapping[str, Any], index: int, kinds: ToolKinds) -> Call:
-    fn = raw.get("function") or {}
+    fn = raw.get("function")
+    if not isinstance(fn, Mapping):
+        fn = {}
     name = str(fn.get("name") or "")
     arguments = fn.get("arguments")
     args: dict[str, Any] | None
@@ -211,7 +221,7 @@ class ConversationIndex:
             if text.strip():
                 self.last_assistant_text = text
                 self.told_values |= text_values(text)
-            for raw in message.get("tool_calls") or []:
+            for raw in tool_calls_of(message):
                 call = parse_call(raw, i, self.kinds)
                 self.calls.append(call)
                 self.call_counts[call.key] += 1
@@ -305,7 +315,7 @@ class TurnView:
         tools: Mapping[str, Mapping[str, Any]],
         profile: Profile,
     ) -> TurnView:
-        calls = tuple(parse_call(raw, index.size, index.kinds) for raw in candidate.get("tool_calls") or [])
+        calls = tuple(parse_call(raw, index.size, index.kinds) for raw in tool_calls_of(candidate))
         return cls(index=index, candidate=candidate, calls=calls, tools=tools, profile=profile)
 
 

@@ -68,3 +68,36 @@ def test_merging_judge_findings_recomputes_the_action(tau_dir: Path) -> None:
     assert merged.findings == [judged]
     assert merged.turn_id == verdict.turn_id
     assert merge(engine, verdict, event.candidate, []) is verdict
+
+
+@pytest.mark.parametrize(
+    "candidate",
+    [
+        {"role": "assistant", "tool_calls": "not a list"},
+        {"role": "assistant", "tool_calls": [None, "x", {"function": None}]},
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "parts"}],
+            "tool_calls": [{"id": "c", "function": {}}],
+        },
+    ],
+)
+def test_odd_client_shapes_do_not_break_the_engine(candidate: dict[str, object]) -> None:
+    messages = [
+        {"role": "user", "content": None},
+        {"role": "assistant", "tool_calls": {"not": "a list"}},
+        {"role": "tool", "tool_call_id": None, "content": [{"type": "text", "text": '{"order_id": 7}'}]},
+    ]
+    verdict = Engine().evaluate(TurnEvent(session_id="s", messages=messages, candidate=candidate))
+    assert verdict.action in set(Action)
+
+
+def test_a_rewrite_action_without_a_repair_becomes_retry() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    candidate = {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{oops"}}]}
+    verdict = Engine(Profile(actions={Category.MTC: Action.REWRITE})).evaluate(
+        TurnEvent(session_id="s", messages=[], tools=tools, candidate=candidate)
+    )
+    assert [f.detector for f in verdict.findings] == ["arguments_not_json"]
+    assert verdict.action is Action.RETRY
+    assert verdict.rewritten is None

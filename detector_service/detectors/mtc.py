@@ -18,7 +18,7 @@ import orjson
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
-from detector_service.turn import Call, TurnView
+from detector_service.turn import Call, TurnView, tool_calls_of
 from detector_service.wire import Category, Finding, Severity
 
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
@@ -114,7 +114,7 @@ def _schema_errors(validator: Draft202012Validator, args: Any) -> list[str]:
 
 def detect(view: TurnView) -> list[Finding]:
     out: list[Finding] = []
-    for raw, call in zip(view.candidate.get("tool_calls") or [], view.calls, strict=False):
+    for raw, call in zip(tool_calls_of(view.candidate), view.calls, strict=True):
         if view.tools and call.name not in view.tools:
             names = ", ".join(sorted(view.tools))
             out.append(_finding(call, "unknown_tool", f"Tool '{call.name}' does not exist. Available tools: {names}."))
@@ -122,7 +122,8 @@ def detect(view: TurnView) -> list[Finding]:
         tool = view.tools.get(call.name)
         schema = schema_of(tool) if tool is not None else None
         validator = validator_for(schema) if schema is not None else None
-        sent_object = isinstance((raw.get("function") or {}).get("arguments"), dict)
+        fn = raw.get("function")
+        sent_object = isinstance(fn, Mapping) and isinstance(fn.get("arguments"), dict)
         args: Any = call.args
         repaired: dict[str, Any] | None = None
         if args is None:
