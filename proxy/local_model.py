@@ -198,7 +198,6 @@ class LocalModel:
         if self._proc is not None:
             raise RuntimeError("local model already started")
         cmd = self.options.command()
-        logger.info("starting local model %s on %s", self.options.alias, self.base_url)
         logger.debug("local model command: %s", shlex.join(cmd))
         self._proc = subprocess.Popen(
             cmd,
@@ -210,14 +209,15 @@ class LocalModel:
             # requests (that still need the model) before stopping the model itself.
             start_new_session=True,
         )
-        assert self._proc.stdout is not None
-        self._pump = threading.Thread(
-            target=self._pump_logs, args=(self._proc.stdout,), name="local-model-logs", daemon=True
-        )
-        self._pump.start()
         try:
+            logger.info("starting local model %s on %s (pid %d)", self.options.alias, self.base_url, self._proc.pid)
+            assert self._proc.stdout is not None
+            self._pump = threading.Thread(
+                target=self._pump_logs, args=(self._proc.stdout,), name="local-model-logs", daemon=True
+            )
+            self._pump.start()
             self._wait_ready()
-        except BaseException:
+        except BaseException:  # including a shutdown signal while waiting: never leave the child behind
             self.stop()
             raise
 

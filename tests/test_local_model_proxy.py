@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import openai
 import pytest
 from jsonschema import Draft202012Validator
@@ -157,30 +158,54 @@ def _wait_for_line(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeo
     pytest.fail(f"no line matching {pattern!r} within {timeout}s:\n{log.read_text(errors='replace')}")
 
 
-def test_fama_serve_local_model_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+def _wait_until_serving(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    # With several workers the parent binds the port before any worker listens on it: poll, don't trust the log.
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"fama serve exited with {proc.returncode}")
+        try:
+            if httpx2.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx2.TransportError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"fama serve did not answer /healthz on port {port} within {timeout}s")
+
+
+def _start_serve(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """``fama serve --local-model`` (through the console script's entry point) with its output in a file."""
     if (reason := unavailable_reason()) is not None:
         pytest.skip(reason)
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAMA_")}
     env["FAMA_LOCAL_MODEL_PORT"] = "0"  # any free port
     log = tmp_path / "serve.log"
     entry = "import sys; from proxy.cli import main; sys.argv[0] = 'fama'; main()"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", entry, "serve", "--local-model", "--port", str(port)],
+            [sys.executable, "-c", entry, "serve", "--local-model", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
         )
+    return proc, log
+
+
+@pytest.mark.parametrize(("workers", "stop_signal"), [(1, signal.SIGTERM), (2, signal.SIGINT)])
+def test_fama_serve_local_model_answers_and_stops_cleanly(
+    tmp_path: Path, workers: int, stop_signal: signal.Signals
+) -> None:
+    port = free_port()
+    proc, log = _start_serve(tmp_path, "--port", str(port), "--workers", str(workers))
     try:
         model_pid = int(_wait_for_line(log, r"local model ready at \S+ \(pid (\d+)\)", proc, 120).group(1))
-        _wait_for_line(log, r"Uvicorn running on", proc, 30)
+        _wait_until_serving(port, proc, 60)
         with sdk(f"http://127.0.0.1:{port}", timeout=120) as client:
             completion = client.chat.completions.create(
                 model=MODEL_ALIAS, messages=SAY_HELLO, temperature=0, max_tokens=5
             )
         assert completion.choices[0].message.content
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop_signal)
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
@@ -189,3 +214,20 @@ def test_fama_serve_local_model_answers_and_stops_cleanly_on_sigterm(tmp_path: P
     with pytest.raises(ProcessLookupError):
         os.kill(model_pid, 0)  # the llama.cpp server went with it
     assert "local model stopped" in log.read_text()
+
+
+def test_fama_serve_stopped_while_the_model_loads_leaves_no_server_behind(tmp_path: Path) -> None:
+    proc, log = _start_serve(tmp_path, "--port", str(free_port()))
+    try:
+        model_pid = int(_wait_for_line(log, r"starting local model \S+ on \S+ \(pid (\d+)\)", proc, 60).group(1))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with pytest.raises(ProcessLookupError):
+        os.kill(model_pid, 0)
+    text = log.read_text()
+    assert "local model ready" not in text  # it really was stopped during startup
+    assert "stopped by SIGTERM" in text
