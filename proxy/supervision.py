@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from detector_service.agents.view import tool_kind
 from detector_service.profile import Mode, Profile, ToolKind
+from detector_service.toolkinds import ToolKinds
 from detector_service.wire import Action, Category, Finding, Verdict
 
 DegradedReason = Literal["deadline", "outage"]
@@ -96,9 +96,9 @@ def at_stake(candidate: dict[str, Any], tools: Sequence[dict[str, Any]], profile
     calls = tool_calls(candidate)
     if not calls:
         return [Category.IFU, Category.CM]
-    declared = {str((t.get("function") or {}).get("name")): t for t in tools if isinstance(t, dict)}
+    kinds = ToolKinds(profile, tools)
     cats = [Category.MTC, Category.WRCO, Category.LOOP]
-    if any(tool_kind(_name(c), profile, declared.get(_name(c))) is ToolKind.WRITE for c in calls):
+    if any(kinds.kind(_name(c)) is ToolKind.WRITE for c in calls):
         cats.insert(0, Category.DCV)
     return cats
 

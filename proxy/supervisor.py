@@ -405,7 +405,7 @@ def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervis
         settings.mode,
         profile,
         RedisVerdicts(redis, process_instance_id(settings.instance_id), metrics),
-        RedisSessionStore(redis, settings.session_ttl_s, metrics),
+        RedisSessionStore(redis, settings.session_ttl_s, metrics, timeout_s=profile.deadline_ms / 1000),
         metrics,
         recorder_for(redis, metrics, session_ttl_s=settings.session_ttl_s),
         closing=redis,

@@ -7,7 +7,9 @@ explicitly confirmed (the assistant proposal their "yes" answered).
 
 from __future__ import annotations
 
+import bisect
 import re
+from functools import lru_cache
 from typing import Any
 
 from detector_service.agents import text as t
@@ -20,6 +22,11 @@ MAX_VALUES_PER_KEY = 8
 MAX_CONFIRMATIONS = 4
 # Letters and digits mixed, five characters or more: order numbers, user handles, booking codes.
 _ID_TOKEN = re.compile(r"(?<![\w@.])(?=[A-Za-z0-9_#-]*\d)(?=[A-Za-z0-9_#-]*[A-Za-z])[A-Za-z0-9_#-]{5,}(?![\w@])")
+
+
+@lru_cache(maxsize=4096)  # the same user messages come back on every turn
+def _id_tokens(message: str) -> tuple[str, ...]:
+    return tuple(_ID_TOKEN.findall(message))
 
 
 def _scalar_ids(value: Any) -> list[tuple[str, str]]:
@@ -37,21 +44,26 @@ def identifiers(view: ConversationView) -> dict[str, list[str]]:
             values.append(value)
 
     for _, message in view.user_turns:
-        for token in _ID_TOKEN.findall(message):
+        for token in _id_tokens(message):
             add("mentioned by the user", token)
     for call in view.calls:
         for key, value in _scalar_ids(call.arguments):
             add(key, value)
         if call.output is not None and not call.failed:
-            for key, value in _scalar_ids(parse_json(call.output)):
+            for key, value in _output_ids(call.output):
                 add(key, value)
     return found
+
+
+@lru_cache(maxsize=1024)  # tool outputs come back on every later turn
+def _output_ids(output: str) -> tuple[tuple[str, str], ...]:
+    return tuple(_scalar_ids(parse_json(output)))
 
 
 def writes(view: ConversationView, profile: Profile) -> list[str]:
     out = []
     for call in view.calls:
-        if view.kind_of(call.name, profile) is not ToolKind.WRITE:
+        if view.kind_of(call.name) is not ToolKind.WRITE:
             continue
         status = "pending" if call.output is None else ("failed: " + t.clip(call.output, 80) if call.failed else "done")
         out.append(f"`{call.name}`({t.clip(call.raw_arguments, 120)}) → {status}")
@@ -67,11 +79,12 @@ def _details(proposal: str) -> str:
 
 def confirmations(view: ConversationView) -> list[str]:
     out = []
-    assistant = dict(view.assistant_turns)
+    positions = [i for i, _ in view.assistant_turns]
     for index, message in view.user_turns:
         if not is_confirmation(message):
             continue
-        proposal = next((assistant[i] for i in range(index - 1, -1, -1) if i in assistant), "")
+        before = bisect.bisect_left(positions, index)
+        proposal = view.assistant_turns[before - 1][1] if before else ""
         if proposal:
             out.append(f"user said {t.clip(message, 40)!r} to: {t.clip(_details(proposal), 200)}")
     return out[-MAX_CONFIRMATIONS:]

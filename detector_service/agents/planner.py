@@ -42,7 +42,7 @@ def is_done(view: ConversationView, profile: Profile, index: int, sentence: str)
         verb_hit = bool(want & name)
         if not verb_hit:
             continue
-        kind = view.kind_of(call.name, profile)
+        kind = view.kind_of(call.name)
         if kind is ToolKind.WRITE or len(want & name) >= 2:
             return True
     return False

@@ -98,7 +98,7 @@ def build(inp: AgentInput, cache: PolicyCache) -> Note | None:
     query = t.stems(inp.view.latest_user)
     for name in inp.pending_tools:
         query |= t.stems(name)
-        if inp.view.kind_of(name, inp.profile) is ToolKind.WRITE:
+        if inp.view.kind_of(name) is ToolKind.WRITE:
             query |= t.stems(_WRITE_QUERY)
     found = relevant_sentences(cache.get(policy), query)
     if not found:

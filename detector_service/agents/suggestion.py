@@ -40,14 +40,14 @@ def rank_tools(view: ConversationView, limit: int = MAX_SUGGESTIONS) -> list[Sug
         return []
     request = request_text(view)
     words = {w.lower().strip(".,!?;:'\"()") for w in request.replace("_", " ").split()}
-    word_stems = {w: t.stems(w) for w in words if w}
-    query = t.stems(request)
-    earlier = set().union(*(t.stems(m) for _, m in view.user_turns[:-1])) - query
+    word_stems = {w: t.frozen_stems(w) for w in words if w}
+    query = t.frozen_stems(request)
+    earlier = set().union(*(t.frozen_stems(m) for _, m in view.user_turns[:-1])) - query
     docs = [
         _doc_stems(tool.name, tool.description, tuple(map(str, tool.parameters.get("properties", {}))))
         for tool in candidates
     ]
-    weights = t.idf(docs)
+    weights = _weights(tuple(docs))
     ranked = []
     for tool, doc in zip(candidates, docs, strict=True):
         name = _doc_stems(tool.name, "", ())
@@ -60,6 +60,11 @@ def rank_tools(view: ConversationView, limit: int = MAX_SUGGESTIONS) -> list[Sug
     ranked.sort(key=lambda s: -s.score)
     # Weak matches (a shared generic word such as "reservation") are noise next to a strong one.
     return [s for s in ranked[:limit] if s.score >= 0.5 * ranked[0].score]
+
+
+@lru_cache(maxsize=256)
+def _weights(docs: tuple[frozenset[str], ...]) -> dict[str, float]:
+    return t.idf(docs)
 
 
 @lru_cache(maxsize=4096)  # the same tool list comes with every turn of a deployment

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Sequence, Set
 from functools import lru_cache
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -151,6 +151,11 @@ def stems(text: str) -> set[str]:
     return {stem(w) for w in _WORD.findall(text) if w not in STOP_WORDS and len(w) > 1}
 
 
+@lru_cache(maxsize=8192)  # conversations resend the same messages every turn
+def frozen_stems(text: str) -> frozenset[str]:
+    return frozenset(stems(text))
+
+
 def sentences(text: str) -> list[str]:
     """Lines and sentences of a prose or Markdown text, bullets stripped, empty pieces dropped."""
     out: list[str] = []
@@ -172,8 +177,8 @@ def idf(documents: Sequence[Set[str]]) -> dict[str, float]:
     return {s: math.log((n + 1) / (count + 0.5)) for s, count in df.items()}
 
 
-def overlap_score(query: set[str], doc: Iterable[str], weights: dict[str, float]) -> float:
-    return sum(weights.get(s, 0.0) for s in query.intersection(doc))
+def overlap_score(query: Set[str], doc: Set[str], weights: dict[str, float]) -> float:
+    return sum(weights.get(s, 0.0) for s in query & doc)
 
 
 def clip(text: str, limit: int) -> str:

@@ -25,9 +25,9 @@ def pending_writes(inp: AgentInput) -> list[str]:
     names: list[str] = []
     if inp.candidate is not None:
         names += [str((c.get("function") or {}).get("name")) for c in inp.candidate.get("tool_calls") or []]
-    likely = [n for n in inp.pending_tools if inp.view.kind_of(n, inp.profile) is ToolKind.WRITE]
+    likely = [n for n in inp.pending_tools if inp.view.kind_of(n) is ToolKind.WRITE]
     names += likely[:1]  # the best-fitting write only: a checklist about every write tool is noise
-    return list(dict.fromkeys(n for n in names if inp.view.kind_of(n, inp.profile) is ToolKind.WRITE))
+    return list(dict.fromkeys(n for n in names if inp.view.kind_of(n) is ToolKind.WRITE))
 
 
 def rule_text(rule: Rule) -> str | None:

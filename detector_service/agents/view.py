@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from detector_service.profile import Profile, ToolKind
+from detector_service.toolkinds import ToolKinds
 
 _CONFIRM = re.compile(
     r"\b(yes|yeah|yep|yup|confirm(ed|s)?|go ahead|proceed|please do|do it|sounds good|that'?s (right|correct|fine)|"
@@ -16,65 +18,6 @@ _CONFIRM = re.compile(
     re.IGNORECASE,
 )
 _DENY = re.compile(r"\b(no|nope|don'?t|do not|cancel that|wait|hold on|not yet|never ?mind)\b", re.IGNORECASE)
-_WRITE_VERBS = frozenset(
-    [
-        "add",
-        "book",
-        "buy",
-        "cancel",
-        "change",
-        "charge",
-        "create",
-        "delete",
-        "disable",
-        "edit",
-        "enable",
-        "exchange",
-        "insert",
-        "issue",
-        "modify",
-        "move",
-        "order",
-        "pay",
-        "post",
-        "purchase",
-        "refund",
-        "refuel",
-        "remove",
-        "replace",
-        "reset",
-        "resume",
-        "return",
-        "revoke",
-        "send",
-        "set",
-        "submit",
-        "suspend",
-        "transfer",
-        "update",
-        "upgrade",
-        "write",
-    ]
-)
-_READ_VERBS = frozenset(
-    [
-        "calculate",
-        "check",
-        "fetch",
-        "find",
-        "get",
-        "list",
-        "lookup",
-        "query",
-        "read",
-        "retrieve",
-        "search",
-        "show",
-        "think",
-        "view",
-    ]
-)
-_GENERIC_NAMES = ("transfer_to_human", "think", "calculate")
 
 
 def text_of(content: Any) -> str:
@@ -86,6 +29,7 @@ def text_of(content: Any) -> str:
     return ""
 
 
+@lru_cache(maxsize=1024)  # tool outputs are resent (and re-read) on every later turn; callers never mutate
 def parse_json(text: str) -> Any:
     try:
         return json.loads(text)
@@ -98,24 +42,9 @@ def is_confirmation(text: str) -> bool:
     return bool(_CONFIRM.search(text)) and not _DENY.search(text)
 
 
-def tool_kind(name: str, profile: Profile, declared: dict[str, Any] | None = None) -> ToolKind:
-    """Read or write, from the profile, then MCP-style annotations, then the name's leading verb (DESIGN §3)."""
-    if name in profile.tools:
-        return profile.tools[name]
-    if declared is not None:
-        hints = declared.get("annotations") or (declared.get("function") or {}).get("annotations") or {}
-        if hints.get("readOnlyHint") is True:
-            return ToolKind.READ
-        if hints.get("destructiveHint") is True or hints.get("readOnlyHint") is False:
-            return ToolKind.WRITE
-    if name.startswith(_GENERIC_NAMES):
-        return ToolKind.GENERIC
-    verb = re.split(r"[_\-.]|(?<=[a-z])(?=[A-Z])", name)[0].lower()
-    if verb in _WRITE_VERBS:
-        return ToolKind.WRITE
-    if verb in _READ_VERBS:
-        return ToolKind.READ
-    return ToolKind.GENERIC
+def tool_kind(name: str, profile: Profile, declared: Mapping[str, Any] | None = None) -> ToolKind:
+    """Read or write, resolved as the detectors resolve it (:mod:`detector_service.toolkinds`)."""
+    return ToolKinds(profile, [declared] if declared is not None else []).kind(name)
 
 
 @dataclass(frozen=True)
@@ -151,6 +80,7 @@ class ConversationView:
     messages: Sequence[dict[str, Any]]
     tools: list[DeclaredTool]
     system_text: str
+    kinds: ToolKinds
     user_turns: list[tuple[int, str]] = field(default_factory=list)
     assistant_turns: list[tuple[int, str]] = field(default_factory=list)
     calls: list[ToolCall] = field(default_factory=list)
@@ -159,6 +89,7 @@ class ConversationView:
     def build(
         cls, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]], profile: Profile
     ) -> ConversationView:
+        kinds = ToolKinds(profile, tools)
         declared: list[DeclaredTool] = []
         for t in tools:
             fn = t.get("function") if isinstance(t, dict) else None
@@ -166,12 +97,10 @@ class ConversationView:
                 continue
             params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
             declared.append(
-                DeclaredTool(
-                    fn["name"], str(fn.get("description") or ""), params or {}, tool_kind(fn["name"], profile, t)
-                )
+                DeclaredTool(fn["name"], str(fn.get("description") or ""), params or {}, kinds.kind(fn["name"]))
             )
         system: list[str] = []
-        view = cls(messages=messages, tools=declared, system_text="")
+        view = cls(messages=messages, tools=declared, system_text="", kinds=kinds)
         pending: dict[str, int] = {}  # tool_call_id -> position in view.calls
         for i, m in enumerate(messages):
             role = m.get("role")
@@ -218,13 +147,12 @@ class ConversationView:
     def tool(self, name: str) -> DeclaredTool | None:
         return next((t for t in self.tools if t.name == name), None)
 
-    def kind_of(self, name: str, profile: Profile) -> ToolKind:
-        found = self.tool(name)
-        return found.kind if found is not None else tool_kind(name, profile)
+    def kind_of(self, name: str) -> ToolKind:
+        return self.kinds.kind(name)
 
     def confirmed_by_user(self, profile: Profile) -> bool:
         """Whether the latest user message explicitly confirms and no write has used that confirmation yet."""
         if not self.user_turns or not is_confirmation(self.latest_user):
             return False
         since = self.user_turns[-1][0]
-        return not any(c.index > since and self.kind_of(c.name, profile) is ToolKind.WRITE for c in self.calls)
+        return not any(c.index > since and self.kind_of(c.name) is ToolKind.WRITE for c in self.calls)
