@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -57,10 +57,14 @@ def settings_to_env(settings: ProxySettings) -> str:
     return json.dumps({name: _plain(getattr(settings, name)) for name in type(settings).model_fields})
 
 
+def settings_from_env(environ: Mapping[str, str]) -> ProxySettings:
+    # model_validate does not read FAMA_* variables: the parent's resolved settings are the whole truth.
+    return ProxySettings.model_validate(json.loads(environ[SETTINGS_ENV]))
+
+
 def app_from_env() -> FastAPI:
     """uvicorn factory for worker processes: the app for the settings the parent put in the environment."""
-    # model_validate does not read FAMA_* variables: the parent's resolved settings are the whole truth.
-    return create_app(ProxySettings.model_validate(json.loads(os.environ[SETTINGS_ENV])))
+    return create_app(settings_from_env(os.environ))
 
 
 def _serve(settings: ProxySettings) -> None:
