@@ -130,6 +130,14 @@ def feedback_message(candidate: dict[str, Any], findings: Sequence[Finding]) -> 
     return {"role": FEEDBACK_ROLE, "content": "\n".join(lines)}
 
 
+def with_shown_text(feedback: dict[str, Any], shown: str) -> dict[str, Any]:
+    """Feedback for a streamed retry whose rejected attempt's text already reached the user."""
+    if not shown:
+        return feedback
+    note = f"The user has already seen this text from you: {json.dumps(shown[-500:], ensure_ascii=False)}. Continue from it; do not repeat it."
+    return {**feedback, "content": f"{feedback['content']}\n{note}"}
+
+
 def block_message(
     candidate: dict[str, Any], findings: Sequence[Finding], degraded: DegradedReason | None = None
 ) -> dict[str, Any]:

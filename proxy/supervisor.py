@@ -52,7 +52,7 @@ from proxy.sessions import (
     identify,
 )
 from proxy.settings import ProxySettings
-from proxy.supervision import Decision, Degraded, decide
+from proxy.supervision import Decision, Degraded, decide, with_shown_text
 from proxy.verdicts import (
     EmbeddedVerdicts,
     MissReason,
@@ -206,7 +206,8 @@ class Supervisor(chat.ChatHooks):
         self, ctx: chat.ChatContext, turn: Turn, chunks: AsyncIterator[dict[str, Any]]
     ) -> AsyncIterator[dict[str, Any]]:
         envelope: Envelope | None = None
-        role_sent = content_sent = False
+        role_sent = False
+        shown = ""  # content the client already has, across attempts
         usage: dict[str, Any] | None = None
         attempt = 0
         while True:
@@ -221,7 +222,7 @@ class Supervisor(chat.ChatHooks):
                 delta = content_delta(chunk, role_sent)
                 if delta is not None:
                     role_sent = True
-                    content_sent = content_sent or bool(delta.get("content"))
+                    shown += delta.get("content") or ""
                     yield envelope.chunk(delta)
             candidate = buffer.message()
             if not buffer.has_tool_calls:
@@ -231,7 +232,8 @@ class Supervisor(chat.ChatHooks):
                 break
             decision = await self._judge(turn, candidate, attempt, tool_bytes_sent=False)
             if decision.action is Action.RETRY and decision.feedback is not None:
-                chunks = await ctx.open_stream(turn.retry_body(decision.feedback))
+                feedback = with_shown_text(decision.feedback, shown)
+                chunks = await ctx.open_stream(turn.retry_body(feedback))
                 attempt += 1
                 continue
             final = decision.replacement or candidate
@@ -243,7 +245,7 @@ class Supervisor(chat.ChatHooks):
             yield envelope.chunk({"role": "assistant", "content": None})
         if final is not candidate and final.get("content"):
             text = str(final["content"])
-            yield envelope.chunk({"content": f"\n\n{text}" if content_sent else text})
+            yield envelope.chunk({"content": f"\n\n{text}" if shown else text})
         if final.get("tool_calls"):
             for delta in tool_call_deltas(final):
                 yield envelope.chunk(delta)

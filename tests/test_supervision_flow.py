@@ -295,3 +295,22 @@ def _assert_coherent_without_usage(chunks: list[ChatCompletionChunk]) -> None:
     assert len({c.id for c in chunks}) == 1
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.role) == 1
     assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
+
+
+def test_streamed_retry_after_text_tells_the_model_what_the_user_saw(tmp_path: Path) -> None:
+    said = "Sure, cancelling it now."
+
+    def reply(body: dict[str, Any]) -> dict[str, Any]:
+        if feedback_in(body):
+            return {"content": " " + QUESTION}
+        return {"content": said, "tool_calls": [CANCEL]}
+
+    model = ScriptedModel(reply)
+    with proxy_for(model, tmp_path, **ENFORCE) as (client, _):
+        chunks = _stream(client, LOOKED_UP)
+        _assert_coherent(chunks)
+        assert _text(chunks) == said + " " + QUESTION
+        assert _tool_deltas(chunks) == []
+        feedback = feedback_in(model.bodies()[1])
+        assert feedback is not None
+        assert f'The user has already seen this text from you: "{said}"' in feedback
