@@ -15,8 +15,10 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -32,7 +34,7 @@ import yaml
 from openai.types.chat import ChatCompletionFunctionToolParam
 
 from detector_service import keys
-from tests.ops_artifacts import ALERTS, ROOT, dashboard_queries, scripts_binary
+from tests.ops_artifacts import ALERTS, ROOT, compose_config, dashboard_queries, scripts_binary
 from tests.scripted_upstream import ScriptedUpstream
 from tests.servers import RedisServer, free_port, serve_in_thread, wait_for_port
 
@@ -96,6 +98,23 @@ class Process:
                 self.proc.wait()
 
 
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _probe_statuses(proxy_port: int, detector_port: int) -> dict[str, int]:
+    return {
+        f"{service} {path}": _status(f"http://127.0.0.1:{port}{path}")
+        for service, port in (("proxy", proxy_port), ("detector", detector_port))
+        for path in ("/healthz", "/readyz")
+    }
+
+
 def _get(url: str, timeout: float = 2.0) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         body: bytes = response.read()
@@ -119,6 +138,9 @@ def _wait(what: str, check: Callable[[], bool], processes: list[Process], timeou
 class Prometheus:
     def __init__(self, url: str) -> None:
         self.url = url
+        # HTTP status of each service's probe endpoints, before and during the Redis outage.
+        self.probes: dict[str, dict[str, int]] = {}
+        self.ports: dict[str, int] = {}
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         body = orjson.loads(_get(f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}", timeout=10))
@@ -248,6 +270,8 @@ def prometheus() -> Iterator[Prometheus]:
             prom = Prometheus(f"http://127.0.0.1:{prometheus_port}")
             _wait("prometheus ready", lambda: _get(f"{prom.url}/-/ready") != b"", processes)
             _wait("first scrapes", lambda: prom.scraped_since(0), processes)
+            prom.ports = {"proxy": proxy_port, "detector": detector_port}
+            prom.probes["up"] = _probe_statuses(proxy_port, detector_port)
 
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{proxy_port}/v1", api_key="client-key", max_retries=0)
             # Twice, with a scrape in between, so rate() and histogram_quantile() see an increase.
@@ -277,6 +301,7 @@ def prometheus() -> Iterator[Prometheus]:
             # Redis goes away: both sides count Redis errors; the proxy still answers (fail-open).
             redis_server.stop()
             client.chat.completions.create(model="openai:tool", messages=messages, tools=[WEATHER_TOOL])
+            prom.probes["redis down"] = _probe_statuses(proxy_port, detector_port)
             time.sleep(1.0)
             mark = time.time()
             _wait("a scrape after the Redis outage", partial(prom.scraped_since, mark), processes)
@@ -312,3 +337,26 @@ def test_alert_rules_evaluate_cleanly_on_live_data(prometheus: Prometheus) -> No
         yaml.safe_load(ALERTS.read_text())["groups"][1]["rules"]
     )
     assert all(rule["health"] == "ok" for rule in rules), [r for r in rules if r["health"] != "ok"]
+
+
+def test_probes_follow_what_each_service_needs(prometheus: Prometheus) -> None:
+    assert prometheus.probes["up"] == dict.fromkeys(prometheus.probes["up"], 200)
+    # A Redis outage makes the detector unready (no work can reach it) but restarts nothing, and the proxy
+    # stays ready: it serves fail-open without Redis.
+    assert prometheus.probes["redis down"] == {
+        "proxy /healthz": 200,
+        "proxy /readyz": 200,
+        "detector /healthz": 200,
+        "detector /readyz": 503,
+    }
+
+
+def test_compose_healthchecks_pass_against_the_running_services(prometheus: Prometheus) -> None:
+    services = compose_config("gpu")["services"]
+    for name, container_port in (("proxy", 8080), ("detector", 9100)):
+        test = services[name]["healthcheck"]["test"]
+        assert test[:2] == ["CMD", "python"]
+        address = f"127.0.0.1:{container_port}"
+        assert address in " ".join(test), f"{name} healthcheck does not probe {address}"
+        probe = [arg.replace(address, f"127.0.0.1:{prometheus.ports[name]}") for arg in test[2:]]
+        assert subprocess.run([sys.executable, *probe], timeout=30, check=False).returncode == 0, name
