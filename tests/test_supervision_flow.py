@@ -314,3 +314,22 @@ def test_streamed_retry_after_text_tells_the_model_what_the_user_saw(tmp_path: P
         feedback = feedback_in(model.bodies()[1])
         assert feedback is not None
         assert f'The user has already seen this text from you: "{said}"' in feedback
+
+
+def test_observe_stream_is_relayed_untouched_and_judged_after_it_ends(tmp_path: Path) -> None:
+    model = ScriptedModel(always_cancels)
+    with proxy_for(model, tmp_path, mode="observe") as (client, _):
+        chunks = _stream(client, LOOKED_UP)
+        deltas = _tool_deltas(chunks)
+        assert deltas[0].function is not None
+        assert deltas[0].function.name == "cancel_reservation"
+        assert "".join(d.function.arguments or "" for d in deltas if d.function) == CANCEL["function"]["arguments"]
+        assert len(deltas) > 1  # the upstream's own pieces, not re-assembled
+        assert all(not (c.model_extra or {}).get("fama") for c in chunks)
+
+        follow_up = [*LOOKED_UP, {"role": "assistant", "content": None, "tool_calls": [CANCEL]}]
+        follow_up.append({"role": "tool", "tool_call_id": CANCEL["id"], "content": '{"status": "cancelled"}'})
+        client.chat.completions.create(model="m", messages=follow_up, tools=TOOLS)
+        context = context_in(model.bodies()[1])
+        assert context is not None
+        assert "[DCV]" in context
