@@ -25,6 +25,7 @@ from typing import IO
 
 import httpx2
 
+from proxy.local_model_child import PARENT_ENV
 from proxy.settings import ProxySettings
 
 logger = logging.getLogger("fama.local_model")
@@ -127,7 +128,7 @@ class LocalModelOptions:
         return [
             sys.executable,
             "-m",
-            "llama_cpp.server",
+            "proxy.local_model_child",  # llama_cpp.server, stopped if this process dies without stopping it
             "--model",
             str(self.model_path),
             "--model_alias",
@@ -160,7 +161,12 @@ def _free_port() -> int:
 
 
 def _child_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k in _ENV_NAMES or k.startswith(_ENV_PREFIXES)}
+    env = {k: v for k, v in os.environ.items() if k in _ENV_NAMES or k.startswith(_ENV_PREFIXES)}
+    # The child imports proxy.local_model_child: make this very copy importable, installed or not.
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env[PARENT_ENV] = str(os.getpid())
+    return env
 
 
 class LocalModel:

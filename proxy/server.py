@@ -33,11 +33,18 @@ def _raise_shutdown(signum: int, frame: FrameType | None) -> None:
     raise Shutdown(signal.Signals(signum).name)
 
 
+def _hang_up(signum: int, frame: FrameType | None) -> None:
+    # A closed terminal: shut down as on SIGTERM (gracefully while uvicorn runs). By default SIGHUP would end
+    # the process at once, leaving the local model, which has its own session, running.
+    signal.raise_signal(signal.SIGTERM)
+
+
 @contextmanager
 def _shutdown_on_signals() -> Iterator[None]:
     # uvicorn restores the previous handlers after its graceful shutdown and re-raises the signal it caught;
     # with the default SIGTERM disposition that would kill the process before the local model child is stopped.
     previous = {sig: signal.signal(sig, _raise_shutdown) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _hang_up)
     try:
         yield
     finally:

@@ -191,7 +191,7 @@ def _start_serve(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], P
     return proc, log
 
 
-@pytest.mark.parametrize(("workers", "stop_signal"), [(1, signal.SIGTERM), (2, signal.SIGINT)])
+@pytest.mark.parametrize(("workers", "stop_signal"), [(1, signal.SIGTERM), (2, signal.SIGINT), (1, signal.SIGHUP)])
 def test_fama_serve_local_model_answers_and_stops_cleanly(
     tmp_path: Path, workers: int, stop_signal: signal.Signals
 ) -> None:
@@ -231,3 +231,29 @@ def test_fama_serve_stopped_while_the_model_loads_leaves_no_server_behind(tmp_pa
     text = log.read_text()
     assert "local model ready" not in text  # it really was stopped during startup
     assert "stopped by SIGTERM" in text
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie (an orphan's exit status waits for whoever adopted it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_local_model_stops_by_itself_when_fama_serve_is_killed(tmp_path: Path) -> None:
+    proc, log = _start_serve(tmp_path, "--port", str(free_port()))
+    try:
+        model_pid = int(_wait_for_line(log, r"local model ready at \S+ \(pid (\d+)\)", proc, 120).group(1))
+        proc.kill()  # no chance to clean up
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while not _gone(model_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _gone(model_pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
