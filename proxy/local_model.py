@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -152,12 +153,23 @@ class LocalModelOptions:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def _ensure_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As uvicorn binds: connections of a previous run lingering in TIME_WAIT do not count, a listener does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise LocalModelError(
+                f"cannot start the local model on {host}:{port}: {e.strerror} (a local model left running?); "
+                "choose another port with FAMA_LOCAL_MODEL_PORT, 0 for any free one"
+            ) from e
 
 
 def _child_env() -> dict[str, str]:
@@ -203,6 +215,8 @@ class LocalModel:
     def start(self) -> None:
         if self._proc is not None:
             raise RuntimeError("local model already started")
+        # Checked first: the readiness probe would take another server already on this port for ours.
+        _ensure_port_free(self.options.host, self.options.port)
         cmd = self.options.command()
         logger.debug("local model command: %s", shlex.join(cmd))
         self._proc = subprocess.Popen(

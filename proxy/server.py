@@ -105,6 +105,8 @@ def run(settings: ProxySettings) -> None:
             if not settings.local_model:
                 _serve(settings)
                 return
+            if "upstream_url" in settings.model_fields_set:
+                logger.warning("--local-model replaces the configured upstream %s", settings.upstream_url)
             with LocalModel(LocalModelOptions.from_settings(settings)) as model:
                 _serve(settings.model_copy(update={"upstream_url": model.base_url}))
     except Shutdown as stop:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,6 +120,17 @@ def test_server_that_cannot_load_its_model_fails_start_with_its_log(tmp_path: Pa
         model.start()
     assert str(bogus) in str(raised.value)  # the server's own complaint, from its log tail
     assert model.pid is None
+
+
+def test_port_already_taken_is_refused_before_starting(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        model = LocalModel(LocalModelOptions(model_path=tmp_path / "unused.gguf", port=port))
+        with pytest.raises(LocalModelError, match=f"127.0.0.1:{port}.*FAMA_LOCAL_MODEL_PORT"):
+            model.start()
+        assert model.pid is None
 
 
 def test_stop_ends_the_server_process() -> None:
