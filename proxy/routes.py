@@ -30,12 +30,13 @@ from proxy.tracing import Trace
 from proxy.upstream import Upstream, close
 
 
-def _upstream(request: Request) -> Upstream:
+# Dependencies are ``async``: FastAPI runs plain functions in a worker thread.
+async def _upstream(request: Request) -> Upstream:
     upstream: Upstream = request.state.upstream
     return upstream
 
 
-def _trace(request: Request) -> Trace:
+async def _trace(request: Request) -> Trace:
     trace: Trace = request.state.trace
     return trace
 

@@ -66,8 +66,16 @@ def _line_event(line: bytes, data: list[bytes]) -> None:
 async def upstream_events(response: httpx2.Response, max_event_bytes: int = MAX_EVENT_BYTES) -> AsyncIterator[object]:
     buffer = bytearray()
     data: list[bytes] = []
+    finished = False
     try:
         async for part in response.aiter_bytes():
+            if finished:
+                # Read what follows [DONE] (normally just the end of the chunked body) so the upstream
+                # connection goes back to the pool instead of being closed.
+                buffer += part
+                if len(buffer) > max_event_bytes:
+                    break
+                continue
             buffer += part
             while (end := buffer.find(b"\n")) >= 0:
                 line = bytes(buffer[:end]).rstrip(b"\r")
@@ -79,15 +87,23 @@ async def upstream_events(response: httpx2.Response, max_event_bytes: int = MAX_
                     joined = b"\n".join(data)
                     data.clear()
                     if joined.strip() == b"[DONE]":
-                        return
+                        finished = True
+                        buffer.clear()
+                        break
                     yield _payload(joined)
             if len(buffer) + sum(map(len, data)) > max_event_bytes:
                 raise UpstreamStreamError("an upstream stream event exceeded the size limit")
+        if finished:
+            return
     except httpx2.TimeoutException as exc:
+        if finished:  # the answer was complete; only the connection is not reusable
+            return
         raise UpstreamStreamError(
             "the upstream model server stopped sending mid-stream", code="upstream_timeout"
         ) from exc
     except httpx2.TransportError as exc:
+        if finished:
+            return
         raise UpstreamStreamError(f"the upstream connection failed mid-stream ({type(exc).__name__})") from exc
     # A stream that ends without a blank line or [DONE] still delivers what it sent.
     if buffer.strip():

@@ -69,6 +69,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any
+    peer: str  # the client's address: one per upstream connection
 
 
 def _sse(payload: object) -> bytes:
@@ -428,7 +429,8 @@ class ScriptedUpstream:
         raw = await request.body()
         body = json.loads(raw) if raw else None
         with self._lock:
-            self.requests.append(Recorded(request.url.path, dict(request.headers), body))
+            peer = f"{request.client.host}:{request.client.port}" if request.client else ""
+            self.requests.append(Recorded(request.url.path, dict(request.headers), body, peer))
         return body
 
     async def chat(self, request: Request) -> Response:

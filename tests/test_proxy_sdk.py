@@ -278,3 +278,15 @@ def test_sse_framing_ends_with_done(proxy_url: str) -> None:
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     assert all(line.startswith("data: ") for line in lines)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_upstream_connections_are_pooled(client: openai.OpenAI, scripted: ScriptedUpstream, stream: bool) -> None:
+    before = len(scripted.requests)
+    for _ in range(5):
+        if stream:
+            list(client.chat.completions.create(model="vllm:text", messages=MESSAGES, stream=True))
+        else:
+            client.chat.completions.create(model="vllm:text", messages=MESSAGES)
+    peers = {r.peer for r in scripted.requests[before:]}
+    assert len(peers) == 1, "each request opened a new upstream connection"
