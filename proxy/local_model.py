@@ -75,9 +75,9 @@ def bundled_model_path(package_name: str = MODEL_PACKAGE) -> Path:
     raise LocalModelError(f"no {MODEL_FILE} in {package}; reinstall the model package with: {INSTALL_MODEL}")
 
 
-def check_server_installed() -> None:
+def check_server_installed(package_name: str = "llama_cpp") -> None:
     """Raise :class:`LocalModelError` naming the install command when the llama.cpp server is missing."""
-    llama = _package_dir("llama_cpp")
+    llama = _package_dir(package_name)
     if llama is None or not (llama / "server" / "__main__.py").is_file():
         raise LocalModelError(f"--local-model needs the llama.cpp server; install it with: {INSTALL_SERVER}")
     # The [server] extra brings these; without them `python -m llama_cpp.server` dies on import.

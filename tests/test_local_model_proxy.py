@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -173,12 +174,15 @@ def _wait_until_serving(port: int, proc: subprocess.Popen[bytes], timeout: float
     pytest.fail(f"fama serve did not answer /healthz on port {port} within {timeout}s")
 
 
-def _start_serve(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+def _start_serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
     """``fama serve --local-model`` (through the console script's entry point) with its output in a file."""
     if (reason := unavailable_reason()) is not None:
         pytest.skip(reason)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FAMA_")}
-    env["FAMA_LOCAL_MODEL_PORT"] = "0"  # any free port
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("FAMA_")},
+        "FAMA_LOCAL_MODEL_PORT": "0",  # any free port
+        **(env or {}),
+    }
     log = tmp_path / "serve.log"
     entry = "import sys; from proxy.cli import main; sys.argv[0] = 'fama'; main()"
     with log.open("wb") as out:
@@ -257,3 +261,13 @@ def test_local_model_stops_by_itself_when_fama_serve_is_killed(tmp_path: Path) -
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_fama_serve_reports_a_local_model_that_cannot_start_and_exits_1(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc, log = _start_serve(tmp_path, "--port", str(free_port()), env={"FAMA_LOCAL_MODEL_PORT": str(port)})
+        assert proc.wait(timeout=60) == 1
+    assert f"fama serve: cannot start the local model on 127.0.0.1:{port}" in log.read_text()
