@@ -19,7 +19,6 @@ conversation; concatenating the entries rebuilds the trajectory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
@@ -146,10 +145,10 @@ class RedisRecorder:
                 await self._queue.join()
         except TimeoutError:
             log.warning("recorder stopped with %d records unwritten", self._queue.qsize())
-        self._writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._writer
-        self._writer = None
+        writer, self._writer = self._writer, None
+        writer.cancel()
+        # Bounded: a cancelled Redis call must not hold up the app's shutdown.
+        await asyncio.wait({writer}, timeout=1.0)
 
     async def flush(self) -> None:
         """Wait until everything recorded so far has been written (or failed)."""

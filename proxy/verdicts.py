@@ -21,7 +21,6 @@ reclaimed and evaluated twice) is dropped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -170,19 +169,29 @@ class RedisVerdicts:
         self._answered: OrderedDict[str, None] = OrderedDict()
         self._reader: asyncio.Task[None] | None = None
         self._reader_ok = True
+        self._stopping = False
         self._last_id = "0-0"
 
     async def start(self) -> None:
         if self._reader is None:
+            self._stopping = False
             self._reader = asyncio.create_task(self._read_replies(), name=f"verdict-reader:{self.instance_id}")
 
     async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
+        """Release waiting turns, then let the reader finish its current ``XREAD`` (at most ``block_ms``)."""
+        reader, self._reader = self._reader, None
         self._release_waiting("the verdict source stopped")
+        if reader is None:
+            return
+        # Cancelling a blocked XREAD can leave redis-py awaiting forever (seen with redis-py 8.1 under
+        # load), so the reader is asked to stop and cancelled only if it overruns.
+        self._stopping = True
+        done, _ = await asyncio.wait({reader}, timeout=self.block_ms / 1000 + 1.0)
+        if not done:
+            reader.cancel()
+            done, _ = await asyncio.wait({reader}, timeout=1.0)
+        if not done:
+            log.warning("verdict reader for %s did not stop; abandoned", self.reply_stream)
 
     async def evaluate(self, turn: TurnEvent, timeout_s: float) -> VerdictOutcome:
         start = time.perf_counter()
@@ -226,7 +235,7 @@ class RedisVerdicts:
 
     async def _read_replies(self) -> None:
         backoff = 0.05
-        while True:
+        while not self._stopping:
             try:
                 if not self._reader_ok:
                     await self.redis.ping()
