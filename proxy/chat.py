@@ -108,7 +108,7 @@ class ChatContext:
     async def open_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Open a streamed completion; upstream error statuses raise here, before any byte is sent."""
         started = time.perf_counter()
-        response = await self.upstream.open("POST", PATH, self.upstream_headers, orjson.dumps(body))
+        response = await self.upstream.open("POST", PATH, self.upstream_headers, self.trace, orjson.dumps(body))
         self._open.append((response, started))
         return normalized_chunks(upstream_events(response), normalize.ChunkNormalizer(self.model, wants_usage(body)))
 

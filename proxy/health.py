@@ -40,7 +40,8 @@ class Readiness:
             response = await upstream.client.get(upstream.base_url + "/models", headers=headers, timeout=self.timeout_s)
         except httpx2.HTTPError as exc:
             return f"upstream unreachable ({type(exc).__name__})"
-        if response.status_code >= 400:
+        # 401/403: the upstream is up and wants the clients' keys, which the probe does not have.
+        if response.status_code >= 400 and response.status_code not in (401, 403):
             return f"upstream answered {response.status_code} to GET /models"
         return None
 

@@ -92,7 +92,7 @@ async def _relay(request: Request, path: str, body: dict[str, Any], upstream: Up
             trace.upstream_s += time.perf_counter() - started
 
     async def call() -> Response:
-        response = await upstream.open("POST", path, headers, content)
+        response = await upstream.open("POST", path, headers, trace, content)
         if body.get("stream"):
             return EventSourceResponse(
                 relay(_dicts(upstream_events(response)), trace, _metrics(request), lambda: done(response)),

@@ -60,18 +60,23 @@ class Upstream:
         return headers
 
     async def open(
-        self, method: str, path: str, headers: Mapping[str, str], content: bytes | None = None
+        self, method: str, path: str, headers: Mapping[str, str], trace: Trace, content: bytes | None = None
     ) -> httpx2.Response:
-        """Send a request and return the response with its body not yet read; the caller closes it.
+        """Send a request and return the response with its body not yet read; the caller closes it
+        (and accounts the upstream time from here to the close).
 
-        An error status is read (bounded), closed and raised as :class:`UpstreamError`.
+        An error status is read (bounded), closed and raised as :class:`UpstreamError`; the time spent
+        until then is added to ``trace.upstream_s``.
         """
-        request = self.client.build_request(
-            method,
-            self.base_url + path,
-            headers=headers,
-            content=content,
-        )
+        started = time.perf_counter()
+        try:
+            return await self._open(method, path, headers, content)
+        except BaseException:
+            trace.upstream_s += time.perf_counter() - started
+            raise
+
+    async def _open(self, method: str, path: str, headers: Mapping[str, str], content: bytes | None) -> httpx2.Response:
+        request = self.client.build_request(method, self.base_url + path, headers=headers, content=content)
         try:
             response = await self.client.send(request, stream=True)
         except httpx2.TimeoutException as exc:
@@ -112,7 +117,7 @@ class Upstream:
     ) -> tuple[object, httpx2.Response]:
         """A whole JSON request/response exchange; a body that is not JSON is a 502."""
         started = time.perf_counter()
-        response = await self.open(method, path, headers, content)
+        response = await self.open(method, path, headers, trace, content)
         try:
             raw = await response.aread()
         except httpx2.TimeoutException as exc:
