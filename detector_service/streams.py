@@ -68,7 +68,11 @@ async def publish(redis: Redis, stream: str, payload: str, *, maxlen: int) -> st
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> bool:
-    """Create the consumer group (and the stream) unless it exists. True if it was created."""
+    """Create the consumer group (and the stream) unless it exists. True if it was created.
+
+    The group starts at the beginning of the stream, so turns published before the first worker
+    ever ran are still evaluated.
+    """
     try:
         await redis.xgroup_create(stream, group, id="0", mkstream=True)
     except ResponseError as exc:

@@ -198,6 +198,8 @@ class RedisVerdicts:
         deadline_ms = now_ms() + int(timeout_s * 1000)
         if turn.turn_id in self._waiting:
             raise ValueError(f"turn {turn.turn_id} is already waiting for a verdict; use a new turn_id per attempt")
+        if timeout_s <= 0:
+            return self._miss(turn, MissReason.DEADLINE, start, deadline_ms)
         if not self._reader_ok or self._reader is None:
             # The reader cannot receive anything right now: do not make the turn wait for nothing.
             return self._miss(turn, MissReason.OUTAGE, start, deadline_ms)
