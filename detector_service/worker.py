@@ -60,9 +60,13 @@ def parse_turn(data: str | None) -> TurnEvent:
     except SchemaVersionError as exc:
         raise MalformedEntry("version", str(exc)) from exc
     try:
-        return TurnEvent.model_validate(payload)
+        turn = TurnEvent.model_validate(payload)
     except ValidationError as exc:
         raise MalformedEntry("malformed", f"not a turn event: {exc}") from exc
+    if turn.reply_to is not None and not turn.reply_to.startswith(keys.REPLY_STREAM_PREFIX):
+        # Verdicts are written only to reply streams, never to another key a producer names.
+        raise MalformedEntry("malformed", f"reply_to {turn.reply_to!r} is not a reply stream")
+    return turn
 
 
 @dataclass(slots=True)

@@ -126,6 +126,7 @@ async def test_malformed_entries_are_dead_lettered_and_the_worker_keeps_going(re
         await publish_raw(redis, None),
         await publish_raw(redis, "[1, 2]"),
         await publish_raw(redis, '{"v": 1, "kind": "turn"}'),
+        await publish_raw(redis, dumps(turn(9, reply_to=keys.INTERVENTIONS_STREAM))),
     ]
     await publish_raw(redis, dumps(good[2]))
 
@@ -134,7 +135,7 @@ async def test_malformed_entries_are_dead_lettered_and_the_worker_keeps_going(re
     assert [v.turn_id for v in await replies(redis)] == [t.turn_id for t in good]
     dead = await dead_letters(redis)
     assert [d["source_id"] for d in dead] == bad_ids
-    assert [d["reason"] for d in dead] == ["malformed", "version", "malformed", "malformed", "malformed"]
+    assert [d["reason"] for d in dead] == ["malformed", "version", "malformed", "malformed", "malformed", "malformed"]
     assert dead[0]["data"] == "{not json"
     assert "not JSON" in dead[0]["error"]
     assert '"v":99' in dead[1]["data"]
@@ -143,6 +144,8 @@ async def test_malformed_entries_are_dead_lettered_and_the_worker_keeps_going(re
     assert "not an object" in dead[3]["error"]
     assert "not a turn event" in dead[4]["error"]
     assert "session_id" in dead[4]["error"]
+    assert "is not a reply stream" in dead[5]["error"]
+    assert await redis.exists(keys.INTERVENTIONS_STREAM) == 0
     assert (await streams.group_stats(redis, keys.TURNS_STREAM, keys.DETECTOR_GROUP)).pending == 0
 
 
