@@ -50,6 +50,7 @@ WEATHER_TOOL: dict[str, Any] = {
 }
 FORCE_WEATHER: dict[str, Any] = {"type": "function", "function": {"name": "get_weather"}}
 ASK_WEATHER: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Paris?"}]
+SAY_HI: list[dict[str, Any]] = [{"role": "user", "content": "Hi"}]
 
 
 def tool_result_conversation(assistant_content: str | None) -> list[dict[str, Any]]:
@@ -256,3 +257,35 @@ def test_tools_are_invisible_to_the_model_without_a_forced_choice_quirk(llama: h
         message = llama.post("/chat/completions", json=request).json()["choices"][0]["message"]
         assert message.get("tool_calls") is None
         assert message["content"]
+
+
+def test_max_completion_tokens_is_ignored_quirk(llama: httpx2.Client) -> None:
+    # The SDK's current name for the limit. Alone, the server generates until the context is full.
+    request = {
+        "model": MODEL_ALIAS,
+        "messages": [{"role": "user", "content": "Write a long story about a cat."}],
+        "temperature": 0,
+        "max_completion_tokens": 1,
+        "max_tokens": 6,
+    }
+    assert llama.post("/chat/completions", json=request).json()["usage"]["completion_tokens"] == 6
+
+
+def test_n_above_one_silently_returns_one_choice_quirk(llama: httpx2.Client) -> None:
+    request = {"model": MODEL_ALIAS, "messages": SAY_HI, "temperature": 0, "max_tokens": 2, "n": 2}
+    response = llama.post("/chat/completions", json=request)
+    assert response.status_code == 200
+    assert len(response.json()["choices"]) == 1
+
+
+def test_json_schema_response_format_is_a_500_quirk(llama: httpx2.Client) -> None:
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    request = {
+        "model": MODEL_ALIAS,
+        "messages": SAY_HI,
+        "max_tokens": 5,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    }
+    response = llama.post("/chat/completions", json=request)
+    assert response.status_code == 500
+    assert "'text' or 'json_object'" in response.json()["error"]["message"]
