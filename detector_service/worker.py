@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import orjson
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from detector_service import keys, streams
 from detector_service.engine import Engine
@@ -119,6 +119,12 @@ class Worker:
                             return
                     backoff = 0.1
                 except (RedisError, OSError) as exc:
+                    if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
+                        # The stream or group vanished (Redis restarted without persistence, or a flush).
+                        self.metrics.redis_errors.labels(op="nogroup").inc()
+                        log.warning("consumer group is gone; creating it again: %s", exc)
+                        await self._ensure_group(stop)
+                        continue
                     self.metrics.redis_errors.labels(op="loop").inc()
                     log.warning("redis error in the consume loop, retrying in %.1fs: %s", backoff, exc)
                     await _wait(stop, backoff)

@@ -199,6 +199,21 @@ async def test_an_entry_delivered_too_often_is_dead_lettered_unevaluated(redis_u
     assert "delivered 4 times" in dead["error"]
 
 
+async def test_worker_recreates_a_vanished_group(redis_url: str, redis: Redis) -> None:
+    stop = asyncio.Event()
+    worker = asyncio.create_task(serve(settings(redis_url), stop=stop))
+    source = RedisVerdicts(redis, process_instance_id("proxy"), ProxyMetrics())
+    await source.start()
+    try:
+        assert (await source.evaluate(turn(1), timeout_s=10)).verdict is not None
+        await redis.delete(keys.TURNS_STREAM)  # the group goes with the stream, as after a Redis restart
+        assert (await source.evaluate(turn(2), timeout_s=10)).verdict is not None
+    finally:
+        await source.stop()
+        stop.set()
+        assert await worker == 0
+
+
 async def test_health_ready_and_metrics_endpoints(redis_url: str, redis: Redis) -> None:
     port = free_port()
     stop = asyncio.Event()
