@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -289,3 +290,31 @@ def test_json_schema_response_format_is_a_500_quirk(llama: httpx2.Client) -> Non
     response = llama.post("/chat/completions", json=request)
     assert response.status_code == 500
     assert "'text' or 'json_object'" in response.json()["error"]["message"]
+
+
+def test_a_second_request_does_not_cut_a_running_stream(llama: httpx2.Client) -> None:
+    # By default the server ends a running stream when another request arrives (the connection is cut
+    # mid-body); the local model is started with --interrupt_requests false so requests queue instead.
+    story = {
+        "model": MODEL_ALIAS,
+        "messages": [{"role": "user", "content": "Write a long story about a cat."}],
+        "temperature": 0,
+        "max_tokens": 30,
+        "stream": True,
+    }
+    second: list[int] = []
+    with llama.stream("POST", "/chat/completions", json=story) as response:
+        lines = response.iter_lines()
+        events = [next(line for line in lines if line.startswith("data: "))]
+        with one_shot(llama) as other:
+            worker = threading.Thread(
+                target=lambda: second.append(
+                    other.post("/chat/completions", json={"messages": SAY_HI, "max_tokens": 2}).status_code
+                )
+            )
+            worker.start()
+            events += [line for line in lines if line.startswith("data: ")]
+            worker.join(timeout=120)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][len("data: ") :])["choices"][0]["finish_reason"] == "length"
+    assert second == [200]
