@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from proxy import chat, normalize
 from proxy.auth import Tenant
-from proxy.errors import RouteNotFound, UpstreamError, UpstreamUnreachable
+from proxy.errors import RouteNotFound, UpstreamError
 from proxy.inbound import cancel_on_disconnect, json_object, read_body, require
 from proxy.metrics import ProxyMetrics
 from proxy.settings import ProxySettings
@@ -100,9 +100,7 @@ async def _relay(request: Request, path: str, body: dict[str, Any], upstream: Up
                 background=BackgroundTask(done, response),
             )
         try:
-            raw = await response.aread()
-        except httpx2.HTTPError as exc:
-            raise UpstreamUnreachable(f"the upstream connection failed mid-response ({type(exc).__name__})") from exc
+            raw = await upstream.read(response)
         finally:
             await done(response)
         return Response(raw, media_type=response.headers.get("content-type", "application/json"))

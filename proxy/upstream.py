@@ -27,6 +27,7 @@ logger = logging.getLogger("fama.proxy.upstream")
 # Headers of an upstream error that a client needs to back off properly.
 _PASSED_HEADERS = ("retry-after", "retry-after-ms")
 _MAX_ERROR_BYTES = 64 * 1024
+MAX_BODY_BYTES = 64 * 1024 * 1024  # a non-streamed answer held in memory at once
 
 
 class Upstream:
@@ -119,13 +120,7 @@ class Upstream:
         started = time.perf_counter()
         response = await self.open(method, path, headers, trace, content)
         try:
-            raw = await response.aread()
-        except httpx2.TimeoutException as exc:
-            self._metrics.upstream_errors.labels("timeout").inc()
-            raise UpstreamTimeout("the upstream model server stopped answering mid-response") from exc
-        except httpx2.TransportError as exc:
-            self._metrics.upstream_errors.labels("stream").inc()
-            raise UpstreamUnreachable(f"the upstream connection failed mid-response ({type(exc).__name__})") from exc
+            raw = await self.read(response)
         finally:
             await close(response)
             trace.upstream_s += time.perf_counter() - started
@@ -134,6 +129,21 @@ class Upstream:
         except orjson.JSONDecodeError as exc:
             self._metrics.upstream_errors.labels("stream").inc()
             raise UpstreamUnreachable("the upstream model server answered with a body that is not JSON") from exc
+
+    async def read(self, response: httpx2.Response) -> bytes:
+        """The whole body of a successful response, up to ``MAX_BODY_BYTES`` (more is a 502)."""
+        try:
+            raw = await read_bounded(response, MAX_BODY_BYTES + 1)
+        except httpx2.TimeoutException as exc:
+            self._metrics.upstream_errors.labels("timeout").inc()
+            raise UpstreamTimeout("the upstream model server stopped answering mid-response") from exc
+        except httpx2.TransportError as exc:
+            self._metrics.upstream_errors.labels("stream").inc()
+            raise UpstreamUnreachable(f"the upstream connection failed mid-response ({type(exc).__name__})") from exc
+        if len(raw) > MAX_BODY_BYTES:
+            self._metrics.upstream_errors.labels("stream").inc()
+            raise UpstreamUnreachable(f"the upstream response is larger than {MAX_BODY_BYTES} bytes")
+        return raw
 
 
 async def read_bounded(response: httpx2.Response, limit: int) -> bytes:
