@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 from pydantic import Field
@@ -9,7 +10,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def _default_consumer() -> str:
-    return socket.gethostname()
+    # Several ``fama detector`` processes may share one host (or pod) name; a shared consumer name
+    # would make them claim each other's pending entries as their own.
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class DetectorSettings(BaseSettings):

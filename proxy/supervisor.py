@@ -60,6 +60,7 @@ from proxy.verdicts import (
     VerdictOutcome,
     VerdictSource,
     process_instance_id,
+    redis_client,
 )
 
 log = logging.getLogger(__name__)
@@ -402,7 +403,8 @@ def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervis
             metrics,
             recorder_for(None, metrics, session_ttl_s=settings.session_ttl_s),
         )
-    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, health_check_interval=30)
+    # Short connect timeout and one quick retry: an outage must surface as ``outage``, not a slow ``deadline``.
+    redis = redis_client(settings.redis_url)
     return Supervisor(
         settings.mode,
         profile,
