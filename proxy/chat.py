@@ -152,7 +152,7 @@ class ChatHooks:
         return chunks
 
 
-async def respond(ctx: ChatContext, hooks: ChatHooks, ping_s: float) -> Response:
+async def respond(ctx: ChatContext, hooks: ChatHooks, ping_s: float, shutdown_grace_s: float = 0.0) -> Response:
     body = adapt_for_upstream(await hooks.before_upstream(ctx, ctx.body))
     if body.get("stream"):
         try:
@@ -164,6 +164,7 @@ async def respond(ctx: ChatContext, hooks: ChatHooks, ping_s: float) -> Response
             relay(chunks, ctx.trace, ctx.metrics, ctx.aclose),
             headers=ctx.response_headers,
             ping=ping_s,
+            shutdown_grace_period=shutdown_grace_s,  # on server shutdown: time to finish before the cut
             background=BackgroundTask(ctx.aclose),  # also when the client left before the first event
         )
     try:

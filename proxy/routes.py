@@ -76,7 +76,9 @@ async def chat_completions(request: Request, tenant: Tenant, upstream: UpstreamD
         request_headers=request.headers,
     )
     hooks: chat.ChatHooks = request.app.state.chat_hooks
-    return await cancel_on_disconnect(request, lambda: chat.respond(ctx, hooks, settings.sse_ping_s))
+    return await cancel_on_disconnect(
+        request, lambda: chat.respond(ctx, hooks, settings.sse_ping_s, settings.sse_shutdown_grace_s)
+    )
 
 
 async def _relay(request: Request, path: str, body: dict[str, Any], upstream: Upstream, trace: Trace) -> Response:
@@ -97,6 +99,7 @@ async def _relay(request: Request, path: str, body: dict[str, Any], upstream: Up
             return EventSourceResponse(
                 relay(_dicts(upstream_events(response)), trace, _metrics(request), lambda: done(response)),
                 ping=_settings(request).sse_ping_s,
+                shutdown_grace_period=_settings(request).sse_shutdown_grace_s,
                 background=BackgroundTask(done, response),
             )
         try:

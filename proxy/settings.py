@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from detector_service.profile import Mode
@@ -39,6 +39,9 @@ class ProxySettings(BaseSettings):
     session_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     sse_ping_s: float = Field(default=15.0, gt=0)
     graceful_shutdown_s: float = Field(default=25.0, gt=0)
+    # Open SSE streams may run this long into a shutdown before they are cut; kept below graceful_shutdown_s
+    # so uvicorn still closes the connections (and the app its resources) itself.
+    sse_shutdown_grace_s: float = Field(default=20.0, ge=0)
     log_level: str = "info"
 
     local_model: bool = False
@@ -75,3 +78,12 @@ class ProxySettings(BaseSettings):
         if not v.startswith(("http://", "https://")):
             raise ValueError("upstream_url must be an http(s) URL such as http://vllm:8000/v1")
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _grace_within_shutdown(self) -> ProxySettings:
+        if self.sse_shutdown_grace_s >= self.graceful_shutdown_s:
+            raise ValueError(
+                f"sse_shutdown_grace_s ({self.sse_shutdown_grace_s}) must be below graceful_shutdown_s "
+                f"({self.graceful_shutdown_s}): set FAMA_SSE_SHUTDOWN_GRACE_S lower or FAMA_GRACEFUL_SHUTDOWN_S higher"
+            )
+        return self

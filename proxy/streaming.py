@@ -14,6 +14,7 @@ responses, so a client disconnect cancels the upstream request at once.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -27,6 +28,8 @@ from proxy import normalize
 from proxy.errors import ProxyError, UpstreamStreamError
 from proxy.metrics import ProxyMetrics
 from proxy.tracing import Trace
+
+logger = logging.getLogger("fama.proxy.streaming")
 
 MAX_EVENT_BYTES = 4 * 1024 * 1024
 
@@ -145,6 +148,9 @@ async def relay(
         yield _event(exc.body())
     except ProxyError as exc:  # a hook's own upstream call (e.g. a retry) failed after headers were sent
         yield _event(exc.body())
+    except Exception:  # a bug in the proxy or a hook: the client still gets an error it can act on
+        logger.exception("stream failed inside the proxy (request %s)", trace.request_id)
+        yield _event(ProxyError("internal error in the proxy; see its log", code="internal_error").body())
     finally:
         metrics.active_streams.dec()
         with anyio.CancelScope(shield=True):  # runs while a client disconnect cancels this task

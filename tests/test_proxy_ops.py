@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx2
@@ -87,3 +87,28 @@ def test_tenant_is_a_key_digest_and_default_without_auth(upstream_url: str) -> N
     with serve_in_thread(app) as proxy, sdk(proxy, api_key="anything") as client:
         client.chat.completions.create(model="openai:text", messages=MESSAGES)
     assert open_probe.tenants == ["default"]
+
+
+class BrokenStreamHooks(ChatHooks):
+    """Hooks with a bug: the stream breaks after its first chunk."""
+
+    def stream(self, ctx: ChatContext, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        async def broken() -> AsyncIterator[dict[str, Any]]:
+            async for chunk in chunks:
+                yield chunk
+                raise RuntimeError("a bug in a hook")
+
+        return broken()
+
+
+def test_a_failure_inside_the_proxy_mid_stream_reaches_the_sdk_as_an_error(
+    upstream_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(ProxySettings(upstream_url=upstream_url), hooks=BrokenStreamHooks())
+    with serve_in_thread(app) as proxy, sdk(proxy) as client:
+        stream = client.chat.completions.create(model="openai:text", messages=MESSAGES, stream=True)
+        with pytest.raises(openai.APIError) as caught:
+            list(stream)
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["code"] == "internal_error"
+    assert "stream failed inside the proxy" in caplog.text
