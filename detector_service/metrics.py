@@ -40,3 +40,15 @@ class DetectorMetrics:
             "fama_detector_redis_errors_total", "Redis operations that failed.", ["op"], registry=r
         )
         self.up = Gauge("fama_detector_up", "1 while the worker loop is running.", registry=r)
+        self.judge_calls = Counter(
+            "fama_detector_judge_calls_total",
+            "LLM judge calls by outcome (ok, timeout, error; skipped when no time was left before the deadline).",
+            ["outcome"],
+            registry=r,
+        )
+        self.extractions = Counter(
+            "fama_detector_extractions_total",
+            "LLM policy extractions for DCE by outcome (ok, error; locked when another replica was extracting).",
+            ["outcome"],
+            registry=r,
+        )

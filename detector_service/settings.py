@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,3 +32,5 @@ class DetectorSettings(BaseSettings):
     reply_maxlen: int = Field(default=10_000, ge=100)  # per proxy reply stream
     reply_ttl_s: int = Field(default=300, ge=1)  # a dead proxy's reply stream vanishes after this
     log_level: str = "info"
+    judge_concurrency: int = Field(default=16, ge=1)  # LLM judge calls in flight at once, per process
+    judge_api_key: SecretStr | None = None  # else the variable named by the profile's judge.api_key_env

@@ -6,6 +6,11 @@ left idle by crashed consumers. On SIGTERM/SIGINT it stops reading, finishes the
 exits within ``drain_timeout_s``. ``until_idle`` ("burst") exits once nothing is pending and nothing
 new arrives, so tests need no sleeps.
 
+With ``profile.judge.enabled`` the LLM judge runs after the deterministic verdict, concurrently for
+the turns of a batch (at most ``judge_concurrency`` calls at once), each bounded by its turn's
+remaining deadline and the judge's own timeout. Its findings are merged into the verdict; when it
+fails or runs out of time the deterministic verdict is published unchanged.
+
 The engine runs inline: it is pure CPU and takes microseconds per turn, so a thread would only add
 hand-off cost without freeing the GIL.
 """
@@ -15,27 +20,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
 
+import openai
 import orjson
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from detector_service import keys, streams
-from detector_service.engine import Engine
+from detector_service.engine import Engine, merge
 from detector_service.health import create_health_app, health_server
+from detector_service.judge import Judge, JudgeError, make_client
 from detector_service.metrics import DetectorMetrics
-from detector_service.profile import load_profile
+from detector_service.profile import JudgeConfig, load_profile
 from detector_service.settings import DetectorSettings
-from detector_service.wire import SchemaVersionError, TurnEvent, Verdict, check_version, dumps
+from detector_service.wire import SchemaVersionError, TurnEvent, Verdict, check_version, dumps, now_ms
 
 log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 2.0
 MAX_BACKOFF_S = 2.0
+PUBLISH_MARGIN_MS = 20  # kept free before a turn's deadline to publish its verdict
 
 
 class MalformedEntry(ValueError):
@@ -73,17 +82,26 @@ def parse_turn(data: str | None) -> TurnEvent:
 class _Done:
     entry: streams.Entry
     verdict: Verdict
-    reply_to: str | None
+    turn: TurnEvent
 
 
 class Worker:
-    def __init__(self, settings: DetectorSettings, redis: Redis, engine: Engine, metrics: DetectorMetrics) -> None:
+    def __init__(
+        self,
+        settings: DetectorSettings,
+        redis: Redis,
+        engine: Engine,
+        metrics: DetectorMetrics,
+        judge: Judge | None = None,
+    ) -> None:
         self.settings = settings
         self.redis = redis
         self.engine = engine
         self.metrics = metrics
+        self.judge = judge
         self.consumer = settings.consumer_name
         self.processed = 0
+        self._judge_slots = asyncio.Semaphore(settings.judge_concurrency)
 
     async def run(self, stop: asyncio.Event, *, until_idle: bool = False) -> None:
         """Consume until ``stop`` is set (or, with ``until_idle``, until the group has no work left)."""
@@ -197,17 +215,23 @@ class Worker:
                 continue
             self.metrics.processing.observe(time.perf_counter() - start)
             verdict.worker = self.consumer
-            done.append(_Done(entry, verdict, turn.reply_to))
+            done.append(_Done(entry, verdict, turn))
         if not done:
             return
-        replies = [(d.reply_to, dumps(d.verdict)) for d in done if d.reply_to]
+        if self.judge is not None:
+            judged = await asyncio.gather(*(self._judged(self.judge, d.turn, d.verdict) for d in done))
+            for d, verdict in zip(done, judged, strict=True):
+                d.verdict = verdict
+        replies = [(d.turn.reply_to, dumps(d.verdict)) for d in done if d.turn.reply_to]
         published = iter(await streams.publish_replies(self.redis, replies, maxlen=s.reply_maxlen, ttl_s=s.reply_ttl_s))
         to_ack: list[str] = []
         for d in done:
             # A turn without reply_to asks for no answer (nobody waits): evaluate, count and acknowledge.
-            if d.reply_to and not next(published):
+            if d.turn.reply_to and not next(published):
                 self.metrics.redis_errors.labels(op="publish").inc()
-                log.warning("could not publish the verdict for entry %s to %s; left pending", d.entry.id, d.reply_to)
+                log.warning(
+                    "could not publish the verdict for entry %s to %s; left pending", d.entry.id, d.turn.reply_to
+                )
                 continue
             to_ack.append(d.entry.id)
             self.metrics.turns.labels(outcome="ok").inc()
@@ -216,6 +240,46 @@ class Worker:
                 self.metrics.findings.labels(category=f.category.value, detector=f.detector).inc()
         await streams.ack(self.redis, keys.TURNS_STREAM, keys.DETECTOR_GROUP, to_ack)
         self.processed += len(to_ack)
+
+    async def _judged(self, judge: Judge, turn: TurnEvent, verdict: Verdict) -> Verdict:
+        """``verdict`` with the judge's findings merged in, or unchanged when the judge fails or has no time."""
+        budget_s = judge.config.timeout_s
+        if turn.deadline_ms is not None:
+            budget_s = min(budget_s, (turn.deadline_ms - now_ms() - PUBLISH_MARGIN_MS) / 1000)
+        if budget_s <= 0:
+            self.metrics.judge_calls.labels(outcome="skipped").inc()
+            log.info(
+                "no time left for the judge on turn %s (session %s/%s)", turn.turn_id, turn.tenant, turn.session_id
+            )
+            return verdict
+        try:
+            # The wait for a free slot counts against the turn's time too.
+            async with asyncio.timeout(budget_s):
+                async with self._judge_slots:
+                    extra = await judge.findings(turn)
+        except TimeoutError:
+            self.metrics.judge_calls.labels(outcome="timeout").inc()
+            log.warning(
+                "judge gave no answer within %.0f ms for turn %s (session %s/%s); publishing the deterministic verdict",
+                budget_s * 1000,
+                turn.turn_id,
+                turn.tenant,
+                turn.session_id,
+            )
+            return verdict
+        except JudgeError as exc:
+            timed_out = isinstance(exc.__cause__, openai.APITimeoutError)
+            self.metrics.judge_calls.labels(outcome="timeout" if timed_out else "error").inc()
+            log.warning(
+                "judge failed for turn %s (session %s/%s); publishing the deterministic verdict: %s",
+                turn.turn_id,
+                turn.tenant,
+                turn.session_id,
+                exc,
+            )
+            return verdict
+        self.metrics.judge_calls.labels(outcome="ok").inc()
+        return merge(self.engine, verdict, turn.candidate, extra)
 
     async def _dead(self, entry: streams.Entry, reason: str, error: str) -> None:
         await streams.dead_letter(
@@ -243,12 +307,23 @@ def redis_client(settings: DetectorSettings) -> Redis:
     return Redis.from_url(settings.redis_url, socket_timeout=settings.block_ms / 1000 + 5.0, socket_connect_timeout=5.0)
 
 
+def judge_api_key(settings: DetectorSettings, config: JudgeConfig) -> str | None:
+    """The judge endpoint's key: ``FAMA_JUDGE_API_KEY``, else the variable the profile names."""
+    if settings.judge_api_key is not None:
+        return settings.judge_api_key.get_secret_value()
+    return os.environ.get(config.api_key_env) if config.api_key_env else None
+
+
 async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> int:
     """Run one worker with its health/metrics server until stopped; returns the process exit code."""
     stop = stop or asyncio.Event()
     metrics = DetectorMetrics()
     redis = redis_client(settings)
-    worker = Worker(settings, redis, Engine(load_profile(settings.profile)), metrics)
+    profile = load_profile(settings.profile)
+    judge = None
+    if profile.judge.enabled:
+        judge = Judge(profile.judge, make_client(profile.judge, judge_api_key(settings, profile.judge)))
+    worker = Worker(settings, redis, Engine(profile), metrics, judge)
     server = None
     server_task = None
     if settings.metrics_port:
@@ -276,6 +351,8 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
         if server is not None and server_task is not None:
             server.should_exit = True
             await server_task
+        if judge is not None:
+            await judge.aclose()
         await redis.aclose()
     log.info("worker %s stopped after %d turns", worker.consumer, worker.processed)
     return code
