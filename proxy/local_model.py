@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -194,6 +195,7 @@ class LocalModel:
         self._proc: subprocess.Popen[bytes] | None = None
         self._pump: threading.Thread | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL_LINES)
+        self._exit_reported = False
 
     @property
     def base_url(self) -> str:
@@ -258,6 +260,9 @@ class LocalModel:
             while True:
                 code = self._proc.poll()
                 if code is not None:
+                    if self._pump is not None:
+                        self._pump.join(timeout=5)  # its last words explain the exit
+                    self._exit_reported = True
                     raise LocalModelError(f"the llama.cpp server exited with status {code}:\n{self.log_tail()}")
                 try:
                     if client.get(url).status_code == 200:
@@ -290,7 +295,12 @@ class LocalModel:
                 )
                 proc.kill()
                 proc.wait()
-        logger.info("local model stopped (status %s)", proc.returncode)
+        if proc.returncode in (0, -signal.SIGTERM):  # uvicorn re-raises the SIGTERM it handled gracefully
+            logger.info("local model stopped")
+        elif self._exit_reported:
+            logger.info("local model stopped (status %s)", proc.returncode)
+        else:
+            logger.warning("local model stopped with status %s:\n%s", proc.returncode, self.log_tail())
         if self._pump is not None:
             self._pump.join(timeout=5)
             self._pump = None
