@@ -318,3 +318,14 @@ def test_a_second_request_does_not_cut_a_running_stream(llama: httpx2.Client) ->
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][len("data: ") :])["choices"][0]["finish_reason"] == "length"
     assert second == [200]
+
+
+def test_context_overflow_is_a_400_but_an_empty_200_when_streamed_quirk(llama: httpx2.Client) -> None:
+    # The likeliest way a long agent conversation meets the failure mode of the empty stream.
+    request = {"model": MODEL_ALIAS, "messages": [{"role": "user", "content": "cat " * 5000}], "max_tokens": 5}
+    rejected = llama.post("/chat/completions", json=request)
+    assert rejected.status_code == 400
+    assert rejected.json()["error"]["code"] == "context_length_exceeded"
+    with one_shot(llama) as client, client.stream("POST", "/chat/completions", json={**request, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.read().strip() == b""
