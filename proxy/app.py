@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy import health, routes
+from proxy import admin, health, outcomes, routes
 from proxy.auth import Authenticator
 from proxy.chat import ChatHooks
 from proxy.errors import InvalidRequest, ProxyError, RouteNotFound, error_response
@@ -85,4 +85,6 @@ def create_app(settings: ProxySettings, hooks: ChatHooks | None = None) -> FastA
     app.add_middleware(TracingMiddleware, metrics=metrics)
     app.include_router(health.router)
     app.include_router(routes.router)
+    app.include_router(outcomes.router)
+    app.include_router(admin.router)
     return app

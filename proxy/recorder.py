@@ -35,7 +35,7 @@ from proxy.metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)
 
-EntryKind = Literal["turn", "verdict", "intervention"]
+EntryKind = Literal["turn", "verdict", "intervention", "outcome"]
 
 
 class Intervention(BaseModel):
@@ -51,6 +51,18 @@ class Intervention(BaseModel):
     final: dict[str, Any] | None = None  # what the client received; None when nothing was sent
     message: str = ""  # the corrective feedback or reason
     attempt: int = 0
+    ts_ms: int = Field(default_factory=now_ms)
+
+
+class Outcome(BaseModel):
+    """How a session ended, as its client (or an evaluation harness) reported it."""
+
+    tenant: str
+    session_id: str
+    outcome: Literal["success", "failure"]
+    reward: float | None = None
+    note: str | None = None
+    intervened: bool = False  # whether the proxy changed any answer of the session
     ts_ms: int = Field(default_factory=now_ms)
 
 
@@ -73,6 +85,8 @@ class Recorder(Protocol):
     def record_verdict(self, verdict: Verdict) -> None: ...
 
     def record_intervention(self, intervention: Intervention) -> None: ...
+
+    def record_outcome(self, outcome: Outcome) -> None: ...
 
     async def session(self, tenant: str, session_id: str) -> list[SessionEntry]: ...
 
@@ -104,7 +118,12 @@ def intervention_entry(intervention: Intervention) -> SessionEntry:
     return SessionEntry(kind="intervention", turn_id=intervention.turn_id, ts_ms=intervention.ts_ms, data=data)
 
 
-_Write = tuple[str, str, TurnEvent | Verdict | Intervention]  # (tenant, session_id, object)
+def outcome_entry(outcome: Outcome) -> SessionEntry:
+    data = outcome.model_dump(mode="json", exclude_none=True, exclude={"tenant", "session_id", "ts_ms"})
+    return SessionEntry(kind="outcome", turn_id="", ts_ms=outcome.ts_ms, data=data)
+
+
+_Write = tuple[str, str, TurnEvent | Verdict | Intervention | Outcome]  # (tenant, session_id, object)
 
 
 class RedisRecorder:
@@ -162,6 +181,9 @@ class RedisRecorder:
 
     def record_intervention(self, intervention: Intervention) -> None:
         self._enqueue((intervention.tenant, intervention.session_id, intervention))
+
+    def record_outcome(self, outcome: Outcome) -> None:
+        self._enqueue((outcome.tenant, outcome.session_id, outcome))
 
     def _enqueue(self, item: _Write) -> None:
         try:
@@ -235,11 +257,13 @@ class RedisRecorder:
         return out
 
 
-def _entry(obj: TurnEvent | Verdict | Intervention) -> SessionEntry:
+def _entry(obj: TurnEvent | Verdict | Intervention | Outcome) -> SessionEntry:
     if isinstance(obj, TurnEvent):
         return turn_entry(obj)
     if isinstance(obj, Verdict):
         return verdict_entry(obj)
+    if isinstance(obj, Outcome):
+        return outcome_entry(obj)
     return intervention_entry(obj)
 
 
@@ -280,6 +304,9 @@ class MemoryRecorder:
     def record_intervention(self, intervention: Intervention) -> None:
         self._interventions.append(intervention)
         self._append(intervention.tenant, intervention.session_id, intervention_entry(intervention))
+
+    def record_outcome(self, outcome: Outcome) -> None:
+        self._append(outcome.tenant, outcome.session_id, outcome_entry(outcome))
 
     def _append(self, tenant: str, session_id: str, entry: SessionEntry) -> None:
         key = (tenant, session_id)

@@ -89,6 +89,7 @@ class SessionState(BaseModel):
     agents: list[AgentName] = Field(default_factory=list)  # switched on by earlier findings
     interventions: int = 0
     turns: int = 0
+    outcome: str | None = None  # reported once by the client when the session ended (proxy.outcomes)
 
     def add_guidance(self, notes: Sequence[str]) -> None:
         for note in notes:

@@ -1,0 +1,218 @@
+"""Session outcomes reported through the proxy: official SDK for the chat turns, httpx2 for the outcome endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+import yaml
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from detector_service.engine import Engine
+from detector_service.profile import Mode, Profile
+from proxy.app import create_app
+from proxy.auth import tenant_id
+from proxy.metrics import ProxyMetrics
+from proxy.recorder import RedisRecorder, SessionEntry
+from proxy.sessions import RedisSessionStore
+from proxy.settings import ProxySettings
+from proxy.supervisor import Supervisor
+from proxy.verdicts import EmbeddedVerdicts
+from tests.servers import serve_in_thread
+from tests.supervised_upstream import ScriptedModel
+from tests.supervision_harness import LOOKED_UP, QUESTION, TOOLS, cancels_until_told, recorder_of
+
+KEY, OTHER_KEY = "client-key", "other-client-key"
+TENANT = tenant_id(KEY)
+INTERVENED, CLEAN = "session-with-retry", "session-without-intervention"
+
+
+def _model(body: dict[str, Any]) -> dict[str, Any]:
+    """Cancels without confirmation in the session that gets corrected; answers plainly in the other one."""
+    if body["messages"][1]["content"] == "Hello":
+        return {"content": "Hello! How can I help you with your reservation?"}
+    return cancels_until_told(body)
+
+
+class Proxy:
+    def __init__(self, url: str, app: FastAPI) -> None:
+        self.url = url
+        self.app = app
+
+    def sdk(self, key: str = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=20)
+
+    def report(self, session_id: str, body: object, key: str | None = KEY) -> httpx2.Response:
+        headers = {"authorization": f"Bearer {key}"} if key is not None else {}
+        content = body if isinstance(body, bytes) else None
+        json_body = None if isinstance(body, bytes) else body
+        return httpx2.post(
+            f"{self.url}/v1/fama/sessions/{session_id}/outcome",
+            json=json_body,
+            content=content,
+            headers=headers,
+            timeout=10,
+        )
+
+    def metric(self, outcome: str, intervened: str) -> float | None:
+        metrics: ProxyMetrics = self.app.state.metrics
+        return metrics.registry.get_sample_value(
+            "fama_session_outcomes_total", {"outcome": outcome, "intervened": intervened}
+        )
+
+    def record(self, session_id: str) -> list[SessionEntry]:
+        recorder = recorder_of(self.app)
+
+        async def read() -> list[SessionEntry]:
+            await recorder.flush()
+            return await recorder.session(TENANT, session_id)
+
+        return asyncio.run(read())
+
+
+def _redis_supervisor(redis_url: str, profile: Profile, metrics: ProxyMetrics) -> Supervisor:
+    redis = Redis.from_url(redis_url)
+    return Supervisor(
+        Mode.ENFORCE,
+        profile,
+        EmbeddedVerdicts(Engine(profile), metrics),
+        RedisSessionStore(redis, 3600, metrics, timeout_s=1.0),
+        metrics,
+        RedisRecorder(redis, metrics, session_ttl_s=3600),
+        closing=redis,
+    )
+
+
+@pytest.fixture(params=["memory", "redis"])
+def proxy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Proxy]:
+    """The proxy in enforce mode in front of the scripted model, with two client keys; in-memory session state and
+    records, or both in a real Redis (with detectors in-process so the verdicts need no worker)."""
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump({}))
+    model = ScriptedModel(_model)
+    with serve_in_thread(model.app) as upstream:
+        settings = ProxySettings(
+            upstream_url=upstream + "/v1", profile=str(path), mode=Mode.ENFORCE, api_keys=[KEY, OTHER_KEY]
+        )
+        if request.param == "redis":
+            redis_url: str = request.getfixturevalue("redis_url")
+            # The supervisor's own metrics stay apart; outcomes are counted on the app's (read by the tests).
+            app = create_app(settings, hooks=_redis_supervisor(redis_url, Profile(), ProxyMetrics()))
+        else:
+            app = create_app(settings)
+        with serve_in_thread(app) as url:
+            yield Proxy(url, app)
+
+
+def _run_sessions(proxy: Proxy) -> None:
+    with proxy.sdk() as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="m", messages=LOOKED_UP, tools=TOOLS, extra_headers={"x-fama-session": INTERVENED}
+        )
+        assert raw.headers["x-fama-intervention"] == "retry:DCV"
+        assert raw.parse().choices[0].message.content == QUESTION
+        clean: list[Any] = [LOOKED_UP[0], {"role": "user", "content": "Hello"}]
+        raw = client.chat.completions.with_raw_response.create(
+            model="m", messages=clean, tools=TOOLS, extra_headers={"x-fama-session": CLEAN}
+        )
+        assert "x-fama-intervention" not in raw.headers
+        assert raw.headers["x-fama-session"] == CLEAN
+
+
+def test_outcomes_are_counted_by_whether_the_session_had_an_intervention(proxy: Proxy) -> None:
+    _run_sessions(proxy)
+    assert not proxy.metric("success", "yes")
+
+    answer = proxy.report(INTERVENED, {"outcome": "success", "reward": 1, "note": "cancelled after confirming"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {
+        "object": "fama.session.outcome",
+        "session_id": INTERVENED,
+        "outcome": "success",
+        "reward": 1.0,
+        "intervened": True,
+    }
+    answer = proxy.report(CLEAN, {"outcome": "failure"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["intervened"] is False
+
+    assert proxy.metric("success", "yes") == 1
+    assert proxy.metric("failure", "no") == 1
+    assert not proxy.metric("success", "no")
+    assert not proxy.metric("failure", "yes")
+
+
+def test_the_outcome_is_recorded_in_the_session_record(proxy: Proxy) -> None:
+    _run_sessions(proxy)
+    assert proxy.report(INTERVENED, {"outcome": "success", "reward": 0.5, "note": "ok"}).status_code == 200
+    entries = proxy.record(INTERVENED)
+    kinds = [e.kind for e in entries]
+    assert "intervention" in kinds
+    assert kinds[-1] == "outcome"
+    assert entries[-1].data == {"outcome": "success", "reward": 0.5, "note": "ok", "intervened": True}
+    assert proxy.report(CLEAN, {"outcome": "failure"}).status_code == 200
+    assert proxy.record(CLEAN)[-1].data == {"outcome": "failure", "intervened": False}
+
+
+def test_a_second_report_is_refused_and_not_counted(proxy: Proxy) -> None:
+    _run_sessions(proxy)
+    assert proxy.report(CLEAN, {"outcome": "success"}).status_code == 200
+    again = proxy.report(CLEAN, {"outcome": "failure"})
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "outcome_already_reported"
+    assert proxy.metric("success", "no") == 1
+    assert not proxy.metric("failure", "no")
+
+
+def test_unknown_sessions_are_404_also_across_tenants(proxy: Proxy) -> None:
+    _run_sessions(proxy)
+    missing = proxy.report("never-seen", {"outcome": "success"})
+    assert missing.status_code == 404
+    assert missing.json()["error"] == {
+        "message": "No session 'never-seen' is known to this proxy",
+        "type": "invalid_request_error",
+        "param": "session_id",
+        "code": "unknown_session",
+    }
+    # Sessions are namespaced by tenant: another client key cannot report on this one.
+    assert proxy.report(CLEAN, {"outcome": "success"}, key=OTHER_KEY).status_code == 404
+    assert not proxy.metric("success", "no")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        ({}, "outcome"),
+        ({"outcome": "maybe"}, "outcome"),
+        ({"outcome": "success", "reward": "high"}, "reward"),
+        ({"outcome": "success", "reward": True}, "reward"),
+        ({"outcome": "success", "note": 5}, "note"),
+        ({"outcome": "success", "note": "x" * 2001}, "note"),
+        ({"outcome": "success", "score": 1}, "score"),
+    ],
+)
+def test_a_bad_body_is_400_naming_the_field(proxy: Proxy, body: object, param: str | None) -> None:
+    _run_sessions(proxy)
+    answer = proxy.report(CLEAN, body)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert proxy.report(CLEAN, {"outcome": "success"}).status_code == 200  # nothing was kept from the bad one
+
+
+@pytest.mark.parametrize("key", [None, "wrong-key"])
+def test_reporting_needs_a_client_key(proxy: Proxy, key: str | None) -> None:
+    _run_sessions(proxy)
+    answer = proxy.report(CLEAN, {"outcome": "success"}, key=key)
+    assert answer.status_code == 401
+    assert answer.json()["error"]["code"] == "invalid_api_key"
+    assert not proxy.metric("success", "no")
