@@ -69,6 +69,9 @@ def adapt_for_upstream(body: dict[str, Any]) -> dict[str, Any]:
     for message in body["messages"]:
         if message.get("role") == "assistant" and message.get("tool_calls") and message.get("content") is None:
             message["content"] = ""
+    # llama-cpp-python ignores max_completion_tokens (the newer name) and generates until the context is full.
+    if "max_completion_tokens" in body and "max_tokens" not in body:
+        body["max_tokens"] = body["max_completion_tokens"]
     return body
 
 

@@ -70,6 +70,7 @@ async def upstream_events(response: httpx2.Response, max_event_bytes: int = MAX_
     buffer = bytearray()
     data: list[bytes] = []
     finished = False
+    sent = False
     try:
         async for part in response.aiter_bytes():
             if finished:
@@ -93,6 +94,7 @@ async def upstream_events(response: httpx2.Response, max_event_bytes: int = MAX_
                         finished = True
                         buffer.clear()
                         break
+                    sent = True
                     yield _payload(joined)
             if len(buffer) + sum(map(len, data)) > max_event_bytes:
                 raise UpstreamStreamError("an upstream stream event exceeded the size limit")
@@ -113,6 +115,10 @@ async def upstream_events(response: httpx2.Response, max_event_bytes: int = MAX_
         _line_event(bytes(buffer).rstrip(b"\r"), data)
     if data and (joined := b"\n".join(data)).strip() != b"[DONE]":
         yield _payload(joined)
+    elif not sent:
+        # llama-cpp-python answers 200 with an empty event stream when generation fails before the first
+        # chunk (unknown tool in tool_choice, context overflow); the client must see an error, not silence.
+        raise UpstreamStreamError("the upstream model server ended the stream without sending anything")
 
 
 def _has_output(chunk: dict[str, Any]) -> bool:

@@ -465,6 +465,9 @@ class ScriptedUpstream:
     async def _stream(self, script: Script, scenario: str, chunks: list[dict[str, Any]]) -> AsyncIterator[bytes]:
         finished = False
         try:
+            if scenario == "empty-stream":  # llama-cpp-python when generation fails before the first chunk
+                finished = True
+                return
             if scenario == "slow":
                 for i in range(400):
                     await asyncio.sleep(self.slow_delay_s)

@@ -178,6 +178,13 @@ def test_midstream_error_raises_api_error(client: openai.OpenAI, style: str) -> 
     assert set(caught.value.body) == {"message", "type", "param", "code"}
 
 
+def test_empty_upstream_stream_raises_api_error(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(model="llamacpp:empty-stream", messages=MESSAGES, stream=True)
+    with pytest.raises(openai.APIError) as caught:
+        list(stream)
+    assert "ended the stream without sending anything" in caught.value.message
+
+
 @pytest.mark.parametrize("scenario", ["drop", "bad-json"])
 def test_broken_upstream_stream_raises_api_error(client: openai.OpenAI, proxy_url: str, scenario: str) -> None:
     stream = client.chat.completions.create(model=f"vllm:{scenario}", messages=MESSAGES, stream=True)

@@ -290,3 +290,10 @@ def test_upstream_connections_are_pooled(client: openai.OpenAI, scripted: Script
             client.chat.completions.create(model="vllm:text", messages=MESSAGES)
     peers = {r.peer for r in scripted.requests[before:]}
     assert len(peers) == 1, "each request opened a new upstream connection"
+
+
+def test_max_completion_tokens_is_also_sent_as_max_tokens(client: openai.OpenAI, scripted: ScriptedUpstream) -> None:
+    client.chat.completions.create(model="llamacpp:text", messages=MESSAGES, max_completion_tokens=5)
+    sent = scripted.requests[-1].body
+    assert sent["max_completion_tokens"] == 5
+    assert sent["max_tokens"] == 5
