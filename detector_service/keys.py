@@ -8,6 +8,7 @@ REPLY_STREAM_PREFIX = "fama:replies:"
 SESSION_PREFIX = "fama:session:"
 SESSION_STATE_PREFIX = "fama:state:"  # per-session supervision state carried across turns
 EXTRACTION_PREFIX = "fama:extract:"  # cached per-policy-text extractions (DCE)
+EXTRACTION_LOCK_PREFIX = "fama:extract-lock:"  # held while one replica asks the LLM for an extraction
 LATE_VERDICTS_STREAM = "fama:verdicts:late"
 
 
@@ -21,6 +22,10 @@ def session_key(tenant: str, session_id: str) -> str:
 
 def extraction_key(policy_hash: str) -> str:
     return f"{EXTRACTION_PREFIX}{policy_hash}"
+
+
+def extraction_lock_key(policy_hash: str) -> str:
+    return f"{EXTRACTION_LOCK_PREFIX}{policy_hash}"
 
 
 def session_state_key(tenant: str, session_id: str) -> str:

@@ -125,6 +125,31 @@ class JudgeConfig(_Strict):
     timeout_s: float = 10.0
 
 
+class LLMAgentsConfig(_Strict):
+    """LLM-backed specialized agents (off by default). They run in the detector service, never in a turn.
+
+    They use the judge's endpoint settings (``judge.base_url``, ``judge.model``, ``judge.api_key_env``)
+    whether or not the judge itself is enabled. Only DCE has an LLM-backed version: the detector worker
+    asks the model once per distinct policy text for its rules, each tagged with the tools it constrains
+    (JSON-schema-constrained answer), and caches them in Redis under ``fama:extract:<sha256 of the
+    policy text>`` for ``ttl_s``. The proxy (Redis mode) injects the cached rules relevant to the pending
+    action when they exist and the deterministic DCE sentences until then; it never waits for the model.
+
+    Example::
+
+        llm_agents: {agents: [DCE]}
+        judge: {base_url: http://127.0.0.1:8080/v1, model: local-model}
+    """
+
+    agents: list[Literal[AgentName.DCE]] = Field(default_factory=list)
+    timeout_s: float = Field(default=60.0, gt=0)  # one extraction call (a whole policy: slower than a judge call)
+    ttl_s: int = Field(default=24 * 3600, ge=60)  # lifetime of a cached extraction in Redis
+
+    @property
+    def dce(self) -> bool:
+        return AgentName.DCE in self.agents
+
+
 DEFAULT_ACTIONS: dict[Category, Action] = {
     Category.MTC: Action.RETRY,
     Category.DCV: Action.RETRY,
@@ -149,6 +174,7 @@ class Profile(_Strict):
     agents: list[AgentName] = Field(default_factory=lambda: [AgentName.VERIFIER, AgentName.MEMORY])
     detectors: dict[str, DetectorConfig] = Field(default_factory=dict)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    llm_agents: LLMAgentsConfig = Field(default_factory=LLMAgentsConfig)
     actions: dict[Category, Action] = Field(default_factory=lambda: dict(DEFAULT_ACTIONS))
     max_retries: int = Field(default=2, ge=0, le=5)
     deadline_ms: int = Field(default=250, ge=1, le=120_000)

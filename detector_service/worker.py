@@ -11,6 +11,9 @@ the turns of a batch (at most ``judge_concurrency`` calls at once), each bounded
 remaining deadline and the judge's own timeout. Its findings are merged into the verdict; when it
 fails or runs out of time the deterministic verdict is published unchanged.
 
+With ``profile.llm_agents`` naming DCE, each batch's policy texts are handed to the extraction
+scheduler after the verdicts are published (:mod:`detector_service.extraction`).
+
 The engine runs inline: it is pure CPU and takes microseconds per turn, so a thread would only add
 hand-off cost without freeing the GIL.
 """
@@ -33,6 +36,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from detector_service import keys, streams
 from detector_service.engine import Engine, merge
+from detector_service.extraction import ExtractionScheduler, Extractor
 from detector_service.health import create_health_app, health_server
 from detector_service.judge import Judge, JudgeError, make_client
 from detector_service.metrics import DetectorMetrics
@@ -93,12 +97,14 @@ class Worker:
         engine: Engine,
         metrics: DetectorMetrics,
         judge: Judge | None = None,
+        extractions: ExtractionScheduler | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
         self.engine = engine
         self.metrics = metrics
         self.judge = judge
+        self.extractions = extractions
         self.consumer = settings.consumer_name
         self.processed = 0
         self._judge_slots = asyncio.Semaphore(settings.judge_concurrency)
@@ -240,6 +246,8 @@ class Worker:
                 self.metrics.findings.labels(category=f.category.value, detector=f.detector).inc()
         await streams.ack(self.redis, keys.TURNS_STREAM, keys.DETECTOR_GROUP, to_ack)
         self.processed += len(to_ack)
+        if self.extractions is not None:
+            self.extractions.notice(d.turn for d in done)
 
     async def _judged(self, judge: Judge, turn: TurnEvent, verdict: Verdict) -> Verdict:
         """``verdict`` with the judge's findings merged in, or unchanged when the judge fails or has no time."""
@@ -323,7 +331,15 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
     judge = None
     if profile.judge.enabled:
         judge = Judge(profile.judge, make_client(profile.judge, judge_api_key(settings, profile.judge)))
-    worker = Worker(settings, redis, Engine(profile), metrics, judge)
+    extractions = None
+    if profile.llm_agents.dce:
+        extractor = Extractor(
+            profile.judge,
+            make_client(profile.judge, judge_api_key(settings, profile.judge)),
+            profile.llm_agents.timeout_s,
+        )
+        extractions = ExtractionScheduler(redis, extractor, profile, metrics, settings.consumer_name)
+    worker = Worker(settings, redis, Engine(profile), metrics, judge, extractions)
     server = None
     server_task = None
     if settings.metrics_port:
@@ -353,6 +369,8 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
             await server_task
         if judge is not None:
             await judge.aclose()
+        if extractions is not None:
+            await extractions.aclose(settings.drain_timeout_s)
         await redis.aclose()
     log.info("worker %s stopped after %d turns", worker.consumer, worker.processed)
     return code

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from detector_service.agents import PolicyCache, build_notes
 from detector_service.profile import AgentName, Profile
 from detector_service.wire import Category
 from proxy.metrics import ProxyMetrics
 from proxy.sessions import SessionState
+
+if TYPE_CHECKING:
+    from detector_service.extraction import PolicyExtraction
 
 FORMAT_VERSION = 1
 OPENING = f"[FAMA context v{FORMAT_VERSION}] Notes from the supervisor for your next step. Follow them; do not quote them to the user."
@@ -122,22 +125,32 @@ class Injector:
         self.cache = cache or PolicyCache()
 
     def sections(
-        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]], state: SessionState
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]],
+        state: SessionState,
+        extraction: PolicyExtraction | None = None,
     ) -> list[Section]:
         out: list[Section] = []
         if state.guidance:
             out.append(Section(GUIDANCE_LABEL, GUIDANCE_TITLE, list(state.guidance), GUIDANCE_PRIORITY))
-        notes = build_notes(active_agents(self.profile, state), messages, tools, self.profile, self.cache)
+        agents = active_agents(self.profile, state)
+        notes = build_notes(agents, messages, tools, self.profile, self.cache, extraction=extraction)
         out += [Section(n.agent.value, f"{n.agent.value}: {n.title}", list(n.lines), n.priority) for n in notes]
         return out
 
     def inject(
-        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]], state: SessionState
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]],
+        state: SessionState,
+        extraction: PolicyExtraction | None = None,
     ) -> Injection:
+        """The request's messages plus the context message; ``extraction`` (cached LLM DCE rules) is optional."""
         budget = self.profile.injection_token_budget
         if budget <= 0:
             return Injection(list(messages), None, ())
-        kept = fit(self.sections(messages, tools, state), budget)
+        kept = fit(self.sections(messages, tools, state, extraction), budget)
         if not kept:
             return Injection(list(messages), None, ())
         text = render(kept)

@@ -34,10 +34,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from detector_service.agents.policy import policy_text
 from detector_service.engine import Engine
+from detector_service.extraction import PolicyExtraction
 from detector_service.profile import Mode, Profile, load_profile
 from detector_service.wire import Action, Category, TurnEvent, Verdict
 from proxy import chat
+from proxy.extractions import ExtractionReader
 from proxy.held_stream import CandidateBuffer, Envelope, add_usage, content_delta, tool_call_deltas
 from proxy.injection import GUIDANCE_LABEL, Injector, triggered_agents
 from proxy.metrics import MAX_TOOL_LABELS, ProxyMetrics
@@ -102,6 +105,7 @@ class Supervisor(chat.ChatHooks):
         recorder: Recorder | None = None,
         injector: Injector | None = None,
         closing: Redis | None = None,
+        extractions: ExtractionReader | None = None,
     ) -> None:
         self.mode = mode
         self.profile = profile
@@ -111,6 +115,7 @@ class Supervisor(chat.ChatHooks):
         self.recorder = recorder
         self.injector = injector or Injector(profile, metrics)
         self._closing = closing  # a Redis client this supervisor owns and closes on stop
+        self.extractions = extractions  # cached LLM-extracted policy rules for DCE (Redis mode)
         self.deadline_s = profile.deadline_ms / 1000
         # Background evaluations (observe mode, streamed text) by session, so the next turn can wait for them.
         self._pending: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -140,14 +145,20 @@ class Supervisor(chat.ChatHooks):
         if not tools or int(body.get("n") or 1) != 1:
             return body  # nothing to supervise: no tool use, or several answers the client will choose from
         await self._settled(ref)
-        state = await self.store.load(ref)
-        injection = self.injector.inject(messages, tools, state)
+        # Both reads are bounded; done together, the cached extraction adds no round trip of its own.
+        state, extraction = await asyncio.gather(self.store.load(ref), self._extraction(messages))
+        injection = self.injector.inject(messages, tools, state, extraction)
         if GUIDANCE_LABEL in injection.labels:
             state.guidance.clear()  # delivered; findings of this turn may add new guidance
         state.turns += 1
         sent = {**body, "messages": injection.messages}
         ctx.hook_state[_STATE_KEY] = Turn(ref, state, list(messages), tools, sent, injection.labels)
         return sent
+
+    async def _extraction(self, messages: list[dict[str, Any]]) -> PolicyExtraction | None:
+        if self.extractions is None:
+            return None
+        return await self.extractions.get(policy_text(messages, self.profile))
 
     async def after_response(self, ctx: chat.ChatContext, response: dict[str, Any]) -> dict[str, Any]:
         turn: Turn | None = ctx.hook_state.get(_STATE_KEY)
@@ -413,4 +424,8 @@ def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervis
         metrics,
         recorder_for(redis, metrics, session_ttl_s=settings.session_ttl_s),
         closing=redis,
+        # The detector service fills the cache (profile ``llm_agents``); a turn only ever reads it.
+        extractions=ExtractionReader(redis, metrics, timeout_s=min(0.05, profile.deadline_ms / 1000))
+        if profile.llm_agents.dce
+        else None,
     )

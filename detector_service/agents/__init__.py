@@ -8,13 +8,16 @@ run inline before every model call; the proxy's injection module decides which r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from detector_service.agents import memory, outputs, planner, policy, suggestion, verifier
 from detector_service.agents.note import AgentInput, Note
 from detector_service.agents.policy import PolicyCache
 from detector_service.agents.view import ConversationView
 from detector_service.profile import AgentName, Profile
+
+if TYPE_CHECKING:
+    from detector_service.extraction import PolicyExtraction
 
 __all__ = ["AgentInput", "ConversationView", "Note", "PolicyCache", "build_notes"]
 
@@ -26,8 +29,13 @@ def build_notes(
     profile: Profile,
     cache: PolicyCache,
     candidate: dict[str, Any] | None = None,
+    extraction: PolicyExtraction | None = None,
 ) -> list[Note]:
-    """Run the named agents over one conversation, in the given order; agents with nothing to say are skipped."""
+    """Run the named agents over one conversation, in the given order; agents with nothing to say are skipped.
+
+    ``extraction`` is the LLM-extracted rules of this conversation's policy, when the detector service
+    has cached them; DCE uses it instead of raw policy sentences.
+    """
     if not agents:
         return []
     view = ConversationView.build(messages, tools, profile)
@@ -38,7 +46,7 @@ def build_notes(
     for agent in agents:
         note: Note | None
         if agent is AgentName.DCE:
-            note = policy.build(inp, cache)
+            note = policy.build(inp, cache, extraction)
         elif agent is AgentName.TSA:
             note = suggestion.build(inp)
         elif agent is AgentName.TOR:

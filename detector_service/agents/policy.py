@@ -4,17 +4,29 @@ The policy (system message, else the profile's ``policy``) is split into sentenc
 text and cached by its SHA-256, so a long policy is indexed once per deployment, not once per turn.
 Each sentence is scored by the weighted overlap of its stems (and its section heading's) with the
 pending tools' names and the latest user request; rare words weigh more than common ones.
+
+When the detector service has extracted the policy's rules with an LLM (:mod:`detector_service.extraction`)
+and the caller passes that extraction, the rules tagged with a pending tool, then those whose words
+overlap the request, are used instead of raw sentences.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from detector_service.agents import text as t
 from detector_service.agents.note import AgentInput, Note
+from detector_service.agents.view import policy_text
 from detector_service.profile import AgentName, ToolKind
+
+if TYPE_CHECKING:
+    from detector_service.extraction import PolicyExtraction
+
+__all__ = ["PolicyCache", "build", "policy_hash", "policy_text"]
 
 MAX_SENTENCES = 6
 # What any state-changing action is subject to, whatever the domain calls it.
@@ -91,7 +103,23 @@ def relevant_sentences(index: PolicyIndex, query: set[str], limit: int = MAX_SEN
     return [index.sentences[i] for _, i in sorted(best, key=lambda p: p[1])]  # keep the policy's own order
 
 
-def build(inp: AgentInput, cache: PolicyCache) -> Note | None:
+TOOL_MATCH_BONUS = 100.0  # a rule tagged with a pending tool outranks any word overlap
+
+
+def relevant_rules(extraction: PolicyExtraction, query: set[str], pending: Sequence[str]) -> list[str]:
+    documents = [t.stems(r.rule) | {s for name in r.tools for s in t.stems(name)} for r in extraction.rules]
+    weights = t.idf(documents)
+    tagged = set(pending)
+    scored = []
+    for i, (rule, doc) in enumerate(zip(extraction.rules, documents, strict=True)):
+        score = t.overlap_score(query, doc, weights) + (TOOL_MATCH_BONUS if tagged.intersection(rule.tools) else 0.0)
+        if score > 0:
+            scored.append((score, i))
+    best = sorted(scored, key=lambda p: (-p[0], p[1]))[:MAX_SENTENCES]
+    return [extraction.rules[i].rule for _, i in sorted(best, key=lambda p: p[1])]
+
+
+def build(inp: AgentInput, cache: PolicyCache, extraction: PolicyExtraction | None = None) -> Note | None:
     policy = inp.view.system_text
     if not policy.strip():
         return None
@@ -100,7 +128,11 @@ def build(inp: AgentInput, cache: PolicyCache) -> Note | None:
         query |= t.stems(name)
         if inp.view.kind_of(name) is ToolKind.WRITE:
             query |= t.stems(_WRITE_QUERY)
-    found = relevant_sentences(cache.get(policy), query)
+    found: list[str] = []
+    if extraction is not None and extraction.policy_hash == policy_hash(policy):
+        found = relevant_rules(extraction, query, inp.pending_tools)
+    if not found:
+        found = relevant_sentences(cache.get(policy), query)
     if not found:
         return None
     return Note(AgentName.DCE, "Policy rules that apply now", tuple(t.clip(s, 300) for s in found), priority=50)

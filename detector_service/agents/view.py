@@ -75,6 +75,21 @@ class DeclaredTool:
         return [str(r) for r in req] if isinstance(req, list) else []
 
 
+def _joined_policy(system: list[str], profile: Profile) -> str:
+    if not system and profile.policy:
+        return profile.policy
+    return "\n\n".join(system)
+
+
+def policy_text(messages: Sequence[dict[str, Any]], profile: Profile) -> str:
+    """The policy DCE reads: the system/developer messages, else the profile's ``policy``.
+
+    The proxy and the detector service both key cached extractions by this text's hash.
+    """
+    system = [text_of(m.get("content")) for m in messages if m.get("role") in ("system", "developer")]
+    return _joined_policy(system, profile)
+
+
 @dataclass
 class ConversationView:
     messages: Sequence[dict[str, Any]]
@@ -131,9 +146,7 @@ class ConversationView:
                 if pos is not None:
                     c = view.calls[pos]
                     view.calls[pos] = ToolCall(c.index, c.id, c.name, c.raw_arguments, c.arguments, text, i)
-        if not system and profile.policy:
-            system.append(profile.policy)
-        view.system_text = "\n\n".join(system)
+        view.system_text = _joined_policy(system, profile)
         return view
 
     @property
