@@ -11,6 +11,7 @@ The proxy reads the cached value when it builds the DCE context (:mod:`proxy.ext
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -209,6 +210,12 @@ class ExtractionScheduler:
                 return
             try:
                 extraction = await self.extractor.extract(policy, tools)
+            except asyncio.CancelledError:
+                # Stopped mid-call (shutdown): free the lock so another replica need not wait for it to expire.
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await self.redis.delete(lock)
+                raise
             except ExtractionError as exc:
                 # The lock stays until it expires: the back-off before any replica asks again.
                 self.metrics.extractions.labels(outcome="error").inc()

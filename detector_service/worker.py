@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 2.0
 MAX_BACKOFF_S = 2.0
+EXTRACTION_STOP_S = 1.0  # how long a stopping worker lets LLM extractions in flight finish
 PUBLISH_MARGIN_MS = 20  # kept free before a turn's deadline to publish its verdict
 
 
@@ -286,6 +287,18 @@ class Worker:
                 exc,
             )
             return verdict
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this worker is being cancelled
+            # A duplicate of this turn (a reclaimed entry) shared the judge call and ran out of time first.
+            self.metrics.judge_calls.labels(outcome="timeout").inc()
+            log.warning("judge call shared with a duplicate of turn %s was cut short", turn.turn_id)
+            return verdict
+        except Exception:  # a judge bug must not withhold the deterministic verdict
+            self.metrics.judge_calls.labels(outcome="error").inc()
+            log.exception("judge crashed on turn %s (session %s/%s)", turn.turn_id, turn.tenant, turn.session_id)
+            return verdict
         self.metrics.judge_calls.labels(outcome="ok").inc()
         return merge(self.engine, verdict, turn.candidate, extra)
 
@@ -370,7 +383,8 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
         if judge is not None:
             await judge.aclose()
         if extractions is not None:
-            await extractions.aclose(settings.drain_timeout_s)
+            # Burst mode finishes its extractions; a stopping worker cuts them short (another replica redoes them).
+            await extractions.aclose(settings.drain_timeout_s if until_idle else EXTRACTION_STOP_S)
         await redis.aclose()
     log.info("worker %s stopped after %d turns", worker.consumer, worker.processed)
     return code

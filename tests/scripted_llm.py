@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +27,7 @@ class ScriptedLLM:
         self.status = 200
         self.requests: list[dict[str, Any]] = []
         self.authorizations: list[str | None] = []
+        self.arrived = threading.Event()  # set by the first request (the server runs in another thread)
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -42,6 +44,7 @@ class ScriptedLLM:
             self.authorizations.append(request.headers.get("authorization"))
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.arrived.set()
             try:
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)

@@ -31,7 +31,11 @@ from detector_service.profile import Profile
 from detector_service.settings import DetectorSettings
 from detector_service.wire import TurnEvent, dumps
 from detector_service.worker import Worker
+from proxy.extractions import ExtractionReader
+from proxy.metrics import ProxyMetrics
+from proxy.verdicts import redis_client
 from tests.scripted_llm import ScriptedLLM
+from tests.servers import free_port
 from tests.supervised_upstream import ScriptedModel, context_in
 from tests.supervision_harness import CANCEL, LOOKED_UP, QUESTION, SYSTEM, TOOLS, proxy_for
 
@@ -178,6 +182,37 @@ async def test_a_failed_extraction_is_counted_and_backs_off_for_every_replica(
     digest = policy_hash(SYSTEM)
     assert await aredis.exists(keys.extraction_key(digest)) == 0
     assert await aredis.pttl(keys.extraction_lock_key(digest)) > 0
+
+
+async def test_a_stopping_replica_cuts_its_extraction_short_and_frees_the_lock(
+    redis_url: str, aredis: Redis, llm: ScriptedLLM, llm_url: str
+) -> None:
+    llm.delay_s = 2.0
+    digest = policy_hash(SYSTEM)
+    async with scheduler(redis_url, llm_url, "a") as (a, metrics):
+        a.notice([cancel_turn()])
+        assert await asyncio.to_thread(llm.arrived.wait, 10.0)
+        assert await aredis.exists(keys.extraction_lock_key(digest)) == 1
+        await a.aclose(0.05)
+        assert await aredis.exists(keys.extraction_lock_key(digest)) == 0
+        assert await aredis.exists(keys.extraction_key(digest)) == 0
+        assert extractions(metrics, "ok") == 0
+
+
+async def test_the_proxy_reader_answers_none_on_a_miss_and_on_a_redis_outage(redis_url: str, aredis: Redis) -> None:
+    metrics = ProxyMetrics()
+    up = redis_client(redis_url)
+    down = redis_client(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        assert await ExtractionReader(up, metrics).get(SYSTEM) is None
+        stored = PolicyExtraction(policy_hash=policy_hash(SYSTEM), model="m", rules=[{"rule": RULE, "tools": []}])
+        await aredis.set(keys.extraction_key(policy_hash(SYSTEM)), stored.model_dump_json())
+        assert await ExtractionReader(up, metrics).get(SYSTEM) == stored
+        assert await ExtractionReader(down, metrics).get(SYSTEM) is None
+        assert metrics.registry.get_sample_value("fama_redis_errors_total", {"op": "extraction_read"}) == 1
+    finally:
+        await up.aclose()
+        await down.aclose()
 
 
 # --- through the proxy, with a real ``fama detector`` process ----------------------------------------
