@@ -8,8 +8,9 @@ new arrives, so tests need no sleeps.
 
 With ``profile.judge.enabled`` the LLM judge runs after the deterministic verdict, concurrently for
 the turns of a batch (at most ``judge_concurrency`` calls at once), each bounded by its turn's
-remaining deadline and the judge's own timeout. Its findings are merged into the verdict; when it
-fails or runs out of time the deterministic verdict is published unchanged.
+remaining deadline and the judge's own timeout; verdicts are published as their calls end. Its
+findings are merged into the verdict; when it fails or runs out of time the deterministic verdict is
+published unchanged.
 
 With ``profile.llm_agents`` naming DCE, each batch's policy texts are handed to the extraction
 scheduler after the verdicts are published (:mod:`detector_service.extraction`).
@@ -192,7 +193,7 @@ class Worker:
         return stats
 
     async def handle(self, entries: list[streams.Entry]) -> None:
-        """Evaluate a batch, publish its verdicts in one round trip, then acknowledge what was published."""
+        """Evaluate a batch, publish its verdicts (one round trip; in waves with the judge), then acknowledge them."""
         s = self.settings
         done: list[_Done] = []
         for entry in entries:
@@ -225,10 +226,37 @@ class Worker:
             done.append(_Done(entry, verdict, turn))
         if not done:
             return
-        if self.judge is not None:
-            judged = await asyncio.gather(*(self._judged(self.judge, d.turn, d.verdict) for d in done))
-            for d, verdict in zip(done, judged, strict=True):
-                d.verdict = verdict
+        if self.judge is None:
+            await self._publish(done)
+        else:
+            await self._publish_judged(self.judge, done)
+        if self.extractions is not None:
+            self.extractions.notice(d.turn for d in done)
+
+    async def _publish_judged(self, judge: Judge, done: list[_Done]) -> None:
+        """Judge the batch's turns concurrently; publish verdicts in waves as their judge calls end.
+
+        Waves keep a turn with a far deadline (or none) from holding back a neighbour's verdict.
+        """
+        waiting: dict[asyncio.Task[Verdict], _Done] = {
+            asyncio.create_task(self._judged(judge, d.turn, d.verdict)): d for d in done
+        }
+        try:
+            while waiting:
+                finished, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                wave = []
+                for task in finished:
+                    d = waiting.pop(task)
+                    d.verdict = task.result()
+                    wave.append(d)
+                await self._publish(wave)
+        finally:
+            for task in waiting:
+                task.cancel()
+
+    async def _publish(self, done: list[_Done]) -> None:
+        """Publish verdicts in one round trip, then acknowledge what was published."""
+        s = self.settings
         replies = [(d.turn.reply_to, dumps(d.verdict)) for d in done if d.turn.reply_to]
         published = iter(await streams.publish_replies(self.redis, replies, maxlen=s.reply_maxlen, ttl_s=s.reply_ttl_s))
         to_ack: list[str] = []
@@ -247,8 +275,6 @@ class Worker:
                 self.metrics.findings.labels(category=f.category.value, detector=f.detector).inc()
         await streams.ack(self.redis, keys.TURNS_STREAM, keys.DETECTOR_GROUP, to_ack)
         self.processed += len(to_ack)
-        if self.extractions is not None:
-            self.extractions.notice(d.turn for d in done)
 
     async def _judged(self, judge: Judge, turn: TurnEvent, verdict: Verdict) -> Verdict:
         """``verdict`` with the judge's findings merged in, or unchanged when the judge fails or has no time."""

@@ -141,6 +141,28 @@ async def test_slow_judge_past_the_deadline_publishes_the_deterministic_verdict_
     assert judge_calls(metrics, "ok") == 0
 
 
+async def test_a_near_deadline_is_not_held_back_by_a_neighbours_judge_call(
+    redis_url: str, redis: Redis, llm: ScriptedLLM, llm_url: str
+) -> None:
+    llm.answers["fama_judge"] = CM_ANSWER
+    llm.delay_s = 2.0
+    near_deadline = deadline_in(600)
+    near = with_deadline(turn(1, reply_to=REPLY), near_deadline)
+    far = turn(2, reply_to=REPLY)  # no deadline: the judge's own timeout bounds it
+    await publish(redis, far)
+    await publish(redis, near)
+
+    metrics, entries = await run_worker(redis_url, llm_url, timeout_s=10.0)
+
+    by_turn = {v.turn_id: (e, v) for e, v in zip(entries, verdicts(entries), strict=True)}
+    entry, verdict = by_turn[near.turn_id]
+    assert int(entry.id.split("-")[0]) <= near_deadline
+    assert verdict.findings == Engine().evaluate(near).findings
+    assert "llm_judge" in {f.detector for f in by_turn[far.turn_id][1].findings}
+    assert [v.turn_id for v in verdicts(entries)] == [near.turn_id, far.turn_id]
+    assert (judge_calls(metrics, "timeout"), judge_calls(metrics, "ok")) == (1, 1)
+
+
 @pytest.mark.parametrize(("answer", "status"), [("the candidate looks fine to me", 200), (CM_ANSWER, 500)])
 async def test_failing_judge_publishes_the_deterministic_verdict_and_counts_it(
     redis_url: str, redis: Redis, llm: ScriptedLLM, llm_url: str, answer: str, status: int
