@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx2
 import orjson
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
@@ -37,6 +36,7 @@ from proxy.inbound import json_object, require
 from proxy.metrics import ProxyMetrics
 from proxy.streaming import relay, upstream_events
 from proxy.tracing import Trace
+from proxy.upstream import Response as UpstreamResponse
 from proxy.upstream import Upstream, close
 
 PATH = "/chat/completions"
@@ -90,7 +90,7 @@ class ChatContext:
     upstream: Upstream
     metrics: ProxyMetrics
     upstream_headers: dict[str, str]
-    _open: list[tuple[httpx2.Response, float]] = field(default_factory=list)
+    _open: list[tuple[UpstreamResponse, float]] = field(default_factory=list)
     request_headers: Mapping[str, str] = field(default_factory=dict)  # the client's (e.g. x-fama-session)
     response_headers: dict[str, str] = field(default_factory=dict)  # hooks add theirs; sent with the response
     hook_state: dict[str, Any] = field(default_factory=dict)  # a hook's per-turn state, from request to answer
@@ -118,7 +118,7 @@ class ChatContext:
     async def aclose(self) -> None:
         while self._open:
             response, started = self._open.pop()
-            await close(response)
+            close(response)
             self.trace.upstream_s += time.perf_counter() - started
 
 

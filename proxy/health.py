@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import time
 
-import httpx2
 from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.errors import UpstreamNotReady
+from proxy.errors import UpstreamNotReady, UpstreamTimeout, UpstreamUnreachable
 from proxy.metrics import ProxyMetrics
 from proxy.upstream import Upstream
 
@@ -35,14 +34,13 @@ class Readiness:
         return self._problem
 
     async def _probe(self, upstream: Upstream) -> str | None:
-        headers = upstream.headers(None, "readyz")
         try:
-            response = await upstream.client.get(upstream.base_url + "/models", headers=headers, timeout=self.timeout_s)
-        except httpx2.HTTPError as exc:
-            return f"upstream unreachable ({type(exc).__name__})"
+            status = await upstream.probe("/models", self.timeout_s)
+        except (UpstreamUnreachable, UpstreamTimeout) as exc:
+            return exc.message
         # 401/403: the upstream is up and wants the clients' keys, which the probe does not have.
-        if response.status_code >= 400 and response.status_code not in (401, 403):
-            return f"upstream answered {response.status_code} to GET /models"
+        if status >= 400 and status not in (401, 403):
+            return f"upstream answered {status} to GET /models"
         return None
 
 

@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-import httpx2
 import orjson
 from fastapi import APIRouter, Depends
 from sse_starlette import EventSourceResponse
@@ -27,6 +26,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.settings import ProxySettings
 from proxy.streaming import relay, upstream_events
 from proxy.tracing import Trace
+from proxy.upstream import Response as UpstreamResponse
 from proxy.upstream import Upstream, close
 
 
@@ -88,9 +88,9 @@ async def _relay(request: Request, path: str, body: dict[str, Any], upstream: Up
     content = orjson.dumps(body)
     started = time.perf_counter()
 
-    async def done(response: httpx2.Response) -> None:
-        if not response.is_closed:
-            await close(response)
+    async def done(response: UpstreamResponse) -> None:
+        if not response.closed:
+            close(response)
             trace.upstream_s += time.perf_counter() - started
 
     async def call() -> Response:

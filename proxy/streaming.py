@@ -20,7 +20,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
-import httpx2
 import orjson
 from sse_starlette import ServerSentEvent
 
@@ -28,6 +27,7 @@ from proxy import normalize
 from proxy.errors import ProxyError, UpstreamStreamError
 from proxy.metrics import ProxyMetrics
 from proxy.tracing import Trace
+from proxy.upstream import Response, TransportError
 
 logger = logging.getLogger("fama.proxy.streaming")
 
@@ -66,13 +66,13 @@ def _line_event(line: bytes, data: list[bytes]) -> None:
         raise stream_error(payload)
 
 
-async def upstream_events(response: httpx2.Response, max_event_bytes: int = MAX_EVENT_BYTES) -> AsyncIterator[object]:
+async def upstream_events(response: Response, max_event_bytes: int = MAX_EVENT_BYTES) -> AsyncIterator[object]:
     buffer = bytearray()
     data: list[bytes] = []
     finished = False
     sent = False
     try:
-        async for part in response.aiter_bytes():
+        async for part in response.content.iter_any():
             if finished:
                 # Read what follows [DONE] (normally just the end of the chunked body) so the upstream
                 # connection goes back to the pool instead of being closed.
@@ -100,13 +100,13 @@ async def upstream_events(response: httpx2.Response, max_event_bytes: int = MAX_
                 raise UpstreamStreamError("an upstream stream event exceeded the size limit")
         if finished:
             return
-    except httpx2.TimeoutException as exc:
+    except TimeoutError as exc:
         if finished:  # the answer was complete; only the connection is not reusable
             return
         raise UpstreamStreamError(
             "the upstream model server stopped sending mid-stream", code="upstream_timeout"
         ) from exc
-    except httpx2.TransportError as exc:
+    except TransportError as exc:
         if finished:
             return
         raise UpstreamStreamError(f"the upstream connection failed mid-stream ({type(exc).__name__})") from exc
