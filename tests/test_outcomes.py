@@ -35,15 +35,16 @@ INTERVENED, CLEAN = "session-with-retry", "session-without-intervention"
 
 def _model(body: dict[str, Any]) -> dict[str, Any]:
     """Cancels without confirmation in the session that gets corrected; answers plainly in the other one."""
-    if body["messages"][1]["content"] == "Hello":
+    if any(m["role"] == "user" and m["content"] == "Hello" for m in body["messages"]):
         return {"content": "Hello! How can I help you with your reservation?"}
     return cancels_until_told(body)
 
 
 class Proxy:
-    def __init__(self, url: str, app: FastAPI) -> None:
+    def __init__(self, url: str, app: FastAPI, redis_url: str | None = None) -> None:
         self.url = url
         self.app = app
+        self.redis_url = redis_url
 
     def sdk(self, key: str = KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=20)
@@ -67,11 +68,21 @@ class Proxy:
         )
 
     def record(self, session_id: str) -> list[SessionEntry]:
-        recorder = recorder_of(self.app)
+        """The session's record once its outcome is in it (Redis writes are batched in the background)."""
+        if self.redis_url is None:
+            return asyncio.run(recorder_of(self.app).session(TENANT, session_id))
+        redis_url = self.redis_url
 
         async def read() -> list[SessionEntry]:
-            await recorder.flush()
-            return await recorder.session(TENANT, session_id)
+            # Its own client: the app's belongs to the server's event loop.
+            async with Redis.from_url(redis_url) as redis:
+                reader = RedisRecorder(redis)
+                for _ in range(250):
+                    entries = await reader.session(TENANT, session_id)
+                    if any(e.kind == "outcome" for e in entries):
+                        return entries
+                    await asyncio.sleep(0.02)
+                raise AssertionError(f"no outcome recorded for {session_id}: {entries}")
 
         return asyncio.run(read())
 
@@ -100,14 +111,15 @@ def proxy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Proxy]:
         settings = ProxySettings(
             upstream_url=upstream + "/v1", profile=str(path), mode=Mode.ENFORCE, api_keys=[KEY, OTHER_KEY]
         )
+        redis_url: str | None = None
         if request.param == "redis":
-            redis_url: str = request.getfixturevalue("redis_url")
+            redis_url = request.getfixturevalue("redis_url")
             # The supervisor's own metrics stay apart; outcomes are counted on the app's (read by the tests).
             app = create_app(settings, hooks=_redis_supervisor(redis_url, Profile(), ProxyMetrics()))
         else:
             app = create_app(settings)
         with serve_in_thread(app) as url:
-            yield Proxy(url, app)
+            yield Proxy(url, app, redis_url)
 
 
 def _run_sessions(proxy: Proxy) -> None:
