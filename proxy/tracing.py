@@ -8,12 +8,14 @@ proxy's own overhead (request time minus upstream time) once the last byte is se
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.errors import ProxyError, error_response
@@ -22,6 +24,10 @@ from proxy.metrics import ProxyMetrics
 logger = logging.getLogger("fama.proxy")
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+# fama_requests_total, request duration, upstream duration, overhead: the children for one label set.
+_Series = tuple[Counter, Histogram, Histogram, Histogram]
 
 
 @dataclass(slots=True)
@@ -33,26 +39,42 @@ class Trace:
     upstream_s: float = 0.0
 
 
-def request_id_from(scope: Scope) -> str:
+def request_id_from(scope: Scope) -> str | None:
+    """The client's ``x-request-id`` when it is a sane one."""
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             candidate: str = value.decode("latin-1")
             if _VALID_REQUEST_ID.match(candidate):
                 return candidate
             break
-    return uuid.uuid4().hex
+    return None
+
+
+class RequestIds:
+    """Generated request ids: 32 hex characters, a random per-process prefix and a counter. Unique like a
+    uuid4, without a ``urandom`` system call per request."""
+
+    def __init__(self) -> None:
+        self._prefix = uuid.uuid4().hex[:16]
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 class TracingMiddleware:
     def __init__(self, app: ASGIApp, metrics: ProxyMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._ids = RequestIds()
+        # Metric children by label values: ``.labels()`` takes a lock and builds a key on every call.
+        self._children: dict[tuple[str, str, str], _Series] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        trace = Trace(request_id_from(scope))
+        trace = Trace(request_id_from(scope) or self._ids.next())
         scope.setdefault("state", {})["trace"] = trace
         status = 500
         started_response = False
@@ -80,9 +102,24 @@ class TracingMiddleware:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         elapsed = time.perf_counter() - trace.started
-        m = self.metrics
-        m.requests.labels(template, str(status), trace.model if status < 400 else "").inc()
-        m.request_duration.labels(template).observe(elapsed)
+        requests, duration, upstream, overhead = self._series(template, status, trace.model if status < 400 else "")
+        requests.inc()
+        duration.observe(elapsed)
         if trace.upstream_s > 0:
-            m.upstream_duration.labels(template).observe(trace.upstream_s)
-            m.overhead.labels(template).observe(max(elapsed - trace.upstream_s, 0.0))
+            upstream.observe(trace.upstream_s)
+            overhead.observe(max(elapsed - trace.upstream_s, 0.0))
+
+    def _series(self, template: str, status: int, model: str) -> _Series:
+        key = (template, str(status), model)
+        children = self._children.get(key)
+        if children is None:
+            m = self.metrics
+            children = (
+                m.requests.labels(template, key[1], model),
+                m.request_duration.labels(template),
+                m.upstream_duration.labels(template),
+                m.overhead.labels(template),
+            )
+            if len(self._children) < 4096:  # label sets are bounded (see proxy.metrics); the cache is capped anyway
+                self._children[key] = children
+        return children
