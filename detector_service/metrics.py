@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from detector_service.wire import Action
+
 DETECT_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5)
+
+# The enum label values of counters, created at zero on startup: rate()/increase() only see an increase
+# from a sample that already exists, so without them a counter's first event would never show.
+TURN_OUTCOMES = ("ok", "error", "dead")
+DEAD_LETTER_REASONS = ("malformed", "failed", "max_deliveries")
+JUDGE_OUTCOMES = ("ok", "timeout", "error", "skipped")
+EXTRACTION_OUTCOMES = ("ok", "error", "locked")
 
 
 class DetectorMetrics:
@@ -52,3 +61,16 @@ class DetectorMetrics:
             ["outcome"],
             registry=r,
         )
+        self._create_known_series()
+
+    def _create_known_series(self) -> None:
+        for outcome in TURN_OUTCOMES:
+            self.turns.labels(outcome=outcome)
+        for action in Action:
+            self.verdicts.labels(action=action.value)
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_letters.labels(reason=reason)
+        for outcome in JUDGE_OUTCOMES:
+            self.judge_calls.labels(outcome=outcome)
+        for outcome in EXTRACTION_OUTCOMES:
+            self.extractions.labels(outcome=outcome)

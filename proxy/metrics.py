@@ -7,11 +7,27 @@ by ``MAX_TOOL_LABELS`` (the rest become ``other``).
 
 from __future__ import annotations
 
+from itertools import product
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from detector_service.profile import AgentName, Mode
+from detector_service.wire import Action, Category
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 MAX_TOOL_LABELS = 200
+
+# The enum label values of counters, created at zero on startup: rate()/increase() only see an increase
+# from a sample that already exists, so without them a counter's first event would never show.
+CHANGING_ACTIONS = (Action.RETRY.value, Action.REWRITE.value, Action.BLOCK.value)
+INTERVENTION_CATEGORIES = (*(c.value for c in Category), "none")
+DEGRADED_REASONS = ("deadline", "outage")
+FAIL_POLICIES = ("open", "closed")
+TRANSPORTS = ("embedded", "redis")
+RETRY_OUTCOMES = ("fixed", "failed", "exhausted")
+SESSION_OUTCOMES = ("success", "failure")
+INTERVENED = ("yes", "no")
 
 
 class ProxyMetrics:
@@ -111,3 +127,18 @@ class ProxyMetrics:
         )
         self.active_streams = Gauge("fama_active_streams", "Streaming responses in flight.", registry=r)
         self.redis_errors = Counter("fama_redis_errors_total", "Redis operations that failed.", ["op"], registry=r)
+        self._create_known_series()
+
+    def _create_known_series(self) -> None:
+        for action, category, mode in product(CHANGING_ACTIONS, INTERVENTION_CATEGORIES, (m.value for m in Mode)):
+            self.interventions.labels(action=action, category=category, mode=mode)
+        for reason, policy in product(DEGRADED_REASONS, FAIL_POLICIES):
+            self.degraded.labels(reason=reason, policy=policy)
+        for transport in TRANSPORTS:
+            self.deadline_misses.labels(transport=transport)
+        for category, outcome in product((c.value for c in Category), RETRY_OUTCOMES):
+            self.retries.labels(category=category, outcome=outcome)
+        for outcome, intervened in product(SESSION_OUTCOMES, INTERVENED):
+            self.session_outcomes.labels(outcome=outcome, intervened=intervened)
+        for agent in (*(a.value for a in AgentName), "guidance"):  # "guidance": proxy.injection.GUIDANCE_LABEL
+            self.injections.labels(agent=agent)

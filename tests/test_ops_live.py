@@ -50,11 +50,7 @@ pytestmark = [
 
 # Panels whose metric nothing in the running system can emit yet, with the reason. Strict xfail: once the
 # feature lands the query returns data and the entry must go.
-NOT_YET_EMITTED: dict[str, str] = {
-    "Session success rate with vs without interventions": (
-        "fama_session_outcomes_total needs clients to report session outcomes; the proxy has no endpoint for it yet"
-    ),
-}
+NOT_YET_EMITTED: dict[str, str] = {}
 
 PROFILE = {"version": 1, "name": "live", "mode": "enforce", "agents": ["Verifier", "Memory"], "deadline_ms": 300}
 WEATHER_TOOL: ChatCompletionFunctionToolParam = {
@@ -195,6 +191,28 @@ def _chat_turns(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="openai:error-500", messages=messages)
 
 
+def _report_outcomes(client: openai.OpenAI, proxy_port: int) -> None:
+    """Two sessions, one the proxy corrects (an undeclared tool) and one it passes, report how they ended."""
+    weather: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    order: list[Any] = [{"role": "user", "content": "Where is my order 12345?"}]
+    intervened: dict[str, bool] = {}
+    for session, messages, tool in (("live-corrected", order, ORDER_TOOL), ("live-clean", weather, WEATHER_TOOL)):
+        raw = client.chat.completions.with_raw_response.create(
+            model="openai:tool", messages=messages, tools=[tool], extra_headers={"x-fama-session": session}
+        )
+        intervened[session] = "x-fama-intervention" in raw.headers
+    assert intervened == {"live-corrected": True, "live-clean": False}
+    for session, outcome in (("live-corrected", "success"), ("live-clean", "failure")):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{proxy_port}/v1/fama/sessions/{session}/outcome",
+            data=orjson.dumps({"outcome": outcome}),
+            headers={"content-type": "application/json", "authorization": "Bearer client-key"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert orjson.loads(response.read())["intervened"] is intervened[session]
+
+
 def _poison_and_abandon(redis_url: str) -> None:
     """A poison entry (dead letter) and one read by a consumer that died (reclaimed, then dead-lettered)."""
     r = redis.Redis.from_url(redis_url)
@@ -279,6 +297,7 @@ def prometheus() -> Iterator[Prometheus]:
                 _chat_turns(client)
                 mark = time.time()
                 _wait("a scrape after traffic", partial(prom.scraped_since, mark), processes)
+            _report_outcomes(client, proxy_port)
 
             # A paused detector: turns wait past the deadline (degraded, fail-open), the stream lags,
             # and the verdicts that arrive after it resumes are late.

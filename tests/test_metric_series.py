@@ -1,0 +1,55 @@
+"""Counters with enum labels exist at zero from startup, so that rate()/increase() see their first event."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from detector_service.metrics import DetectorMetrics
+from detector_service.profile import AgentName, Mode
+from detector_service.wire import Action, Category
+from proxy.metrics import ProxyMetrics
+
+
+def _zero(registry: CollectorRegistry, name: str, labels: dict[str, str]) -> bool:
+    return registry.get_sample_value(name, labels) == 0.0
+
+
+def test_proxy_counters_start_with_every_known_label_set_at_zero() -> None:
+    r = ProxyMetrics().registry
+    for outcome in ("success", "failure"):
+        for intervened in ("yes", "no"):
+            assert _zero(r, "fama_session_outcomes_total", {"outcome": outcome, "intervened": intervened})
+    for action in ("retry", "rewrite", "block"):
+        for category in [*(c.value for c in Category), "none"]:
+            for mode in Mode:
+                labels = {"action": action, "category": category, "mode": mode.value}
+                assert _zero(r, "fama_interventions_total", labels)
+    for reason in ("deadline", "outage"):
+        for policy in ("open", "closed"):
+            assert _zero(r, "fama_degraded_responses_total", {"reason": reason, "policy": policy})
+    for transport in ("embedded", "redis"):
+        assert _zero(r, "fama_verdict_deadline_misses_total", {"transport": transport})
+    for category in Category:
+        for outcome in ("fixed", "failed", "exhausted"):
+            assert _zero(r, "fama_retries_total", {"category": category.value, "outcome": outcome})
+    for agent in [*(a.value for a in AgentName), "guidance"]:
+        assert _zero(r, "fama_injections_total", {"agent": agent})
+    # A pass is not an intervention: no series for it.
+    assert (
+        r.get_sample_value("fama_interventions_total", {"action": "pass", "category": "none", "mode": "enforce"})
+        is None
+    )
+
+
+def test_detector_counters_start_with_every_known_label_set_at_zero() -> None:
+    r = DetectorMetrics().registry
+    for reason in ("malformed", "failed", "max_deliveries"):
+        assert _zero(r, "fama_detector_dead_letters_total", {"reason": reason})
+    for outcome in ("ok", "error", "dead"):
+        assert _zero(r, "fama_detector_turns_total", {"outcome": outcome})
+    for action in Action:
+        assert _zero(r, "fama_detector_verdicts_total", {"action": action.value})
+    for outcome in ("ok", "timeout", "error", "skipped"):
+        assert _zero(r, "fama_detector_judge_calls_total", {"outcome": outcome})
+    for outcome in ("ok", "error", "locked"):
+        assert _zero(r, "fama_detector_extractions_total", {"outcome": outcome})
