@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import anyio
 import orjson
 from starlette.requests import Request
 
@@ -58,25 +58,29 @@ def require(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str,
 
 
 async def cancel_on_disconnect(request: Request, work: Callable[[], Awaitable[T]]) -> T:
-    """Run ``work``; if the client disconnects first, cancel it (and with it the upstream request)."""
-    outcome: list[T] = []
-    failure: list[BaseException] = []
+    """Run ``work``; if the client disconnects first, cancel it (and with it the upstream request).
 
-    async with anyio.create_task_group() as group:
+    One watcher task and a plain asyncio cancel: this wraps every proxied request, and an anyio task
+    group costs about ten times as much CPU for the same thing.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    disconnected = False
 
-        async def watch() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            group.cancel_scope.cancel()
+    async def watch() -> None:
+        nonlocal disconnected
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        disconnected = True
+        task.cancel()
 
-        group.start_soon(watch)
-        try:
-            outcome.append(await work())
-        except Exception as exc:  # re-raised below, outside the task group, unwrapped
-            failure.append(exc)
-        group.cancel_scope.cancel()
-    if failure:
-        raise failure[0]
-    if not outcome:
-        raise ClientDisconnected("the client closed the connection")
-    return outcome[0]
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        return await work()
+    except asyncio.CancelledError:
+        # Our own cancel (and only ours: a server shutdown cancelling the request as well keeps propagating).
+        if disconnected and task.uncancel() == 0:
+            raise ClientDisconnected("the client closed the connection") from None
+        raise
+    finally:
+        watcher.cancel()
