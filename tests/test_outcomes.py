@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from proxy.sessions import RedisSessionStore
 from proxy.settings import ProxySettings
 from proxy.supervisor import Supervisor
 from proxy.verdicts import EmbeddedVerdicts
-from tests.servers import serve_in_thread
+from tests.servers import RedisServer, serve_in_thread
 from tests.supervised_upstream import ScriptedModel
 from tests.supervision_harness import LOOKED_UP, QUESTION, TOOLS, cancels_until_told, recorder_of
 
@@ -228,3 +229,27 @@ def test_reporting_needs_a_client_key(proxy: Proxy, key: str | None) -> None:
     assert answer.status_code == 401
     assert answer.json()["error"]["code"] == "invalid_api_key"
     assert not proxy.metric("success", "no")
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_an_unreachable_session_store_is_503_not_404(tmp_path: Path) -> None:
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump({}))
+    redis_server = RedisServer()
+    try:
+        with serve_in_thread(ScriptedModel(_model).app) as upstream:
+            settings = ProxySettings(
+                upstream_url=upstream + "/v1", profile=str(path), mode=Mode.ENFORCE, api_keys=[KEY]
+            )
+            app = create_app(settings, hooks=_redis_supervisor(redis_server.url, Profile(), ProxyMetrics()))
+            with serve_in_thread(app) as url:
+                proxy = Proxy(url, app, redis_server.url)
+                _run_sessions(proxy)
+                redis_server.stop()
+                answer = proxy.report(CLEAN, {"outcome": "success"})
+                assert answer.status_code == 503, answer.text
+                assert answer.json()["error"]["code"] == "session_store_unavailable"
+                assert not proxy.metric("success", "no")
+    finally:
+        redis_server.stop()
