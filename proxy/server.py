@@ -101,7 +101,7 @@ def run(settings: ProxySettings) -> None:
         # uvicorn configures only its own loggers; ours (e.g. the local model's output at debug) need a handler.
         level = logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.DEBUG)  # uvicorn has "trace"
         logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
-        # httpx2 logs every upstream request at info: one line per proxied call is access-log volume.
+        # httpx2 (the openai SDK, the local model's probes) logs every request at info: access-log volume.
         logging.getLogger("httpx2").setLevel(max(level, logging.WARNING))
     try:
         with _shutdown_on_signals():
