@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from types import FrameType
@@ -83,7 +84,7 @@ def _serve(settings: ProxySettings) -> None:
         # The proxy sets x-request-id and its own headers; uvicorn's Server/Date add nothing clients need.
         "server_header": False,
         # uvloop and the httptools parser: a fraction of the per-request CPU of asyncio's loop and h11.
-        "loop": "uvloop",
+        "loop": "asyncio" if sys.platform == "win32" else "uvloop",  # uvloop has no Windows build
         "http": "httptools",
     }
     if settings.workers > 1:
