@@ -43,6 +43,7 @@ class ProxySettings(BaseSettings):
     # so uvicorn still closes the connections (and the app its resources) itself.
     sse_shutdown_grace_s: float = Field(default=20.0, ge=0)
     log_level: str = "info"
+    access_log: bool = False
 
     local_model: bool = False
     local_model_port: int = Field(default=8090, ge=0, le=65535)
