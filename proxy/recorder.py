@@ -215,13 +215,12 @@ class RedisRecorder:
 
     async def _write(self, batch: list[_Write]) -> None:
         try:
+            # A turn records several entries at once (turn, verdict, maybe an intervention): one RPUSH per
+            # session key carries them all, in order, so a batch costs three commands per session, not per entry.
+            by_key: dict[str, list[str]] = {}
             async with self.redis.pipeline(transaction=False) as pipe:
                 for tenant, session_id, obj in batch:
-                    key = keys.session_key(tenant, session_id)
-                    entry = _entry(obj)
-                    pipe.rpush(key, entry.model_dump_json())
-                    pipe.ltrim(key, -self.max_session_entries, -1)
-                    pipe.expire(key, self.session_ttl_s)
+                    by_key.setdefault(keys.session_key(tenant, session_id), []).append(_entry(obj).model_dump_json())
                     if isinstance(obj, Intervention):
                         pipe.xadd(
                             keys.INTERVENTIONS_STREAM,
@@ -229,6 +228,10 @@ class RedisRecorder:
                             maxlen=self.interventions_maxlen,
                             approximate=True,
                         )
+                for key, entries in by_key.items():
+                    pipe.rpush(key, *entries)
+                    pipe.ltrim(key, -self.max_session_entries, -1)
+                    pipe.expire(key, self.session_ttl_s)
                 results = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             self.metrics.redis_errors.labels(op="record").inc()
