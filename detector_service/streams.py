@@ -88,6 +88,22 @@ async def read_group(redis: Redis, stream: str, group: str, consumer: str, *, co
     return _read_reply(reply)
 
 
+async def ack_and_read_group(
+    redis: Redis, stream: str, group: str, consumer: str, ack_ids: list[str], *, count: int, block_ms: int
+) -> list[Entry]:
+    """Acknowledge ``ack_ids``, then read new entries as :func:`read_group` does, in one round trip.
+
+    XACK runs before the blocking XREADGROUP on the server, so the acknowledgement is not held by the wait.
+    """
+    if not ack_ids:
+        return await read_group(redis, stream, group, consumer, count=count, block_ms=block_ms)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xack(stream, group, *ack_ids)
+        pipe.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+        _acked, reply = await pipe.execute()
+    return _read_reply(reply)
+
+
 async def ack(redis: Redis, stream: str, group: str, ids: list[str]) -> int:
     if not ids:
         return 0

@@ -1,7 +1,8 @@
 """``fama detector``: one member of the ``detectors`` consumer group on ``fama:turns``.
 
 The loop blocks on ``XREADGROUP``, evaluates each turn with the engine, publishes the verdict to the
-turn's ``reply_to`` stream and only then acknowledges the entry. Now and then it reclaims entries
+turn's ``reply_to`` stream and only then acknowledges the entry (the ``XACK`` is pipelined with the next
+``XREADGROUP``: one round trip per batch instead of two). Now and then it reclaims entries
 left idle by crashed consumers. On SIGTERM/SIGINT it stops reading, finishes the batch in hand and
 exits within ``drain_timeout_s``. ``until_idle`` ("burst") exits once nothing is pending and nothing
 new arrives, so tests need no sleeps.
@@ -51,6 +52,7 @@ STATS_INTERVAL_S = 2.0
 MAX_BACKOFF_S = 2.0
 EXTRACTION_STOP_S = 1.0  # how long a stopping worker lets LLM extractions in flight finish
 PUBLISH_MARGIN_MS = 20  # kept free before a turn's deadline to publish its verdict
+ACK_FLUSH_TIMEOUT_S = 1.0  # bounds the last acknowledgement of a stopping worker
 
 
 class MalformedEntry(ValueError):
@@ -110,6 +112,9 @@ class Worker:
         self.consumer = settings.consumer_name
         self.processed = 0
         self._judge_slots = asyncio.Semaphore(settings.judge_concurrency)
+        # Published but not yet acknowledged: the acknowledgement rides with the next read (one round trip less
+        # per batch); ``flush_acks`` sends it on its own before anything that must see it (stats, exit).
+        self._unacked: list[str] = []
 
     async def run(self, stop: asyncio.Event, *, until_idle: bool = False) -> None:
         """Consume until ``stop`` is set (or, with ``until_idle``, until the group has no work left)."""
@@ -127,17 +132,22 @@ class Worker:
                     if now >= next_claim:
                         next_claim = now + claim_every
                         await self._reclaim()
-                    entries = await streams.read_group(
+                    acking = self._unacked
+                    entries = await streams.ack_and_read_group(
                         self.redis,
                         keys.TURNS_STREAM,
                         keys.DETECTOR_GROUP,
                         self.consumer,
+                        acking,
                         count=s.batch_size,
                         block_ms=s.block_ms,
                     )
+                    # Only once the pipeline went through: after a failure XACK is simply sent again (idempotent).
+                    self._unacked = self._unacked[len(acking) :]
                     if entries:
                         await self.handle(entries)
                     if time.monotonic() >= next_stats or (until_idle and not entries):
+                        await self.flush_acks()
                         next_stats = time.monotonic() + STATS_INTERVAL_S
                         stats = await self._stats()
                         if until_idle and not entries and stats.pending == 0:
@@ -157,6 +167,24 @@ class Worker:
                     backoff = min(backoff * 2, MAX_BACKOFF_S)
         finally:
             self.metrics.up.set(0)
+            await self._final_acks()
+
+    async def flush_acks(self) -> None:
+        """Acknowledge every published turn now."""
+        acking = self._unacked
+        await streams.ack(self.redis, keys.TURNS_STREAM, keys.DETECTOR_GROUP, acking)
+        self._unacked = self._unacked[len(acking) :]
+
+    async def _final_acks(self) -> None:
+        # On the way out: an entry left unacknowledged is evaluated again by whoever reclaims it.
+        if not self._unacked:
+            return
+        try:
+            async with asyncio.timeout(ACK_FLUSH_TIMEOUT_S):
+                await self.flush_acks()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.metrics.redis_errors.labels(op="ack").inc()
+            log.warning("could not acknowledge %d published turns on exit: %s", len(self._unacked), exc)
 
     async def _ensure_group(self, stop: asyncio.Event) -> None:
         backoff = 0.1
@@ -193,7 +221,10 @@ class Worker:
         return stats
 
     async def handle(self, entries: list[streams.Entry]) -> None:
-        """Evaluate a batch, publish its verdicts (one round trip; in waves with the judge), then acknowledge them."""
+        """Evaluate a batch and publish its verdicts (one round trip; in waves with the judge).
+
+        Published entries are acknowledged with the next read (or ``flush_acks``), never before their verdict is out.
+        """
         s = self.settings
         done: list[_Done] = []
         for entry in entries:
@@ -255,7 +286,7 @@ class Worker:
                 task.cancel()
 
     async def _publish(self, done: list[_Done]) -> None:
-        """Publish verdicts in one round trip, then acknowledge what was published."""
+        """Publish verdicts in one round trip; what was published is queued for acknowledgement."""
         s = self.settings
         replies = [(d.turn.reply_to, dumps(d.verdict)) for d in done if d.turn.reply_to]
         published = iter(await streams.publish_replies(self.redis, replies, maxlen=s.reply_maxlen, ttl_s=s.reply_ttl_s))
@@ -273,7 +304,7 @@ class Worker:
             self.metrics.verdicts.labels(action=d.verdict.action.value).inc()
             for f in d.verdict.findings:
                 self.metrics.findings.labels(category=f.category.value, detector=f.detector).inc()
-        await streams.ack(self.redis, keys.TURNS_STREAM, keys.DETECTOR_GROUP, to_ack)
+        self._unacked.extend(to_ack)
         self.processed += len(to_ack)
 
     async def _judged(self, judge: Judge, turn: TurnEvent, verdict: Verdict) -> Verdict:
