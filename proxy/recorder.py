@@ -105,12 +105,13 @@ def turn_entry(turn: TurnEvent) -> SessionEntry:
         data["tools"] = turn.tools
     if turn.profile:
         data["profile"] = turn.profile
-    return SessionEntry(kind="turn", turn_id=turn.turn_id, ts_ms=turn.created_ms, data=data)
+    # Built from a validated turn: constructing skips a second deep copy of the messages.
+    return SessionEntry.model_construct(kind="turn", turn_id=turn.turn_id, ts_ms=turn.created_ms, data=data)
 
 
 def verdict_entry(verdict: Verdict) -> SessionEntry:
     data = verdict.model_dump(mode="json", exclude_none=True, exclude={"kind", "turn_id", "session_id", "tenant"})
-    return SessionEntry(kind="verdict", turn_id=verdict.turn_id, ts_ms=now_ms(), data=data)
+    return SessionEntry.model_construct(kind="verdict", turn_id=verdict.turn_id, ts_ms=now_ms(), data=data)
 
 
 def intervention_entry(intervention: Intervention) -> SessionEntry:

@@ -268,7 +268,9 @@ class Supervisor(chat.ChatHooks):
     # -- judging --------------------------------------------------------------------------------------
 
     async def _judge(self, turn: Turn, candidate: dict[str, Any], attempt: int, tool_bytes_sent: bool) -> Decision:
-        event = TurnEvent(
+        # Every field is already known-good (messages checked by the chat pipeline, the candidate normalized):
+        # validating would only copy the whole conversation once more per attempt.
+        event = TurnEvent.model_construct(
             session_id=turn.ref.session_id,
             tenant=turn.ref.tenant,
             profile=self.profile.name,
