@@ -34,7 +34,7 @@ from proxy import normalize
 from proxy.errors import InvalidRequest, UpstreamStreamError
 from proxy.inbound import json_object, require
 from proxy.metrics import ProxyMetrics
-from proxy.streaming import relay, upstream_events
+from proxy.streaming import NormalizedChunks, relay, upstream_frames
 from proxy.tracing import Trace
 from proxy.upstream import Response as UpstreamResponse
 from proxy.upstream import Upstream, close
@@ -113,27 +113,13 @@ class ChatContext:
         started = time.perf_counter()
         response = await self.upstream.open("POST", PATH, self.upstream_headers, self.trace, orjson.dumps(body))
         self._open.append((response, started))
-        return normalized_chunks(upstream_events(response), normalize.ChunkNormalizer(self.model, wants_usage(body)))
+        return NormalizedChunks(upstream_frames(response), normalize.ChunkNormalizer(self.model, wants_usage(body)))
 
     async def aclose(self) -> None:
         while self._open:
             response, started = self._open.pop()
             close(response)
             self.trace.upstream_s += time.perf_counter() - started
-
-
-async def normalized_chunks(
-    events: AsyncIterator[object], normalizer: normalize.ChunkNormalizer
-) -> AsyncIterator[dict[str, Any]]:
-    async for payload in events:
-        if not isinstance(payload, dict):
-            raise UpstreamStreamError("the upstream model server sent a stream chunk that is not a JSON object")
-        chunk = normalizer.chunk(payload)
-        if chunk is not None:
-            yield chunk
-    final = normalizer.usage_chunk()
-    if final is not None:
-        yield final
 
 
 class ChatHooks:
@@ -159,12 +145,15 @@ async def respond(ctx: ChatContext, hooks: ChatHooks, ping_s: float, shutdown_gr
     body = adapt_for_upstream(await hooks.before_upstream(ctx, ctx.body))
     if body.get("stream"):
         try:
-            chunks = hooks.stream(ctx, await ctx.open_stream(body))
+            opened = await ctx.open_stream(body)
+            chunks = hooks.stream(ctx, opened)
         except BaseException:
             await ctx.aclose()
             raise
+        # A hook that passes the stream through leaves every chunk as the normalizer made it.
+        unmodified = opened if chunks is opened and isinstance(opened, NormalizedChunks) else None
         return EventSourceResponse(
-            relay(chunks, ctx.trace, ctx.metrics, ctx.aclose),
+            relay(chunks, ctx.trace, ctx.metrics, ctx.aclose, unmodified),
             headers=ctx.response_headers,
             ping=ping_s,
             shutdown_grace_period=shutdown_grace_s,  # on server shutdown: time to finish before the cut

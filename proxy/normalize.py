@@ -208,6 +208,7 @@ class ChunkNormalizer:
         self._ids: dict[int, dict[str, int]] = {}
         self._open: dict[int, dict[int, int]] = {}
         self.tool_calls_seen: set[int] = set()
+        self.changed = False  # whether the last chunk() altered its chunk
 
     def _envelope(self, chunk: dict[str, Any]) -> None:
         if not self._id:
@@ -219,12 +220,23 @@ class ChunkNormalizer:
             if isinstance(upstream_model, str) and upstream_model:
                 self._model = upstream_model
             self._fingerprint = chunk.get("system_fingerprint")
-        chunk["id"] = self._id
-        chunk["object"] = "chat.completion.chunk"
-        chunk["created"] = self._created
-        chunk["model"] = self._model
+        created = chunk.get("created")
+        if not (
+            chunk.get("id") == self._id
+            and chunk.get("object") == "chat.completion.chunk"
+            and type(created) is int
+            and created == self._created
+            and chunk.get("model") == self._model
+        ):
+            self.changed = True
+            chunk["id"] = self._id
+            chunk["object"] = "chat.completion.chunk"
+            chunk["created"] = self._created
+            chunk["model"] = self._model
 
     def chunk(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        """The chunk to send (changed in place; ``changed`` tells whether anything was), or None."""
+        self.changed = "usage" in chunk
         usage = chunk.pop("usage", None)
         if isinstance(usage, dict):
             self.usage = usage
@@ -240,16 +252,23 @@ class ChunkNormalizer:
         index = choice.get("index")
         if not isinstance(index, int):
             choice["index"] = index = position
+            self.changed = True
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             choice["delta"] = delta = {}
+            self.changed = True
         if delta.get("content") == "":
             # Carries nothing; as null, a tool-call turn aggregates to ``content: null`` as with OpenAI.
             delta["content"] = None
+            self.changed = True
         if index in self._role_sent:
-            delta.pop("role", None)
+            if "role" in delta:
+                del delta["role"]
+                self.changed = True
         else:
-            delta["role"] = "assistant"
+            if delta.get("role") != "assistant":
+                delta["role"] = "assistant"
+                self.changed = True
             self._role_sent.add(index)
         calls = delta.get("tool_calls")
         if isinstance(calls, dict):
@@ -257,9 +276,14 @@ class ChunkNormalizer:
         if calls:
             delta["tool_calls"] = [self._tool_delta(index, c) for c in calls if isinstance(c, dict)]
             self.tool_calls_seen.add(index)
+            self.changed = True
         elif "tool_calls" in delta:
             del delta["tool_calls"]
-        choice["finish_reason"] = finish_reason(choice.get("finish_reason"), index in self.tool_calls_seen)
+            self.changed = True
+        reason = finish_reason(choice.get("finish_reason"), index in self.tool_calls_seen)
+        if "finish_reason" not in choice or choice["finish_reason"] != reason:
+            choice["finish_reason"] = reason
+            self.changed = True
 
     def _tool_delta(self, choice: int, call: dict[str, Any]) -> dict[str, Any]:
         ids = self._ids.setdefault(choice, {})

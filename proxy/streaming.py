@@ -67,6 +67,14 @@ def _line_event(line: bytes, data: list[bytes]) -> None:
 
 
 async def upstream_events(response: Response, max_event_bytes: int = MAX_EVENT_BYTES) -> AsyncIterator[object]:
+    async for payload, _ in upstream_frames(response, max_event_bytes):
+        yield payload
+
+
+async def upstream_frames(
+    response: Response, max_event_bytes: int = MAX_EVENT_BYTES
+) -> AsyncGenerator[tuple[object, bytes], None]:
+    """Each ``data:`` payload, parsed, with the upstream's own bytes of it."""
     buffer = bytearray()
     data: list[bytes] = []
     finished = False
@@ -95,7 +103,7 @@ async def upstream_events(response: Response, max_event_bytes: int = MAX_EVENT_B
                         buffer.clear()
                         break
                     sent = True
-                    yield _payload(joined)
+                    yield _payload(joined), joined
             if len(buffer) + sum(map(len, data)) > max_event_bytes:
                 raise UpstreamStreamError("an upstream stream event exceeded the size limit")
         if finished:
@@ -114,11 +122,52 @@ async def upstream_events(response: Response, max_event_bytes: int = MAX_EVENT_B
     if buffer.strip():
         _line_event(bytes(buffer).rstrip(b"\r"), data)
     if data and (joined := b"\n".join(data)).strip() != b"[DONE]":
-        yield _payload(joined)
+        yield _payload(joined), joined
     elif not sent:
         # llama-cpp-python answers 200 with an empty event stream when generation fails before the first
         # chunk (unknown tool in tool_choice, context overflow); the client must see an error, not silence.
         raise UpstreamStreamError("the upstream model server ended the stream without sending anything")
+
+
+class NormalizedChunks:
+    """The chunks of an upstream chat stream, normalized (:class:`~proxy.normalize.ChunkNormalizer`), then the
+    usage chunk when the client asked for it.
+
+    ``raw`` holds the upstream's own bytes of the chunk last returned when normalizing left it as it was (None
+    otherwise): a relay that sends chunks unmodified sends those bytes instead of serialising the dict again.
+    """
+
+    def __init__(
+        self, frames: AsyncGenerator[tuple[object, bytes], None], normalizer: normalize.ChunkNormalizer
+    ) -> None:
+        self._frames = frames
+        self._normalizer = normalizer
+        self._ended = False
+        self.raw: bytes | None = None
+
+    def __aiter__(self) -> NormalizedChunks:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if not self._ended:
+            normalizer = self._normalizer
+            async for payload, raw in self._frames:
+                if not isinstance(payload, dict):
+                    raise UpstreamStreamError("the upstream model server sent a stream chunk that is not a JSON object")
+                chunk = normalizer.chunk(payload)
+                if chunk is not None:
+                    self.raw = None if normalizer.changed else raw
+                    return chunk
+            self._ended = True
+            self.raw = None
+            final = normalizer.usage_chunk()
+            if final is not None:
+                return final
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self._ended = True
+        await self._frames.aclose()
 
 
 def _has_output(chunk: dict[str, Any]) -> bool:
@@ -138,8 +187,13 @@ async def relay(
     trace: Trace,
     metrics: ProxyMetrics,
     close: Callable[[], Awaitable[None]],
+    unmodified: NormalizedChunks | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
-    """Send ``chunks`` as SSE events, then ``[DONE]``; a failure becomes a final error event."""
+    """Send ``chunks`` as SSE events, then ``[DONE]``; a failure becomes a final error event.
+
+    ``unmodified`` is the source of ``chunks`` when nothing between it and here changes a chunk: its upstream
+    bytes are sent where normalizing changed nothing.
+    """
     metrics.active_streams.inc()
     waiting_first = True
     try:
@@ -147,7 +201,9 @@ async def relay(
             if waiting_first and _has_output(chunk):
                 waiting_first = False
                 metrics.ttft.labels(trace.model).observe(time.perf_counter() - trace.started)
-            yield _event(chunk)
+            raw = unmodified.raw if unmodified is not None else None
+            # orjson.loads accepted these bytes, so they are valid UTF-8.
+            yield ServerSentEvent(data=raw.decode()) if raw is not None else _event(chunk)
         yield ServerSentEvent(data="[DONE]")
     except UpstreamStreamError as exc:
         metrics.upstream_errors.labels("stream").inc()
@@ -161,5 +217,5 @@ async def relay(
         metrics.active_streams.dec()
         with anyio.CancelScope(shield=True):  # runs while a client disconnect cancels this task
             await close()
-            if isinstance(chunks, AsyncGenerator):
+            if isinstance(chunks, AsyncGenerator | NormalizedChunks):
                 await chunks.aclose()

@@ -128,3 +128,35 @@ def test_non_streaming_fills_missing_fields() -> None:
 def test_single_model_object_becomes_a_list() -> None:
     listed = model_list({"id": "tgi-model", "object": "model", "created": 1, "owned_by": "x"})
     assert listed == {"object": "list", "data": [{"id": "tgi-model", "object": "model", "created": 1, "owned_by": "x"}]}
+
+
+def test_changed_tells_whether_a_chunk_was_rewritten() -> None:
+    """What lets the relay send the upstream's own bytes: ``changed`` is False only for chunks left as they were."""
+    normalizer = ChunkNormalizer("m", include_usage=False)
+    envelope = {"id": "c1", "object": "chat.completion.chunk", "created": 5, "model": "m"}
+    first = {
+        **envelope,
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": "a"}, "finish_reason": None}],
+    }
+    assert normalizer.chunk(first) is not None
+    assert not normalizer.changed
+    plain = {**envelope, "choices": [{"index": 0, "delta": {"content": "b"}, "finish_reason": None}]}
+    assert normalizer.chunk(plain) is not None
+    assert not normalizer.changed
+    rewritten: list[dict[str, Any]] = [
+        {**envelope, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "c"}, "finish_reason": None}]},
+        {**envelope, "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]},
+        {**envelope, "choices": [{"index": 0, "delta": {"content": "d"}}]},
+        {**envelope, "choices": [{"delta": {"content": "d"}, "finish_reason": None}]},
+        {**envelope, "choices": [{"index": 0, "delta": {}, "finish_reason": "eos_token"}]},
+        {**envelope, "created": 6, "choices": [{"index": 0, "delta": {"content": "e"}, "finish_reason": None}]},
+        {**envelope, "model": "n", "choices": [{"index": 0, "delta": {"content": "e"}, "finish_reason": None}]},
+        {**envelope, "usage": None, "choices": [{"index": 0, "delta": {"content": "e"}, "finish_reason": None}]},
+        {**envelope, "choices": [{"index": 0, "delta": {"content": "f", "tool_calls": []}, "finish_reason": None}]},
+    ]
+    for chunk in rewritten:
+        assert normalizer.chunk(chunk) is not None
+        assert normalizer.changed, chunk
+    last = {**envelope, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    assert normalizer.chunk(last) is not None
+    assert not normalizer.changed
