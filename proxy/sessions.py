@@ -9,6 +9,10 @@ State: guidance waiting for the next turn, agents switched on by earlier finding
 mode keeps it in a bounded in-memory LRU with a TTL; with Redis it is one JSON value per session
 under ``fama:state:<tenant>:<session>`` with a TTL. A store failure never fails a turn: the turn runs
 with empty state, the failure is logged and counted in ``fama_redis_errors_total``.
+
+A supervised turn saves with ``save_soon``: the answer does not wait for the write. Within the process
+the next ``load`` or ``save`` of the same session waits for it, so a session never reads its own state
+stale here; another replica sees it once the write lands (it is sent before the answer reaches the client).
 """
 
 from __future__ import annotations
@@ -108,6 +112,14 @@ class SessionStore(Protocol):
 
     async def save(self, ref: SessionRef, state: SessionState) -> None: ...
 
+    def save_soon(self, ref: SessionRef, state: SessionState) -> None:
+        """Save without waiting; this process's next ``load``/``save`` of the session still sees it."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait (bounded) for the writes ``save_soon`` started."""
+        ...
+
 
 class MemorySessionStore:
     """Bounded LRU with a TTL, for one embedded proxy process."""
@@ -134,11 +146,17 @@ class MemorySessionStore:
         return SessionState.model_validate_json(raw)
 
     async def save(self, ref: SessionRef, state: SessionState) -> None:
+        self.save_soon(ref, state)
+
+    def save_soon(self, ref: SessionRef, state: SessionState) -> None:
         key = (ref.tenant, ref.session_id)
         self._entries[key] = (self._clock() + self._ttl, state.model_dump_json())
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
+
+    async def drain(self) -> None:
+        return None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -152,13 +170,24 @@ class RedisSessionStore:
         self._ttl = ttl_s
         self._metrics = metrics
         self._timeout = timeout_s
+        # Writes started by ``save_soon`` and not finished yet, by session: a later read or write of the same
+        # session waits for its write first, so this process never reads its own state stale.
+        self._writing: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     def _failed(self, op: str, ref: SessionRef, exc: BaseException) -> None:
         log.warning("session state %s failed for %s/%s: %r", op, ref.tenant, ref.session_id, exc)
         if self._metrics is not None:
             self._metrics.redis_errors.labels(op=f"session_state_{op}").inc()
 
+    async def _written(self, ref: SessionRef) -> None:
+        task = self._writing.get((ref.tenant, ref.session_id))
+        if task is not None and not task.done():
+            # Bounded by the write's own timeout; ``wait`` (not ``await task``) leaves the write running if
+            # this reader is cancelled.
+            await asyncio.wait({task})
+
     async def load(self, ref: SessionRef) -> SessionState:
+        await self._written(ref)
         try:
             async with asyncio.timeout(self._timeout):
                 raw = await self._redis.get(session_state_key(ref.tenant, ref.session_id))
@@ -174,10 +203,31 @@ class RedisSessionStore:
             return SessionState()
 
     async def save(self, ref: SessionRef, state: SessionState) -> None:
+        await self._written(ref)
+        await self._write(ref, state.model_dump_json())
+
+    def save_soon(self, ref: SessionRef, state: SessionState) -> None:
+        key = (ref.tenant, ref.session_id)
+        # Serialized now: the caller may go on changing ``state``. Chained after an unfinished earlier write
+        # of the session so the two land in order.
+        earlier = self._writing.get(key)
+        task = asyncio.get_running_loop().create_task(self._write_after(earlier, ref, state.model_dump_json()))
+        self._writing[key] = task
+        task.add_done_callback(lambda t: self._writing.pop(key, None) if self._writing.get(key) is t else None)
+
+    async def drain(self) -> None:
+        pending = [t for t in self._writing.values() if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=self._timeout * 2 + 1)
+
+    async def _write_after(self, earlier: asyncio.Task[None] | None, ref: SessionRef, raw: str) -> None:
+        if earlier is not None and not earlier.done():
+            await asyncio.wait({earlier})
+        await self._write(ref, raw)
+
+    async def _write(self, ref: SessionRef, raw: str) -> None:
         try:
             async with asyncio.timeout(self._timeout):
-                await self._redis.set(
-                    session_state_key(ref.tenant, ref.session_id), state.model_dump_json(), ex=self._ttl
-                )
+                await self._redis.set(session_state_key(ref.tenant, ref.session_id), raw, ex=self._ttl)
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("save", ref, exc)

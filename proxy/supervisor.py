@@ -130,6 +130,7 @@ class Supervisor(chat.ChatHooks):
         if pending:
             await asyncio.wait(pending, timeout=self.deadline_s + 1)
         await self.verdicts.stop()
+        await self.store.drain()
         if self.recorder is not None:
             await self.recorder.stop()
         if self._closing is not None:
@@ -355,7 +356,8 @@ class Supervisor(chat.ChatHooks):
             turn.state.interventions += 1
         intervened = "yes" if turn.state.interventions else "no"
         self.metrics.sessions.labels(intervened=intervened, finish_reason=finish_reason).inc()
-        await self.store.save(turn.ref, turn.state)
+        # The answer need not wait for the write; the session's next turn here does (see proxy.sessions).
+        self.store.save_soon(turn.ref, turn.state)
 
     def _trailer(self, turn: Turn) -> dict[str, str]:
         trailer = {"session": turn.ref.session_id}

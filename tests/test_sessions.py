@@ -109,3 +109,42 @@ async def test_redis_store_outage_degrades_to_empty_state() -> None:
         assert metrics.registry.get_sample_value("fama_redis_errors_total", {"op": "session_state_save"}) == 1
     finally:
         await client.aclose()
+
+
+async def test_redis_store_save_soon_is_read_back_in_order_by_this_process(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        store = RedisSessionStore(client, ttl_s=120)
+        ref = SessionRef("acme", "soon", False)
+        state = SessionState(guidance=["check the order first"], turns=1)
+        store.save_soon(ref, state)
+        state.turns = 2  # a caller going on with its copy changes nothing already handed over
+        store.save_soon(ref, SessionState(turns=5))
+        assert await store.load(ref) == SessionState(turns=5)  # the later write, never the earlier one
+        store.save_soon(ref, SessionState(turns=6, interventions=1))
+        await store.drain()
+        assert (
+            await client.get(session_state_key("acme", "soon"))
+            == SessionState(turns=6, interventions=1).model_dump_json().encode()
+        )
+    finally:
+        await client.aclose()
+
+
+async def test_redis_store_save_soon_outage_is_counted_not_raised() -> None:
+    metrics = ProxyMetrics()
+    client = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.05)
+    try:
+        store = RedisSessionStore(client, ttl_s=60, metrics=metrics, timeout_s=0.5)
+        store.save_soon(SessionRef("t", "s", False), SessionState(turns=1))
+        await store.drain()
+        assert metrics.registry.get_sample_value("fama_redis_errors_total", {"op": "session_state_save"}) == 1
+    finally:
+        await client.aclose()
+
+
+async def test_memory_store_save_soon_is_immediate() -> None:
+    store = MemorySessionStore()
+    ref = SessionRef("t", "s", False)
+    store.save_soon(ref, SessionState(turns=2))
+    assert await store.load(ref) == SessionState(turns=2)
