@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 
@@ -34,7 +33,7 @@ from proxy import normalize
 from proxy.errors import InvalidRequest, UpstreamStreamError
 from proxy.inbound import json_object, require
 from proxy.metrics import ProxyMetrics
-from proxy.streaming import NormalizedChunks, relay, upstream_frames
+from proxy.streaming import EventStream, NormalizedChunks, relay, upstream_frames
 from proxy.tracing import Trace
 from proxy.upstream import Response as UpstreamResponse
 from proxy.upstream import Upstream, close
@@ -152,7 +151,7 @@ async def respond(ctx: ChatContext, hooks: ChatHooks, ping_s: float, shutdown_gr
             raise
         # A hook that passes the stream through leaves every chunk as the normalizer made it.
         unmodified = opened if chunks is opened and isinstance(opened, NormalizedChunks) else None
-        return EventSourceResponse(
+        return EventStream(
             relay(chunks, ctx.trace, ctx.metrics, ctx.aclose, unmodified),
             headers=ctx.response_headers,
             ping=ping_s,

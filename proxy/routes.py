@@ -13,7 +13,6 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends
-from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
@@ -24,7 +23,7 @@ from proxy.errors import RouteNotFound, UpstreamError
 from proxy.inbound import cancel_on_disconnect, json_object, read_body, require
 from proxy.metrics import ProxyMetrics
 from proxy.settings import ProxySettings
-from proxy.streaming import relay, upstream_events
+from proxy.streaming import EventStream, relay, upstream_events
 from proxy.tracing import Trace
 from proxy.upstream import Response as UpstreamResponse
 from proxy.upstream import Upstream, close
@@ -96,7 +95,7 @@ async def _relay(request: Request, path: str, body: dict[str, Any], upstream: Up
     async def call() -> Response:
         response = await upstream.open("POST", path, headers, trace, content)
         if body.get("stream"):
-            return EventSourceResponse(
+            return EventStream(
                 relay(_dicts(upstream_events(response)), trace, _metrics(request), lambda: done(response)),
                 ping=_settings(request).sse_ping_s,
                 shutdown_grace_period=_settings(request).sse_shutdown_grace_s,

@@ -21,7 +21,8 @@ from typing import Any
 
 import anyio
 import orjson
-from sse_starlette import ServerSentEvent
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.types import Message, Send
 
 from proxy import normalize
 from proxy.errors import ProxyError, UpstreamStreamError
@@ -168,6 +169,17 @@ class NormalizedChunks:
     async def aclose(self) -> None:
         self._ended = True
         await self._frames.aclose()
+
+
+class EventStream(EventSourceResponse):
+    """sse-starlette's response. Without a send timeout (none is set here) each event is sent as such: its
+    timeout wrapper would open an anyio cancel scope per event, a large share of the proxy's CPU per stream."""
+
+    async def _send_with_timeout(self, send: Send, message: Message) -> None:
+        if self.send_timeout is None:
+            await send(message)
+        else:
+            await super()._send_with_timeout(send, message)
 
 
 def _has_output(chunk: dict[str, Any]) -> bool:
