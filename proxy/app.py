@@ -84,6 +84,7 @@ def create_app(settings: ProxySettings, hooks: ChatHooks | None = None) -> FastA
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(TracingMiddleware, metrics=metrics)
     app.include_router(health.router)
+    routes.add_chat_route(app)
     app.include_router(routes.router)
     app.include_router(outcomes.router)
     app.include_router(admin.router)
