@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import re
 import time
@@ -28,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
 from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -64,8 +64,8 @@ def derive_session_id(messages: Sequence[Mapping[str, Any]], tools: Sequence[Map
     system = [_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer")]
     first_user = next((_text(m.get("content")) for m in messages if m.get("role") == "user"), "")
     names = sorted(str((t.get("function") or {}).get("name", "")) for t in tools if isinstance(t, Mapping))
-    prefix = json.dumps([system, first_user, names], ensure_ascii=False, separators=(",", ":"))
-    return "c-" + hashlib.sha256(prefix.encode("utf-8")).hexdigest()[:32]
+    # orjson writes the same bytes as json.dumps(ensure_ascii=False, separators=(",", ":")), in a fraction of the time.
+    return "c-" + hashlib.sha256(orjson.dumps([system, first_user, names])).hexdigest()[:32]
 
 
 def session_from_header(value: str) -> str:

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import hashlib
+import json
+
 import redis.asyncio as aioredis
 
 from detector_service.keys import session_state_key
@@ -20,6 +23,17 @@ CONVO = [
     {"role": "system", "content": "You are a support agent."},
     {"role": "user", "content": "Cancel my order #W123."},
 ]
+
+
+def test_derived_id_is_the_one_earlier_releases_derived() -> None:
+    """Sessions in flight keep their state across an upgrade: the id is sha256 of the same prefix bytes."""
+    convo = [{"role": "system", "content": 'Agent \u00e9\n\t"x" \u2028 \x01'}, *CONVO[1:]]
+    prefix = json.dumps(
+        [['Agent \u00e9\n\t"x" \u2028 \x01'], "Cancel my order #W123.", ["cancel", "get_order"]],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    assert derive_session_id(convo, TOOLS) == "c-" + hashlib.sha256(prefix.encode("utf-8")).hexdigest()[:32]
 
 
 def test_derived_id_is_stable_as_the_conversation_grows() -> None:
