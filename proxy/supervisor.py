@@ -146,8 +146,12 @@ class Supervisor(chat.ChatHooks):
         if not tools or int(body.get("n") or 1) != 1:
             return body  # nothing to supervise: no tool use, or several answers the client will choose from
         await self._settled(ref)
-        # Both reads are bounded; done together, the cached extraction adds no round trip of its own.
-        state, extraction = await asyncio.gather(self.store.load(ref), self._extraction(messages))
+        extraction: PolicyExtraction | None = None
+        if self.extractions is None:
+            state = await self.store.load(ref)  # no tasks to spawn for a single read
+        else:
+            # Both reads are bounded; done together, the cached extraction adds no round trip of its own.
+            state, extraction = await asyncio.gather(self.store.load(ref), self._extraction(messages))
         injection = self.injector.inject(messages, tools, state, extraction)
         if GUIDANCE_LABEL in injection.labels:
             state.guidance.clear()  # delivered; findings of this turn may add new guidance
