@@ -9,6 +9,7 @@ dead-letter stream together with the error, then acknowledged. Nothing is droppe
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,20 +164,31 @@ async def group_stats(redis: Redis, stream: str, group: str) -> GroupStats:
     return GroupStats(lag=None, pending=0)
 
 
-async def publish_replies(redis: Redis, replies: list[tuple[str, str]], *, maxlen: int, ttl_s: int) -> list[bool]:
+async def publish_replies(
+    redis: Redis,
+    replies: list[tuple[str, str]],
+    *,
+    maxlen: int,
+    ttl_s: int,
+    expire: Collection[str] | None = None,
+) -> list[bool]:
     """Publish several ``(reply_stream, payload)`` pairs in one round trip; True where the XADD succeeded.
 
-    Each reply stream gets a short expiry, refreshed on every write, so the streams of proxies that
-    went away vanish by themselves.
+    Reply streams get a short expiry, refreshed on writes, so the streams of proxies that went away
+    vanish by themselves: after every write, or, with ``expire``, once per batch for the streams it names.
     """
     if not replies:
         return []
+    refresh = {stream for stream, _ in replies} if expire is None else set(expire)
+    positions: list[int] = []
     async with redis.pipeline(transaction=False) as pipe:
         for stream, payload in replies:
+            positions.append(len(pipe))
             pipe.xadd(stream, {DATA_FIELD: payload}, maxlen=maxlen, approximate=True)
+        for stream in refresh:
             pipe.expire(stream, ttl_s)
         results = await pipe.execute(raise_on_error=False)
-    return [not isinstance(results[2 * i], Exception) for i in range(len(replies))]
+    return [not isinstance(results[i], Exception) for i in positions]
 
 
 async def read_replies(redis: Redis, stream: str, last_id: str, *, count: int, block_ms: int) -> list[Entry]:

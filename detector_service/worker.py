@@ -53,6 +53,7 @@ STATS_INTERVAL_S = 2.0
 MAX_BACKOFF_S = 2.0
 EXTRACTION_STOP_S = 1.0  # how long a stopping worker lets LLM extractions in flight finish
 PUBLISH_MARGIN_MS = 20  # kept free before a turn's deadline to publish its verdict
+MAX_REPLY_STREAMS = 1024  # reply streams whose expiry refresh is tracked before quiet ones are forgotten
 ACK_FLUSH_TIMEOUT_S = 1.0  # bounds the last acknowledgement of a stopping worker
 
 
@@ -116,6 +117,9 @@ class Worker:
         # Published but not yet acknowledged: the acknowledgement rides with the next read (one round trip less
         # per batch); ``flush_acks`` sends it on its own before anything that must see it (stats, exit).
         self._unacked: list[str] = []
+        # When each reply stream's expiry is next due for a refresh: a quarter of its TTL after the last one,
+        # not after every verdict (each refresh is one more command on the verdict's round trip).
+        self._refresh_at: dict[str, float] = {}
 
     async def run(self, stop: asyncio.Event, *, until_idle: bool = False) -> None:
         """Consume until ``stop`` is set (or, with ``until_idle``, until the group has no work left)."""
@@ -290,7 +294,13 @@ class Worker:
         """Publish verdicts in one round trip; what was published is queued for acknowledgement."""
         s = self.settings
         replies = [(d.turn.reply_to, dumps(d.verdict)) for d in done if d.turn.reply_to]
-        published = iter(await streams.publish_replies(self.redis, replies, maxlen=s.reply_maxlen, ttl_s=s.reply_ttl_s))
+        now = time.monotonic()
+        refresh = {stream for stream, _ in replies if self._refresh_at.get(stream, 0.0) <= now}
+        results = await streams.publish_replies(
+            self.redis, replies, maxlen=s.reply_maxlen, ttl_s=s.reply_ttl_s, expire=refresh
+        )
+        self._refreshed(refresh, now)
+        published = iter(results)
         to_ack: list[str] = []
         for d in done:
             # A turn without reply_to asks for no answer (nobody waits): evaluate, count and acknowledge.
@@ -307,6 +317,13 @@ class Worker:
                 self.metrics.findings.labels(category=f.category.value, detector=f.detector).inc()
         self._unacked.extend(to_ack)
         self.processed += len(to_ack)
+
+    def _refreshed(self, streams_: set[str], now: float) -> None:
+        due = now + self.settings.reply_ttl_s / 4
+        for stream in streams_:
+            self._refresh_at[stream] = due
+        if len(self._refresh_at) > MAX_REPLY_STREAMS:  # proxies come and go: forget the long-quiet ones
+            self._refresh_at = {k: v for k, v in self._refresh_at.items() if v > now}
 
     async def _judged(self, judge: Judge, turn: TurnEvent, verdict: Verdict) -> Verdict:
         """``verdict`` with the judge's findings merged in, or unchanged when the judge fails or has no time."""

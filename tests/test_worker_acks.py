@@ -85,3 +85,30 @@ async def test_a_stopping_worker_acknowledges_what_it_published(redis: Redis, re
     await worker.run(stop)  # stops at once; on its way out it sends the queued acknowledgement
 
     assert await _pending(redis) == 0
+
+
+async def test_publish_replies_refreshes_expiry_only_of_the_streams_named(redis: Redis) -> None:
+    ok = await streams.publish_replies(
+        redis, [("fama:replies:a", "v1"), ("fama:replies:b", "v2")], maxlen=100, ttl_s=30, expire={"fama:replies:b"}
+    )
+    assert ok == [True, True]
+    assert (await redis.ttl("fama:replies:a"), 0 < await redis.ttl("fama:replies:b") <= 30) == (-1, True)
+
+
+async def test_the_worker_sets_a_reply_streams_expiry_once_per_refresh_period(redis: Redis, redis_url: str) -> None:
+    settings = DetectorSettings(redis_url=redis_url, consumer_name="w-ttl", metrics_port=0, reply_ttl_s=60, profile="")
+    worker = Worker(settings, redis, Engine(), DetectorMetrics())
+    await streams.ensure_group(redis, keys.TURNS_STREAM, keys.DETECTOR_GROUP)
+
+    async def one_turn(n: int) -> None:
+        await streams.publish(redis, keys.TURNS_STREAM, dumps(turn(n, reply_to=REPLY)), maxlen=100)
+        entries = await streams.read_group(
+            redis, keys.TURNS_STREAM, keys.DETECTOR_GROUP, "w-ttl", count=10, block_ms=10
+        )
+        await worker.handle(entries)
+
+    await one_turn(1)
+    assert 0 < await redis.ttl(REPLY) <= 60
+    await redis.persist(REPLY)
+    await one_turn(2)  # within a quarter of the TTL of the last refresh: the verdict goes out alone
+    assert (await redis.xlen(REPLY), await redis.ttl(REPLY)) == (2, -1)
