@@ -8,7 +8,6 @@ normalized (TGI answers a single object; llama.cpp and TGI have no ``/models/{id
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
@@ -26,7 +25,7 @@ from proxy.errors import RouteNotFound, UpstreamError
 from proxy.inbound import cancel_on_disconnect, json_object, read_body, require
 from proxy.metrics import ProxyMetrics
 from proxy.settings import ProxySettings
-from proxy.streaming import EventStream, relay, upstream_events
+from proxy.streaming import EventStream, RelayedChunks, relay, upstream_frames
 from proxy.tracing import Trace
 from proxy.upstream import Response as UpstreamResponse
 from proxy.upstream import Upstream, close
@@ -117,8 +116,9 @@ async def _relay(request: Request, path: str, body: dict[str, Any], upstream: Up
     async def call() -> Response:
         response = await upstream.open("POST", path, headers, trace, content)
         if body.get("stream"):
+            chunks = RelayedChunks(upstream_frames(response))
             return EventStream(
-                relay(_dicts(upstream_events(response)), trace, _metrics(request), lambda: done(response)),
+                relay(chunks, trace, _metrics(request), lambda: done(response), chunks),
                 ping=_settings(request).sse_ping_s,
                 shutdown_grace_period=_settings(request).sse_shutdown_grace_s,
                 background=BackgroundTask(done, response),
@@ -130,12 +130,6 @@ async def _relay(request: Request, path: str, body: dict[str, Any], upstream: Up
         return Response(raw, media_type=response.headers.get("content-type", "application/json"))
 
     return await cancel_on_disconnect(request, call)
-
-
-async def _dicts(events: AsyncIterator[object]) -> AsyncIterator[dict[str, Any]]:
-    async for payload in events:
-        if isinstance(payload, dict):
-            yield payload
 
 
 @router.post("/completions")

@@ -1,7 +1,7 @@
 """The SSE relay: reading an upstream event stream, and sending normalized events to the client.
 
-:func:`upstream_events` parses the upstream's SSE bytes with a bounded buffer and yields each ``data:``
-payload as parsed JSON until ``[DONE]``. Every way a stream can fail after its headers were sent is
+:func:`upstream_frames` parses the upstream's SSE bytes with a bounded buffer and yields each ``data:``
+payload as parsed JSON, with its bytes, until ``[DONE]``. Every way a stream can fail after its headers were sent is
 raised as :class:`~proxy.errors.UpstreamStreamError`: llama.cpp's ``error: {...}`` line, a ``data:``
 payload that is an error object (vLLM, TGI), a payload that is not JSON, a dropped connection, a read
 timeout.
@@ -65,11 +65,6 @@ def _line_event(line: bytes, data: list[bytes]) -> None:
         except orjson.JSONDecodeError:
             payload = value.decode("utf-8", "replace")
         raise stream_error(payload)
-
-
-async def upstream_events(response: Response, max_event_bytes: int = MAX_EVENT_BYTES) -> AsyncIterator[object]:
-    async for payload, _ in upstream_frames(response, max_event_bytes):
-        yield payload
 
 
 async def upstream_frames(
@@ -171,6 +166,27 @@ class NormalizedChunks:
         await self._frames.aclose()
 
 
+class RelayedChunks:
+    """An upstream stream relayed as it is (completions): each object payload, ``raw`` being its own bytes."""
+
+    def __init__(self, frames: AsyncGenerator[tuple[object, bytes], None]) -> None:
+        self._frames = frames
+        self.raw: bytes | None = None
+
+    def __aiter__(self) -> RelayedChunks:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        async for payload, raw in self._frames:
+            if isinstance(payload, dict):
+                self.raw = raw
+                return payload
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        await self._frames.aclose()
+
+
 class EventStream(EventSourceResponse):
     """sse-starlette's response. Without a send timeout (none is set here) each event is sent as such: its
     timeout wrapper would open an anyio cancel scope per event, a large share of the proxy's CPU per stream."""
@@ -199,7 +215,7 @@ async def relay(
     trace: Trace,
     metrics: ProxyMetrics,
     close: Callable[[], Awaitable[None]],
-    unmodified: NormalizedChunks | None = None,
+    unmodified: NormalizedChunks | RelayedChunks | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """Send ``chunks`` as SSE events, then ``[DONE]``; a failure becomes a final error event.
 
@@ -229,5 +245,5 @@ async def relay(
         metrics.active_streams.dec()
         with anyio.CancelScope(shield=True):  # runs while a client disconnect cancels this task
             await close()
-            if isinstance(chunks, AsyncGenerator | NormalizedChunks):
+            if isinstance(chunks, AsyncGenerator | NormalizedChunks | RelayedChunks):
                 await chunks.aclose()
