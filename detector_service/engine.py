@@ -2,7 +2,7 @@
 
 The same engine serves the Redis worker, the proxy's embedded mode and ``fama replay``.
 Contract: ``Engine(profile).evaluate(turn) -> Verdict`` is pure (no I/O) and thread-safe: it keeps no
-state between calls besides caches of compiled schemas.
+state between calls besides caches of compiled schemas and of resolved tool kinds per tools array.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from detector_service.turn import ConversationIndex, TurnView, tool_calls_of, to
 from detector_service.wire import ACTION_STRENGTH, Action, Category, Finding, TurnEvent, Verdict
 
 DETECTOR_VERSION = "0.2.0"
+MAX_TOOL_SETS = 256  # distinct tools arrays whose resolved kinds are kept
 
 Detector = Callable[[TurnView], list[Finding]]
 
@@ -37,10 +38,25 @@ class Engine:
     def __init__(self, profile: Profile | None = None) -> None:
         self.profile = profile or Profile()
         self._detectors = [fn for name, fn in DETECTORS.items() if self.profile.detector_enabled(name)]
+        self._kinds: dict[bytes, ToolKinds] = {}
 
     def index(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> ConversationIndex:
         """An index of ``messages``; extend it with ``add`` to follow a conversation incrementally."""
-        return ConversationIndex.build(messages, ToolKinds(self.profile, tools))
+        return ConversationIndex.build(messages, self.kinds(tools))
+
+    def kinds(self, tools: list[dict[str, Any]]) -> ToolKinds:
+        """The kinds of a tools array, resolved once per distinct array: every turn of a deployment sends the same."""
+        try:
+            # By content, not identity: each turn arrives as its own parsed copy of the array.
+            key = orjson.dumps(tools)
+        except TypeError:  # not JSON (a caller's own objects): resolve without caching
+            return ToolKinds(self.profile, tools)
+        found = self._kinds.get(key)
+        if found is None:
+            if len(self._kinds) >= MAX_TOOL_SETS:
+                self._kinds.pop(next(iter(self._kinds)))  # oldest first
+            found = self._kinds[key] = ToolKinds(self.profile, tools)
+        return found
 
     def view(
         self, index: ConversationIndex, candidate: Mapping[str, Any], tools: Mapping[str, Mapping[str, Any]]

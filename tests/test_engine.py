@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from detector_service.engine import Engine, merge
-from detector_service.profile import DetectorConfig, Profile, load_profile
+from detector_service.profile import DetectorConfig, Profile, ToolKind, load_profile
 from detector_service.trajectories import load
 from detector_service.wire import Action, Category, Finding, TurnEvent
 from tests.tau_turns import QWEN, tools, turn
@@ -101,3 +101,14 @@ def test_a_rewrite_action_without_a_repair_becomes_retry() -> None:
     assert [f.detector for f in verdict.findings] == ["arguments_not_json"]
     assert verdict.action is Action.RETRY
     assert verdict.rewritten is None
+
+
+def test_tool_kinds_are_resolved_once_per_distinct_tools_array() -> None:
+    engine = Engine()
+    tools = [{"type": "function", "function": {"name": "purge_cache", "parameters": {"type": "object"}}}]
+    annotated = [{**tools[0], "annotations": {"destructiveHint": True}}]
+    first = engine.kinds(tools)
+    again = engine.kinds([{"type": "function", "function": {"name": "purge_cache", "parameters": {"type": "object"}}}])
+    assert again is first  # an equal array parsed again from the next turn
+    assert first.kind("purge_cache") is ToolKind.GENERIC
+    assert engine.kinds(annotated).kind("purge_cache") is ToolKind.WRITE  # different content, resolved anew
