@@ -18,6 +18,7 @@ import orjson
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
+from detector_service.detectors import call_finding
 from detector_service.turn import Call, TurnView, tool_calls_of
 from detector_service.wire import Category, Finding, Severity
 
@@ -92,15 +93,7 @@ def _coerce(args: dict[str, Any], schema: Mapping[str, Any]) -> dict[str, Any] |
 
 
 def _finding(call: Call, detector: str, message: str, **evidence: Any) -> Finding:
-    return Finding(
-        category=Category.MTC,
-        detector=detector,
-        severity=Severity.ERROR,
-        message=message,
-        evidence=evidence,
-        tool_call_id=call.call_id,
-        tool_name=call.name,
-    )
+    return call_finding(Category.MTC, call, detector, message, Severity.ERROR, evidence)
 
 
 def _schema_errors(validator: Draft202012Validator, args: Any) -> list[str]:

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
+from detector_service.detectors import call_finding
 from detector_service.detectors.dcv import unconfirmed
 from detector_service.profile import (
     ArgumentConstraint,
@@ -27,15 +28,7 @@ def _pattern(text: str) -> re.Pattern[str]:
 
 
 def _finding(call: Call, detector: str, message: str, **evidence: Any) -> Finding:
-    return Finding(
-        category=Category.DCV,
-        detector=detector,
-        severity=Severity.ERROR,
-        message=message,
-        evidence=evidence,
-        tool_call_id=call.call_id,
-        tool_name=call.name,
-    )
+    return call_finding(Category.DCV, call, detector, message, Severity.ERROR, evidence)
 
 
 def _values(call: Call, argument: str) -> list[Any]:

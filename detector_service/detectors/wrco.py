@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from detector_service.detectors import call_finding
 from detector_service.profile import ToolKind
 from detector_service.turn import Call, TurnView, is_amount_key, is_id_key, is_id_value, leaves, norm
 from detector_service.wire import Category, Finding, Severity
@@ -27,15 +28,7 @@ def _salient(key: str, value: object) -> str | None:
 
 
 def _finding(call: Call, detector: str, message: str, severity: Severity, **evidence: object) -> Finding:
-    return Finding(
-        category=Category.WRCO,
-        detector=detector,
-        severity=severity,
-        message=message,
-        evidence=dict(evidence),
-        tool_call_id=call.call_id,
-        tool_name=call.name,
-    )
+    return call_finding(Category.WRCO, call, detector, message, severity, evidence)
 
 
 def detect(view: TurnView) -> list[Finding]:
