@@ -23,6 +23,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field, ValidationError
@@ -124,7 +125,20 @@ def outcome_entry(outcome: Outcome) -> SessionEntry:
     return SessionEntry(kind="outcome", turn_id="", ts_ms=outcome.ts_ms, data=data)
 
 
-_Write = tuple[str, str, TurnEvent | Verdict | Intervention | Outcome]  # (tenant, session_id, object)
+@dataclass(frozen=True)
+class StateWrite:
+    """A value SET with a TTL, sent in the recorder's next pipeline (one round trip fewer per turn).
+
+    ``done`` is resolved once the pipeline answered: with ``None``, or with the exception that failed it.
+    """
+
+    key: str
+    raw: str
+    ttl_s: int
+    done: asyncio.Future[None]
+
+
+_Write = tuple[str, str, TurnEvent | Verdict | Intervention | Outcome | StateWrite]  # (tenant, session_id, object)
 
 
 class RedisRecorder:
@@ -186,6 +200,14 @@ class RedisRecorder:
     def record_outcome(self, outcome: Outcome) -> None:
         self._enqueue((outcome.tenant, outcome.session_id, outcome))
 
+    def write_state(self, tenant: str, session_id: str, key: str, raw: str, ttl_s: int) -> asyncio.Future[None] | None:
+        """Queue a SET for the next batch; ``None`` when it cannot be queued (writer not running, queue full)."""
+        if self._writer is None or self._writer.done() or self._queue.full():
+            return None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((tenant, session_id, StateWrite(key, raw, ttl_s, done)))
+        return done
+
     def _enqueue(self, item: _Write) -> None:
         try:
             self._queue.put_nowait(item)
@@ -211,7 +233,9 @@ class RedisRecorder:
             try:
                 await self._write(batch)
             finally:
-                for _ in batch:
+                for _, _, obj in batch:
+                    if isinstance(obj, StateWrite) and not obj.done.done():  # cancelled mid-write
+                        obj.done.set_exception(RedisError("recorder stopped before the write was answered"))
                     self._queue.task_done()
 
     async def _write(self, batch: list[_Write]) -> None:
@@ -219,8 +243,13 @@ class RedisRecorder:
             # A turn records several entries at once (turn, verdict, maybe an intervention): one RPUSH per
             # session key carries them all, in order, so a batch costs three commands per session, not per entry.
             by_key: dict[str, list[str]] = {}
+            states: list[tuple[int, StateWrite]] = []  # (position in the pipeline's results, write)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for tenant, session_id, obj in batch:
+                    if isinstance(obj, StateWrite):
+                        states.append((len(pipe), obj))
+                        pipe.set(obj.key, obj.raw, ex=obj.ttl_s)
+                        continue
                     by_key.setdefault(keys.session_key(tenant, session_id), []).append(_entry(obj).model_dump_json())
                     if isinstance(obj, Intervention):
                         pipe.xadd(
@@ -235,10 +264,23 @@ class RedisRecorder:
                     pipe.expire(key, self.session_ttl_s)
                 results = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
+            for _, state in states:
+                state.done.set_exception(exc)
+            if len(states) == len(batch):
+                return  # the state writes' owner counts and logs its own failures
             self.metrics.redis_errors.labels(op="record").inc()
             first = batch[0]
             log.warning("could not record %d entries (first: session %s/%s): %s", len(batch), first[0], first[1], exc)
             return
+        for at, state in states:
+            answer = results[at]
+            if isinstance(answer, Exception):
+                state.done.set_exception(answer)
+            else:
+                state.done.set_result(None)
+        if states:
+            written = {at for at, _ in states}
+            results = [r for i, r in enumerate(results) if i not in written]
         failed = [r for r in results if isinstance(r, Exception)]
         if failed:
             self.metrics.redis_errors.labels(op="record").inc(len(failed))

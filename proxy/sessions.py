@@ -11,8 +11,10 @@ under ``fama:state:<tenant>:<session>`` with a TTL. A store failure never fails 
 with empty state, the failure is logged and counted in ``fama_redis_errors_total``.
 
 A supervised turn saves with ``save_soon``: the answer does not wait for the write. Within the process
-the next ``load`` or ``save`` of the same session waits for it, so a session never reads its own state
-stale here; another replica sees it once the write lands (it is sent before the answer reaches the client).
+the next ``load`` or ``save`` of the same session waits for it (bounded), so a session never reads its own
+state stale here; another replica sees it once the write lands (it is sent before the answer reaches the
+client). Given a :class:`StateBatch` (the recorder), the write rides in the pipeline that records the
+same turn instead of costing a round trip of its own.
 """
 
 from __future__ import annotations
@@ -107,6 +109,12 @@ class SessionState(BaseModel):
                 self.agents.append(agent)
 
 
+class StateBatch(Protocol):
+    def write_state(self, tenant: str, session_id: str, key: str, raw: str, ttl_s: int) -> asyncio.Future[None] | None:
+        """Queue a SET with a TTL in a shared batch; ``None`` when it cannot take it now."""
+        ...
+
+
 class SessionStore(Protocol):
     async def load(self, ref: SessionRef) -> SessionState: ...
 
@@ -165,14 +173,23 @@ class MemorySessionStore:
 class RedisSessionStore:
     """One JSON value per session with a TTL. Failures degrade to empty state, never to a failed turn."""
 
-    def __init__(self, redis: Redis, ttl_s: int, metrics: ProxyMetrics | None = None, timeout_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        ttl_s: int,
+        metrics: ProxyMetrics | None = None,
+        timeout_s: float = 0.05,
+        batch: StateBatch | None = None,
+    ) -> None:
         self._redis = redis
         self._ttl = ttl_s
         self._metrics = metrics
         self._timeout = timeout_s
+        self._batch = batch
         # Writes started by ``save_soon`` and not finished yet, by session: a later read or write of the same
-        # session waits for its write first, so this process never reads its own state stale.
-        self._writing: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # session waits for its write first, so this process never reads its own state stale. A task is a
+        # write of our own; a plain future is one queued in ``batch``.
+        self._writing: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     def _failed(self, op: str, ref: SessionRef, exc: BaseException) -> None:
         log.warning("session state %s failed for %s/%s: %r", op, ref.tenant, ref.session_id, exc)
@@ -182,9 +199,9 @@ class RedisSessionStore:
     async def _written(self, ref: SessionRef) -> None:
         task = self._writing.get((ref.tenant, ref.session_id))
         if task is not None and not task.done():
-            # Bounded by the write's own timeout; ``wait`` (not ``await task``) leaves the write running if
-            # this reader is cancelled.
-            await asyncio.wait({task})
+            # Bounded (a batched write has no timeout of its own); ``wait`` (not ``await task``) leaves the
+            # write running if this reader is cancelled.
+            await asyncio.wait({task}, timeout=self._timeout * 2)
 
     async def load(self, ref: SessionRef) -> SessionState:
         await self._written(ref)
@@ -211,18 +228,34 @@ class RedisSessionStore:
         # Serialized now: the caller may go on changing ``state``. Chained after an unfinished earlier write
         # of the session so the two land in order.
         earlier = self._writing.get(key)
-        task = asyncio.get_running_loop().create_task(self._write_after(earlier, ref, state.model_dump_json()))
-        self._writing[key] = task
-        task.add_done_callback(lambda t: self._writing.pop(key, None) if self._writing.get(key) is t else None)
+        raw = state.model_dump_json()
+        written: asyncio.Future[None] | None = None
+        # Batched writes land in the order they were queued; one queued after a write of our own still
+        # running could overtake it, so that one is chained instead.
+        if self._batch is not None and (earlier is None or earlier.done() or not isinstance(earlier, asyncio.Task)):
+            written = self._batch.write_state(
+                ref.tenant, ref.session_id, session_state_key(ref.tenant, ref.session_id), raw, self._ttl
+            )
+            if written is not None:
+                written.add_done_callback(lambda f: self._batched(ref, f))
+        if written is None:
+            written = asyncio.get_running_loop().create_task(self._write_after(earlier, ref, raw))
+        self._writing[key] = written
+        written.add_done_callback(lambda t: self._writing.pop(key, None) if self._writing.get(key) is t else None)
+
+    def _batched(self, ref: SessionRef, written: asyncio.Future[None]) -> None:
+        exc = None if written.cancelled() else written.exception()
+        if exc is not None:
+            self._failed("save", ref, exc)
 
     async def drain(self) -> None:
         pending = [t for t in self._writing.values() if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=self._timeout * 2 + 1)
 
-    async def _write_after(self, earlier: asyncio.Task[None] | None, ref: SessionRef, raw: str) -> None:
+    async def _write_after(self, earlier: asyncio.Future[None] | None, ref: SessionRef, raw: str) -> None:
         if earlier is not None and not earlier.done():
-            await asyncio.wait({earlier})
+            await asyncio.wait({earlier}, timeout=self._timeout * 2)
         await self._write(ref, raw)
 
     async def _write(self, ref: SessionRef, raw: str) -> None:

@@ -44,7 +44,7 @@ from proxy.extractions import ExtractionReader
 from proxy.held_stream import CandidateBuffer, Envelope, add_usage, content_delta, tool_call_deltas
 from proxy.injection import GUIDANCE_LABEL, Injector, triggered_agents
 from proxy.metrics import MAX_TOOL_LABELS, ProxyMetrics
-from proxy.recorder import Intervention, Recorder, recorder_for
+from proxy.recorder import Intervention, Recorder, RedisRecorder, recorder_for
 from proxy.sessions import (
     SESSION_HEADER,
     MemorySessionStore,
@@ -424,13 +424,15 @@ def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervis
         )
     # Short connect timeout and one quick retry: an outage must surface as ``outage``, not a slow ``deadline``.
     redis = redis_client(settings.redis_url)
+    recorder = RedisRecorder(redis, metrics, session_ttl_s=settings.session_ttl_s)
     return Supervisor(
         settings.mode,
         profile,
         RedisVerdicts(redis, process_instance_id(settings.instance_id), metrics),
-        RedisSessionStore(redis, settings.session_ttl_s, metrics, timeout_s=profile.deadline_ms / 1000),
+        # Session state rides in the recorder's pipeline: the turn's records and its state in one round trip.
+        RedisSessionStore(redis, settings.session_ttl_s, metrics, timeout_s=profile.deadline_ms / 1000, batch=recorder),
         metrics,
-        recorder_for(redis, metrics, session_ttl_s=settings.session_ttl_s),
+        recorder,
         closing=redis,
         # The detector service fills the cache (profile ``llm_agents``); a turn only ever reads it.
         extractions=ExtractionReader(redis, metrics, timeout_s=min(0.05, profile.deadline_ms / 1000))

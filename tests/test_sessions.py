@@ -4,10 +4,13 @@ import hashlib
 import json
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from detector_service.keys import session_state_key
 from detector_service.profile import AgentName
 from proxy.metrics import ProxyMetrics
+from proxy.recorder import RedisRecorder
 from proxy.sessions import (
     MemorySessionStore,
     RedisSessionStore,
@@ -154,6 +157,46 @@ async def test_redis_store_save_soon_outage_is_counted_not_raised() -> None:
         await store.drain()
         assert metrics.registry.get_sample_value("fama_redis_errors_total", {"op": "session_state_save"}) == 1
     finally:
+        await client.aclose()
+
+
+async def test_redis_store_save_soon_rides_in_the_recorders_batch(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    recorder = RedisRecorder(client)
+    try:
+        key = session_state_key("acme", "batched")
+        assert recorder.write_state("acme", "batched", key, "{}", 60) is None  # no writer running: caller writes
+        await recorder.start()
+        store = RedisSessionStore(client, ttl_s=120, batch=recorder)
+        ref = SessionRef("acme", "batched", False)
+        store.save_soon(ref, SessionState(turns=1))
+        store.save_soon(ref, SessionState(turns=2, guidance=["ask for the order id"]))
+        await recorder.flush()  # the recorder's writer sent both: nothing of the store's own is pending
+        assert (
+            await client.get(key) == SessionState(turns=2, guidance=["ask for the order id"]).model_dump_json().encode()
+        )
+        assert 0 < await client.ttl(key) <= 120
+        store.save_soon(ref, SessionState(turns=3))
+        assert await store.load(ref) == SessionState(turns=3)  # waits for the queued write, never reads stale
+    finally:
+        await recorder.stop()
+        await client.aclose()
+
+
+async def test_redis_store_batched_save_outage_is_counted_not_raised() -> None:
+    metrics = ProxyMetrics()
+    # No retries, like the proxy's own client: the batch has no deadline of its own, the connect timeout bounds it.
+    client = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.05, retry=Retry(NoBackoff(), 0))
+    recorder = RedisRecorder(client, metrics)
+    try:
+        await recorder.start()
+        store = RedisSessionStore(client, ttl_s=60, metrics=metrics, timeout_s=0.5, batch=recorder)
+        store.save_soon(SessionRef("t", "s", False), SessionState(turns=1))
+        await store.drain()
+        assert metrics.registry.get_sample_value("fama_redis_errors_total", {"op": "session_state_save"}) == 1
+        assert metrics.registry.get_sample_value("fama_redis_errors_total", {"op": "record"}) is None
+    finally:
+        await recorder.stop()
         await client.aclose()
 
 
