@@ -2,13 +2,22 @@
 
 The same engine serves the Redis worker, the proxy's embedded mode and ``fama replay``.
 Contract: ``Engine(profile).evaluate(turn) -> Verdict`` is pure (no I/O) and thread-safe: it keeps no
-state between calls besides caches of compiled schemas and of resolved tool kinds per tools array.
+state between calls besides caches of compiled schemas, of resolved tool kinds per tools array, and of
+each recent session's conversation index. A session's next turn repeats the conversation and adds a few
+messages, so its index is extended with those instead of built again (DESIGN §8: cost linear in the
+conversation, not quadratic over a session). The cached index is reused only when the new turn's
+messages start with exactly the messages it was built from (same JSON bytes) under the same tool kinds;
+anything else builds from scratch, so the result is always the one a full build gives.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -21,6 +30,7 @@ from detector_service.wire import ACTION_STRENGTH, Action, Category, Finding, Tu
 
 DETECTOR_VERSION = "0.2.0"
 MAX_TOOL_SETS = 256  # distinct tools arrays whose resolved kinds are kept
+MAX_CACHED_INDEXES = 1024  # sessions whose latest conversation index is kept for their next turn
 
 Detector = Callable[[TurnView], list[Finding]]
 
@@ -34,11 +44,37 @@ DETECTORS: dict[str, Detector] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    index: ConversationIndex
+    digest: bytes  # of the messages the index was built from
+
+
+def _digests(messages: list[dict[str, Any]], at: int) -> tuple[bytes, bytes] | None:
+    """Digests of ``messages[:at]`` and of all ``messages``, in one pass; None when they are not JSON."""
+    h = hashlib.blake2b(digest_size=16)
+    prefix = h.digest()
+    try:
+        for i, m in enumerate(messages):
+            if i == at:
+                prefix = h.digest()
+            h.update(orjson.dumps(m))
+            h.update(b"\x1e")  # record separator: message boundaries are part of what is compared
+    except TypeError:
+        return None
+    full = h.digest()
+    return (full if at >= len(messages) else prefix), full
+
+
 class Engine:
     def __init__(self, profile: Profile | None = None) -> None:
         self.profile = profile or Profile()
         self._detectors = [fn for name, fn in DETECTORS.items() if self.profile.detector_enabled(name)]
         self._kinds: dict[bytes, ToolKinds] = {}
+        # A session's index is taken out while a turn uses it and put back after: a concurrent turn of the
+        # same session (another thread) builds its own instead of sharing one being extended.
+        self._indexes: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
+        self._indexes_lock = threading.Lock()
 
     def index(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> ConversationIndex:
         """An index of ``messages``; extend it with ``add`` to follow a conversation incrementally."""
@@ -64,8 +100,35 @@ class Engine:
         return TurnView.of(index, candidate, tools, self.profile)
 
     def findings(self, turn: TurnEvent) -> list[Finding]:
-        index = self.index(turn.messages, turn.tools)
-        return self.findings_for(self.view(index, turn.candidate, tools_by_name(turn.tools)))
+        key = (turn.tenant, turn.session_id)
+        index, digest = self._session_index(key, turn.messages, self.kinds(turn.tools))
+        found = self.findings_for(self.view(index, turn.candidate, tools_by_name(turn.tools)))
+        if digest is not None:
+            with self._indexes_lock:
+                self._indexes[key] = _Cached(index, digest)
+                self._indexes.move_to_end(key)
+                while len(self._indexes) > MAX_CACHED_INDEXES:
+                    self._indexes.popitem(last=False)  # least recently used first
+        return found
+
+    def _session_index(
+        self, key: tuple[str, str], messages: list[dict[str, Any]], kinds: ToolKinds
+    ) -> tuple[ConversationIndex, bytes | None]:
+        """The index of ``messages`` (extended from the session's previous one when that is a prefix of
+        them), and the digest to cache it under (None: not cacheable)."""
+        with self._indexes_lock:
+            cached = self._indexes.pop(key, None)
+        at = cached.index.size if cached is not None else 0
+        digests = _digests(messages, at)
+        if digests is None:
+            return ConversationIndex.build(messages, kinds), None
+        prefix, full = digests
+        if cached is not None and cached.index.kinds is kinds and at <= len(messages) and cached.digest == prefix:
+            index = cached.index
+            for m in messages[at:]:
+                index.add(m)
+            return index, full
+        return ConversationIndex.build(messages, kinds), full
 
     def findings_for(self, view: TurnView) -> list[Finding]:
         out: list[Finding] = []

@@ -112,3 +112,43 @@ def test_tool_kinds_are_resolved_once_per_distinct_tools_array() -> None:
     assert again is first  # an equal array parsed again from the next turn
     assert first.kind("purge_cache") is ToolKind.GENERIC
     assert engine.kinds(annotated).kind("purge_cache") is ToolKind.WRITE  # different content, resolved anew
+
+
+def _scratch(profile: Profile, event: TurnEvent) -> list[Finding]:
+    return Engine(profile).findings(event)  # a new engine has no cached index: a full build
+
+
+def test_session_index_extended_turn_by_turn_gives_what_a_full_build_gives(tau_dir: Path) -> None:
+    profile = load_profile(AIRLINE)
+    engine = Engine(profile)
+    schema = tools(tau_dir, QWEN)
+    compared = 0
+    for t in list(load(tau_dir / "trajectories" / QWEN))[:8]:
+        for i, m in enumerate(t.messages):
+            if m["role"] != "assistant":
+                continue
+            event = TurnEvent(session_id=t.id, messages=t.messages[:i], tools=schema, candidate=m)
+            expected = _scratch(profile, event)
+            assert engine.findings(event) == expected
+            assert engine.findings(event.model_copy(update={"attempt": 1})) == expected  # a retry: same prefix
+            compared += 1
+    assert compared > 50
+
+
+def test_session_index_is_rebuilt_when_the_conversation_is_not_an_extension(tau_dir: Path) -> None:
+    profile = load_profile(AIRLINE)
+    engine = Engine(profile)
+    event = turn(tau_dir, QWEN, "15#0", 29)
+    engine.findings(event)
+    # The same session with its tool outputs rewritten (no errors left) and one message more: the cached
+    # index (built over the failing outputs) must not be reused.
+    edited = [{**m, "content": '{"status": "ok"}'} if m["role"] == "tool" else m for m in event.messages]
+    at = next(i for i, m in enumerate(edited) if m["role"] == "tool")
+    longer = event.model_copy(update={"messages": [*edited, {"role": "user", "content": "please go on"}]})
+    expected = _scratch(profile, longer)
+    assert Category.LOOP not in {f.category for f in expected}
+    assert engine.findings(longer) == expected
+    shorter = event.model_copy(update={"messages": event.messages[:at]})
+    assert engine.findings(shorter) == _scratch(profile, shorter)
+    other_tools = event.model_copy(update={"tools": event.tools[:1]})
+    assert engine.findings(other_tools) == _scratch(profile, other_tools)
