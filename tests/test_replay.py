@@ -52,7 +52,9 @@ def test_incremental_replay_matches_the_engine_contract(tau_dir: Path) -> None:
         for i, m in enumerate(t.messages):
             if m["role"] != "assistant":
                 continue
-            verdict = engine.evaluate(TurnEvent(session_id=t.id, messages=t.messages[:i], tools=schema, candidate=m))
+            # A session id of its own per turn: the engine's per-session index cache must not be involved.
+            turn = TurnEvent(session_id=f"{t.id}@{i}", messages=t.messages[:i], tools=schema, candidate=m)
+            verdict = engine.evaluate(turn)
             scratch.extend((i, f.detector, f.message) for f in verdict.findings)
         assert incremental == scratch
 
