@@ -35,7 +35,7 @@ from proxy.extractions import ExtractionReader
 from proxy.metrics import ProxyMetrics
 from proxy.verdicts import redis_client
 from tests.scripted_llm import ScriptedLLM
-from tests.servers import free_port
+from tests.servers import free_port, stop_process
 from tests.supervised_upstream import ScriptedModel, context_in
 from tests.supervision_harness import CANCEL, LOOKED_UP, QUESTION, SYSTEM, TOOLS, proxy_for
 
@@ -233,12 +233,7 @@ def detector_process(redis_url: str, profile: Path) -> Iterator[None]:
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=30)
         if proc.stderr is not None:
             proc.stderr.close()
 

@@ -36,7 +36,7 @@ from openai.types.chat import ChatCompletionFunctionToolParam
 from detector_service import keys
 from tests.ops_artifacts import ALERTS, ROOT, compose_config, dashboard_queries, scripts_binary
 from tests.scripted_upstream import ScriptedUpstream
-from tests.servers import RedisServer, free_port, serve_in_thread, wait_for_port
+from tests.servers import RedisServer, free_port, serve_in_thread, stop_process, wait_for_port
 
 pytestmark = [
     pytest.mark.ops,
@@ -86,12 +86,7 @@ class Process:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)  # in case a test paused it
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, timeout=30)
 
 
 def _status(url: str) -> int:

@@ -22,7 +22,7 @@ from dockerfile_parse import DockerfileParser
 from proxy.local_model import bundled_model_path
 from tests.llama import unavailable_reason
 from tests.ops_artifacts import DOCKER, compose_config
-from tests.servers import free_port, wait_for_port
+from tests.servers import free_port, stop_process, wait_for_port
 
 pytestmark = [pytest.mark.ops, pytest.mark.llama]
 
@@ -78,12 +78,7 @@ def llama_service() -> Iterator[tuple[dict[str, Any], int]]:
                 raise AssertionError(log.read().decode(errors="replace")[-3000:]) from None
             yield service, port
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout=10)
 
 
 def test_serves_the_model_alias_clients_use(llama_service: tuple[dict[str, Any], int]) -> None:

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from detector_service import keys
-from tests.servers import free_port
+from tests.servers import free_port, stop_process
 from tests.supervised_upstream import ScriptedModel, call
 from tests.supervision_harness import (
     CANCEL,
@@ -54,12 +54,7 @@ def detector_worker(redis_url: str) -> Iterator[None]:
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=30)
         if proc.stderr is not None:
             proc.stderr.close()
 
