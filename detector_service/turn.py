@@ -191,8 +191,9 @@ class ConversationIndex:
     writes: int = 0
     reads: int = 0
     calls_since_user: int = 0
-    consecutive_errors: int = 0
+    consecutive_errors: int = 0  # tool errors in a row since the latest user message
     last_error_tool: str | None = None
+    failed_keys: set[str] = field(default_factory=set)  # calls (name + arguments) that returned an error
 
     @classmethod
     def build(cls, messages: Iterable[Mapping[str, Any]], kinds: ToolKinds) -> ConversationIndex:
@@ -216,6 +217,8 @@ class ConversationIndex:
             self.user_values |= text_values(text)
             self.calls_since_user = 0
             self.recent_calls.clear()
+            # New words from the user can make the same tool work again: only errors since then count.
+            self.consecutive_errors = 0
         elif role == "assistant":
             text = text_of(message.get("content"))
             if text.strip():
@@ -250,6 +253,8 @@ class ConversationIndex:
         if error:
             self.consecutive_errors += 1
             self.last_error_tool = call.name if call else None
+            if call is not None:
+                self.failed_keys.add(call.key)
             return
         self.consecutive_errors = 0
         values, pairs = output_digest(text)

@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from detector_service.engine import Engine
+from detector_service.trajectories import load_tools
 from detector_service.wire import Category, TurnEvent
 from tests.tau_turns import V1, tools, trajectory, turn
 
@@ -73,3 +74,58 @@ def test_deferring_after_the_look_ups_passes(tau_dir: Path) -> None:
     t = trajectory(tau_dir, V1, "15#3")
     assert sum(1 for m in t.messages[:26] for c in m.get("tool_calls") or []) > 1
     assert ifu(turn(tau_dir, V1, "15#3", 26)) == []
+
+
+def telecom(tau_dir: Path, user: str, candidate: str) -> TurnEvent:
+    """A tau2 telecom opening (its policy and tools) answered by ``candidate``: a domain where the user works the phone."""
+    domain = tau_dir / "domains" / "tau2-telecom"
+    return TurnEvent(
+        session_id="telecom",
+        messages=[
+            {"role": "system", "content": (domain / "policy.md").read_text()},
+            {"role": "assistant", "content": "Hi! How can I help you today?"},
+            {"role": "user", "content": user},
+        ],
+        tools=load_tools(domain / "tools_openai.json"),
+        candidate={"role": "assistant", "content": candidate},
+    )
+
+
+def test_asking_the_user_to_act_and_report_back_is_not_a_deferral(tau_dir: Path) -> None:
+    event = telecom(
+        tau_dir,
+        "My phone shows no service at all.",
+        "Let's check a few things on your phone. Please turn off airplane mode. Once you have done that, "
+        "let me know whether the signal bars come back.",
+    )
+    assert ifu(event) == []
+
+
+def test_sending_the_user_away_for_an_id_in_telecom_is_a_deferral(tau_dir: Path) -> None:
+    event = telecom(
+        tau_dir,
+        "My phone shows no service at all.",
+        "To look into this I need your customer ID. Please check your latest bill, and once you have it, "
+        "reach out again.",
+    )
+    assert ifu(event) == ["deferred_request"]
+
+
+def test_a_state_no_agent_tool_can_change_is_no_claim(tau_dir: Path) -> None:
+    # Telecom's agent has no update tool: the APN settings are changed by the user on the phone.
+    event = telecom(
+        tau_dir,
+        "I reset the APN settings like you said.",
+        "Thanks! Your APN settings have been updated. Please restart the phone and check mobile data again.",
+    )
+    assert ifu(event) == []
+
+
+def test_claiming_what_an_agent_write_tool_does_without_calling_it(tau_dir: Path) -> None:
+    # send_payment_request is one of telecom's agent write tools, and it was never called.
+    event = telecom(
+        tau_dir,
+        "I want to pay my overdue bill.",
+        "A payment request has been sent to your account. Please accept it to pay the bill.",
+    )
+    assert ifu(event) == ["claimed_without_action"]

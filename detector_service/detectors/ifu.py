@@ -2,16 +2,21 @@
 
 - early hand-off: a hand-off tool (transfer to a human) or a give-up sentence before any tool was tried
   for the user's request;
-- deferred request: the assistant sends the user away to come back later ("once you have your
-  reservation id, reach out") after next to no look-ups and no action: the request stays open;
+- deferred request: the assistant sends the user away to come back later with an identifier or other
+  information ("once you have your reservation id, reach out") after next to no look-ups and no action:
+  the request stays open. Asking the user to do something and report back ("once you have restarted the
+  phone, let me know") is ordinary troubleshooting, not a deferral;
 - unfulfilled claim: the assistant tells the user an action is done while no write call in the
-  conversation succeeded, so the request is still open.
+  conversation succeeded, so the request is still open. Only actions one of the agent's own write tools
+  performs count ("cancelled" with a cancel tool); a state the user or a third party changed ("your
+  settings have been updated" in a conversation where the user works the device) is no claim of the agent's.
 """
 
 from __future__ import annotations
 
 import re
 
+from detector_service.profile import ToolKind
 from detector_service.toolkinds import is_handoff
 from detector_service.turn import TurnView
 from detector_service.wire import Category, Finding, Severity
@@ -27,12 +32,53 @@ _DEFER = re.compile(
     r"feel free to reach out (again )?(when|once|whenever)|when you find|if you (can )?(find|locate)|take your time)",
     re.IGNORECASE,
 )
+# What the user is sent away to find: an identifier or a piece of information the tools could look up.
+_INFO = re.compile(r"\b(ids?|numbers?|codes?|details|information|info)\b", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _DONE = re.compile(
     r"\b(has|have) been (successfully )?(cancel+ed|booked|updated|modified|changed|processed|refunded|"
     r"issued|added|exchanged|returned|upgraded|rebooked|sent)\b|\bsuccessfully (cancel+ed|booked|updated|"
     r"modified|changed|processed|refunded|issued|added|exchanged|returned|upgraded)\b",
     re.IGNORECASE,
 )
+# The write-tool verb stems each claimed outcome stands for; outcomes mapped to None fit any write tool.
+_CLAIM_STEMS: dict[str, tuple[str, ...] | None] = {
+    "cancel": ("cancel",),
+    "booked": ("book", "reserve", "create"),
+    "rebooked": ("book", "updat", "modif", "chang"),
+    "updated": ("updat", "modif", "chang", "edit", "set"),
+    "modified": ("updat", "modif", "chang", "edit"),
+    "changed": ("updat", "modif", "chang", "edit", "set"),
+    "upgraded": ("updat", "modif", "chang", "upgrad"),
+    "added": ("add", "updat", "modif", "creat"),
+    "exchanged": ("exchang",),
+    "returned": ("return",),
+    "sent": ("send",),
+    "issued": ("issue", "send"),
+    "refunded": None,
+    "processed": None,
+}
+
+
+def _deferral(text: str) -> str | None:
+    """The deferring phrase, when it sends the user off to find information (it or the sentence before names it)."""
+    sentences = [s for s in _SENTENCE_END.split(text) if s.strip()]
+    for i, sentence in enumerate(sentences):
+        found = _DEFER.search(sentence)
+        if found and any(_INFO.search(s) for s in sentences[max(0, i - 1) : i + 1]):
+            return found.group(0)
+    return None
+
+
+def _claim(view: TurnView) -> str | None:
+    """A claimed outcome that one of the agent's write tools would have produced, or None."""
+    writes = [name.lower() for name in view.tools if view.index.kinds.kind(name) is ToolKind.WRITE]
+    for found in _DONE.finditer(view.text):
+        word = (found.group(3) or found.group(4) or "").lower()
+        stems = _CLAIM_STEMS.get("cancel" if word.startswith("cancel") else word)
+        if not view.tools or (stems is None and writes) or (stems and any(w.startswith(stems) for w in writes)):
+            return found.group(0)
+    return None
 
 
 def detect(view: TurnView) -> list[Finding]:
@@ -56,31 +102,31 @@ def detect(view: TurnView) -> list[Finding]:
             )
         )
     max_reads = int(view.profile.detector_settings("ifu").get("max_reads_before_defer", 1))
-    if not view.calls and index.writes == 0 and index.reads <= max_reads and _DEFER.search(view.text):
-        phrase = _DEFER.search(view.text)
+    phrase = _deferral(view.text) if not view.calls and index.writes == 0 and index.reads <= max_reads else None
+    if phrase is not None:
         out.append(
             Finding(
                 category=Category.IFU,
                 detector="deferred_request",
                 severity=Severity.WARNING,
                 message=f"Rule: finish the user's request in this conversation when the tools allow it. This message "
-                f"puts it off ({phrase.group(0) if phrase else ''!r}) after {index.reads} look-up(s) and no action; "
+                f"puts it off ({phrase!r}) after {index.reads} look-up(s) and no action; "
                 "look the missing details up with the read tools (for example from the user's profile) instead "
                 "of asking the user to come back.",
                 evidence={"reads": index.reads},
             )
         )
-    if not view.calls and index.writes == 0 and _DONE.search(view.text):
-        claim = _DONE.search(view.text)
+    claim = _claim(view) if not view.calls and index.writes == 0 else None
+    if claim is not None:
         out.append(
             Finding(
                 category=Category.IFU,
                 detector="claimed_without_action",
                 severity=Severity.ERROR,
                 message=f"Rule: only report actions that a tool actually performed. This message says "
-                f"{claim.group(0) if claim else ''!r}, but no tool call has changed anything in this conversation; "
+                f"{claim!r}, but no tool call has changed anything in this conversation; "
                 "the request is still open. Call the tool (after confirmation) or tell the user it is not done.",
-                evidence={"claim": claim.group(0) if claim else ""},
+                evidence={"claim": claim},
             )
         )
     return out

@@ -1,4 +1,9 @@
-"""LOOP: the same call repeated, or calling a tool again after it kept failing."""
+"""LOOP: the same call repeated, or calling a tool again after it kept failing.
+
+- repeated call: the exact call (name and arguments) made again when its result is already at hand;
+- repeated errors: the tool that failed the last N times in a row, called again without the user having
+  said anything new, or a call whose exact arguments already failed (retrying it cannot help).
+"""
 
 from __future__ import annotations
 
@@ -30,16 +35,23 @@ def detect(view: TurnView) -> list[Finding]:
                     tool_name=call.name,
                 )
             )
-        elif index.consecutive_errors >= max_errors and call.name == index.last_error_tool:
+        elif (index.consecutive_errors >= max_errors and call.name == index.last_error_tool) or (
+            call.key in index.failed_keys
+        ):
+            errors = max(index.consecutive_errors, 1)
             out.append(
                 Finding(
                     category=Category.LOOP,
                     detector="repeated_errors",
                     severity=Severity.WARNING,
-                    message=f"Rule: stop retrying a failing tool blindly. The last {index.consecutive_errors} tool "
-                    f"calls failed (last error from '{call.name}'); read the error, fix the arguments from tool "
-                    "outputs or ask the user.",
-                    evidence={"errors": index.consecutive_errors},
+                    message=f"Rule: stop retrying a failing tool blindly. '{call.name}' failed "
+                    + (
+                        "before with exactly these arguments"
+                        if call.key in index.failed_keys
+                        else f"in the last {errors} calls in a row"
+                    )
+                    + "; read the error, fix the arguments from tool outputs or ask the user.",
+                    evidence={"errors": index.consecutive_errors, "same_arguments": call.key in index.failed_keys},
                     tool_call_id=call.call_id,
                     tool_name=call.name,
                 )
