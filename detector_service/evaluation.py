@@ -5,6 +5,13 @@ For each trajectory with a reward and ground-truth actions:
 - early: the first flag comes at or before the first *deviating write*, the first write call whose
   name and arguments match no ground-truth action. A failed run without a deviating write failed by
   omission or by what it said, which shows only at the end, so any flag counts as early there.
+
+A passed run can still hold a mistake the environment happened to absorb: a write the ground truth
+does not contain, which the tool rejected with an error, so the database never changed. Flags that all
+sit on such rejected writes are counted apart (``passed_flagged_on_deviating_writes``): they are detections, not
+false alarms, though the reward does not show it. So are, often, flags on passed runs whose ground truth
+has no write at all: a database-based reward cannot see a request left unfulfilled there (the data's
+README says so of needless hand-offs); those runs are counted too (``passed_flagged_no_write_in_truth``).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import orjson
 
 from detector_service.profile import ToolKind
 from detector_service.toolkinds import ToolKinds
-from detector_service.turn import norm, parse_json, tool_calls_of
+from detector_service.turn import is_error_output, norm, parse_json, tool_calls_of
 
 if TYPE_CHECKING:
     from detector_service.replay import Replayed
@@ -45,6 +52,25 @@ def ground_truth_keys(ground_truth: Mapping[str, Any]) -> set[str]:
     return out
 
 
+def _rejected_deviating_writes(messages: Sequence[Mapping[str, Any]], kinds: ToolKinds, truth: set[str]) -> set[int]:
+    """Indices of assistant messages holding a write call that matches no ground-truth action and was rejected."""
+    failed = {str(m.get("tool_call_id")) for m in messages if m.get("role") == "tool" and is_error_output(m)}
+    out = set()
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        for call in tool_calls_of(m):
+            fn = call.get("function") or {}
+            name = str(fn.get("name"))
+            if kinds.kind(name) is not ToolKind.WRITE:
+                continue
+            raw = fn.get("arguments")
+            args = raw if isinstance(raw, dict) else parse_json(str(raw or ""))
+            if (not isinstance(args, dict) or _key(name, args) not in truth) and str(call.get("id")) in failed:
+                out.add(i)
+    return out
+
+
 def first_deviating_write(messages: Sequence[Mapping[str, Any]], kinds: ToolKinds, truth: set[str]) -> int | None:
     for i, m in enumerate(messages):
         if m.get("role") != "assistant":
@@ -68,10 +94,20 @@ class Score:
     failed_flagged: int = 0
     passed_flagged: int = 0
     failed_early: int = 0
+    passed_flagged_on_deviating_writes: int = 0
+    passed_flagged_no_write_in_truth: int = 0
     by_category: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
-        return {"failed": self.failed, "passed": self.passed, **self.rates(), "by_category": self.by_category}
+        return {
+            "failed": self.failed,
+            "passed": self.passed,
+            **self.rates(),
+            "passed_flagged_runs": self.passed_flagged,
+            "passed_flagged_on_deviating_writes": self.passed_flagged_on_deviating_writes,
+            "passed_flagged_no_write_in_truth": self.passed_flagged_no_write_in_truth,
+            "by_category": self.by_category,
+        }
 
     def rates(self) -> dict[str, float]:
         return {
@@ -96,6 +132,13 @@ def score(results: Iterable[Replayed], kinds: ToolKinds) -> Score:
         else:
             out.passed += 1
             out.passed_flagged += flagged
+            if flagged and "ground_truth" in r.trajectory.extra:
+                gt = r.trajectory.extra.get("ground_truth") or {}
+                deviating = _rejected_deviating_writes(r.trajectory.messages, kinds, ground_truth_keys(gt))
+                out.passed_flagged_on_deviating_writes += all(f.turn in deviating for f in r.flags)
+                out.passed_flagged_no_write_in_truth += not any(
+                    kinds.kind(str(a.get("name"))) is ToolKind.WRITE for a in gt.get("actions") or []
+                )
         for cat in {f.finding.category.value for f in r.flags}:
             row = out.by_category.setdefault(cat, {"failed": 0, "passed": 0, "failed_early": 0})
             row["failed" if failed else "passed"] += 1

@@ -144,6 +144,12 @@ def replay_command(
             f"failed flagged {ev['failed_flagged']:.0%}, passed flagged {ev['passed_flagged']:.0%}, "
             f"failed flagged at or before the first deviating write {ev['failed_early']:.0%}"
         )
+        if ev["passed_flagged_runs"]:
+            Console(file=sys.stdout).print(
+                f"passed runs flagged: {ev['passed_flagged_runs']}, of which "
+                f"{ev['passed_flagged_on_deviating_writes']} only on writes outside the ground truth that the "
+                f"tool rejected, {ev['passed_flagged_no_write_in_truth']} on tasks whose ground truth has no write"
+            )
     if json_out is not None:
         doc = {"records": [r.record() for r in results], "summary": summary}
         json_out.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))

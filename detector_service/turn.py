@@ -37,6 +37,12 @@ def text_of(content: Any) -> str:
     return str(content)
 
 
+def is_error_output(message: Mapping[str, Any], text: str | None = None) -> bool:
+    """Whether a tool message reports a failure (an ``error`` flag, or text opening with "Error")."""
+    body = text_of(message.get("content")) if text is None else text
+    return bool(message.get("error")) or bool(_ERROR_PREFIX.match(body))
+
+
 def norm(value: Any) -> str:
     """A canonical string for comparing scalar values across JSON, free text and arguments."""
     if isinstance(value, bool):
@@ -246,7 +252,7 @@ class ConversationIndex:
         call = self.pending.pop(str(message.get("tool_call_id")), None)
         if call is None and self.calls and self.calls[-1].result is None:
             call = self.calls[-1]
-        error = bool(message.get("error")) or bool(_ERROR_PREFIX.match(text))
+        error = is_error_output(message, text)
         if call is not None:
             call.result = text
             call.error = error

@@ -58,3 +58,26 @@ def test_first_deviating_write(tau_dir: Path) -> None:
     passed = next(t for t in load(tau_dir / "trajectories" / QWEN) if t.reward == 1.0)
     kinds2 = ToolKinds(Profile(), tools(tau_dir, QWEN))
     assert first_deviating_write(passed.messages, kinds2, ground_truth_keys(passed.extra["ground_truth"])) is None
+
+
+def test_passed_runs_flagged_on_rejected_writes_outside_the_truth(tau_dir: Path) -> None:
+    # qwen's task 10 passed with a ground truth of no action: its three bookings (flagged for booking before
+    # the user's yes) were all rejected by the tool, so the reward never saw them.
+    schema = tools(tau_dir, QWEN)
+    run = trajectory(tau_dir, QWEN, "10#0")
+    assert run.reward == 1.0
+    s = score(replay(Engine(Profile()), [run], schema), ToolKinds(Profile(), schema))
+    assert (s.passed, s.passed_flagged) == (1, 1)
+    assert s.passed_flagged_on_deviating_writes == 1
+    assert s.passed_flagged_no_write_in_truth == 1
+
+
+def test_passed_run_flagged_on_a_write_in_the_truth_is_not_set_apart(tau_dir: Path) -> None:
+    # gpt-4o's 45#0 sends the certificate the ground truth asks for, without listing it first: the flag sits on
+    # a write the truth contains, so it stays an unexplained flag on a passed run.
+    schema = tools(tau_dir, V1)
+    run = trajectory(tau_dir, V1, "45#0")
+    s = score(replay(Engine(Profile()), [run], schema), ToolKinds(Profile(), schema))
+    assert (s.passed, s.passed_flagged) == (1, 1)
+    assert s.passed_flagged_on_deviating_writes == 0
+    assert s.passed_flagged_no_write_in_truth == 0
