@@ -3,10 +3,17 @@
 Each assistant message is checked as a candidate turn with the conversation before it, exactly as the
 proxy would see it. One conversation index per trajectory grows as the replay advances, so a
 trajectory costs time linear in its length.
+
+With ``judge.enabled`` in the profile, every assistant turn also goes to the LLM judge (the profile's
+``judge.base_url`` / ``judge.model``; key from ``FAMA_JUDGE_API_KEY`` or the variable ``judge.api_key_env``
+names), ``judge_concurrency`` calls at a time. Its findings join the deterministic flags; a judge call that
+fails or times out is counted in the summary and the turn keeps its deterministic flags.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -21,11 +28,12 @@ from rich.table import Table
 
 from detector_service.engine import Engine
 from detector_service.evaluation import score
+from detector_service.judge import Judge, JudgeError, make_client
 from detector_service.profile import Profile, ProfileError, load_profile
 from detector_service.toolkinds import ToolKinds
 from detector_service.trajectories import Trajectory, TrajectoryError, load, load_tools
 from detector_service.turn import ConversationIndex, tools_by_name
-from detector_service.wire import Finding
+from detector_service.wire import Finding, TurnEvent
 
 
 @dataclass(slots=True)
@@ -74,6 +82,84 @@ def replay(engine: Engine, trajectories: Iterable[Trajectory], tools: list[dict[
     return [replay_one(engine, t, tools) for t in trajectories]
 
 
+@dataclass(slots=True)
+class JudgeStats:
+    calls: int = 0
+    findings: int = 0
+    errors: int = 0
+    first_error: str | None = None
+
+
+def _judge_turns(results: Sequence[Replayed], default_tools: list[dict[str, Any]]) -> list[tuple[Replayed, TurnEvent]]:
+    out = []
+    for r in results:
+        t = r.trajectory
+        tools = t.tools if t.tools is not None else default_tools
+        for i, message in enumerate(t.messages):
+            if message.get("role") == "assistant":
+                event = TurnEvent(
+                    turn_id=f"replay:{t.id}:{i}",
+                    session_id=t.id,
+                    messages=t.messages[:i],
+                    tools=tools,
+                    candidate=message,
+                )
+                out.append((r, event))
+    return out
+
+
+async def judge_results(
+    judge: Judge,
+    profile: Profile,
+    results: Sequence[Replayed],
+    default_tools: list[dict[str, Any]],
+    *,
+    concurrency: int = 4,
+    progress: Progress | None = None,
+) -> JudgeStats:
+    """Add the judge's findings to ``results`` as flags, at most ``concurrency`` calls at once."""
+    stats = JudgeStats()
+    turns = _judge_turns(results, default_tools)
+    slots = asyncio.Semaphore(max(1, concurrency))
+    task = progress.add_task("judge", total=len(turns)) if progress is not None else None
+
+    async def one(r: Replayed, event: TurnEvent) -> None:
+        async with slots:
+            stats.calls += 1
+            try:
+                found = await judge.findings(event)
+            except JudgeError as exc:
+                stats.errors += 1
+                stats.first_error = stats.first_error or str(exc)
+                found = []
+        for f in found:
+            r.flags.append(Flag(turn=len(event.messages), finding=f, action=str(profile.action_for(f.category))))
+        stats.findings += len(found)
+        if progress is not None and task is not None:
+            progress.advance(task)
+
+    await asyncio.gather(*(one(r, e) for r, e in turns))
+    for r in results:
+        r.flags.sort(key=lambda f: f.turn)  # stable: the deterministic flags of a turn stay first
+    return stats
+
+
+async def _run_judge(
+    profile: Profile,
+    results: Sequence[Replayed],
+    default_tools: list[dict[str, Any]],
+    concurrency: int,
+    progress: Progress,
+) -> JudgeStats:
+    config = profile.judge
+    key = os.environ.get("FAMA_JUDGE_API_KEY") or (os.environ.get(config.api_key_env) if config.api_key_env else None)
+    judge = Judge(config, make_client(config, key))
+    try:
+        return await judge_results(judge, profile, results, default_tools, concurrency=concurrency, progress=progress)
+    finally:
+        await judge.aclose()
+
+
 def summarize(results: Sequence[Replayed]) -> dict[str, Any]:
     def outcome(r: Replayed) -> str:
         if r.trajectory.reward is None:
@@ -114,7 +200,12 @@ def _table(summary: dict[str, Any]) -> Table:
 
 
 def replay_command(
-    files: Sequence[Path], *, tools: Path | None = None, profile: Path | None = None, json_out: Path | None = None
+    files: Sequence[Path],
+    *,
+    tools: Path | None = None,
+    profile: Path | None = None,
+    json_out: Path | None = None,
+    judge_concurrency: int = 4,
 ) -> int:
     console = Console(stderr=True)
     try:
@@ -123,6 +214,9 @@ def replay_command(
         trajectories = [t for path in files for t in load(Path(path))]
     except (ProfileError, TrajectoryError, OSError, orjson.JSONDecodeError) as exc:
         console.print(f"[red]error:[/red] {exc}")
+        return 2
+    if prof.judge.enabled and not (prof.judge.base_url and prof.judge.model):
+        console.print("[red]error:[/red] the profile enables the judge but names no judge.base_url and judge.model")
         return 2
     engine = Engine(prof)
     results: list[Replayed] = []
@@ -133,7 +227,16 @@ def replay_command(
         for t in trajectories:
             results.append(replay_one(engine, t, default_tools))
             progress.advance(task)
+        stats = (
+            asyncio.run(_run_judge(prof, results, default_tools, judge_concurrency, progress))
+            if prof.judge.enabled
+            else None
+        )
     summary = summarize(results)
+    if stats is not None:
+        summary["judge"] = {"calls": stats.calls, "findings": stats.findings, "errors": stats.errors}
+        if stats.errors:
+            console.print(f"[yellow]judge:[/yellow] {stats.errors} of {stats.calls} calls failed ({stats.first_error})")
     if any("ground_truth" in r.trajectory.extra for r in results):
         # Records with ground-truth actions (tau-bench runs) also get the detection-quality numbers.
         summary["evaluation"] = score(results, ToolKinds(prof, default_tools)).report()

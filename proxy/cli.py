@@ -82,11 +82,16 @@ def replay(
     tools: Annotated[Path | None, typer.Option(help="OpenAI tools array for records that carry none.")] = None,
     profile: Annotated[Path | None, typer.Option(help="Profile YAML.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write per-trajectory flags here.")] = None,
+    judge_concurrency: Annotated[
+        int, typer.Option(min=1, help="Judge calls at once, when the profile enables the LLM judge.")
+    ] = 4,
 ) -> None:
-    """Replay recorded trajectories through the detectors, turn by turn."""
+    """Replay recorded trajectories through the detectors, turn by turn (and the LLM judge, if the profile enables it)."""
     from detector_service.replay import replay_command
 
-    raise typer.Exit(replay_command(files, tools=tools, profile=profile, json_out=json_out))
+    raise typer.Exit(
+        replay_command(files, tools=tools, profile=profile, json_out=json_out, judge_concurrency=judge_concurrency)
+    )
 
 
 @app.command()

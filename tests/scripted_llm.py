@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,6 +23,7 @@ from tests.servers import serve_in_thread
 class ScriptedLLM:
     def __init__(self) -> None:
         self.answers: dict[str, str] = {}  # schema name -> message content
+        self.responder: Callable[[dict[str, Any]], str] | None = None  # request body -> content, overrides answers
         self.delay_s = 0.0
         self.status = 200
         self.requests: list[dict[str, Any]] = []
@@ -53,7 +54,7 @@ class ScriptedLLM:
             if self.status != 200:
                 error = {"message": "scripted failure", "type": "server_error", "param": None, "code": None}
                 return JSONResponse({"error": error}, status_code=self.status)
-            content = self.answers.get(_schema_name(body), "{}")
+            content = self.responder(body) if self.responder else self.answers.get(_schema_name(body), "{}")
             return JSONResponse(
                 {
                     "id": "chatcmpl-scripted",

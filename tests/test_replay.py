@@ -11,6 +11,7 @@ from detector_service.profile import load_profile
 from detector_service.replay import replay_command, replay_one
 from detector_service.trajectories import load
 from detector_service.wire import TurnEvent
+from tests.scripted_llm import ScriptedLLM
 from tests.tau_turns import DOMAIN, QWEN, V1, tools
 
 pytestmark = pytest.mark.tau
@@ -114,3 +115,86 @@ def test_unreadable_input_fails_cleanly(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"no_messages": true}\n')
     assert replay_command([bad], tools=None, profile=None, json_out=None) == 2
+
+
+def _one_run(tau_dir: Path, tmp_path: Path, run_id: str) -> Path:
+    """The qwen file cut down to one trajectory, so a judge call per turn stays cheap."""
+    lines = (tau_dir / "trajectories" / QWEN).read_text().splitlines()
+    line = next(x for x in lines if x.strip() and f"{json.loads(x)['task_id']}#{json.loads(x)['trial']}" == run_id)
+    path = tmp_path / "one.jsonl"
+    path.write_text(line + "\n")
+    return path
+
+
+def _judge_profile(tmp_path: Path, base_url: str) -> Path:
+    path = tmp_path / "judge.yaml"
+    path.write_text(f"version: 1\njudge: {{enabled: true, base_url: '{base_url}', model: judge-model, timeout_s: 5}}\n")
+    return path
+
+
+def _books(body: dict[str, Any]) -> str:
+    """The scripted judge's answer: a CM finding exactly when the candidate books a flight."""
+    candidate = body["messages"][-1]["content"].rsplit("CANDIDATE:", 1)[1]
+    if "book_reservation" in candidate:
+        return json.dumps(
+            {"findings": [{"category": "CM", "message": "the user asked for a change", "confidence": 0.9}]}
+        )
+    return json.dumps({"findings": []})
+
+
+def test_replay_with_the_judge_adds_its_findings_per_turn(tau_dir: Path, tmp_path: Path) -> None:
+    llm = ScriptedLLM()
+    llm.responder = _books
+    source = _one_run(tau_dir, tmp_path, "10#0")
+    messages = json.loads(source.read_text())["messages"]
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    booking = [
+        i
+        for i in assistant
+        if any(c["function"]["name"] == "book_reservation" for c in messages[i].get("tool_calls") or [])
+    ]
+    assert len(booking) == 3  # three booking attempts, all rejected by the tool
+    out = tmp_path / "out.json"
+    with llm.serving() as base_url:
+        code = replay_command(
+            [source],
+            tools=tau_dir / "domains" / DOMAIN[QWEN] / "tools_openai.json",
+            profile=_judge_profile(tmp_path, base_url),
+            json_out=out,
+            judge_concurrency=3,
+        )
+    assert code == 0
+    doc = json.loads(out.read_text())
+    judged = [f for f in doc["records"][0]["flags"] if f["detector"] == "llm_judge"]
+    assert [f["turn"] for f in judged] == booking
+    assert {f["category"] for f in judged} == {"CM"}
+    assert doc["summary"]["judge"] == {"calls": len(assistant), "findings": len(booking), "errors": 0}
+    assert len(llm.asked("fama_judge")) == len(assistant)
+    assert 1 <= llm.max_in_flight <= 3
+    turns = [f["turn"] for f in doc["records"][0]["flags"]]
+    assert turns == sorted(turns)
+
+
+def test_replay_keeps_the_deterministic_flags_when_the_judge_fails(tau_dir: Path, tmp_path: Path) -> None:
+    llm = ScriptedLLM()
+    llm.status = 500
+    source = _one_run(tau_dir, tmp_path, "10#0")
+    tools_file = tau_dir / "domains" / DOMAIN[QWEN] / "tools_openai.json"
+    plain, judged = tmp_path / "plain.json", tmp_path / "judged.json"
+    assert replay_command([source], tools=tools_file, profile=None, json_out=plain) == 0
+    with llm.serving() as base_url:
+        code = replay_command([source], tools=tools_file, profile=_judge_profile(tmp_path, base_url), json_out=judged)
+    assert code == 0
+    without, with_failing = json.loads(plain.read_text()), json.loads(judged.read_text())
+    assert with_failing["records"] == without["records"]
+    assert without["records"][0]["flags"], "the run has deterministic flags to keep"
+    calls = with_failing["summary"]["judge"]["calls"]
+    assert calls > 0
+    assert with_failing["summary"]["judge"]["errors"] == calls
+
+
+def test_a_judge_without_endpoint_is_a_clear_error(tau_dir: Path, tmp_path: Path) -> None:
+    profile = tmp_path / "judge.yaml"
+    profile.write_text("version: 1\njudge: {enabled: true}\n")
+    source = _one_run(tau_dir, tmp_path, "10#0")
+    assert replay_command([source], tools=None, profile=profile, json_out=None) == 2
