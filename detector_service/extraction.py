@@ -28,6 +28,7 @@ from detector_service import keys
 from detector_service.agents.policy import policy_hash, policy_text
 from detector_service.metrics import DetectorMetrics
 from detector_service.profile import JudgeConfig, Profile
+from detector_service.structured import StructuredCaller
 from detector_service.wire import TurnEvent, now_ms
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class Extractor:
             raise ValueError("LLM-backed agents need a model name (profile judge.model)")
         self.model = config.model
         self.client = client
+        self._caller = StructuredCaller(client, config.model)
         self.timeout_s = timeout_s
 
     async def aclose(self) -> None:
@@ -112,21 +114,11 @@ class Extractor:
             {"role": "user", "content": f"TOOLS: {declared}\n\nPOLICY:\n{policy[:MAX_POLICY_CHARS]}"},
         ]
         try:
-            response = await self.client.chat.completions.create(
-                model=self.model,
-                messages=messages,
-                temperature=0,
-                response_format={
-                    "type": "json_schema",
-                    "json_schema": {"name": "fama_policy_rules", "strict": True, "schema": RULES_SCHEMA},
-                },
-                timeout=self.timeout_s,
-            )
+            content = await self._caller.complete(messages, RULES_SCHEMA, "fama_policy_rules", self.timeout_s)
         except openai.APITimeoutError as exc:
             raise ExtractionError(f"extraction timed out after {self.timeout_s}s") from exc
         except openai.APIError as exc:
             raise ExtractionError(f"extraction request failed: {exc}") from exc
-        content = response.choices[0].message.content if response.choices else None
         try:
             answer = _RulesAnswer.model_validate_json(content or "")
         except ValidationError as exc:

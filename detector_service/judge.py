@@ -1,7 +1,8 @@
 """The optional LLM judge (off by default): a rubric over DCV, WRCO, CM and IFU for one turn.
 
 Any OpenAI-compatible endpoint serves (the same self-hosted model server works). The answer is
-constrained to a JSON Schema with ``response_format``; each call has a timeout; verdicts are cached per
+constrained to a JSON Schema with ``response_format`` (``structured.py``: ``json_schema``, or ``json_object``
+with the schema on servers such as llama.cpp's that only take that); each call has a timeout; verdicts are cached per
 turn. The judge does I/O, so it lives outside the pure engine: the worker awaits it after the
 deterministic detectors when the profile enables it and merges its findings into the verdict.
 Failures (timeout, transport, malformed answer) raise ``JudgeError``; the caller decides whether the
@@ -12,14 +13,15 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import openai
 import orjson
 from openai import AsyncOpenAI
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from detector_service.profile import JudgeConfig
+from detector_service.structured import StructuredCaller
 from detector_service.turn import text_of
 from detector_service.wire import Category, Finding, Severity, TurnEvent
 
@@ -64,7 +66,8 @@ class _JudgeFinding(BaseModel):
     model_config = ConfigDict(extra="forbid")
     category: Literal["DCV", "WRCO", "CM", "IFU"]
     message: str
-    confidence: float = Field(ge=0, le=1)
+    # Grammar-constrained servers keep the shape but not the bounds: a confidence of 2 means "very sure".
+    confidence: Annotated[float, AfterValidator(lambda v: min(1.0, max(0.0, v)))]
 
 
 class _JudgeAnswer(BaseModel):
@@ -103,6 +106,7 @@ class Judge:
             raise ValueError("the judge needs a model name (profile judge.model)")
         self.config = config
         self.client = client
+        self._caller = StructuredCaller(client, config.model)
         self.min_confidence = min_confidence
         self._cache: OrderedDict[str, list[Finding]] = OrderedDict()
         self._cache_size = cache_size
@@ -153,21 +157,11 @@ class Judge:
             },
         ]
         try:
-            response = await self.client.chat.completions.create(
-                model=str(self.config.model),
-                messages=messages,
-                temperature=0,
-                response_format={
-                    "type": "json_schema",
-                    "json_schema": {"name": "fama_judge", "strict": True, "schema": JUDGE_SCHEMA},
-                },
-                timeout=self.config.timeout_s,
-            )
+            content = await self._caller.complete(messages, JUDGE_SCHEMA, "fama_judge", self.config.timeout_s)
         except openai.APITimeoutError as exc:
             raise JudgeError(f"judge timed out after {self.config.timeout_s}s") from exc
         except openai.APIError as exc:
             raise JudgeError(f"judge request failed: {exc}") from exc
-        content = response.choices[0].message.content if response.choices else None
         try:
             answer = _JudgeAnswer.model_validate_json(content or "")
         except ValidationError as exc:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from detector_service.judge import Judge, JudgeError, make_client
 from detector_service.profile import JudgeConfig
@@ -25,17 +26,22 @@ class Script:
         self.answer: str = json.dumps({"findings": []})
         self.delay_s = 0.0
         self.requests: list[dict[str, Any]] = []
+        # When set, json_schema response formats get a 500 with this message (llama-cpp-python's refusal).
+        self.json_schema_error: str | None = None
 
 
 def scripted_app(script: Script) -> FastAPI:
     app = FastAPI()
 
     @app.post("/v1/chat/completions")
-    async def completions(request: Request) -> dict[str, Any]:
+    async def completions(request: Request) -> Any:
         body = await request.json()
         script.requests.append(body)
         if script.delay_s:
             await asyncio.sleep(script.delay_s)
+        if script.json_schema_error and body.get("response_format", {}).get("type") == "json_schema":
+            error = {"message": script.json_schema_error, "type": "internal_server_error", "param": None, "code": None}
+            return JSONResponse({"error": error}, status_code=500)
         return {
             "id": "chatcmpl-judge",
             "object": "chat.completion",
@@ -138,3 +144,42 @@ async def test_malformed_answer_is_an_error_not_a_pass(base_url: str, script: Sc
     async with judge_for(base_url) as judge:
         with pytest.raises(JudgeError, match="schema"):
             await judge.findings(a_turn())
+
+
+LLAMA_REFUSAL = "1 validation error: response_format.type: Input should be 'text' or 'json_object'"
+
+
+async def test_servers_that_refuse_json_schema_get_json_object_with_the_schema(base_url: str, script: Script) -> None:
+    script.json_schema_error = LLAMA_REFUSAL
+    script.answer = json.dumps({"findings": [{"category": "DCV", "message": "No yes.", "confidence": 0.8}]})
+    async with judge_for(base_url) as judge:
+        first = await judge.findings(a_turn("turn-1"))
+        second = await judge.findings(a_turn("turn-2"))
+    assert [f.category for f in first] == [f.category for f in second] == [Category.DCV]
+    formats = [r["response_format"] for r in script.requests]
+    # One refused json_schema request, then json_object + schema for this call and every later one.
+    assert [f["type"] for f in formats] == ["json_schema", "json_object", "json_object"]
+    assert formats[1]["schema"]["required"] == ["findings"]
+
+
+async def test_other_server_errors_are_judge_errors_without_a_second_try(base_url: str, script: Script) -> None:
+    script.json_schema_error = "CUDA out of memory"
+    async with judge_for(base_url) as judge:
+        with pytest.raises(JudgeError, match="request failed"):
+            await judge.findings(a_turn())
+    assert len(script.requests) == 1
+
+
+async def test_confidence_outside_its_bounds_is_clamped(base_url: str, script: Script) -> None:
+    # Grammar-constrained answers keep the schema's shape but not its numeric bounds.
+    script.answer = json.dumps(
+        {
+            "findings": [
+                {"category": "IFU", "message": "Gave up early.", "confidence": 2},
+                {"category": "CM", "message": "Unsure.", "confidence": -1},
+            ]
+        }
+    )
+    async with judge_for(base_url) as judge:
+        found = await judge.findings(a_turn())
+    assert [(f.category, f.evidence["confidence"]) for f in found] == [(Category.IFU, 1.0)]
