@@ -16,7 +16,7 @@ README says so of needless hand-offs); those runs are counted too (``passed_flag
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -52,26 +52,10 @@ def ground_truth_keys(ground_truth: Mapping[str, Any]) -> set[str]:
     return out
 
 
-def _rejected_deviating_writes(messages: Sequence[Mapping[str, Any]], kinds: ToolKinds, truth: set[str]) -> set[int]:
-    """Indices of assistant messages holding a write call that matches no ground-truth action and was rejected."""
-    failed = {str(m.get("tool_call_id")) for m in messages if m.get("role") == "tool" and is_error_output(m)}
-    out = set()
-    for i, m in enumerate(messages):
-        if m.get("role") != "assistant":
-            continue
-        for call in tool_calls_of(m):
-            fn = call.get("function") or {}
-            name = str(fn.get("name"))
-            if kinds.kind(name) is not ToolKind.WRITE:
-                continue
-            raw = fn.get("arguments")
-            args = raw if isinstance(raw, dict) else parse_json(str(raw or ""))
-            if (not isinstance(args, dict) or _key(name, args) not in truth) and str(call.get("id")) in failed:
-                out.add(i)
-    return out
-
-
-def first_deviating_write(messages: Sequence[Mapping[str, Any]], kinds: ToolKinds, truth: set[str]) -> int | None:
+def _deviating_writes(
+    messages: Sequence[Mapping[str, Any]], kinds: ToolKinds, truth: set[str]
+) -> Iterator[tuple[int, Mapping[str, Any]]]:
+    """(message index, call) of each write call whose name and arguments match no ground-truth action."""
     for i, m in enumerate(messages):
         if m.get("role") != "assistant":
             continue
@@ -83,8 +67,17 @@ def first_deviating_write(messages: Sequence[Mapping[str, Any]], kinds: ToolKind
             raw = fn.get("arguments")
             args = raw if isinstance(raw, dict) else parse_json(str(raw or ""))
             if not isinstance(args, dict) or _key(name, args) not in truth:
-                return i
-    return None
+                yield i, call
+
+
+def _rejected_deviating_writes(messages: Sequence[Mapping[str, Any]], kinds: ToolKinds, truth: set[str]) -> set[int]:
+    """Indices of assistant messages holding a write call that matches no ground-truth action and was rejected."""
+    failed = {str(m.get("tool_call_id")) for m in messages if m.get("role") == "tool" and is_error_output(m)}
+    return {i for i, call in _deviating_writes(messages, kinds, truth) if str(call.get("id")) in failed}
+
+
+def first_deviating_write(messages: Sequence[Mapping[str, Any]], kinds: ToolKinds, truth: set[str]) -> int | None:
+    return next((i for i, _ in _deviating_writes(messages, kinds, truth)), None)
 
 
 @dataclass

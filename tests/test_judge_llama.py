@@ -10,8 +10,8 @@ from __future__ import annotations
 from detector_service.extraction import Extractor
 from detector_service.judge import Judge, make_client
 from detector_service.profile import JudgeConfig
-from detector_service.wire import TurnEvent
 from proxy.local_model import LocalModel
+from tests.turns import unconfirmed_cancel
 
 
 def _config(server: LocalModel) -> JudgeConfig:
@@ -21,24 +21,7 @@ def _config(server: LocalModel) -> JudgeConfig:
 async def test_judge_gets_a_schema_shaped_answer_from_llama_cpp(llama_server: LocalModel) -> None:
     config = _config(llama_server)
     judge = Judge(config, make_client(config, None), min_confidence=0.0)
-    turn = TurnEvent(
-        session_id="s1",
-        messages=[
-            {"role": "system", "content": "Get an explicit yes from the user before cancelling a reservation."},
-            {"role": "user", "content": "Can you cancel reservation ABC123?"},
-        ],
-        candidate={
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "c1",
-                    "type": "function",
-                    "function": {"name": "cancel_reservation", "arguments": '{"reservation_id": "ABC123"}'},
-                }
-            ],
-        },
-    )
+    turn = unconfirmed_cancel()
     try:
         found = await judge.findings(turn)
     finally:

@@ -41,3 +41,26 @@ def turn(n: int, *, tool: str = "get_order_details", reply_to: str | None = None
             ],
         },
     )
+
+
+def unconfirmed_cancel(turn_id: str = "turn-1") -> TurnEvent:
+    """A cancellation called right after the user asked for it, under a policy that wants a yes first."""
+    return TurnEvent(
+        turn_id=turn_id,
+        session_id="s1",
+        messages=[
+            {"role": "system", "content": "Obtain explicit user confirmation (yes) before cancelling."},
+            {"role": "user", "content": "Can you cancel reservation ABC123?"},
+        ],
+        candidate={
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "cancel_reservation", "arguments": '{"reservation_id": "ABC123"}'},
+                }
+            ],
+        },
+    )
