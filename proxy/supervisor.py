@@ -38,7 +38,7 @@ from detector_service.agents.policy import policy_text
 from detector_service.engine import Engine
 from detector_service.extraction import PolicyExtraction
 from detector_service.profile import Mode, Profile, load_profile
-from detector_service.wire import Action, Category, TurnEvent, Verdict
+from detector_service.wire import SCHEMA_VERSION, Action, Category, TurnEvent, Verdict, new_id, now_ms
 from proxy import chat
 from proxy.extractions import ExtractionReader
 from proxy.held_stream import CandidateBuffer, Envelope, add_usage, content_delta, tool_call_deltas
@@ -274,10 +274,17 @@ class Supervisor(chat.ChatHooks):
 
     async def _judge(self, turn: Turn, candidate: dict[str, Any], attempt: int, tool_bytes_sent: bool) -> Decision:
         # Every field is already known-good (messages checked by the chat pipeline, the candidate normalized):
-        # validating would only copy the whole conversation once more per attempt.
+        # validating would only copy the whole conversation once more per attempt. Every field is given, because
+        # pydantic resolves a missing one's default (inspecting its factory's signature) on each construction.
         event = TurnEvent.model_construct(
+            kind="turn",
+            v=SCHEMA_VERSION,
+            turn_id=new_id("turn"),
             session_id=turn.ref.session_id,
             tenant=turn.ref.tenant,
+            reply_to=None,
+            deadline_ms=None,
+            created_ms=now_ms(),
             profile=self.profile.name,
             messages=turn.messages,
             tools=turn.tools,
