@@ -5,6 +5,10 @@ one consumer group; an entry is acknowledged only after its verdict is published
 unacknowledged past an idle threshold are reclaimed by a live consumer with ``XAUTOCLAIM``; an entry
 delivered more than ``max_deliveries`` times, or one that cannot be parsed, is moved to the
 dead-letter stream together with the error, then acknowledged. Nothing is dropped silently.
+
+The commands on a turn's path (publish, read, acknowledge, reply) take a client or a :class:`Lane`: a
+connection one task keeps for its loop (the worker's consume loop, the proxy's reply reader and its
+recorder), which spares every command the client's per-command machinery.
 """
 
 from __future__ import annotations
@@ -14,12 +18,82 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT
 
 from detector_service import keys
 
 DATA_FIELD = "data"
 DEAD_LETTER_MAXLEN = 100_000
+
+Command = tuple[EncodableT, ...]
+
+
+class Lane:
+    """One connection taken from a client's pool for the commands of a single task, sent as raw commands.
+
+    A client command checks a connection out of the pool and back in, goes through a retry wrapper,
+    observability hooks and a reply callback: on a loaded host that costs more CPU than the command's
+    round trip. A lane keeps its connection and sends commands straight on it; replies are Redis's own
+    (bytes, integers, lists). Connection failures are handled as the client handles them: the connection
+    is dropped and the exchange retried as the client's retry policy says (it reconnects on the next send),
+    and whatever still fails is raised as a ``RedisError``. Not for concurrent use: one task drives a lane.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self._pool = redis.connection_pool
+        self._conn: AbstractConnection | None = None
+
+    async def send(self, *commands: Command) -> list[Any]:
+        """Send ``commands`` in one write and read every reply; an error reply is returned in its place."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+
+        async def dropped(error: Exception) -> None:
+            await conn.disconnect()
+
+        replies: list[Any] = await conn.retry.call_with_retry(lambda: _exchange(conn, commands), dropped)
+        return replies
+
+    async def aclose(self) -> None:
+        """Give the connection back to the pool (a later ``send`` takes one again)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._pool.release(conn)
+
+    async def __aenter__(self) -> Lane:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def _exchange(conn: AbstractConnection, commands: tuple[Command, ...]) -> list[Any]:
+    await conn.send_packed_command(conn.pack_commands(commands))
+    replies: list[Any] = []
+    for _ in commands:  # every reply is read, errors too, so the connection stays in step
+        try:
+            replies.append(await conn.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+async def send(on: Redis | Lane, *commands: Command) -> list[Any]:
+    """``commands`` in one round trip on a lane, or on a connection borrowed from the client for it."""
+    if isinstance(on, Lane):
+        return await on.send(*commands)
+    async with Lane(on) as lane:
+        return await lane.send(*commands)
+
+
+async def _one(on: Redis | Lane, *command: EncodableT) -> Any:
+    (reply,) = await send(on, command)
+    if isinstance(reply, ResponseError):
+        raise reply
+    return reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,18 +115,22 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _entry(entry_id: Any, fields: dict[Any, Any] | None, deliveries: int = 1) -> Entry:
+def _entry(entry_id: Any, fields: Any, deliveries: int = 1) -> Entry:
+    # Fields come as a mapping from the client's parsed replies, as a flat [name, value, ...] list from a raw one.
+    if isinstance(fields, dict):
+        pairs: Any = fields.items()
+    else:
+        pairs = zip(fields[::2], fields[1::2], strict=False) if fields else ()
     data = None
-    if fields:
-        for k, v in fields.items():
-            if _text(k) == DATA_FIELD:
-                data = _text(v)
-                break
+    for k, v in pairs:
+        if _text(k) == DATA_FIELD:
+            data = _text(v)
+            break
     return Entry(id=_text(entry_id), data=data, deliveries=deliveries)
 
 
 def _read_reply(reply: Any) -> list[Entry]:
-    # RESP2 answers a list of [stream, entries]; RESP3 a mapping stream -> entries.
+    # RESP2 answers a list of [stream, entries]; RESP3 a mapping stream -> entries; nil when the block timed out.
     items = reply.items() if isinstance(reply, dict) else (reply or [])
     out: list[Entry] = []
     for _name, entries in items:
@@ -62,10 +140,17 @@ def _read_reply(reply: Any) -> list[Entry]:
     return out
 
 
-async def publish(redis: Redis, stream: str, payload: str, *, maxlen: int) -> str:
+def _xadd(stream: str, payload: str, maxlen: int) -> Command:
+    return ("XADD", stream, "MAXLEN", "~", maxlen, "*", DATA_FIELD, payload)
+
+
+def _xreadgroup(stream: str, group: str, consumer: str, count: int, block_ms: int) -> Command:
+    return ("XREADGROUP", "GROUP", group, consumer, "COUNT", count, "BLOCK", block_ms, "STREAMS", stream, ">")
+
+
+async def publish(redis: Redis | Lane, stream: str, payload: str, *, maxlen: int) -> str:
     """Append one payload, trimming the stream to roughly ``maxlen`` entries."""
-    entry_id = await redis.xadd(stream, {DATA_FIELD: payload}, maxlen=maxlen, approximate=True)
-    return _text(entry_id)
+    return _text(await _one(redis, *_xadd(stream, payload, maxlen)))
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> bool:
@@ -83,14 +168,15 @@ async def ensure_group(redis: Redis, stream: str, group: str) -> bool:
     return True
 
 
-async def read_group(redis: Redis, stream: str, group: str, consumer: str, *, count: int, block_ms: int) -> list[Entry]:
+async def read_group(
+    redis: Redis | Lane, stream: str, group: str, consumer: str, *, count: int, block_ms: int
+) -> list[Entry]:
     """New entries for this consumer, waiting up to ``block_ms`` for the first one."""
-    reply = await redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
-    return _read_reply(reply)
+    return _read_reply(await _one(redis, *_xreadgroup(stream, group, consumer, count, block_ms)))
 
 
 async def ack_and_read_group(
-    redis: Redis, stream: str, group: str, consumer: str, ack_ids: list[str], *, count: int, block_ms: int
+    redis: Redis | Lane, stream: str, group: str, consumer: str, ack_ids: list[str], *, count: int, block_ms: int
 ) -> list[Entry]:
     """Acknowledge ``ack_ids``, then read new entries as :func:`read_group` does, in one round trip.
 
@@ -98,17 +184,19 @@ async def ack_and_read_group(
     """
     if not ack_ids:
         return await read_group(redis, stream, group, consumer, count=count, block_ms=block_ms)
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.xack(stream, group, *ack_ids)
-        pipe.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
-        _acked, reply = await pipe.execute()
+    acked, reply = await send(
+        redis, ("XACK", stream, group, *ack_ids), _xreadgroup(stream, group, consumer, count, block_ms)
+    )
+    for answer in (acked, reply):
+        if isinstance(answer, ResponseError):
+            raise answer
     return _read_reply(reply)
 
 
-async def ack(redis: Redis, stream: str, group: str, ids: list[str]) -> int:
+async def ack(redis: Redis | Lane, stream: str, group: str, ids: list[str]) -> int:
     if not ids:
         return 0
-    return int(await redis.xack(stream, group, *ids))
+    return int(await _one(redis, "XACK", stream, group, *ids))
 
 
 async def reclaim(redis: Redis, stream: str, group: str, consumer: str, *, min_idle_ms: int, count: int) -> list[Entry]:
@@ -165,7 +253,7 @@ async def group_stats(redis: Redis, stream: str, group: str) -> GroupStats:
 
 
 async def publish_replies(
-    redis: Redis,
+    redis: Redis | Lane,
     replies: list[tuple[str, str]],
     *,
     maxlen: int,
@@ -180,18 +268,12 @@ async def publish_replies(
     if not replies:
         return []
     refresh = {stream for stream, _ in replies} if expire is None else set(expire)
-    positions: list[int] = []
-    async with redis.pipeline(transaction=False) as pipe:
-        for stream, payload in replies:
-            positions.append(len(pipe))
-            pipe.xadd(stream, {DATA_FIELD: payload}, maxlen=maxlen, approximate=True)
-        for stream in refresh:
-            pipe.expire(stream, ttl_s)
-        results = await pipe.execute(raise_on_error=False)
-    return [not isinstance(results[i], Exception) for i in positions]
+    commands = [_xadd(stream, payload, maxlen) for stream, payload in replies]
+    commands += [("EXPIRE", stream, ttl_s) for stream in refresh]
+    results = await send(redis, *commands)
+    return [not isinstance(r, ResponseError) for r in results[: len(replies)]]
 
 
-async def read_replies(redis: Redis, stream: str, last_id: str, *, count: int, block_ms: int) -> list[Entry]:
+async def read_replies(redis: Redis | Lane, stream: str, last_id: str, *, count: int, block_ms: int) -> list[Entry]:
     """Entries after ``last_id`` on a plain (non-group) stream, waiting up to ``block_ms``."""
-    reply = await redis.xread({stream: last_id}, count=count, block=block_ms)
-    return _read_reply(reply)
+    return _read_reply(await _one(redis, "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", stream, last_id))

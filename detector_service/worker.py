@@ -112,6 +112,9 @@ class Worker:
         self.judge = judge
         self.extractions = extractions
         self.consumer = settings.consumer_name
+        # The consume loop's own connection: its reads, acknowledgements and replies skip the client's
+        # per-command machinery (they are most of what a turn costs this process besides the detectors).
+        self._lane = streams.Lane(redis)
         self.processed = 0
         self._judge_slots = asyncio.Semaphore(settings.judge_concurrency)
         # Published but not yet acknowledged: the acknowledgement rides with the next read (one round trip less
@@ -139,7 +142,7 @@ class Worker:
                         await self._reclaim()
                     acking = self._unacked
                     entries = await streams.ack_and_read_group(
-                        self.redis,
+                        self._lane,
                         keys.TURNS_STREAM,
                         keys.DETECTOR_GROUP,
                         self.consumer,
@@ -173,11 +176,12 @@ class Worker:
         finally:
             self.metrics.up.set(0)
             await self._final_acks()
+            await self._lane.aclose()
 
     async def flush_acks(self) -> None:
         """Acknowledge every published turn now."""
         acking = self._unacked
-        await streams.ack(self.redis, keys.TURNS_STREAM, keys.DETECTOR_GROUP, acking)
+        await streams.ack(self._lane, keys.TURNS_STREAM, keys.DETECTOR_GROUP, acking)
         self._unacked = self._unacked[len(acking) :]
 
     async def _final_acks(self) -> None:
@@ -297,7 +301,7 @@ class Worker:
         now = time.monotonic()
         refresh = {stream for stream, _ in replies if self._refresh_at.get(stream, 0.0) <= now}
         results = await streams.publish_replies(
-            self.redis, replies, maxlen=s.reply_maxlen, ttl_s=s.reply_ttl_s, expire=refresh
+            self._lane, replies, maxlen=s.reply_maxlen, ttl_s=s.reply_ttl_s, expire=refresh
         )
         self._refreshed(refresh, now)
         published = iter(results)

@@ -162,6 +162,7 @@ class RedisRecorder:
         self.batch_size = batch_size
         self.drain_timeout_s = drain_timeout_s
         self._queue: asyncio.Queue[_Write] = asyncio.Queue(maxsize=queue_size)
+        self._lane = streams.Lane(redis)  # the writer task's own connection (see detector_service.streams.Lane)
         self._writer: asyncio.Task[None] | None = None
         self._last_drop_log = 0.0
         self.dropped = 0
@@ -182,7 +183,9 @@ class RedisRecorder:
         writer, self._writer = self._writer, None
         writer.cancel()
         # Bounded: a cancelled Redis call must not hold up the app's shutdown.
-        await asyncio.wait({writer}, timeout=1.0)
+        done, _ = await asyncio.wait({writer}, timeout=1.0)
+        if done:
+            await self._lane.aclose()
 
     async def flush(self) -> None:
         """Wait until everything recorded so far has been written (or failed)."""
@@ -239,30 +242,29 @@ class RedisRecorder:
                     self._queue.task_done()
 
     async def _write(self, batch: list[_Write]) -> None:
+        # A turn records several entries at once (turn, verdict, maybe an intervention): one RPUSH per session key
+        # carries them all, in order, so a batch costs three commands per session, not per entry.
+        by_key: dict[str, list[str]] = {}
+        commands: list[streams.Command] = []
+        states: list[tuple[int, StateWrite]] = []  # (position in the batch's replies, write)
+        for tenant, session_id, obj in batch:
+            if isinstance(obj, StateWrite):
+                states.append((len(commands), obj))
+                commands.append(("SET", obj.key, obj.raw, "EX", obj.ttl_s))
+                continue
+            by_key.setdefault(keys.session_key(tenant, session_id), []).append(_entry(obj).model_dump_json())
+            if isinstance(obj, Intervention):
+                payload = obj.model_dump_json(exclude_none=True)
+                maxlen = self.interventions_maxlen
+                commands.append(
+                    ("XADD", keys.INTERVENTIONS_STREAM, "MAXLEN", "~", maxlen, "*", streams.DATA_FIELD, payload)
+                )
+        for key, entries in by_key.items():
+            commands.append(("RPUSH", key, *entries))
+            commands.append(("LTRIM", key, -self.max_session_entries, -1))
+            commands.append(("EXPIRE", key, self.session_ttl_s))
         try:
-            # A turn records several entries at once (turn, verdict, maybe an intervention): one RPUSH per
-            # session key carries them all, in order, so a batch costs three commands per session, not per entry.
-            by_key: dict[str, list[str]] = {}
-            states: list[tuple[int, StateWrite]] = []  # (position in the pipeline's results, write)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for tenant, session_id, obj in batch:
-                    if isinstance(obj, StateWrite):
-                        states.append((len(pipe), obj))
-                        pipe.set(obj.key, obj.raw, ex=obj.ttl_s)
-                        continue
-                    by_key.setdefault(keys.session_key(tenant, session_id), []).append(_entry(obj).model_dump_json())
-                    if isinstance(obj, Intervention):
-                        pipe.xadd(
-                            keys.INTERVENTIONS_STREAM,
-                            {streams.DATA_FIELD: obj.model_dump_json(exclude_none=True)},
-                            maxlen=self.interventions_maxlen,
-                            approximate=True,
-                        )
-                for key, entries in by_key.items():
-                    pipe.rpush(key, *entries)
-                    pipe.ltrim(key, -self.max_session_entries, -1)
-                    pipe.expire(key, self.session_ttl_s)
-                results = await pipe.execute(raise_on_error=False)
+            results = await self._lane.send(*commands)
         except (RedisError, OSError) as exc:
             for _, state in states:
                 state.done.set_exception(exc)

@@ -168,6 +168,8 @@ class RedisVerdicts:
         self._gave_up: OrderedDict[str, _GaveUp] = OrderedDict()
         self._answered: OrderedDict[str, None] = OrderedDict()
         self._reader: asyncio.Task[None] | None = None
+        # The reader's own connection: a reply read per verdict, without the client's per-command machinery.
+        self._lane = streams.Lane(redis)
         self._reader_ok = True
         self._stopping = False
         self._last_id = "0-0"
@@ -192,6 +194,8 @@ class RedisVerdicts:
             done, _ = await asyncio.wait({reader}, timeout=1.0)
         if not done:
             log.warning("verdict reader for %s did not stop; abandoned", self.reply_stream)
+            return
+        await self._lane.aclose()
 
     async def evaluate(self, turn: TurnEvent, timeout_s: float) -> VerdictOutcome:
         start = time.perf_counter()
@@ -244,7 +248,7 @@ class RedisVerdicts:
                     self._reader_ok = True
                     log.info("verdict reader for %s reconnected", self.reply_stream)
                 entries = await streams.read_replies(
-                    self.redis, self.reply_stream, self._last_id, count=256, block_ms=self.block_ms
+                    self._lane, self.reply_stream, self._last_id, count=256, block_ms=self.block_ms
                 )
                 backoff = 0.05
             except (RedisError, OSError) as exc:

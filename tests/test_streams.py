@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from detector_service import keys, streams
@@ -131,3 +133,39 @@ async def test_publish_replies_sets_expiry_and_reports_failures(redis: Redis) ->
 async def test_group_stats_for_missing_group(redis: Redis) -> None:
     await streams.ensure_group(redis, STREAM, GROUP)
     assert await streams.group_stats(redis, STREAM, "nobody") == streams.GroupStats(lag=None, pending=0)
+
+
+async def test_a_lane_answers_error_replies_in_place_and_stays_in_step(redis: Redis) -> None:
+    await redis.set("not-a-stream", "x")
+    lane = streams.Lane(redis)
+    try:
+        ok, refused, value = await lane.send(
+            ("SET", "k", "v"), ("XADD", "not-a-stream", "*", "data", "d"), ("GET", "k")
+        )
+        assert (ok, value) == ("OK", "v")
+        assert isinstance(refused, ResponseError)
+        assert "WRONGTYPE" in str(refused)
+        # The next exchange reads its own replies, not leftovers of the last one.
+        assert await lane.send(("GET", "not-a-stream")) == ["x"]
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await streams.read_replies(lane, "not-a-stream", "0-0", count=1, block_ms=1)
+    finally:
+        await lane.aclose()
+
+
+async def test_a_lane_keeps_one_connection_and_reconnects_when_it_is_killed(redis: Redis, redis_url: str) -> None:
+    # As the proxy's client: one immediate retry, for a pooled connection gone stale.
+    client = Redis.from_url(redis_url, decode_responses=True, retry=Retry(NoBackoff(), 1))
+    lane = streams.Lane(client)
+    try:
+        [first] = await lane.send(("CLIENT", "ID"))
+        assert await lane.send(("CLIENT", "ID")) == [first]
+        assert await redis.client_kill_filter(_id=first) == 1
+        # The client's retry policy applies: the dead connection is dropped and the command sent on a new one.
+        await streams.publish(lane, STREAM, "after the kill", maxlen=100)
+        [second] = await lane.send(("CLIENT", "ID"))
+        assert second != first
+        assert await _fields(redis, STREAM, last=True) == {"data": "after the kill"}
+    finally:
+        await lane.aclose()
+        await client.aclose()
