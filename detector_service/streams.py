@@ -6,9 +6,10 @@ unacknowledged past an idle threshold are reclaimed by a live consumer with ``XA
 delivered more than ``max_deliveries`` times, or one that cannot be parsed, is moved to the
 dead-letter stream together with the error, then acknowledged. Nothing is dropped silently.
 
-The commands on a turn's path (publish, read, acknowledge, reply) take a client or a :class:`Lane`: a
-connection one task keeps for its loop (the worker's consume loop, the proxy's reply reader and its
-recorder), which spares every command the client's per-command machinery.
+The commands on a turn's path (publish, read, acknowledge, reply) take a client, a :class:`Lane` (a
+connection one task keeps for its loop: the worker's consume loop, the proxy's reply reader and its
+recorder) or :class:`Lanes` (lanes shared by a process's concurrent turns); lanes spare every command the
+client's per-command machinery.
 """
 
 from __future__ import annotations
@@ -81,15 +82,45 @@ async def _exchange(conn: AbstractConnection, commands: tuple[Command, ...]) -> 
     return replies
 
 
-async def send(on: Redis | Lane, *commands: Command) -> list[Any]:
+class Lanes:
+    """Lanes for the commands of many tasks: an exchange takes an idle lane, or opens one, and gives it back.
+
+    It holds as many connections as exchanges ever ran at once, like the client's own pool, without its
+    per-command costs. A lane given back after a failure or a cancellation has dropped its connection and
+    opens a new one on its next exchange.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._idle: list[Lane] = []
+
+    async def send(self, *commands: Command) -> list[Any]:
+        lane = self._idle.pop() if self._idle else Lane(self._redis)
+        try:
+            return await lane.send(*commands)
+        finally:
+            self._idle.append(lane)
+
+    async def aclose(self) -> None:
+        """Give the idle lanes' connections back to the client's pool."""
+        idle, self._idle = self._idle, []
+        for lane in idle:
+            await lane.aclose()
+
+
+Sender = Redis | Lane | Lanes
+
+
+async def send(on: Sender, *commands: Command) -> list[Any]:
     """``commands`` in one round trip on a lane, or on a connection borrowed from the client for it."""
-    if isinstance(on, Lane):
+    if not isinstance(on, Redis):
         return await on.send(*commands)
     async with Lane(on) as lane:
         return await lane.send(*commands)
 
 
-async def _one(on: Redis | Lane, *command: EncodableT) -> Any:
+async def call(on: Sender, *command: EncodableT) -> Any:
+    """One command's raw reply; an error reply is raised (``ResponseError``)."""
     (reply,) = await send(on, command)
     if isinstance(reply, ResponseError):
         raise reply
@@ -148,9 +179,9 @@ def _xreadgroup(stream: str, group: str, consumer: str, count: int, block_ms: in
     return ("XREADGROUP", "GROUP", group, consumer, "COUNT", count, "BLOCK", block_ms, "STREAMS", stream, ">")
 
 
-async def publish(redis: Redis | Lane, stream: str, payload: str, *, maxlen: int) -> str:
+async def publish(redis: Sender, stream: str, payload: str, *, maxlen: int) -> str:
     """Append one payload, trimming the stream to roughly ``maxlen`` entries."""
-    return _text(await _one(redis, *_xadd(stream, payload, maxlen)))
+    return _text(await call(redis, *_xadd(stream, payload, maxlen)))
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> bool:
@@ -169,14 +200,14 @@ async def ensure_group(redis: Redis, stream: str, group: str) -> bool:
 
 
 async def read_group(
-    redis: Redis | Lane, stream: str, group: str, consumer: str, *, count: int, block_ms: int
+    redis: Sender, stream: str, group: str, consumer: str, *, count: int, block_ms: int
 ) -> list[Entry]:
     """New entries for this consumer, waiting up to ``block_ms`` for the first one."""
-    return _read_reply(await _one(redis, *_xreadgroup(stream, group, consumer, count, block_ms)))
+    return _read_reply(await call(redis, *_xreadgroup(stream, group, consumer, count, block_ms)))
 
 
 async def ack_and_read_group(
-    redis: Redis | Lane, stream: str, group: str, consumer: str, ack_ids: list[str], *, count: int, block_ms: int
+    redis: Sender, stream: str, group: str, consumer: str, ack_ids: list[str], *, count: int, block_ms: int
 ) -> list[Entry]:
     """Acknowledge ``ack_ids``, then read new entries as :func:`read_group` does, in one round trip.
 
@@ -193,10 +224,10 @@ async def ack_and_read_group(
     return _read_reply(reply)
 
 
-async def ack(redis: Redis | Lane, stream: str, group: str, ids: list[str]) -> int:
+async def ack(redis: Sender, stream: str, group: str, ids: list[str]) -> int:
     if not ids:
         return 0
-    return int(await _one(redis, "XACK", stream, group, *ids))
+    return int(await call(redis, "XACK", stream, group, *ids))
 
 
 async def reclaim(redis: Redis, stream: str, group: str, consumer: str, *, min_idle_ms: int, count: int) -> list[Entry]:
@@ -253,7 +284,7 @@ async def group_stats(redis: Redis, stream: str, group: str) -> GroupStats:
 
 
 async def publish_replies(
-    redis: Redis | Lane,
+    redis: Sender,
     replies: list[tuple[str, str]],
     *,
     maxlen: int,
@@ -274,6 +305,6 @@ async def publish_replies(
     return [not isinstance(r, ResponseError) for r in results[: len(replies)]]
 
 
-async def read_replies(redis: Redis | Lane, stream: str, last_id: str, *, count: int, block_ms: int) -> list[Entry]:
+async def read_replies(redis: Sender, stream: str, last_id: str, *, count: int, block_ms: int) -> list[Entry]:
     """Entries after ``last_id`` on a plain (non-group) stream, waiting up to ``block_ms``."""
-    return _read_reply(await _one(redis, "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", stream, last_id))
+    return _read_reply(await call(redis, "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", stream, last_id))

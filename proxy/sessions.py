@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from detector_service import streams
 from detector_service.keys import session_state_key
 from detector_service.profile import AgentName
 from proxy.metrics import ProxyMetrics
@@ -186,6 +187,7 @@ class RedisSessionStore:
         self._metrics = metrics
         self._timeout = timeout_s
         self._batch = batch
+        self._lanes = streams.Lanes(redis)  # a state read is on every supervised turn's path
         # Writes started by ``save_soon`` and not finished yet, by session: a later read or write of the same
         # session waits for its write first, so this process never reads its own state stale. A task is a
         # write of our own; a plain future is one queued in ``batch``.
@@ -207,7 +209,7 @@ class RedisSessionStore:
         await self._written(ref)
         try:
             async with asyncio.timeout(self._timeout):
-                raw = await self._redis.get(session_state_key(ref.tenant, ref.session_id))
+                raw = await streams.call(self._lanes, "GET", session_state_key(ref.tenant, ref.session_id))
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("load", ref, exc)
             return SessionState()
@@ -261,6 +263,8 @@ class RedisSessionStore:
     async def _write(self, ref: SessionRef, raw: str) -> None:
         try:
             async with asyncio.timeout(self._timeout):
-                await self._redis.set(session_state_key(ref.tenant, ref.session_id), raw, ex=self._ttl)
+                await streams.call(
+                    self._lanes, "SET", session_state_key(ref.tenant, ref.session_id), raw, "EX", self._ttl
+                )
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("save", ref, exc)

@@ -168,8 +168,10 @@ class RedisVerdicts:
         self._gave_up: OrderedDict[str, _GaveUp] = OrderedDict()
         self._answered: OrderedDict[str, None] = OrderedDict()
         self._reader: asyncio.Task[None] | None = None
-        # The reader's own connection: a reply read per verdict, without the client's per-command machinery.
+        # The reader's own connection, and lanes for the turns' publishing: a turn's commands skip the client's
+        # per-command machinery.
         self._lane = streams.Lane(redis)
+        self._publishing = streams.Lanes(redis)
         self._reader_ok = True
         self._stopping = False
         self._last_id = "0-0"
@@ -183,6 +185,7 @@ class RedisVerdicts:
         """Release waiting turns, then let the reader finish its current ``XREAD`` (at most ``block_ms``)."""
         reader, self._reader = self._reader, None
         self._release_waiting("the verdict source stopped")
+        await self._publishing.aclose()
         if reader is None:
             return
         # Cancelling a blocked XREAD can leave redis-py awaiting forever (seen with redis-py 8.1 under
@@ -213,7 +216,7 @@ class RedisVerdicts:
         published = False
         try:
             async with asyncio.timeout(timeout_s):
-                await streams.publish(self.redis, keys.TURNS_STREAM, dumps(event), maxlen=self.turns_maxlen)
+                await streams.publish(self._publishing, keys.TURNS_STREAM, dumps(event), maxlen=self.turns_maxlen)
                 published = True
                 verdict = await fut
         except TimeoutError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -169,3 +170,23 @@ async def test_a_lane_keeps_one_connection_and_reconnects_when_it_is_killed(redi
     finally:
         await lane.aclose()
         await client.aclose()
+
+
+async def test_lanes_serve_concurrent_exchanges_and_survive_a_cancelled_one(redis: Redis) -> None:
+    lanes = streams.Lanes(redis)
+    try:
+        # Two at once: the second cannot wait behind the first one's blocking read, so it gets a lane of its own.
+        blocked = asyncio.create_task(streams.read_replies(lanes, "fama:replies:a", "$", count=1, block_ms=5_000))
+        await asyncio.sleep(0.05)
+        assert await streams.publish(lanes, "fama:replies:a", "v1", maxlen=100)
+        (entry,) = await blocked
+        assert entry.data == "v1"
+        # A cancelled exchange drops its connection; the lane it ran on reconnects for the next one.
+        stuck = asyncio.create_task(streams.call(lanes, "BLPOP", "nothing", 5))
+        await asyncio.sleep(0.05)
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+        assert [await streams.call(lanes, "ECHO", str(n)) for n in range(3)] == ["0", "1", "2"]
+    finally:
+        await lanes.aclose()
