@@ -6,7 +6,8 @@
       -> hooks.before_upstream(ctx, body) SEAM: may rewrite the request (e.g. inject a system message)
       -> adapt_for_upstream(body)         request-side quirks every upstream accepts
       -> upstream call
-           non-streaming: ctx.complete(body) -> normalized response dict
+           non-streaming: ctx.complete(body) -> normalized response dict (tool calls written as text
+                          moved to tool_calls, :mod:`proxy.textcalls`)
                           -> hooks.after_response(ctx, response)   SEAM: may replace it or retry
            streaming:     ctx.open_stream(body) -> iterator of normalized chunk dicts
                           -> hooks.stream(ctx, chunks)              SEAM: may hold/replace deltas or retry
@@ -29,11 +30,11 @@ import orjson
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 
-from proxy import normalize
+from proxy import normalize, textcalls
 from proxy.errors import InvalidRequest, UpstreamStreamError
 from proxy.inbound import json_object, require
 from proxy.metrics import ProxyMetrics
-from proxy.streaming import EventStream, NormalizedChunks, relay, upstream_frames
+from proxy.streaming import EventStream, NormalizedChunks, ToolTextChunks, relay, upstream_frames
 from proxy.tracing import Trace
 from proxy.upstream import Response as UpstreamResponse
 from proxy.upstream import Upstream, close
@@ -105,14 +106,28 @@ class ChatContext:
         )
         if not isinstance(payload, dict):
             raise UpstreamStreamError("the upstream model server answered with something other than a JSON object")
-        return normalize.chat_completion(payload, self.model)
+        response = normalize.chat_completion(payload, self.model)
+        tools = textcalls.declared_tools(body)
+        if tools:
+            for choice in response.get("choices") or []:
+                if isinstance(choice.get("message"), dict) and textcalls.repair_message(choice["message"], tools):
+                    choice["finish_reason"] = "tool_calls"
+                    self.metrics.text_tool_calls.labels(stream="false").inc()
+        return response
 
     async def open_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Open a streamed completion; upstream error statuses raise here, before any byte is sent."""
         started = time.perf_counter()
         response = await self.upstream.open("POST", PATH, self.upstream_headers, self.trace, orjson.dumps(body))
         self._open.append((response, started))
-        return NormalizedChunks(upstream_frames(response), normalize.ChunkNormalizer(self.model, wants_usage(body)))
+        normalizer = normalize.ChunkNormalizer(self.model, wants_usage(body))
+        tools = textcalls.declared_tools(body)
+        if tools:
+            return ToolTextChunks(upstream_frames(response), normalizer, tools, self._count_stream_repair)
+        return NormalizedChunks(upstream_frames(response), normalizer)
+
+    def _count_stream_repair(self) -> None:
+        self.metrics.text_tool_calls.labels(stream="true").inc()
 
     async def aclose(self) -> None:
         while self._open:

@@ -127,6 +127,12 @@ class ProxyMetrics:
         )
         self.active_streams = Gauge("fama_active_streams", "Streaming responses in flight.", registry=r)
         self.redis_errors = Counter("fama_redis_errors_total", "Redis operations that failed.", ["op"], registry=r)
+        self.text_tool_calls = Counter(
+            "fama_text_tool_calls_total",
+            "Replies whose tool calls the model wrote as text, sent to the client as tool_calls.",
+            ["stream"],
+            registry=r,
+        )
         self._create_known_series()
 
     def _create_known_series(self) -> None:
@@ -142,3 +148,5 @@ class ProxyMetrics:
             self.session_outcomes.labels(outcome=outcome, intervened=intervened)
         for agent in (*(a.value for a in AgentName), "guidance"):  # "guidance": proxy.injection.GUIDANCE_LABEL
             self.injections.labels(agent=agent)
+        for stream in ("true", "false"):
+            self.text_tool_calls.labels(stream=stream)

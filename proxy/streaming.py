@@ -24,7 +24,7 @@ import orjson
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Message, Send
 
-from proxy import normalize
+from proxy import normalize, textcalls
 from proxy.errors import ProxyError, UpstreamStreamError
 from proxy.metrics import ProxyMetrics
 from proxy.tracing import Trace
@@ -164,6 +164,98 @@ class NormalizedChunks:
     async def aclose(self) -> None:
         self._ended = True
         await self._frames.aclose()
+
+
+class ToolTextChunks(NormalizedChunks):
+    """:class:`NormalizedChunks` for a request that declares tools: a reply whose text opens like a call
+    (``{``, ``[``, a fence, a ``<tool_call>`` tag) is held until it ends, and sent as ``tool_calls`` when
+    :func:`proxy.textcalls.split_text_calls` finds calls of the declared tools in it; otherwise the held
+    chunks go out unchanged. Any other reply streams at once. The hold is bounded by
+    :data:`proxy.textcalls.MAX_CHARS`; beyond it the chunks are released as text.
+    """
+
+    def __init__(
+        self,
+        frames: AsyncGenerator[tuple[object, bytes], None],
+        normalizer: normalize.ChunkNormalizer,
+        tools: frozenset[str],
+        on_repair: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(frames, normalizer)
+        self._tools = tools
+        self._on_repair = on_repair
+        self._mode = "undecided"  # -> "hold" or "pass"
+        self._held: list[tuple[dict[str, Any], bytes | None]] = []
+        self._out: list[tuple[dict[str, Any], bytes | None]] = []
+        self._text: list[str] = []
+        self._size = 0
+
+    async def __anext__(self) -> dict[str, Any]:
+        while not self._out:
+            if self._mode == "pass":
+                return await super().__anext__()
+            try:
+                chunk = await super().__anext__()
+            except StopAsyncIteration:
+                self._release(final=True)
+                if not self._out:
+                    raise
+                break
+            self._take(chunk, self.raw)
+        chunk, self.raw = self._out.pop(0)
+        return chunk
+
+    def _take(self, chunk: dict[str, Any], raw: bytes | None) -> None:
+        choices = chunk.get("choices") or []
+        delta = (choices[0].get("delta") or {}) if choices else {}
+        if len(choices) > 1 or (choices and choices[0].get("index", 0) != 0) or delta.get("tool_calls"):
+            self._held.append((chunk, raw))
+            self._release(final=False)  # several choices or real tool calls: nothing to repair
+            return
+        self._held.append((chunk, raw))
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            self._text.append(content)
+            self._size += len(content)
+        if self._mode == "undecided":
+            text = "".join(self._text)
+            if text.strip():
+                self._mode = "hold" if textcalls.opens_like_a_call(text) else "pass"
+        if self._mode == "pass" or self._size > textcalls.MAX_CHARS:
+            self._release(final=False)
+
+    def _release(self, *, final: bool) -> None:
+        """Queue the held chunks: as tool calls when the whole reply was calls, else as they came."""
+        held, self._held = self._held, []
+        hold, self._mode = self._mode == "hold", "pass"
+        if final and hold and held:
+            found = textcalls.split_text_calls("".join(self._text), self._tools)
+            if found is not None:
+                self._out.extend((c, None) for c in _call_chunks(held, *found))
+                if self._on_repair is not None:
+                    self._on_repair()
+                return
+        self._out.extend(held)
+
+
+def _call_chunks(
+    held: list[tuple[dict[str, Any], bytes | None]], prose: str | None, calls: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The held reply re-sent as OpenAI streams tool calls: prose (if any), one delta per call, the finish."""
+    template = next((c for c, _ in held if c.get("choices")), held[0][0])
+    base = {k: v for k, v in template.items() if k not in ("choices", "usage")}
+    entries = textcalls.tool_call_entries(calls)
+    out: list[dict[str, Any]] = [
+        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": prose}, "finish_reason": None}]}
+    ]
+    for i, entry in enumerate(entries):
+        out.append(
+            {**base, "choices": [{"index": 0, "delta": {"tool_calls": [{"index": i, **entry}]}, "finish_reason": None}]}
+        )
+    out.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    # Chunks without choices (e.g. usage the upstream sent early) keep their place after the reply.
+    out.extend(c for c, _ in held if not c.get("choices"))
+    return out
 
 
 class RelayedChunks:
