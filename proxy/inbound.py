@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import orjson
 from starlette.requests import Request
 
-from proxy.errors import InvalidRequest, PayloadTooLarge, ProxyError
+from proxy.errors import InvalidRequest, PayloadTooLarge, ProxyError, RequestTimeout
 
 T = TypeVar("T")
 
@@ -22,17 +22,25 @@ class ClientDisconnected(ProxyError):
     code = "client_closed_request"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+DEFAULT_BODY_TIMEOUT_S = 30.0
+
+
+async def read_body(request: Request, limit: int, timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> bytes:
+    """The request body: at most ``limit`` bytes (413 beyond), all of it within ``timeout_s`` (408 after)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes")
     parts: list[bytes] = []
     size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-        parts.append(part)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+                parts.append(part)
+    except TimeoutError as exc:
+        raise RequestTimeout(f"the request body was not received within {timeout_s:g}s") from exc
     return b"".join(parts)
 
 

@@ -35,6 +35,8 @@ class ProxySettings(BaseSettings):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=600.0, gt=0)  # between bytes from upstream
     max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    # A client must send its whole body within this long (a slow or stalled sender holds a connection).
+    request_body_timeout_s: float = Field(default=30.0, gt=0)
     max_upstream_connections: int = Field(default=512, ge=1)
     session_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     sse_ping_s: float = Field(default=15.0, gt=0)

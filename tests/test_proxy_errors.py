@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -207,3 +210,33 @@ def test_auth_required_when_keys_are_configured(upstream_url: str, openai_schema
             ok = right.chat.completions.create(model="openai:text", messages=MESSAGES)
         assert ok.choices[0].message.content
         assert httpx2.get(proxy + "/healthz").status_code == 200  # probes need no key
+
+
+def test_a_stalled_request_body_is_408_and_nothing_reaches_upstream(openai_schemas: Path) -> None:
+    # Headers promise 200 bytes; 20 arrive, then nothing: the proxy answers once its body deadline passes.
+    upstream = ScriptedUpstream()
+    with (
+        serve_in_thread(upstream.app) as upstream_url,
+        running_proxy(upstream_url + "/v1", request_body_timeout_s=0.5) as url,
+    ):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                b"content-length: 200\r\n\r\n" + b'{"model": "openai:t'
+            )
+            started = time.monotonic()
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                piece = conn.recv(65536)
+                if not piece:
+                    break
+                answer += piece
+            waited = time.monotonic() - started
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    body = json.loads(payload)
+    assert body["error"]["code"] == "request_timeout"
+    assert not schema_errors(openai_schemas, "ErrorResponse", body)
+    assert 0.4 < waited < 5
+    assert upstream.requests == []
