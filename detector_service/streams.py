@@ -14,6 +14,7 @@ client's per-command machinery.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
 from detector_service import keys
@@ -40,28 +42,45 @@ class Lane:
     (bytes, integers, lists). Connection failures are handled as the client handles them: the connection
     is dropped and the exchange retried as the client's retry policy says (it reconnects on the next send),
     and whatever still fails is raised as a ``RedisError``. Not for concurrent use: one task drives a lane.
+
+    The client's socket timeout bounds each exchange as a whole (one timer). Left on the connection,
+    redis-py would run every write in a task of its own and arm a timer for every reply.
     """
 
     def __init__(self, redis: Redis) -> None:
         self._pool = redis.connection_pool
         self._conn: AbstractConnection | None = None
+        self._timeout: float | None = None
 
     async def send(self, *commands: Command) -> list[Any]:
         """Send ``commands`` in one write and read every reply; an error reply is returned in its place."""
         conn = self._conn
         if conn is None:
-            conn = self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+            conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+            self._timeout, conn.socket_timeout = conn.socket_timeout, None  # given back on ``aclose``
+            self._conn = conn
 
         async def dropped(error: Exception) -> None:
             await conn.disconnect()
 
-        replies: list[Any] = await conn.retry.call_with_retry(lambda: _exchange(conn, commands), dropped)
+        replies: list[Any] = await conn.retry.call_with_retry(lambda: self._exchange(conn, commands), dropped)
         return replies
+
+    async def _exchange(self, conn: AbstractConnection, commands: tuple[Command, ...]) -> list[Any]:
+        if self._timeout is None:
+            return await _exchange(conn, commands)
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await _exchange(conn, commands)
+        except TimeoutError:
+            # Cut off mid-exchange, the connection was dropped (redis-py drops it on any interruption).
+            raise RedisTimeoutError(f"no answer from Redis within {self._timeout}s") from None
 
     async def aclose(self) -> None:
         """Give the connection back to the pool (a later ``send`` takes one again)."""
         conn, self._conn = self._conn, None
         if conn is not None:
+            conn.socket_timeout = self._timeout
             await self._pool.release(conn)
 
     async def __aenter__(self) -> Lane:

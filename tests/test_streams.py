@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from detector_service import keys, streams
 
@@ -190,3 +191,15 @@ async def test_lanes_serve_concurrent_exchanges_and_survive_a_cancelled_one(redi
         assert [await streams.call(lanes, "ECHO", str(n)) for n in range(3)] == ["0", "1", "2"]
     finally:
         await lanes.aclose()
+
+
+async def test_a_lane_bounds_an_exchange_by_the_clients_socket_timeout(redis_url: str) -> None:
+    client = Redis.from_url(redis_url, decode_responses=True, socket_timeout=0.2)
+    lane = streams.Lane(client)
+    try:
+        with pytest.raises(RedisTimeoutError):
+            await lane.send(("BLPOP", "nothing", 2))
+        assert await lane.send(("ECHO", "after")) == ["after"]
+    finally:
+        await lane.aclose()
+        await client.aclose()
