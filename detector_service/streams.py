@@ -19,6 +19,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
@@ -90,8 +91,15 @@ class Lane:
         await self.aclose()
 
 
+def _packed(conn: AbstractConnection, commands: tuple[Command, ...]) -> bytes | list[bytes]:
+    if conn.encoder.encoding.lower().replace("-", "") == "utf8":
+        # hiredis packs in C, several times faster than redis-py's packer in Python; it writes text as UTF-8.
+        return b"".join([hiredis.pack_command(command) for command in commands])  # type: ignore[arg-type]
+    return conn.pack_commands(commands)
+
+
 async def _exchange(conn: AbstractConnection, commands: tuple[Command, ...]) -> list[Any]:
-    await conn.send_packed_command(conn.pack_commands(commands))
+    await conn.send_packed_command(_packed(conn, commands))
     replies: list[Any] = []
     for _ in commands:  # every reply is read, errors too, so the connection stays in step
         try:
