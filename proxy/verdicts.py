@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, TypeVar
 
+import orjson
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -210,13 +211,13 @@ class RedisVerdicts:
         if not self._reader_ok or self._reader is None:
             # The reader cannot receive anything right now: do not make the turn wait for nothing.
             return self._miss(turn, MissReason.OUTAGE, start, deadline_ms)
-        event = turn.model_copy(update={"reply_to": self.reply_stream, "deadline_ms": deadline_ms})
+        payload = _addressed(turn, self.reply_stream, deadline_ms)
         fut: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
         self._waiting[turn.turn_id] = fut
         published = False
         try:
             async with asyncio.timeout(timeout_s):
-                await streams.publish(self._publishing, keys.TURNS_STREAM, dumps(event), maxlen=self.turns_maxlen)
+                await streams.publish(self._publishing, keys.TURNS_STREAM, payload, maxlen=self.turns_maxlen)
                 published = True
                 verdict = await fut
         except TimeoutError:
@@ -322,6 +323,16 @@ class RedisVerdicts:
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(_ReaderLost(why))
+
+
+def _addressed(turn: TurnEvent, reply_to: str, deadline_ms: int) -> str:
+    """The turn's wire payload with its reply stream and deadline: the bytes ``dumps`` writes for the turn so
+    addressed, without copying the model and serializing it through pydantic."""
+    fields = {**turn.__dict__, "reply_to": reply_to, "deadline_ms": deadline_ms}
+    try:
+        return orjson.dumps({k: v for k, v in fields.items() if v is not None}).decode()
+    except TypeError:  # something in the conversation that only pydantic knows how to write
+        return dumps(turn.model_copy(update={"reply_to": reply_to, "deadline_ms": deadline_ms}))
 
 
 def _parse_verdict(entry: streams.Entry) -> Verdict | None:

@@ -117,6 +117,9 @@ async def test_verdict_is_delivered(redis_url: str, redis: Redis, source: RedisV
     assert sent.reply_to == source.reply_stream
     assert sent.deadline_ms is not None
     assert sent.created_ms <= sent.deadline_ms <= now_ms() + 10_000
+    # The wire payload is exactly what ``dumps`` writes for the turn with its address.
+    (entry,) = await streams.read_replies(redis, keys.TURNS_STREAM, "0-0", count=1, block_ms=1)
+    assert entry.data == dumps(t.model_copy(update={"reply_to": sent.reply_to, "deadline_ms": sent.deadline_ms}))
     assert sample(source.metrics, "fama_verdict_wait_seconds_count", transport="redis") == 1
     assert sample(source.metrics, "fama_verdict_deadline_misses_total", transport="redis") == 0
 
