@@ -21,6 +21,7 @@ normalized, spec-valid dicts only; upstream errors reach them as :class:`~proxy.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from proxy.upstream import Response as UpstreamResponse
 from proxy.upstream import Upstream, close
 
 PATH = "/chat/completions"
+REPAIRED_HEADER = "x-fama-repaired"  # non-streaming answers whose tool calls the model wrote as text
+logger = logging.getLogger("fama.proxy.chat")
 
 
 def parse_request(raw: bytes) -> dict[str, Any]:
@@ -113,6 +116,8 @@ class ChatContext:
                 if isinstance(choice.get("message"), dict) and textcalls.repair_message(choice["message"], tools):
                     choice["finish_reason"] = "tool_calls"
                     self.metrics.text_tool_calls.labels(stream="false").inc()
+                    self.response_headers[REPAIRED_HEADER] = "text-tool-calls"
+                    logger.info("tool calls written as text sent as tool_calls (request %s)", self.trace.request_id)
         return response
 
     async def open_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -127,7 +132,9 @@ class ChatContext:
         return NormalizedChunks(upstream_frames(response), normalizer)
 
     def _count_stream_repair(self) -> None:
+        # The stream's headers left before the reply was read: the metric and the log say it instead.
         self.metrics.text_tool_calls.labels(stream="true").inc()
+        logger.info("streamed tool calls written as text sent as tool_calls (request %s)", self.trace.request_id)
 
     async def aclose(self) -> None:
         while self._open:

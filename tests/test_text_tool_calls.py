@@ -50,7 +50,9 @@ def _metric(app: Any, stream: str) -> float:
 
 def test_a_call_written_as_text_arrives_as_a_tool_call(tmp_path: Path) -> None:
     with proxy_for(_replies(LEAKED_LOOKUP), tmp_path) as (client, app):
-        completion = client.chat.completions.create(model="m", messages=LOOKED_UP, tools=TOOLS)
+        raw = client.chat.completions.with_raw_response.create(model="m", messages=LOOKED_UP, tools=TOOLS)
+        assert raw.headers["x-fama-repaired"] == "text-tool-calls"
+        completion = raw.parse()
         chunks = _stream(client)
         assert _metric(app, "false") == 1.0
         assert _metric(app, "true") == 1.0
@@ -92,7 +94,9 @@ def test_a_repaired_write_is_supervised_like_any_call(tmp_path: Path) -> None:
 
 def test_text_answers_and_requests_without_tools_are_untouched(tmp_path: Path) -> None:
     with proxy_for(_replies(LEAKED_LOOKUP), tmp_path) as (client, app):
-        plain = client.chat.completions.create(model="m", messages=LOOKED_UP)  # no tools declared
+        untouched = client.chat.completions.with_raw_response.create(model="m", messages=LOOKED_UP)
+        assert "x-fama-repaired" not in untouched.headers
+        plain = untouched.parse()  # no tools declared
         refused = client.chat.completions.create(model="m", messages=LOOKED_UP, tools=TOOLS, tool_choice="none")
         streamed = _stream(client, tool_choice="none")
         assert _metric(app, "false") == 0.0
