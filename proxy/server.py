@@ -91,6 +91,14 @@ def _serve(settings: ProxySettings) -> None:
         "http": "httptools",
     }
     if settings.workers > 1:
+        if not settings.redis_url:
+            # Sessions, guidance carried to the next turn and the intervention log live in each process's memory.
+            logger.warning(
+                "%d workers without FAMA_REDIS_URL: each worker keeps its own sessions and records; a "
+                "conversation whose turns land on different workers loses its carried corrections. Set "
+                "FAMA_REDIS_URL to share them.",
+                settings.workers,
+            )
         os.environ[SETTINGS_ENV] = settings_to_env(settings)
         uvicorn.run("proxy.server:app_from_env", factory=True, workers=settings.workers, **common)
     else:

@@ -217,7 +217,10 @@ def test_fama_serve_local_model_answers_and_stops_cleanly(
             proc.wait()
     with pytest.raises(ProcessLookupError):
         os.kill(model_pid, 0)  # the llama.cpp server went with it
-    assert "local model stopped" in log.read_text()
+    text = log.read_text()
+    assert "local model stopped" in text
+    # Without Redis, several workers cannot share sessions: the operator is told at startup.
+    assert ("workers without FAMA_REDIS_URL" in text) == (workers > 1)
 
 
 def test_fama_serve_stopped_while_the_model_loads_leaves_no_server_behind(tmp_path: Path) -> None:
