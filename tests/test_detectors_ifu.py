@@ -8,7 +8,7 @@ import pytest
 from detector_service.engine import Engine
 from detector_service.trajectories import load_tools
 from detector_service.wire import Category, TurnEvent
-from tests.tau_turns import V1, tools, trajectory, turn
+from tests.tau_turns import QWEN, V1, tools, trajectory, turn
 
 pytestmark = pytest.mark.tau
 
@@ -129,3 +129,16 @@ def test_claiming_what_an_agent_write_tool_does_without_calling_it(tau_dir: Path
         "A payment request has been sent to your account. Please accept it to pay the bill.",
     )
     assert ifu(event) == ["claimed_without_action"]
+
+
+def test_an_empty_reply_is_flagged(tau_dir: Path) -> None:
+    # qwen's run on task 11 ends here: no text, no tool call (tau2 records it as agent_error).
+    event = turn(tau_dir, QWEN, "11#0", 7)
+    assert not event.candidate.get("content")
+    assert not event.candidate.get("tool_calls")
+    assert ifu(event) == ["empty_reply"]
+
+
+def test_a_reply_with_text_or_a_call_is_not_empty(tau_dir: Path) -> None:
+    assert "empty_reply" not in ifu(turn(tau_dir, QWEN, "11#0", 5))
+    assert "empty_reply" not in ifu(opening(tau_dir, "0#0", TRANSFER))

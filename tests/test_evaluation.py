@@ -24,9 +24,9 @@ AIRLINE = Path(__file__).resolve().parents[1] / "profiles" / "airline.yaml"
 # file, profile -> (failed flagged >=, passed flagged <=, failed flagged early >=)
 FLOORS = {
     (V1, None): (0.47, 0.06, 0.38),
-    (QWEN, None): (0.50, 0.17, 0.40),
+    (QWEN, None): (0.66, 0.17, 0.54),
     (V1, "airline"): (0.53, 0.10, 0.44),
-    (QWEN, "airline"): (0.66, 0.17, 0.62),
+    (QWEN, "airline"): (0.83, 0.17, 0.79),
 }
 
 

@@ -333,3 +333,20 @@ def test_observe_stream_is_relayed_untouched_and_judged_after_it_ends(tmp_path: 
         context = context_in(model.bodies()[1])
         assert context is not None
         assert "[DCV]" in context
+
+
+def _silent_until_told(body: dict[str, Any]) -> dict[str, Any]:
+    """Answers nothing at all (qwen2.5-7b does this), until the proxy's feedback asks it to go on."""
+    return {"content": QUESTION} if feedback_in(body) else {"content": ""}
+
+
+def test_enforce_retries_an_empty_reply(tmp_path: Path) -> None:
+    model = ScriptedModel(_silent_until_told)
+    with proxy_for(model, tmp_path, **ENFORCE) as (client, app):
+        raw = client.chat.completions.with_raw_response.create(model="m", messages=LOOKED_UP, tools=TOOLS)
+        assert raw.headers["x-fama-intervention"] == "retry:IFU"
+        assert raw.parse().choices[0].message.content == QUESTION
+        feedback = feedback_in(model.bodies()[1])
+        assert feedback is not None
+        assert "empty" in feedback
+        assert [i.categories for i in interventions(app)] == [[Category.IFU]]

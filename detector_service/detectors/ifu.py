@@ -6,6 +6,7 @@
   information ("once you have your reservation id, reach out") after next to no look-ups and no action:
   the request stays open. Asking the user to do something and report back ("once you have restarted the
   phone, let me know") is ordinary troubleshooting, not a deferral;
+- empty reply: no text and no tool call at all (small models do this, and the conversation stalls);
 - unfulfilled claim: the assistant tells the user an action is done while no write call in the
   conversation succeeded, so the request is still open. Only actions one of the agent's own write tools
   performs count ("cancelled" with a cancel tool); a state the user or a third party changed ("your
@@ -114,6 +115,18 @@ def detect(view: TurnView) -> list[Finding]:
                 "look the missing details up with the read tools (for example from the user's profile) instead "
                 "of asking the user to come back.",
                 evidence={"reads": index.reads},
+            )
+        )
+    if not view.calls and not view.text.strip() and index.user_count > 0:
+        out.append(
+            Finding(
+                category=Category.IFU,
+                detector="empty_reply",
+                severity=Severity.ERROR,
+                message="Rule: every turn either answers the user or calls a tool. This reply is empty: nothing "
+                "reaches the user and nothing is done. Continue with the user's request: call the next tool, "
+                "or tell the user what you found or need.",
+                evidence={},
             )
         )
     claim = _claim(view) if not view.calls and index.writes == 0 else None
