@@ -242,8 +242,9 @@ class Supervisor(chat.ChatHooks):
                     shown += delta.get("content") or ""
                     yield envelope.chunk(delta)
             candidate = buffer.message()
-            if not buffer.has_tool_calls:
+            if not buffer.has_tool_calls and str(candidate.get("content") or "").strip():
                 # The text is already with the client: nothing to hold or replace, only guidance to gain.
+                # (An empty reply sent nothing yet, so it is judged like a call and can still be retried.)
                 self._later(turn, candidate, attempt, {"finish_reason": buffer.finish_reason})
                 final, finish = candidate, buffer.finish_reason or "stop"
                 break

@@ -349,4 +349,11 @@ def test_enforce_retries_an_empty_reply(tmp_path: Path) -> None:
         feedback = feedback_in(model.bodies()[1])
         assert feedback is not None
         assert "empty" in feedback
-        assert [i.categories for i in interventions(app)] == [[Category.IFU]]
+        # Streamed: an empty reply sent the client nothing, so it can still be retried.
+        chunks = _stream(client, LOOKED_UP)
+        _assert_coherent(chunks)
+        assert _text(chunks) == QUESTION
+        final = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+        assert final.model_extra is not None
+        assert final.model_extra["fama"]["intervention"] == "retry:IFU"
+        assert [i.categories for i in interventions(app)] == [[Category.IFU], [Category.IFU]]
