@@ -142,3 +142,12 @@ def test_an_empty_reply_is_flagged(tau_dir: Path) -> None:
 def test_a_reply_with_text_or_a_call_is_not_empty(tau_dir: Path) -> None:
     assert "empty_reply" not in ifu(turn(tau_dir, QWEN, "11#0", 5))
     assert "empty_reply" not in ifu(opening(tau_dir, "0#0", TRANSFER))
+
+
+def test_waiting_for_what_the_user_sees_on_the_phone_is_not_a_deferral(tau_dir: Path) -> None:
+    event = telecom(
+        tau_dir,
+        "Mobile data stopped working this morning.",
+        "Please open your network settings. Take your time, and let me know the details you see there.",
+    )
+    assert ifu(event) == []

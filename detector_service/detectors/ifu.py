@@ -34,7 +34,10 @@ _DEFER = re.compile(
     re.IGNORECASE,
 )
 # What the user is sent away to find: an identifier or a piece of information the tools could look up.
-_INFO = re.compile(r"\b(ids?|numbers?|codes?|details|information|info)\b", re.IGNORECASE)
+_INFO = re.compile(
+    r"\b(ids?|numbers?|codes?|(reservation|booking|order|account|customer|user) (details|information|info))\b",
+    re.IGNORECASE,
+)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _DONE = re.compile(
     r"\b(has|have) been (successfully )?(cancel+ed|booked|updated|modified|changed|processed|refunded|"
