@@ -123,8 +123,10 @@ def tool_call_entries(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def declared_tools(body: Mapping[str, Any]) -> frozenset[str]:
-    """Function names the request declares, unless it forbids tool calls (``tool_choice: none``)."""
-    if body.get("tool_choice") == "none":
+    """Function names the request declares, unless it forbids tool calls (``tool_choice: none``) or asks for a
+    JSON answer (``response_format`` ``json_object`` / ``json_schema``: JSON text is then the answer itself)."""
+    fmt = body.get("response_format")
+    if body.get("tool_choice") == "none" or (isinstance(fmt, Mapping) and fmt.get("type") != "text"):
         return frozenset()
     names = set()
     for tool in body.get("tools") or []:

@@ -100,6 +100,9 @@ def test_no_declared_tools_or_tool_choice_none_means_no_repair() -> None:
     assert declared_tools(body) == frozenset()
     assert split_text_calls(text, declared_tools(body)) is None
     assert declared_tools({"tools": body["tools"]}) == {"cancel_reservation"}
+    # A JSON answer was asked for: JSON text is the answer, not a call.
+    assert declared_tools({"tools": body["tools"], "response_format": {"type": "json_object"}}) == frozenset()
+    assert declared_tools({"tools": body["tools"], "response_format": {"type": "text"}}) == {"cancel_reservation"}
 
 
 def test_repair_message_moves_the_calls_and_keeps_the_prose() -> None:
