@@ -18,9 +18,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import openai
 from openai import AsyncOpenAI
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -113,16 +112,9 @@ class Extractor:
             {"role": "system", "content": INSTRUCTIONS},
             {"role": "user", "content": f"TOOLS: {declared}\n\nPOLICY:\n{policy[:MAX_POLICY_CHARS]}"},
         ]
-        try:
-            content = await self._caller.complete(messages, RULES_SCHEMA, "fama_policy_rules", self.timeout_s)
-        except openai.APITimeoutError as exc:
-            raise ExtractionError(f"extraction timed out after {self.timeout_s}s") from exc
-        except openai.APIError as exc:
-            raise ExtractionError(f"extraction request failed: {exc}") from exc
-        try:
-            answer = _RulesAnswer.model_validate_json(content or "")
-        except ValidationError as exc:
-            raise ExtractionError(f"extraction answer does not match the schema: {exc.errors()[:1]}") from exc
+        answer = await self._caller.answer(
+            messages, RULES_SCHEMA, "fama_policy_rules", _RulesAnswer, self.timeout_s, ExtractionError, "extraction"
+        )
         known = set(tools)
         rules = [
             # Tags outside the declared tools cannot match a pending call; they are dropped, the rule kept.

@@ -15,10 +15,9 @@ import asyncio
 from collections import OrderedDict
 from typing import Annotated, Any, Literal
 
-import openai
 import orjson
 from openai import AsyncOpenAI
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from detector_service.profile import JudgeConfig
 from detector_service.structured import StructuredCaller
@@ -156,16 +155,9 @@ class Judge:
                 "content": f"POLICY:\n{policy or '(none)'}\n\nCONVERSATION:\n{conversation}\n\nCANDIDATE:\n{candidate}",
             },
         ]
-        try:
-            content = await self._caller.complete(messages, JUDGE_SCHEMA, "fama_judge", self.config.timeout_s)
-        except openai.APITimeoutError as exc:
-            raise JudgeError(f"judge timed out after {self.config.timeout_s}s") from exc
-        except openai.APIError as exc:
-            raise JudgeError(f"judge request failed: {exc}") from exc
-        try:
-            answer = _JudgeAnswer.model_validate_json(content or "")
-        except ValidationError as exc:
-            raise JudgeError(f"judge answer does not match the schema: {exc.errors()[:1]}") from exc
+        answer = await self._caller.answer(
+            messages, JUDGE_SCHEMA, "fama_judge", _JudgeAnswer, self.config.timeout_s, JudgeError, "judge"
+        )
         return [
             Finding(
                 category=Category(f.category),

@@ -11,10 +11,13 @@ still validate what comes back.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import openai
 from openai import AsyncOpenAI
+from pydantic import BaseModel, ValidationError
+
+AnswerT = TypeVar("AnswerT", bound=BaseModel)
 
 # Words of the errors servers give for a response_format type they do not know.
 _REFUSAL_WORDS = ("json_object", "json_schema", "response_format")
@@ -47,6 +50,29 @@ class StructuredCaller:
                     raise
                 self.schema_as_json_object = True
         return await self._create(messages, {"type": "json_object", "schema": schema}, request_timeout_s)
+
+    async def answer(
+        self,
+        messages: list[Any],
+        schema: dict[str, Any],
+        name: str,
+        model: type[AnswerT],
+        request_timeout_s: float,
+        error: type[Exception],
+        what: str,
+    ) -> AnswerT:
+        """The answer validated as ``model``; a timeout, a failed request or an answer off the schema raise
+        ``error`` with a message that starts with ``what`` (e.g. "judge")."""
+        try:
+            content = await self.complete(messages, schema, name, request_timeout_s)
+        except openai.APITimeoutError as exc:
+            raise error(f"{what} timed out after {request_timeout_s}s") from exc
+        except openai.APIError as exc:
+            raise error(f"{what} request failed: {exc}") from exc
+        try:
+            return model.model_validate_json(content or "")
+        except ValidationError as exc:
+            raise error(f"{what} answer does not match the schema: {exc.errors()[:1]}") from exc
 
     async def _create(self, messages: list[Any], fmt: Any, request_timeout_s: float) -> str | None:
         response = await self.client.chat.completions.create(
