@@ -32,7 +32,7 @@ from detector_service.judge import Judge, JudgeError, make_client
 from detector_service.profile import Profile, ProfileError, load_profile
 from detector_service.toolkinds import ToolKinds
 from detector_service.trajectories import Trajectory, TrajectoryError, load, load_tools
-from detector_service.turn import ConversationIndex, tools_by_name
+from detector_service.turn import ConversationIndex, agent_messages, tools_by_name
 from detector_service.wire import Finding, TurnEvent
 
 
@@ -100,7 +100,7 @@ def _judge_turns(results: Sequence[Replayed], default_tools: list[dict[str, Any]
                 event = TurnEvent(
                     turn_id=f"replay:{t.id}:{i}",
                     session_id=t.id,
-                    messages=t.messages[:i],
+                    messages=agent_messages(t.messages[:i]),
                     tools=tools,
                     candidate=message,
                 )

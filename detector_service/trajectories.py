@@ -84,6 +84,8 @@ def _tau2_message(m: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"role": "tool", "tool_call_id": m.get("id"), "content": m.get("content") or ""}
         if m.get("error"):
             out["error"] = True
+        if m.get("requestor") == "user":
+            out["requestor"] = "user"  # dual control: the result of the user's own tool call
         return out
     msg: dict[str, Any] = {"role": role, "content": m.get("content")}
     calls = m.get("tool_calls") or []

@@ -200,6 +200,9 @@ class ConversationIndex:
     consecutive_errors: int = 0  # tool errors in a row since the latest user message
     last_error_tool: str | None = None
     failed_keys: set[str] = field(default_factory=set)  # calls (name + arguments) that returned an error
+    # Dual control (the user works a device with tools of their own): ids of the user's calls, whose results
+    # the agent never sees.
+    user_call_ids: set[str] = field(default_factory=set)
 
     @classmethod
     def build(cls, messages: Iterable[Mapping[str, Any]], kinds: ToolKinds) -> ConversationIndex:
@@ -216,6 +219,11 @@ class ConversationIndex:
             self.system_text += text_of(message.get("content")) + "\n"
         elif role == "user":
             text = text_of(message.get("content"))
+            own_calls = tool_calls_of(message)
+            if own_calls:
+                # The user acting on their device: the call goes to the environment, not to the agent.
+                self.user_call_ids.update(str(c.get("id")) for c in own_calls)
+                return
             self.user_count += 1
             self.latest_user_text = text
             self.latest_user_index = i
@@ -248,6 +256,8 @@ class ConversationIndex:
             self._add_tool_output(message)
 
     def _add_tool_output(self, message: Mapping[str, Any]) -> None:
+        if message.get("requestor") == "user" or str(message.get("tool_call_id")) in self.user_call_ids:
+            return  # the result of the user's own device tool
         text = text_of(message.get("content"))
         call = self.pending.pop(str(message.get("tool_call_id")), None)
         if call is None and self.calls and self.calls[-1].result is None:
@@ -263,6 +273,12 @@ class ConversationIndex:
                 self.failed_keys.add(call.key)
             return
         self.consecutive_errors = 0
+        if call is not None and call.kind is ToolKind.WRITE:
+            # The data changed: earlier failures and read results may no longer hold, so neither retrying a
+            # call that failed nor reading the same thing again is a loop from here on.
+            self.failed_keys.clear()
+            for key in [k for k in self.recent_calls if self.kinds.kind(k.split(":", 1)[0]) is not ToolKind.WRITE]:
+                del self.recent_calls[key]
         values, pairs = output_digest(text)
         for pair, obj in pairs:
             self.entities.setdefault(pair, []).append(obj)
@@ -328,6 +344,23 @@ class TurnView:
     ) -> TurnView:
         calls = tuple(parse_call(raw, index.size, index.kinds) for raw in tool_calls_of(candidate))
         return cls(index=index, candidate=candidate, calls=calls, tools=tools, profile=profile)
+
+
+def agent_messages(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages the agent itself sees: without the user's own tool calls and their results (dual control)."""
+    out: list[dict[str, Any]] = []
+    user_calls: set[str] = set()
+    for m in messages:
+        role = m.get("role")
+        if role == "user" and tool_calls_of(m):
+            user_calls.update(str(c.get("id")) for c in tool_calls_of(m))
+        elif role in ("tool", "function") and (
+            m.get("requestor") == "user" or str(m.get("tool_call_id")) in user_calls
+        ):
+            continue
+        else:
+            out.append(m)
+    return out
 
 
 def tools_by_name(tools: Iterable[Any]) -> dict[str, Mapping[str, Any]]:

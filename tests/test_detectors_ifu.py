@@ -151,3 +151,22 @@ def test_waiting_for_what_the_user_sees_on_the_phone_is_not_a_deferral(tau_dir: 
         "Please open your network settings. Take your time, and let me know the details you see there.",
     )
     assert ifu(event) == []
+
+
+def test_reporting_a_number_back_after_acting_is_not_a_deferral(tau_dir: Path) -> None:
+    # "once you have" + an action: the user is asked to act and report, not to go and find an identifier.
+    event = telecom(
+        tau_dir,
+        "My phone shows no service at all.",
+        "Please restart your phone. Once you have restarted it, let me know the number of signal bars you see.",
+    )
+    assert ifu(event) == []
+
+
+def test_what_follows_once_you_have_decides_the_deferral(tau_dir: Path) -> None:
+    event = telecom(
+        tau_dir,
+        "My phone shows no service at all.",
+        "I can't look this up yet. Once you have located your customer ID, please share it and we'll continue.",
+    )
+    assert ifu(event) == ["deferred_request"]

@@ -33,6 +33,10 @@ _DEFER = re.compile(
     r"feel free to reach out (again )?(when|once|whenever)|when you find|if you (can )?(find|locate)|take your time)",
     re.IGNORECASE,
 )
+# Phrases about getting hold of something: what follows them is what the user is sent away for.
+_POSSESSION = re.compile(r"^(once you (have|find|locate|get)|when you (have|find)|if you (can )?(find|locate))$", re.I)
+_PRONOUN = re.compile(r"^\s*(it|them|this|that|those)\b", re.IGNORECASE)
+_CLAUSE_END = re.compile(r"[,;:]|\b(and then|then|let me|please)\b", re.IGNORECASE)
 # What the user is sent away to find: an identifier or a piece of information the tools could look up.
 _INFO = re.compile(
     r"\b(ids?|numbers?|codes?|(reservation|booking|order|account|customer|user) (details|information|info))\b",
@@ -64,13 +68,31 @@ _CLAIM_STEMS: dict[str, tuple[str, ...] | None] = {
 }
 
 
+def _sent_for_info(sentences: list[str], i: int, phrase: re.Match[str]) -> bool:
+    """Whether the deferral at ``phrase`` in sentence ``i`` sends the user off to find an identifier.
+
+    After "once you have" / "when you find" what follows is what the user must get: "once you have the
+    reservation id" or "once you have it" (the id named just before) is a deferral, "once you have restarted
+    the phone, let me know the number of bars" is a request to act and report back. Other phrases ("take
+    your time", "reach out again when") defer when the sentence or the one before names the information.
+    """
+    sentence = sentences[i]
+    if not _POSSESSION.match(phrase.group(0)):
+        return any(_INFO.search(s) for s in sentences[max(0, i - 1) : i + 1])
+    rest = sentence[phrase.end() :]
+    if _PRONOUN.match(rest):
+        return any(_INFO.search(s) for s in [*sentences[max(0, i - 1) : i], sentence[: phrase.start()]])
+    clause = _CLAUSE_END.split(rest, maxsplit=1)[0]
+    return bool(_INFO.search(" ".join(clause.split()[:8])))
+
+
 def _deferral(text: str) -> str | None:
-    """The deferring phrase, when it sends the user off to find information (it or the sentence before names it)."""
+    """The deferring phrase, when it sends the user off to find information the tools could look up."""
     sentences = [s for s in _SENTENCE_END.split(text) if s.strip()]
     for i, sentence in enumerate(sentences):
-        found = _DEFER.search(sentence)
-        if found and any(_INFO.search(s) for s in sentences[max(0, i - 1) : i + 1]):
-            return found.group(0)
+        for found in _DEFER.finditer(sentence):
+            if _sent_for_info(sentences, i, found):
+                return found.group(0)
     return None
 
 
