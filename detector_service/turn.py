@@ -51,6 +51,8 @@ def norm(value: Any) -> str:
         f = float(value)
         return str(int(f)) if f.is_integer() else repr(round(f, 6))
     s = str(value).strip().lower()
+    if s.startswith("#") and s[1:2].isalnum():
+        s = s[1:]  # "#W2378156" (an order number as written) and "W2378156" (as a word in text) are one value
     try:
         f = float(s.replace(",", "").lstrip("$"))
     except ValueError:

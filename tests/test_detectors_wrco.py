@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from detector_service.engine import Engine
+from detector_service.trajectories import load_tools
 from detector_service.wire import Category, Finding, TurnEvent
 from tests.tau_turns import QWEN, V1, turn
 
@@ -65,3 +66,31 @@ def test_value_contradicting_a_tool_output(tau_dir: Path) -> None:
     contradiction = [f for f in found if f.detector == "contradicts_tool_output"]
     assert contradiction, found
     assert "mia_li_3668" in contradiction[0].message
+
+
+def test_an_order_number_written_with_a_hash_is_the_one_the_user_gave(tau_dir: Path) -> None:
+    # Retail order ids are "#W..." in tool arguments; in text the user writes "#W2378156" or "W2378156".
+    tools = load_tools(tau_dir / "domains" / "tau2-retail" / "tools_openai.json")
+    cancel = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "c1",
+                "type": "function",
+                "function": {
+                    "name": "cancel_pending_order",
+                    "arguments": json.dumps({"order_id": "#W2378156", "reason": "no longer needed"}),
+                },
+            }
+        ],
+    }
+    for said in ("#W2378156", "W2378156"):
+        event = TurnEvent(
+            session_id="retail",
+            messages=[{"role": "user", "content": f"Please cancel my order {said}, I no longer need it."}],
+            tools=tools,
+            candidate=cancel,
+        )
+        # Grounded in the user's words, though never read: the finding is about the missing read, not the value.
+        assert [f.detector for f in wrco(event)] == ["write_on_unread_entity"]
