@@ -28,6 +28,13 @@ def test_write_without_yes_is_flagged(tau_dir: Path) -> None:
     assert verdict.action is Action.RETRY
 
 
+def test_write_after_an_explicit_go_ahead_passes(tau_dir: Path) -> None:
+    # qwen stated the total; the user: "$822 is within my budget, so I'm ready to proceed. ... confirm the booking".
+    event = turn(tau_dir, QWEN, "10#0", 26)
+    assert "ready to proceed" in event.messages[-1]["content"]
+    assert not [f for f in Engine().evaluate(event).findings if f.category is Category.DCV]
+
+
 def test_write_after_listed_details_and_yes_passes(tau_dir: Path) -> None:
     # gpt-4o listed the booking and the user answered "Yes, please proceed with that booking."
     verdict = Engine().evaluate(turn(tau_dir, V1, "0#0", 20))
@@ -69,6 +76,14 @@ def test_profile_narrows_confirmation_to_named_tools(tau_dir: Path) -> None:
         ("Sure, here are the details: Liam Khan, born 1985.", False),
         ("No, wait, yes I mean the other one", False),
         ("Please let me know the total before finalizing anything.", False),
+        ("Confirming to proceed with both actions.", True),
+        ("Change of plan. Please go ahead with the cancellation.", True),
+        ("Let me know the total extra cost for these changes before confirming.", False),
+        ("I'm not ready to proceed yet.", False),
+        ("I can't proceed at $1332.", False),
+        ("Sure, go for the cheaper one.", False),
+        ("Please do.", True),
+        ("Please do not do it yet.", False),
     ],
 )
 def test_says_yes(text: str, expected: bool) -> None:

@@ -23,10 +23,10 @@ AIRLINE = Path(__file__).resolve().parents[1] / "profiles" / "airline.yaml"
 
 # file, profile -> (failed flagged >=, passed flagged <=, failed flagged early >=)
 FLOORS = {
-    (V1, None): (0.47, 0.06, 0.38),
-    (QWEN, None): (0.66, 0.17, 0.54),
-    (V1, "airline"): (0.53, 0.10, 0.44),
-    (QWEN, "airline"): (0.83, 0.17, 0.79),
+    (V1, None): (0.46, 0.06, 0.35),
+    (QWEN, None): (0.62, 0.17, 0.54),
+    (V1, "airline"): (0.52, 0.10, 0.41),
+    (QWEN, "airline"): (0.79, 0.17, 0.79),
 }
 
 

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from detector_service.detectors.dcv import says_yes
 from detector_service.profile import Profile, ToolKind
 from detector_service.toolkinds import ToolKinds
-
-_CONFIRM = re.compile(
-    r"\b(yes|yeah|yep|yup|confirm(ed|s)?|go ahead|proceed|please do|do it|sounds good|that'?s (right|correct|fine)|"
-    r"correct|i agree|agreed|approve[d]?)\b",
-    re.IGNORECASE,
-)
-_DENY = re.compile(r"\b(no|nope|don'?t|do not|cancel that|wait|hold on|not yet|never ?mind)\b", re.IGNORECASE)
 
 
 def text_of(content: Any) -> str:
@@ -38,8 +31,9 @@ def parse_json(text: str) -> Any:
 
 
 def is_confirmation(text: str) -> bool:
-    """Whether a user message explicitly agrees to go ahead (and does not also hold back)."""
-    return bool(_CONFIRM.search(text)) and not _DENY.search(text)
+    """Whether a user message explicitly agrees to go ahead: the same test the DCV detector applies, so the
+    context the agents inject never calls a turn confirmed that the detectors would flag."""
+    return says_yes(text)
 
 
 def tool_kind(name: str, profile: Profile, declared: Mapping[str, Any] | None = None) -> ToolKind:

@@ -1,8 +1,9 @@
 """DCV, domain constraint violation: write calls without explicit confirmation, too many calls per turn.
 
 Confirmation means: the assistant stated the action to the user (its last message before the latest
-user message names the action or one of the call's argument values) and the latest user message says
-yes without saying no. The generic check covers every write tool when the request's policy (system
+user message names the action or one of the call's argument values) and the latest user message gives an
+explicit go-ahead ("yes", "go ahead", "please proceed") without taking it back ("not yet", "before
+confirming"). The generic check covers every write tool when the request's policy (system
 message) asks for explicit confirmation, or when there is no policy at all (``confirm_all_writes:
 auto``, the default; ``true``/``false`` force it). A profile can instead name the tools with
 ``requires_confirmation`` rules and set ``confirm_all_writes: false``.
@@ -17,12 +18,17 @@ from detector_service.profile import OneToolCallPerTurn, RequiresConfirmation, T
 from detector_service.turn import Call, TurnView, is_amount_key, is_id_key, is_id_value, leaves, norm, text_values
 from detector_service.wire import Category, Finding, Severity
 
+# An explicit go-ahead: a yes, or words that say "do it" about the stated action. Not "sure" or "ok", which
+# answer questions as often as they confirm.
 _YES = re.compile(
-    r"\b(yes|yeah|yep|yup|i confirm|confirmed|oui|sí)\b",
+    r"\b(yes|yeah|yep|yup|i confirm|confirmed|confirming|oui|sí|go ahead|please proceed|proceed with|"
+    r"let'?s proceed|ready to proceed|please do|do it|i agree|agreed|approved?)\b",
     re.IGNORECASE,
 )
 _NO = re.compile(
-    r"^\s*(no|nope|nah|wait|hold on|stop|not yet|don'?t|do not|cancel that)\b|\b(don'?t|do not) (proceed|go ahead|do)",
+    r"^\s*(no|nope|nah|wait|hold on|stop|not yet|don'?t|do not|cancel that)\b"
+    r"|(n't|\bnot|\bnever)\s+(\w+\s+){0,2}(proceed|go ahead|confirm|do (it|that|this|anything))|\bnot yet\b"
+    r"|\bbefore (confirming|finaliz\w*|(we|you|i) proceed|proceeding|going ahead)\b",
     re.IGNORECASE,
 )
 _VERB = re.compile(r"^[a-z]+", re.IGNORECASE)
