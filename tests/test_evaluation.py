@@ -6,13 +6,15 @@ is the report.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from detector_service.engine import Engine
 from detector_service.evaluation import first_deviating_write, ground_truth_keys, score
-from detector_service.profile import Profile, load_profile
+from detector_service.profile import Profile, ToolKind, load_profile
 from detector_service.replay import replay
 from detector_service.toolkinds import ToolKinds
 from detector_service.trajectories import load
@@ -81,3 +83,62 @@ def test_passed_run_flagged_on_a_write_in_the_truth_is_not_set_apart(tau_dir: Pa
     assert (s.passed, s.passed_flagged) == (1, 1)
     assert s.passed_flagged_on_deviating_writes == 0
     assert s.passed_flagged_no_write_in_truth == 0
+
+
+_YES_WORD = re.compile(r"\byes\b", re.IGNORECASE)
+
+
+def naive_flags(messages: list[dict[str, Any]], kinds: ToolKinds) -> list[int]:
+    """The issue's yardstick: a write tool called while the latest user message holds no "yes"."""
+    out, latest_user = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            latest_user = str(m.get("content") or "")
+        elif m["role"] == "assistant" and not _YES_WORD.search(latest_user):
+            calls = m.get("tool_calls") or []
+            if any(kinds.kind(c["function"]["name"]) is ToolKind.WRITE for c in calls):
+                out.append(i)
+    return out
+
+
+def test_the_whole_corpus_against_the_naive_confirmation_rule(tau_dir: Path) -> None:
+    # The issue gives the naive rule's numbers over the whole corpus (both files together). Pooled the same
+    # way, the detectors must meet the done-when bounds and beat the naive rule on what it catches; the one
+    # passed run they flag in the qwen file is one the naive rule flags too.
+    ours = {"failed": 0, "passed": 0, "failed_flagged": 0, "passed_flagged": 0, "failed_early": 0}
+    naive = dict.fromkeys(ours, 0)
+    for file in (V1, QWEN):
+        schema = tools(tau_dir, file)
+        kinds = ToolKinds(Profile(), schema)
+        results = replay(Engine(Profile()), load(tau_dir / "trajectories" / file), schema)
+        s = score(results, kinds)
+        for key in ours:
+            ours[key] += getattr(s, key)
+        naive_passed: set[str] = set()
+        for r in results:
+            t = r.trajectory
+            flags = naive_flags(t.messages, kinds)
+            failed = (t.reward or 0.0) < 1.0
+            naive["failed" if failed else "passed"] += 1
+            if not flags:
+                continue
+            naive["failed_flagged" if failed else "passed_flagged"] += 1
+            if not failed:
+                naive_passed.add(t.id)
+                continue
+            limit = first_deviating_write(t.messages, kinds, ground_truth_keys(t.extra["ground_truth"]))
+            naive["failed_early"] += limit is None or flags[0] <= limit
+        ours_passed = {r.trajectory.id for r in results if r.trajectory.reward == 1.0 and r.flags}
+        if file == QWEN:
+            assert ours_passed <= naive_passed
+    rate = {
+        name: (c["failed_flagged"] / c["failed"], c["passed_flagged"] / c["passed"], c["failed_early"] / c["failed"])
+        for name, c in (("ours", ours), ("naive", naive))
+    }
+    print(f"\nwhole corpus (failed flagged, passed flagged, failed early): {rate}")
+    assert ours["failed"] == naive["failed"]
+    assert rate["ours"][0] >= 0.45
+    assert rate["ours"][1] <= 0.10
+    assert rate["ours"][2] >= 0.30
+    assert rate["ours"][0] > rate["naive"][0]
+    assert rate["ours"][2] > rate["naive"][2]
