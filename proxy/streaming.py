@@ -167,11 +167,14 @@ class NormalizedChunks:
 
 
 class ToolTextChunks(NormalizedChunks):
-    """:class:`NormalizedChunks` for a request that declares tools: a reply whose text opens like a call
-    (``{``, ``[``, a fence, a ``<tool_call>`` tag) is held until it ends, and sent as ``tool_calls`` when
-    :func:`proxy.textcalls.split_text_calls` finds calls of the declared tools in it; otherwise the held
-    chunks go out unchanged. Any other reply streams at once. The hold is bounded by
-    :data:`proxy.textcalls.MAX_CHARS`; beyond it the chunks are released as text.
+    """:class:`NormalizedChunks` for a request that declares tools, repairing calls the model wrote as text.
+
+    A reply whose text opens like a call (``{``, ``[``, a fence, a ``<tool_call>`` tag) is held until it
+    ends. Any other reply streams at once, line by line watched: from a line that opens with a JSON value, a
+    fence or a tag (a sentence, then the call), the rest is held. At the end the text goes through
+    :func:`proxy.textcalls.split_text_calls`; when it holds calls of the declared tools, the held part is sent
+    as ``tool_calls`` (with whatever prose it held), otherwise the held chunks go out unchanged. The hold is
+    bounded by :data:`proxy.textcalls.MAX_CHARS`; beyond it the chunks are released as text.
     """
 
     def __init__(
@@ -184,15 +187,19 @@ class ToolTextChunks(NormalizedChunks):
         super().__init__(frames, normalizer)
         self._tools = tools
         self._on_repair = on_repair
-        self._mode = "undecided"  # -> "hold" or "pass"
+        # "undecided" (nothing but whitespace yet) -> "hold" (opens like a call) or "pass" (streaming prose);
+        # "pass" -> "line" (a new line may open a call) -> "hold" or back to "pass"; "done": relay the rest.
+        self._mode = "undecided"
         self._held: list[tuple[dict[str, Any], bytes | None]] = []
         self._out: list[tuple[dict[str, Any], bytes | None]] = []
         self._text: list[str] = []
         self._size = 0
+        self._sent = 0  # characters of text already released
+        self._line: str | None = None  # the current line while it may still open a call
 
     async def __anext__(self) -> dict[str, Any]:
         while not self._out:
-            if self._mode == "pass":
+            if self._mode == "done":
                 return await super().__anext__()
             try:
                 chunk = await super().__anext__()
@@ -211,43 +218,87 @@ class ToolTextChunks(NormalizedChunks):
         if len(choices) > 1 or (choices and choices[0].get("index", 0) != 0) or delta.get("tool_calls"):
             self._held.append((chunk, raw))
             self._release(final=False)  # several choices or real tool calls: nothing to repair
+            self._mode = "done"
+            return
+        content = delta.get("content")
+        content = content if isinstance(content, str) else ""
+        if self._mode == "pass" and not content:
+            self._out.append((chunk, raw))
             return
         self._held.append((chunk, raw))
-        content = delta.get("content")
-        if isinstance(content, str) and content:
-            self._text.append(content)
-            self._size += len(content)
+        self._text.append(content)
+        self._size += len(content)
+        if self._size > textcalls.MAX_CHARS:
+            self._release(final=False)
+            self._mode = "done"
+            return
+        state: bool | None
         if self._mode == "undecided":
             text = "".join(self._text)
-            if text.strip():
-                self._mode = "hold" if textcalls.opens_like_a_call(text) else "pass"
-        if self._mode == "pass" or self._size > textcalls.MAX_CHARS:
+            if not text.strip():
+                return
+            if textcalls.opens_like_a_call(text):
+                self._mode = "hold"
+                return
+            state = self._scan(text)  # the first line is prose; a later line in the same text may open a call
+        elif self._mode in ("pass", "line"):
+            state = self._scan(content)
+        else:
+            return
+        if state is False:
             self._release(final=False)
+            self._mode = "pass"
+        else:
+            self._mode = "hold" if state else "line"
+
+    def _scan(self, content: str) -> bool | None:
+        """Feed streamed text: True once a line opens like a call, None while the last line may still, else False."""
+        lines = content.split("\n")
+        if self._line is not None:
+            lines[0] = self._line + lines[0]
+        else:
+            del lines[0]  # the rest of a prose line
+        self._line = None
+        for i, line in enumerate(lines):
+            state = textcalls.line_opens_call(line)
+            if state:
+                return True
+            if state is None and i == len(lines) - 1:
+                self._line = line
+                return None
+        return False
 
     def _release(self, *, final: bool) -> None:
-        """Queue the held chunks: as tool calls when the whole reply was calls, else as they came."""
+        """Queue the held chunks: as tool calls when the held text ends the reply with calls, else as they came."""
         held, self._held = self._held, []
-        hold, self._mode = self._mode == "hold", "pass"
-        if final and hold and held:
-            found = textcalls.split_text_calls("".join(self._text), self._tools)
-            if found is not None:
-                self._out.extend((c, None) for c in _call_chunks(held, *found))
+        if final and self._mode in ("hold", "line") and held:
+            text = "".join(self._text)
+            found = textcalls.split_text_calls(text, self._tools)
+            sent = text[: self._sent].strip()
+            if found is not None and (found[0] or "").startswith(sent):
+                prose = (found[0] or "")[len(sent) :]
+                self._out.extend((c, None) for c in _call_chunks(held, prose or None, found[1], opening=not sent))
                 if self._on_repair is not None:
                     self._on_repair()
                 return
         self._out.extend(held)
+        self._sent = self._size
 
 
 def _call_chunks(
-    held: list[tuple[dict[str, Any], bytes | None]], prose: str | None, calls: list[dict[str, Any]]
+    held: list[tuple[dict[str, Any], bytes | None]], prose: str | None, calls: list[dict[str, Any]], *, opening: bool
 ) -> list[dict[str, Any]]:
-    """The held reply re-sent as OpenAI streams tool calls: prose (if any), one delta per call, the finish."""
+    """The held reply re-sent as OpenAI streams tool calls: prose (if any), one delta per call, the finish.
+
+    ``opening``: nothing of the reply went out yet, so the first chunk carries the assistant role.
+    """
     template = next((c for c, _ in held if c.get("choices")), held[0][0])
     base = {k: v for k, v in template.items() if k not in ("choices", "usage")}
     entries = textcalls.tool_call_entries(calls)
-    out: list[dict[str, Any]] = [
-        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": prose}, "finish_reason": None}]}
-    ]
+    first: dict[str, Any] = {"role": "assistant", "content": prose} if opening else {"content": prose}
+    out: list[dict[str, Any]] = []
+    if opening or (prose and prose.strip()):
+        out.append({**base, "choices": [{"index": 0, "delta": first, "finish_reason": None}]})
     for i, entry in enumerate(entries):
         out.append(
             {**base, "choices": [{"index": 0, "delta": {"tool_calls": [{"index": i, **entry}]}, "finish_reason": None}]}

@@ -8,8 +8,9 @@ text back into ``tool_calls``, and only when it is unambiguous: every object mus
 declared and carry object arguments; anything else leaves the message as it was. Prose before the calls
 stays as the message's content.
 
-Pure functions; ``chat.py`` applies them to complete responses, and to streams whose content opens like a
-call (see ``opens_like_a_call``), so a text answer is never held back.
+Pure functions; ``chat.py`` applies them to complete responses, and to streams from the point where the
+content opens like a call (``opens_like_a_call``) or a later line does (``line_opens_call``), so text
+before that point is never held back.
 """
 
 from __future__ import annotations
@@ -29,10 +30,27 @@ _DECODER = json.JSONDecoder()
 _OPENERS = ("{", "[", "`", "<")
 
 
+# Later lines of a reply are prose more often than the first: only a JSON value, a fence or a tag opens a call there.
+_LINE_OPENERS = ("{", "[", "```", "<tool_call>")
+
+
 def opens_like_a_call(text: str) -> bool:
     """Whether a reply starting with ``text`` (leading whitespace ignored) may be a call written as text."""
     head = text.lstrip()
     return bool(head) and head.startswith(_OPENERS)
+
+
+def line_opens_call(line: str) -> bool | None:
+    """Whether a line after the reply's first may start calls: True, False, or None while too short to tell."""
+    head = line.lstrip()
+    if not head:
+        return None
+    if head.startswith("["):  # a list of calls, not "[1] HAT170" or a markdown link
+        rest = head[1:].lstrip()
+        return rest.startswith("{") if rest else None
+    if head.startswith(_LINE_OPENERS):
+        return True
+    return None if any(o.startswith(head) for o in _LINE_OPENERS) else False
 
 
 def _call_of(value: Any, tools: Collection[str]) -> dict[str, Any] | None:

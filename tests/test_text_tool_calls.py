@@ -122,3 +122,45 @@ def test_json_that_is_no_call_is_released_as_text(tmp_path: Path) -> None:
     assert _calls(chunks) == []
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
     assert completion.choices[0].message.content == answer
+
+
+def test_a_call_written_after_a_sentence_arrives_as_a_tool_call_when_streamed(tmp_path: Path) -> None:
+    # qwen often says what it is about to do, then writes the call; the sentence streams at once.
+    sentence = "I'll look up your reservation now."
+    with proxy_for(_replies(f"{sentence}\n{LEAKED_LOOKUP}"), tmp_path) as (client, app):
+        chunks = _stream(client)
+        assert _metric(app, "true") == 1.0
+    assert _text(chunks) == sentence
+    [streamed] = _calls(chunks)
+    assert streamed.function is not None
+    assert streamed.function.name == "get_reservation_details"
+    assert json.loads(streamed.function.arguments or "") == {"reservation_id": "ZFA04Y"}
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["tool_calls"]
+    # The sentence went out before the call was held: its first pieces precede everything about the call.
+    first_call = next(i for i, c in enumerate(chunks) if c.choices and c.choices[0].delta.tool_calls)
+    assert _text(chunks[:first_call]) == sentence
+    assert sum(1 for c in chunks[:first_call] if c.choices and c.choices[0].delta.content) > 2
+
+
+def test_a_later_line_that_is_no_call_streams_as_text(tmp_path: Path) -> None:
+    answer = "Here are your options:\n[1] HAT170 at 10:00\n[2] HAT045 at 15:00\n```\nbusiness: $412\n```\nWhich one?"
+    with proxy_for(_replies(answer), tmp_path) as (client, app):
+        chunks = _stream(client)
+        assert _metric(app, "true") == 0.0
+    assert _text(chunks) == answer
+    assert _calls(chunks) == []
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+
+
+def test_a_call_after_a_sentence_is_supervised_when_streamed(tmp_path: Path) -> None:
+    # The cancellation written after a sentence is unconfirmed: enforce mode retries it like a real call.
+    def reply(body: dict[str, Any]) -> dict[str, Any]:
+        retry = body["messages"][-1]["role"] == "system"
+        return {"content": QUESTION if retry else f"Sure, cancelling it now.\n{LEAKED_CANCEL}"}
+
+    with proxy_for(ScriptedModel(reply), tmp_path, mode="enforce") as (client, app):
+        chunks = _stream(client)
+        assert [i.categories for i in interventions(app)] == [[Category.DCV]]
+    assert _calls(chunks) == []
+    assert _text(chunks).endswith(QUESTION)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from proxy.textcalls import declared_tools, opens_like_a_call, repair_message, split_text_calls
+from proxy.textcalls import declared_tools, line_opens_call, opens_like_a_call, repair_message, split_text_calls
 from tests.tau_turns import QWEN, tools, trajectory
 
 AIRLINE = {"get_user_details", "get_reservation_details", "cancel_reservation", "book_reservation"}
@@ -127,3 +127,20 @@ def test_only_replies_that_open_like_a_call_are_held_in_streams() -> None:
     assert opens_like_a_call("<tool_call>")
     assert not opens_like_a_call("Sure, ")
     assert not opens_like_a_call("   ")
+
+
+def test_a_later_line_opens_calls_only_with_json_a_fence_or_a_tag() -> None:
+    assert line_opens_call('  {"name"') is True
+    assert line_opens_call("```json") is True
+    assert line_opens_call("<tool_call>") is True
+    assert line_opens_call("[{") is True
+    # Too short to tell yet: the stream waits for the next piece.
+    assert line_opens_call("  ") is None
+    assert line_opens_call("[") is None
+    assert line_opens_call("``") is None
+    assert line_opens_call("<tool") is None
+    # Prose, inline code, markup: the line streams on.
+    assert line_opens_call("Your flight") is False
+    assert line_opens_call("`HAT170` departs") is False
+    assert line_opens_call("<b>Note</b>") is False
+    assert line_opens_call("[1] HAT170 at 10:00") is False
