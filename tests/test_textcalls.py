@@ -129,18 +129,24 @@ def test_only_replies_that_open_like_a_call_are_held_in_streams() -> None:
     assert not opens_like_a_call("   ")
 
 
-def test_a_later_line_opens_calls_only_with_json_a_fence_or_a_tag() -> None:
-    assert line_opens_call('  {"name"') is True
-    assert line_opens_call("```json") is True
-    assert line_opens_call("<tool_call>") is True
-    assert line_opens_call("[{") is True
-    # Too short to tell yet: the stream waits for the next piece.
-    assert line_opens_call("  ") is None
-    assert line_opens_call("[") is None
-    assert line_opens_call("``") is None
-    assert line_opens_call("<tool") is None
-    # Prose, inline code, markup: the line streams on.
-    assert line_opens_call("Your flight") is False
-    assert line_opens_call("`HAT170` departs") is False
-    assert line_opens_call("<b>Note</b>") is False
-    assert line_opens_call("[1] HAT170 at 10:00") is False
+@pytest.mark.parametrize(
+    ("line", "opens"),
+    [
+        ('  {"name"', True),
+        ("```json", True),
+        ("<tool_call>", True),
+        ("[{", True),
+        # Too short to tell yet: the stream waits for the next piece.
+        ("  ", None),
+        ("[", None),
+        ("``", None),
+        ("<tool", None),
+        # Prose, inline code, markup, a numbered option: the line streams on.
+        ("Your flight", False),
+        ("`HAT170` departs", False),
+        ("<b>Note</b>", False),
+        ("[1] HAT170 at 10:00", False),
+    ],
+)
+def test_a_later_line_opens_calls_only_with_json_a_fence_or_a_tag(line: str, opens: bool | None) -> None:
+    assert line_opens_call(line) is opens
