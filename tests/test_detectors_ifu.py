@@ -170,3 +170,20 @@ def test_what_follows_once_you_have_decides_the_deferral(tau_dir: Path) -> None:
         "I can't look this up yet. Once you have located your customer ID, please share it and we'll continue.",
     )
     assert ifu(event) == ["deferred_request"]
+
+
+def test_taking_time_to_find_the_id_is_a_deferral(tau_dir: Path) -> None:
+    # gpt-4o: "Of course! Take your time to find the reservation ID. Let me know when you have it, ..."
+    event = turn(tau_dir, V1, "15#0", 10)
+    assert event.candidate["content"].startswith("Of course! Take your time to find the reservation ID.")
+    assert ifu(event) == ["deferred_request"]
+
+
+def test_asking_for_the_identifier_now_is_not_a_deferral(tau_dir: Path) -> None:
+    # Identifying the customer comes first in telecom; asking for the number, unhurried, sends nobody away.
+    event = telecom(
+        tau_dir,
+        "My mobile data stopped working.",
+        "I can help with that. Could you please share the phone number of the line? Take your time.",
+    )
+    assert ifu(event) == []

@@ -35,6 +35,14 @@ _DEFER = re.compile(
 )
 # Phrases about getting hold of something: what follows them is what the user is sent away for.
 _POSSESSION = re.compile(r"^(once you (have|find|locate|get)|when you (have|find)|if you (can )?(find|locate))$", re.I)
+# Phrases that only wait ("take your time", "whenever you're ready") defer when the user is to go and look
+# for the information, not when the agent simply asks for it ("your phone number, please. Take your time").
+_WAITING = re.compile(r"^(take your time|whenever you('re| are) ready|once you are able)$", re.IGNORECASE)
+_FIND = re.compile(
+    r"\b(find|finding|found|locate|locating|look(ing)? for|retriev\w*|search(ing)? for|dig up|track down|"
+    r"when you have|once you have|check(ing)? your (email|inbox|records|account|bill|documents|confirmation)\w*)\b",
+    re.IGNORECASE,
+)
 _PRONOUN = re.compile(r"^\s*(it|them|this|that|those)\b", re.IGNORECASE)
 _CLAUSE_END = re.compile(r"[,;:]|\b(and then|then|let me|please)\b", re.IGNORECASE)
 # What the user is sent away to find: an identifier or a piece of information the tools could look up.
@@ -73,10 +81,13 @@ def _sent_for_info(sentences: list[str], i: int, phrase: re.Match[str]) -> bool:
 
     After "once you have" / "when you find" what follows is what the user must get: "once you have the
     reservation id" or "once you have it" (the id named just before) is a deferral, "once you have restarted
-    the phone, let me know the number of bars" is a request to act and report back. Other phrases ("take
-    your time", "reach out again when") defer when the sentence or the one before names the information.
+    the phone, let me know the number of bars" is a request to act and report back. "Reach out again when"
+    defers when the sentence or the one before names the information; "take your time" only when one of them
+    also sends the user to look for it ("take your time to find the reservation id").
     """
     sentence = sentences[i]
+    if _WAITING.match(phrase.group(0)):
+        return any(_INFO.search(s) and _FIND.search(s) for s in sentences[max(0, i - 1) : i + 1])
     if not _POSSESSION.match(phrase.group(0)):
         return any(_INFO.search(s) for s in sentences[max(0, i - 1) : i + 1])
     rest = sentence[phrase.end() :]
