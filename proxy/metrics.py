@@ -1,8 +1,9 @@
 """Every Prometheus metric the proxy exports. One instance per app, on its own registry.
 
-Label sets are bounded: routes are templates, models are whatever the upstream lists (operators run
-a handful), categories/actions/agents are enums, tools are the request's declared tool names capped
-by ``MAX_TOOL_LABELS`` (the rest become ``other``).
+Label sets are bounded: routes are templates, categories/actions/agents are enums. Models and tool names
+come from clients (llama.cpp's server answers for any model name), so each keeps its first
+``MAX_MODEL_LABELS`` / ``MAX_TOOL_LABELS`` distinct values and reports the rest as ``other``
+(:class:`BoundedLabel`); a tool must also be declared by the request.
 """
 
 from __future__ import annotations
@@ -16,7 +17,27 @@ from detector_service.wire import Action, Category
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
-MAX_TOOL_LABELS = 200
+MAX_TOOL_LABELS = 500
+MAX_MODEL_LABELS = 64
+OTHER = "other"
+
+
+class BoundedLabel:
+    """The values of one client-chosen label: the first ``limit`` distinct ones are kept, later ones read
+    ``other``, so a client sending random names cannot grow the series without bound."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self._limit:
+            return OTHER
+        self._seen.add(value)
+        return value
+
 
 # The enum label values of counters, created at zero on startup: rate()/increase() only see an increase
 # from a sample that already exists, so without them a counter's first event would never show.
@@ -34,6 +55,8 @@ class ProxyMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self.model_label = BoundedLabel(MAX_MODEL_LABELS)
+        self.tool_label = BoundedLabel(MAX_TOOL_LABELS)
         self.requests = Counter(
             "fama_requests_total", "Requests by route, status and model.", ["route", "status", "model"], registry=r
         )

@@ -371,7 +371,7 @@ async def relay(
         async for chunk in chunks:
             if waiting_first and _has_output(chunk):
                 waiting_first = False
-                metrics.ttft.labels(trace.model).observe(time.perf_counter() - trace.started)
+                metrics.ttft.labels(metrics.model_label(trace.model)).observe(time.perf_counter() - trace.started)
             raw = unmodified.raw if unmodified is not None else None
             # orjson.loads accepted these bytes, so they are valid UTF-8.
             yield ServerSentEvent(data=raw.decode()) if raw is not None else _event(chunk)

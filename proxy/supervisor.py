@@ -43,7 +43,7 @@ from proxy import chat
 from proxy.extractions import ExtractionReader
 from proxy.held_stream import CandidateBuffer, Envelope, add_usage, content_delta, tool_call_deltas
 from proxy.injection import GUIDANCE_LABEL, Injector, triggered_agents
-from proxy.metrics import MAX_TOOL_LABELS, ProxyMetrics
+from proxy.metrics import MAX_TOOL_LABELS, OTHER, ProxyMetrics
 from proxy.recorder import Intervention, Recorder, RedisRecorder, recorder_for
 from proxy.sessions import (
     SESSION_HEADER,
@@ -333,7 +333,11 @@ class Supervisor(chat.ChatHooks):
         mode = self.mode.value
         declared = {str((t.get("function") or {}).get("name")) for t in turn.tools[:MAX_TOOL_LABELS]}
         for f in decision.findings:
-            tool = "none" if f.tool_name is None else (f.tool_name if f.tool_name in declared else "other")
+            tool = (
+                "none"
+                if f.tool_name is None
+                else (self.metrics.tool_label(f.tool_name) if f.tool_name in declared else OTHER)
+            )
             self.metrics.findings.labels(category=f.category.value, detector=f.detector, tool=tool).inc()
         if turn.retrying:
             outcome_label = (

@@ -102,7 +102,9 @@ class TracingMiddleware:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         elapsed = time.perf_counter() - trace.started
-        requests, duration, upstream, overhead = self._series(template, status, trace.model if status < 400 else "")
+        requests, duration, upstream, overhead = self._series(
+            template, status, self.metrics.model_label(trace.model) if status < 400 else ""
+        )
         requests.inc()
         duration.observe(elapsed)
         if trace.upstream_s > 0:

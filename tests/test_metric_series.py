@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry
 
 from detector_service.metrics import DetectorMetrics
 from detector_service.profile import AgentName, Mode
 from detector_service.wire import Action, Category
-from proxy.metrics import ProxyMetrics
+from proxy.metrics import MAX_MODEL_LABELS, BoundedLabel, ProxyMetrics
+from tests.supervised_upstream import ScriptedModel
+from tests.supervision_harness import proxy_for
 
 
 def _zero(registry: CollectorRegistry, name: str, labels: dict[str, str]) -> bool:
@@ -53,3 +57,31 @@ def test_detector_counters_start_with_every_known_label_set_at_zero() -> None:
         assert _zero(r, "fama_detector_judge_calls_total", {"outcome": outcome})
     for outcome in ("ok", "error", "locked"):
         assert _zero(r, "fama_detector_extractions_total", {"outcome": outcome})
+
+
+def test_model_names_from_clients_cannot_grow_the_series_without_bound(tmp_path: Path) -> None:
+    # A server that answers for any model name (llama.cpp's does): each name a client invents would be a series.
+    model = ScriptedModel(lambda body: {"content": "ok"})
+    with proxy_for(model, tmp_path) as (client, app):
+        for i in range(MAX_MODEL_LABELS + 5):
+            client.chat.completions.create(model=f"made-up-{i}", messages=[{"role": "user", "content": "hi"}])
+        list(
+            client.chat.completions.create(model="made-up-0", messages=[{"role": "user", "content": "hi"}], stream=True)
+        )
+        registry = app.state.metrics.registry
+    requests = {
+        s.labels["model"]: s.value
+        for family in registry.collect()
+        if family.name == "fama_requests"
+        for s in family.samples
+        if s.name == "fama_requests_total"
+    }
+    assert len(requests) == MAX_MODEL_LABELS + 1
+    assert requests["other"] == 5
+    assert requests["made-up-0"] == 2
+    assert registry.get_sample_value("fama_time_to_first_token_seconds_count", {"model": "made-up-0"}) == 1
+
+
+def test_a_bounded_label_keeps_its_first_values() -> None:
+    label = BoundedLabel(2)
+    assert [label(v) for v in ("a", "b", "c", "a", "d", "b")] == ["a", "b", "other", "a", "other", "b"]
