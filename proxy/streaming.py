@@ -169,9 +169,9 @@ class NormalizedChunks:
 class ToolTextChunks(NormalizedChunks):
     """:class:`NormalizedChunks` for a request that declares tools, repairing calls the model wrote as text.
 
-    A reply whose text opens like a call (``{``, ``[``, a fence, a ``<tool_call>`` tag) is held until it
-    ends. Any other reply streams at once, line by line watched: from a line that opens with a JSON value, a
-    fence or a tag (a sentence, then the call), the rest is held. At the end the text goes through
+    A reply whose text opens like a call (a JSON object or a list of them, a fence, a ``<tool_call>`` tag) is
+    held until it ends. Any other reply streams at once, line by line watched: from a line that opens the same
+    way (a sentence, then the call), the rest is held. At the end the text goes through
     :func:`proxy.textcalls.split_text_calls`; when it holds calls of the declared tools, the held part is sent
     as ``tool_calls`` (with whatever prose it held), otherwise the held chunks go out unchanged. The hold is
     bounded by :data:`proxy.textcalls.MAX_CHARS`; beyond it the chunks are released as text.
@@ -237,8 +237,9 @@ class ToolTextChunks(NormalizedChunks):
             text = "".join(self._text)
             if not text.strip():
                 return
-            if textcalls.opens_like_a_call(text):
-                self._mode = "hold"
+            opens = textcalls.line_opens_call(text)
+            if opens is not False:
+                self._mode = "hold" if opens else "undecided"
                 return
             state = self._scan(text)  # the first line is prose; a later line in the same text may open a call
         elif self._mode in ("pass", "line"):

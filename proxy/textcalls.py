@@ -9,8 +9,8 @@ declared and carry object arguments; anything else leaves the message as it was.
 stays as the message's content.
 
 Pure functions; ``chat.py`` applies them to complete responses, and to streams from the point where the
-content opens like a call (``opens_like_a_call``) or a later line does (``line_opens_call``), so text
-before that point is never held back.
+content, or a later line of it, opens like a call (``line_opens_call``), so text before that point is
+never held back.
 """
 
 from __future__ import annotations
@@ -27,21 +27,15 @@ MAX_CHARS = 65_536  # longer texts are answers, not calls; they are left alone
 _TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _FENCED = re.compile(r"```[a-zA-Z]*\s*\n?(.*?)```", re.DOTALL)
 _DECODER = json.JSONDecoder()
-_OPENERS = ("{", "[", "`", "<")
 
 
-# Later lines of a reply are prose more often than the first: only a JSON value, a fence or a tag opens a call there.
+# What opens a call written as text: a JSON object or a list of them, a fence, a Hermes-style tag.
 _LINE_OPENERS = ("{", "[", "```", "<tool_call>")
 
 
-def opens_like_a_call(text: str) -> bool:
-    """Whether a reply starting with ``text`` (leading whitespace ignored) may be a call written as text."""
-    head = text.lstrip()
-    return bool(head) and head.startswith(_OPENERS)
-
-
 def line_opens_call(line: str) -> bool | None:
-    """Whether a line after the reply's first may start calls: True, False, or None while too short to tell."""
+    """Whether a reply, or a line of it, starting with ``line`` (leading whitespace ignored) may start calls:
+    True, False, or None while too short to tell."""
     head = line.lstrip()
     if not head:
         return None
