@@ -40,6 +40,14 @@ def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _messages(messages: list[Any], where: str) -> list[dict[str, Any]]:
+    """The messages of one trajectory, each an object (a chat message), or a TrajectoryError naming the first that is not."""
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise TrajectoryError(f"{where}: message {i} is {type(m).__name__}, expected an object with a 'role'")
+    return messages
+
+
 def _from_jsonl(path: Path) -> Iterator[Trajectory]:
     with path.open("rb") as fh:
         for n, line in enumerate(fh):
@@ -57,7 +65,7 @@ def _from_jsonl(path: Path) -> Iterator[Trajectory]:
             tools = rec.get("tools")
             yield Trajectory(
                 id=str(rid if rid is not None else f"{path.name}:{n + 1}"),
-                messages=rec["messages"],
+                messages=_messages(rec["messages"], f"{path}:{n + 1}"),
                 reward=_reward(rec.get("reward")),
                 tools=tools if isinstance(tools, list) else None,
                 extra={k: v for k, v in rec.items() if k not in ("messages", "tools", "reward", "id")},
@@ -72,7 +80,7 @@ def _from_v1(path: Path, data: list[Any]) -> Iterator[Trajectory]:
         task = _mapping(info.get("task"))
         yield Trajectory(
             id=f"{rec.get('task_id', n)}#{rec.get('trial', 0)}",
-            messages=[dict(m) for m in rec["traj"]],
+            messages=[dict(m) for m in _messages(rec["traj"], f"{path}: item {n}")],
             reward=_reward(rec.get("reward")),
             extra={"ground_truth": task} if task else {},
         )
@@ -111,7 +119,12 @@ def _from_tau2(path: Path, data: dict[str, Any]) -> Iterator[Trajectory]:
         ]
     tasks = {str(t.get("id")): t for t in data.get("tasks") or [] if isinstance(t, dict)}
     for n, sim in enumerate(data.get("simulations") or []):
-        messages = [_tau2_message(m) for m in sim.get("messages") or [] if m.get("role") != "system"]
+        if not isinstance(sim, dict):
+            raise TrajectoryError(f"{path}: simulation {n} is not an object")
+        raw = sim.get("messages") or []
+        if not isinstance(raw, list):
+            raise TrajectoryError(f"{path}: simulation {n} has no 'messages' list")
+        messages = [_tau2_message(m) for m in _messages(raw, f"{path}: simulation {n}") if m.get("role") != "system"]
         if isinstance(policy, str) and policy:
             messages.insert(0, {"role": "system", "content": policy})
         task = tasks.get(str(sim.get("task_id")))

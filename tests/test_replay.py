@@ -111,10 +111,25 @@ def test_v1_and_tau2_result_files_replay_like_jsonl(tau_dir: Path, tmp_path: Pat
         assert got == expected, path.name
 
 
-def test_unreadable_input_fails_cleanly(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"no_messages": true}\n')
-    assert replay_command([bad], tools=None, profile=None, json_out=None) == 2
+@pytest.mark.parametrize(
+    ("name", "body"),
+    [
+        ("bad.jsonl", '{"no_messages": true}\n'),
+        ("strings.jsonl", '{"messages": ["hello", {"role": "user", "content": "hi"}]}\n'),
+        ("v1.json", '[{"task_id": 0, "traj": [{"role": "user", "content": "hi"}, 7]}]'),
+        ("tau2.json", '{"simulations": [{"id": "s", "messages": [null]}]}'),
+        ("tau2-sim.json", '{"simulations": ["s"]}'),
+    ],
+)
+def test_unreadable_input_fails_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, body: str
+) -> None:
+    bad = tmp_path / name
+    bad.write_text(body)
+    out = tmp_path / "out.json"
+    assert replay_command([bad], tools=None, profile=None, json_out=out) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert not out.exists()
 
 
 def _one_run(tau_dir: Path, tmp_path: Path, run_id: str) -> Path:
