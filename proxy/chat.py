@@ -59,9 +59,22 @@ def parse_request(raw: bytes) -> dict[str, Any]:
             raise InvalidRequest(
                 f"'messages[{i}].role' must be a string", param=f"messages[{i}].role", code="invalid_type"
             )
+        calls = message.get("tool_calls")
+        if calls is not None and (
+            not isinstance(calls, list)
+            or not all(isinstance(c, dict) and isinstance(c.get("function", {}), dict) for c in calls)
+        ):
+            raise InvalidRequest(
+                f"'messages[{i}].tool_calls' must be an array of tool call objects",
+                param=f"messages[{i}].tool_calls",
+                code="invalid_type",
+            )
     require(body, "stream", (bool,), "a boolean", optional=True)
     require(body, "stream_options", (dict,), "an object", optional=True)
     require(body, "tools", (list,), "an array of tools", optional=True)
+    for i, tool in enumerate(body.get("tools") or []):
+        if not isinstance(tool, dict):
+            raise InvalidRequest(f"'tools[{i}]' must be an object", param=f"tools[{i}]", code="invalid_type")
     require(body, "n", (int,), "an integer", optional=True)
     return body
 

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
+from detector_service.agents.view import ConversationView
 from detector_service.engine import Engine
 from detector_service.profile import Profile
 from detector_service.toolkinds import ToolKinds
@@ -167,3 +168,12 @@ def test_reading_again_after_a_write_is_not_a_repeated_call(tau_dir: Path) -> No
 
     assert repeated(messages)
     assert not repeated([*messages, resume, resumed])
+
+
+def test_the_injected_context_sees_only_the_agents_side_too(tau_dir: Path) -> None:
+    view = ConversationView.build(conversation(tau_dir), telecom_tools(tau_dir), Profile())
+    assert [text for _, text in view.user_turns][-1].startswith("Done, airplane mode is off")
+    assert len(view.user_turns) == 2
+    assert [(c.name, c.output) for c in view.calls] == [
+        ("get_customer_by_phone", '{"customer_id": "C1001", "line_ids": ["L1001"]}')
+    ]

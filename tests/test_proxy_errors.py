@@ -62,6 +62,19 @@ def assert_openai_shaped(schemas: Path, response: httpx2.Response) -> dict[str, 
         (b'{"messages": [{"role": "user", "content": "x"}]}', "model"),
         (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
         (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": {}}', "tools"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": ["x"]}', "tools[0]"),
+        (
+            b'{"model": "m", "messages": [{"role": "user"}, {"role": "assistant", "tool_calls": "x"}]}',
+            "messages[1].tool_calls",
+        ),
+        (
+            b'{"model": "m", "messages": [{"role": "user"}, {"role": "assistant", "tool_calls": [5]}]}',
+            "messages[1].tool_calls",
+        ),
+        (
+            b'{"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": "f"}]}]}',
+            "messages[0].tool_calls",
+        ),
     ],
 )
 def test_invalid_requests_are_400_naming_the_param(

@@ -11,6 +11,7 @@ from typing import Any
 from detector_service.detectors.dcv import says_yes
 from detector_service.profile import Profile, ToolKind
 from detector_service.toolkinds import ToolKinds
+from detector_service.turn import tool_calls_of
 
 
 def text_of(content: Any) -> str:
@@ -111,18 +112,23 @@ class ConversationView:
         system: list[str] = []
         view = cls(messages=messages, tools=declared, system_text="", kinds=kinds)
         pending: dict[str, int] = {}  # tool_call_id -> position in view.calls
+        user_calls: set[str] = set()  # dual control: the user's own device calls, which the agent never sees
         for i, m in enumerate(messages):
             role = m.get("role")
             text = text_of(m.get("content"))
             if role in ("system", "developer"):
                 system.append(text)
             elif role == "user":
+                if own := tool_calls_of(m):
+                    user_calls.update(str(c.get("id")) for c in own)
+                    continue
                 view.user_turns.append((i, text))
             elif role == "assistant":
                 if text:
                     view.assistant_turns.append((i, text))
-                for call in m.get("tool_calls") or []:
-                    fn = call.get("function") or {}
+                for call in tool_calls_of(m):
+                    fn = call.get("function")
+                    fn = fn if isinstance(fn, Mapping) else {}
                     raw = fn.get("arguments")
                     raw = raw if isinstance(raw, str) else json.dumps(raw)
                     args = parse_json(raw)
@@ -133,6 +139,8 @@ class ConversationView:
                         pending[tc.id] = len(view.calls)
                     view.calls.append(tc)
             elif role == "tool":
+                if m.get("requestor") == "user" or str(m.get("tool_call_id")) in user_calls:
+                    continue
                 pos = pending.pop(str(m.get("tool_call_id")), None)
                 if pos is None:  # unpaired output: attach to the latest call still waiting, if any
                     waiting = [k for k, c in enumerate(view.calls) if c.output is None]
