@@ -45,6 +45,54 @@ REPAIRED_HEADER = "x-fama-repaired"  # non-streaming answers whose tool calls th
 logger = logging.getLogger("fama.proxy.chat")
 
 
+def _typed(obj: Mapping[str, Any], key: str, kinds: tuple[type, ...], what: str, param: str) -> None:
+    """400 naming ``param`` when ``obj[key]`` is present, not null and not of one of ``kinds``."""
+    value = obj.get(key)
+    if value is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+        raise InvalidRequest(f"'{param}' must be {what}", param=param, code="invalid_type")
+
+
+def _object(value: Any, what: str, param: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"'{param}' must be {what}", param=param, code="invalid_type")
+    return value
+
+
+def _check_message(message: Any, i: int) -> None:
+    """The message fields the proxy itself reads have the types the OpenAI API gives them."""
+    p = f"messages[{i}]"
+    m = _object(message, "an object", p)
+    if not isinstance(m.get("role"), str):
+        raise InvalidRequest(f"'{p}.role' must be a string", param=f"{p}.role", code="invalid_type")
+    _typed(m, "content", (str, list), "a string or an array of content parts", f"{p}.content")
+    _typed(m, "tool_call_id", (str,), "a string", f"{p}.tool_call_id")
+    calls = m.get("tool_calls")
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise InvalidRequest(
+            f"'{p}.tool_calls' must be an array of tool calls", param=f"{p}.tool_calls", code="invalid_type"
+        )
+    for j, call in enumerate(calls):
+        q = f"{p}.tool_calls[{j}]"
+        c = _object(call, "an object", q)
+        _typed(c, "id", (str,), "a string", f"{q}.id")
+        fn = _object(c.get("function"), "an object with the function's name and arguments", f"{q}.function")
+        _typed(fn, "name", (str,), "a string", f"{q}.function.name")
+        _typed(fn, "arguments", (str, dict), "a string of JSON", f"{q}.function.arguments")
+
+
+def _check_tool(tool: Any, i: int) -> None:
+    p = f"tools[{i}]"
+    t = _object(tool, "an object", p)
+    if t.get("function") is None:
+        return  # other tool types pass through to the model server as they are
+    fn = _object(t["function"], "an object", f"{p}.function")
+    _typed(fn, "name", (str,), "a string", f"{p}.function.name")
+    _typed(fn, "description", (str,), "a string", f"{p}.function.description")
+    _typed(fn, "parameters", (dict,), "an object (a JSON Schema)", f"{p}.function.parameters")
+
+
 def parse_request(raw: bytes) -> dict[str, Any]:
     body = json_object(raw)
     require(body, "model", (str,), "a string")
@@ -53,28 +101,14 @@ def parse_request(raw: bytes) -> dict[str, Any]:
     if not messages:
         raise InvalidRequest("'messages' must contain at least one message", param="messages", code="empty_array")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise InvalidRequest(f"'messages[{i}]' must be an object", param=f"messages[{i}]", code="invalid_type")
-        if not isinstance(message.get("role"), str):
-            raise InvalidRequest(
-                f"'messages[{i}].role' must be a string", param=f"messages[{i}].role", code="invalid_type"
-            )
-        calls = message.get("tool_calls")
-        if calls is not None and (
-            not isinstance(calls, list)
-            or not all(isinstance(c, dict) and isinstance(c.get("function", {}), dict) for c in calls)
-        ):
-            raise InvalidRequest(
-                f"'messages[{i}].tool_calls' must be an array of tool call objects",
-                param=f"messages[{i}].tool_calls",
-                code="invalid_type",
-            )
+        _check_message(message, i)
     require(body, "stream", (bool,), "a boolean", optional=True)
     require(body, "stream_options", (dict,), "an object", optional=True)
     require(body, "tools", (list,), "an array of tools", optional=True)
     for i, tool in enumerate(body.get("tools") or []):
-        if not isinstance(tool, dict):
-            raise InvalidRequest(f"'tools[{i}]' must be an object", param=f"tools[{i}]", code="invalid_type")
+        _check_tool(tool, i)
+    require(body, "tool_choice", (str, dict), "a string or an object", optional=True)
+    require(body, "response_format", (dict,), "an object", optional=True)
     require(body, "n", (int,), "an integer", optional=True)
     return body
 

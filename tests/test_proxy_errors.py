@@ -69,12 +69,35 @@ def assert_openai_shaped(schemas: Path, response: httpx2.Response) -> dict[str, 
         ),
         (
             b'{"model": "m", "messages": [{"role": "user"}, {"role": "assistant", "tool_calls": [5]}]}',
-            "messages[1].tool_calls",
+            "messages[1].tool_calls[0]",
         ),
         (
             b'{"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": "f"}]}]}',
-            "messages[0].tool_calls",
+            "messages[0].tool_calls[0].function",
         ),
+        (
+            b'{"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": [], "function": {}}]}]}',
+            "messages[0].tool_calls[0].id",
+        ),
+        (
+            b'{"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": 5}}]}]}',
+            "messages[0].tool_calls[0].function.name",
+        ),
+        (b'{"model": "m", "messages": [{"role": "user", "content": 5}]}', "messages[0].content"),
+        (
+            b'{"model": "m", "messages": [{"role": "tool", "tool_call_id": [1], "content": "x"}]}',
+            "messages[0].tool_call_id",
+        ),
+        (
+            b'{"model": "m", "messages": [{"role": "user"}], "tools": [{"type": "function", "function": "x"}]}',
+            "tools[0].function",
+        ),
+        (
+            b'{"model": "m", "messages": [{"role": "user"}], "tools": [{"function": {"name": "a", "parameters": "no"}}]}',
+            "tools[0].function.parameters",
+        ),
+        (b'{"model": "m", "messages": [{"role": "user"}], "tool_choice": 5}', "tool_choice"),
+        (b'{"model": "m", "messages": [{"role": "user"}], "response_format": [1]}', "response_format"),
     ],
 )
 def test_invalid_requests_are_400_naming_the_param(
