@@ -168,7 +168,15 @@ def parse_call(raw: Mapping[str, Any], index: int, kinds: ToolKinds) -> Call:
         arguments = "" if arguments is None else str(arguments)
         parsed = parse_json(arguments) if arguments.strip() else {}
         args = parsed if isinstance(parsed, dict) else None
-    return Call(index=index, call_id=raw.get("id"), name=name, arguments=arguments, args=args, kind=kinds.kind(name))
+    call_id = raw.get("id")
+    return Call(
+        index=index,
+        call_id=call_id if isinstance(call_id, str) else None,  # ids are strings; anything else pairs by position
+        name=name,
+        arguments=arguments,
+        args=args,
+        kind=kinds.kind(name),
+    )
 
 
 @dataclass

@@ -132,9 +132,9 @@ class ConversationView:
                     raw = fn.get("arguments")
                     raw = raw if isinstance(raw, str) else json.dumps(raw)
                     args = parse_json(raw)
-                    tc = ToolCall(
-                        i, call.get("id"), str(fn.get("name") or ""), raw, args if isinstance(args, dict) else None
-                    )
+                    call_id = call.get("id")
+                    call_id = call_id if isinstance(call_id, str) else None  # anything else pairs by position
+                    tc = ToolCall(i, call_id, str(fn.get("name") or ""), raw, args if isinstance(args, dict) else None)
                     if tc.id:
                         pending[tc.id] = len(view.calls)
                     view.calls.append(tc)

@@ -1,0 +1,61 @@
+"""Recorded trajectories come from many tools and converters: whatever the fields of a message hold, replay
+checks every assistant turn and never raises. Hypothesis generates the messages; with and without a profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detector_service.agents import build_notes
+from detector_service.agents.policy import PolicyCache
+from detector_service.engine import Engine
+from detector_service.profile import AgentName, Profile, load_profile
+from detector_service.replay import replay_one
+from detector_service.trajectories import Trajectory
+from tests.supervision_harness import TOOLS
+
+AIRLINE = Path(__file__).resolve().parents[1] / "profiles" / "airline.yaml"
+ENGINES = (Engine(), Engine(load_profile(AIRLINE)))
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=6))
+anything = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=4), inner, max_size=2),
+    max_leaves=4,
+)
+
+
+def mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.integers(0, 3).flatmap(lambda k: valid if k else anything)
+
+
+function = st.fixed_dictionaries(
+    {
+        "name": mostly(st.sampled_from(["cancel_reservation", "get_reservation_details", "nope"])),
+        "arguments": mostly(st.sampled_from(['{"reservation_id": "A1B2C3"}', "{bad", "{}"])),
+    }
+)
+call = st.fixed_dictionaries({"id": mostly(st.sampled_from(["c1", "c2"])), "function": mostly(function)})
+message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "tool", "system"])},
+    optional={
+        "content": mostly(st.sampled_from(["yes", "Error: no", "Your reservation has been cancelled.", ""])),
+        "tool_calls": mostly(st.lists(mostly(call), max_size=2)),
+        "tool_call_id": mostly(st.sampled_from(["c1", "c2"])),
+        "requestor": mostly(st.just("user")),
+        "error": anything,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(messages=st.lists(message, min_size=1, max_size=8))
+def test_replay_and_the_agents_take_any_message_fields(messages: list[dict[str, Any]]) -> None:
+    trajectory = Trajectory(id="t", messages=messages, reward=1.0)
+    turns = sum(1 for m in messages if m["role"] == "assistant")
+    for engine in ENGINES:
+        assert replay_one(engine, trajectory, TOOLS).turns == turns
+    build_notes(list(AgentName), messages, TOOLS, Profile(), PolicyCache())
