@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -21,7 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from detector_service.profile import JudgeConfig
 from detector_service.structured import StructuredCaller
-from detector_service.turn import text_of
+from detector_service.turn import text_of, tool_calls_of
 from detector_service.wire import Category, Finding, Severity, TurnEvent
 
 RUBRIC = """You review one decision of a customer-service agent that uses tools. Judge only the
@@ -87,10 +88,11 @@ def _transcript(turn: TurnEvent, max_chars: int) -> tuple[str, str]:
         if role in ("system", "developer"):
             continue
         text = text_of(m.get("content"))
-        calls = m.get("tool_calls") or []
+        calls = [c.get("function") for c in tool_calls_of(m)]
         if calls:
             text += " " + " ".join(
-                f"[call {c.get('function', {}).get('name')} {c.get('function', {}).get('arguments')}]" for c in calls
+                f"[call {fn.get('name')} {fn.get('arguments')}]" if isinstance(fn, Mapping) else "[call ?]"
+                for fn in calls
             )
         lines.append(f"{role}: {text.strip()}")
     conversation = "\n".join(lines)[-max_chars:]  # the end of the conversation matters most

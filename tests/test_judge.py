@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from detector_service.judge import Judge, JudgeError, make_client
+from detector_service.judge import Judge, JudgeError, _transcript, make_client
 from detector_service.profile import JudgeConfig
 from detector_service.wire import Category, TurnEvent
 from tests.servers import serve_in_thread
@@ -166,3 +166,17 @@ async def test_confidence_outside_its_bounds_is_clamped(base_url: str, script: S
     async with judge_for(base_url) as judge:
         found = await judge.findings(a_turn())
     assert [(f.category, f.evidence["confidence"]) for f in found] == [(Category.IFU, 1.0)]
+
+
+def test_the_transcript_takes_malformed_recorded_calls() -> None:
+    # Recorded trajectories (replay) can hold calls that are not objects; the judge still gets a transcript.
+    turn = TurnEvent(
+        session_id="s",
+        messages=[
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "tool_calls": [{"function": "x"}, 5, {"function": {"name": "a", "arguments": "{}"}}]},
+        ],
+        tools=[],
+        candidate={"role": "assistant", "content": "ok"},
+    )
+    assert _transcript(turn, 1000) == ("", "user: hi\nassistant: [call ?] [call a {}]")
