@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tests import json_values
 from tests.supervised_upstream import ScriptedModel
 from tests.supervision_harness import TOOLS, proxy_for
 
@@ -24,17 +25,10 @@ ARGS = ['{"reservation_id": "A1B2C3"}', "{bad", "", "{}", "[]", '{"reservation_i
 TEXTS = ["hi", "yes, go ahead", "no", "Error: not found", "", "Your reservation has been cancelled.", "é😀"]
 ROLES = ["user", "assistant", "tool", "system", "developer", "bogus"]
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=8))
-anything = st.recursive(
-    scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=6,
-)
-
 
 def mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     """The right type 9 times in 10, any JSON value otherwise: most bodies get past validation."""
-    return st.integers(0, 9).flatmap(lambda k: valid if k else anything)
+    return json_values.mostly(valid, 10)
 
 
 function = st.fixed_dictionaries({"name": mostly(st.sampled_from(NAMES)), "arguments": mostly(st.sampled_from(ARGS))})

@@ -15,21 +15,17 @@ from detector_service.engine import Engine
 from detector_service.profile import AgentName, Profile, load_profile
 from detector_service.replay import replay_one
 from detector_service.trajectories import Trajectory
+from tests import json_values
+from tests.json_values import anything
 from tests.supervision_harness import TOOLS
 
 AIRLINE = Path(__file__).resolve().parents[1] / "profiles" / "airline.yaml"
 ENGINES = (Engine(), Engine(load_profile(AIRLINE)))
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=6))
-anything = st.recursive(
-    scalars,
-    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=4), inner, max_size=2),
-    max_leaves=4,
-)
-
 
 def mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    return st.integers(0, 3).flatmap(lambda k: valid if k else anything)
+    """The right type 3 times in 4, any JSON value otherwise."""
+    return json_values.mostly(valid, 4)
 
 
 function = st.fixed_dictionaries(
