@@ -1,7 +1,8 @@
 """IFU, incomplete fulfilment: giving up or handing off before trying, or claiming work never done.
 
-- early hand-off: a hand-off tool (transfer to a human) or a give-up sentence before any tool was tried
-  for the user's request;
+- early hand-off: a hand-off tool (transfer to a human) called before any tool was tried for the user's
+  request, unless the user asked for a human. A refusal in words is not flagged: on recorded runs it is
+  mostly the policy's own "no" (a basic-economy refund, an unsupported change), said correctly;
 - deferred request: the assistant sends the user away to come back later with an identifier or other
   information ("once you have your reservation id, reach out") after next to no look-ups and no action:
   the request stays open. Asking the user to do something and report back ("once you have restarted the
