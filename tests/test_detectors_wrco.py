@@ -94,3 +94,38 @@ def test_an_order_number_written_with_a_hash_is_the_one_the_user_gave(tau_dir: P
         )
         # Grounded in the user's words, though never read: the finding is about the missing read, not the value.
         assert [f.detector for f in wrco(event)] == ["write_on_unread_entity"]
+
+
+def test_changing_an_attribute_is_no_contradiction_but_another_owner_is(tau_dir: Path) -> None:
+    # The line record says plan P1 and customer C1001: a call that sets plan P2 changes the plan, one that
+    # passes customer C9999 with this line pairs it with someone who does not own it.
+    tools = [
+        *load_tools(tau_dir / "domains" / "tau2-telecom" / "tools_openai.json"),
+        {"type": "function", "function": {"name": "change_plan", "parameters": {"type": "object", "properties": {}}}},
+    ]
+    line = {"line_id": "L1001", "customer_id": "C1001", "plan_id": "P1", "status": "active"}
+    messages = [
+        {"role": "user", "content": "Please move line L1001 to plan P2, my customer id is C9999."},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "r",
+                    "type": "function",
+                    "function": {"name": "get_details_by_id", "arguments": '{"id": "L1001"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "r", "content": json.dumps(line)},
+    ]
+
+    def found(args: dict[str, str]) -> list[str]:
+        call = {"id": "w", "type": "function", "function": {"name": "change_plan", "arguments": json.dumps(args)}}
+        event = TurnEvent(
+            session_id="t", messages=messages, tools=tools, candidate={"role": "assistant", "tool_calls": [call]}
+        )
+        return [f.detector for f in wrco(event)]
+
+    assert "contradicts_tool_output" not in found({"line_id": "L1001", "plan_id": "P2"})
+    assert "contradicts_tool_output" in found({"line_id": "L1001", "customer_id": "C9999"})

@@ -4,11 +4,15 @@
   message contains (the model made it up or misread it);
 - write on an entity never read: a write whose id-like arguments were never looked up or returned by a
   read tool;
-- contradiction: a call pairs an entity id with another id-like value that differs from what a tool
-  returned for that entity (e.g. a reservation passed with a user id that the reservation does not have).
+- contradiction: a call pairs an entity id with the id of its owner (user, customer, account) that differs
+  from what a tool returned for that entity (e.g. a reservation passed with a user id that the reservation
+  does not have). Other id-valued attributes are often what the call changes or chooses (a new plan, the
+  payment method for a difference), so a different value there is no contradiction.
 """
 
 from __future__ import annotations
+
+import re
 
 from detector_service.detectors import call_finding
 from detector_service.profile import ToolKind
@@ -77,6 +81,9 @@ def detect(view: TurnView) -> list[Finding]:
     return out
 
 
+_OWNER_KEY = re.compile(r"(^|_)(user|customer|account|owner|client|member)_?id$", re.IGNORECASE)
+
+
 def _contradictions(view: TurnView, call: Call) -> list[Finding]:
     args = call.args or {}
     scalars = {k: v for k, v in args.items() if isinstance(v, str | int) and not isinstance(v, bool)}
@@ -86,7 +93,7 @@ def _contradictions(view: TurnView, call: Call) -> list[Finding]:
             continue
         for obj in view.index.entities.get((key, norm(value)), ())[:3]:
             for other, given in scalars.items():
-                if other == key or not is_id_key(other) or other not in obj:
+                if other == key or not _OWNER_KEY.search(other) or other not in obj:
                     continue
                 recorded = obj[other]
                 if isinstance(recorded, str | int) and norm(recorded) != norm(given):
