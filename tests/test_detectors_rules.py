@@ -55,6 +55,20 @@ def test_cancellation_the_policy_allows(tau_dir: Path) -> None:
     assert rules(profile, turn(tau_dir, V1, "29#1", 22)) == []
 
 
+def test_a_record_without_the_rules_fields_shows_no_violation(tau_dir: Path) -> None:
+    # The same forbidden cancellation, but the reservation record the tool returned carries none of the fields
+    # the rule reads (another API's shape): nothing can be concluded from it.
+    event = turn(tau_dir, V1, "29#1", 22)
+    reservation_id = json.loads(event.candidate["tool_calls"][0]["function"]["arguments"])["reservation_id"]
+    bare = [
+        {**m, "content": json.dumps({"reservation_id": reservation_id, "note": "archived"})}
+        if m.get("role") == "tool" and reservation_id in str(m.get("content"))
+        else m
+        for m in event.messages
+    ]
+    assert rules(load_profile(AIRLINE), event.model_copy(update={"messages": bare})) == []
+
+
 def test_requires_prior_read(tau_dir: Path) -> None:
     event = turn(tau_dir, V1, "0#0", 20)
     read_user = RequiresPriorRead(tool="book_reservation", argument="user_id", read_tools=["get_user_details"])

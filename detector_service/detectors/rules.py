@@ -135,6 +135,8 @@ def _entity_condition(view: TurnView, rule: EntityCondition, call: Call) -> Find
         # The latest full record wins: a write's output shows the entity as it is now.
         widest = max(len(o) for o in found)
         entity = next(o for o in reversed(found) if len(o) * 2 >= widest)
+        if not any(_field(entity, c.field) for c in rule.any_of):
+            continue  # a record without the fields the rule reads cannot show a violation
         now = _time(rule.now) if rule.now else None
         if any(_holds(c, entity, now) for c in rule.any_of):
             continue
