@@ -20,8 +20,9 @@ import orjson
 from openai import AsyncOpenAI
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
-from detector_service.profile import JudgeConfig
+from detector_service.profile import JudgeConfig, Profile, ToolKind
 from detector_service.structured import StructuredCaller
+from detector_service.toolkinds import ToolKinds
 from detector_service.turn import text_of, tool_calls_of
 from detector_service.wire import Category, Finding, Severity, TurnEvent
 
@@ -73,6 +74,24 @@ class _JudgeFinding(BaseModel):
 class _JudgeAnswer(BaseModel):
     model_config = ConfigDict(extra="forbid")
     findings: list[_JudgeFinding]
+
+
+def worth_judging(turn: TurnEvent, profile: Profile) -> bool:
+    """Whether the judge is asked about this turn: one that changes data, hands off or talks to the user.
+
+    With ``judge.skip_reads`` (the default) a turn made only of look-up calls is left to the deterministic
+    detectors; so is an empty one (IFU's empty-reply check sees it).
+    """
+    calls = tool_calls_of(turn.candidate)
+    if text_of(turn.candidate.get("content")).strip():
+        return True
+    if not calls:
+        return False
+    if not profile.judge.skip_reads:
+        return True
+    kinds = ToolKinds(profile, turn.tools)
+    names = [fn.get("name") if isinstance(fn := c.get("function"), Mapping) else None for c in calls]
+    return any(kinds.kind(str(name)) is not ToolKind.READ for name in names)
 
 
 def make_client(config: JudgeConfig, api_key: str | None) -> AsyncOpenAI:

@@ -123,6 +123,9 @@ class JudgeConfig(_Strict):
     model: str | None = None
     api_key_env: str | None = None  # name of the environment variable holding the judge's key
     timeout_s: float = 10.0
+    # A turn that only looks things up (read calls, no words to the user) changes nothing and tells the user
+    # nothing: the judge is not asked about it (fewer calls, fewer chances of a false alarm).
+    skip_reads: bool = True
 
 
 class LLMAgentsConfig(_Strict):

@@ -4,7 +4,8 @@ Each assistant message is checked as a candidate turn with the conversation befo
 proxy would see it. One conversation index per trajectory grows as the replay advances, so a
 trajectory costs time linear in its length.
 
-With ``judge.enabled`` in the profile, every assistant turn also goes to the LLM judge (the profile's
+With ``judge.enabled`` in the profile, the assistant turns the judge is asked about (``judge.worth_judging``:
+not pure look-ups unless ``judge.skip_reads`` is off) also go to the LLM judge (the profile's
 ``judge.base_url`` / ``judge.model``; key from ``FAMA_JUDGE_API_KEY`` or the variable ``judge.api_key_env``
 names), ``judge_concurrency`` calls at a time. Its findings join the deterministic flags; a judge call that
 fails or times out is counted in the summary and the turn keeps its deterministic flags.
@@ -28,7 +29,7 @@ from rich.table import Table
 
 from detector_service.engine import Engine
 from detector_service.evaluation import score
-from detector_service.judge import Judge, JudgeError, make_client
+from detector_service.judge import Judge, JudgeError, make_client, worth_judging
 from detector_service.profile import Profile, ProfileError, load_profile
 from detector_service.toolkinds import ToolKinds
 from detector_service.trajectories import Trajectory, TrajectoryError, load, load_tools
@@ -90,7 +91,9 @@ class JudgeStats:
     first_error: str | None = None
 
 
-def _judge_turns(results: Sequence[Replayed], default_tools: list[dict[str, Any]]) -> list[tuple[Replayed, TurnEvent]]:
+def _judge_turns(
+    results: Sequence[Replayed], default_tools: list[dict[str, Any]], profile: Profile
+) -> list[tuple[Replayed, TurnEvent]]:
     out = []
     for r in results:
         t = r.trajectory
@@ -104,7 +107,8 @@ def _judge_turns(results: Sequence[Replayed], default_tools: list[dict[str, Any]
                     tools=tools,
                     candidate=message,
                 )
-                out.append((r, event))
+                if worth_judging(event, profile):
+                    out.append((r, event))
     return out
 
 
@@ -119,7 +123,7 @@ async def judge_results(
 ) -> JudgeStats:
     """Add the judge's findings to ``results`` as flags, at most ``concurrency`` calls at once."""
     stats = JudgeStats()
-    turns = _judge_turns(results, default_tools)
+    turns = _judge_turns(results, default_tools, profile)
     slots = asyncio.Semaphore(max(1, concurrency))
     task = progress.add_task("judge", total=len(turns)) if progress is not None else None
 

@@ -8,7 +8,8 @@ exits within ``drain_timeout_s``. ``until_idle`` ("burst") exits once nothing is
 new arrives, so tests need no sleeps.
 
 With ``profile.judge.enabled`` the LLM judge runs after the deterministic verdict, concurrently for
-the turns of a batch (at most ``judge_concurrency`` calls at once), each bounded by its turn's
+the turns of a batch that it is asked about (``judge.worth_judging``; the verdicts of pure look-ups go out
+at once), at most ``judge_concurrency`` calls at once, each bounded by its turn's
 remaining deadline and the judge's own timeout; verdicts are published as their calls end. Its
 findings are merged into the verdict; when it fails or runs out of time the deterministic verdict is
 published unchanged.
@@ -41,7 +42,7 @@ from detector_service import keys, streams
 from detector_service.engine import Engine, merge
 from detector_service.extraction import ExtractionScheduler, Extractor
 from detector_service.health import create_health_app, health_server
-from detector_service.judge import Judge, JudgeError, make_client
+from detector_service.judge import Judge, JudgeError, make_client, worth_judging
 from detector_service.metrics import DetectorMetrics
 from detector_service.profile import JudgeConfig, load_profile
 from detector_service.settings import DetectorSettings
@@ -278,8 +279,12 @@ class Worker:
 
         Waves keep a turn with a far deadline (or none) from holding back a neighbour's verdict.
         """
+        profile = self.engine.profile
+        asked = [d for d in done if worth_judging(d.turn, profile)]
+        if len(asked) < len(done):
+            await self._publish([d for d in done if not worth_judging(d.turn, profile)])
         waiting: dict[asyncio.Task[Verdict], _Done] = {
-            asyncio.create_task(self._judged(judge, d.turn, d.verdict)): d for d in done
+            asyncio.create_task(self._judged(judge, d.turn, d.verdict)): d for d in asked
         }
         try:
             while waiting:

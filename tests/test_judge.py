@@ -13,11 +13,11 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from detector_service.judge import Judge, JudgeError, _transcript, make_client
-from detector_service.profile import JudgeConfig
+from detector_service.judge import Judge, JudgeError, _transcript, make_client, worth_judging
+from detector_service.profile import JudgeConfig, Profile
 from detector_service.wire import Category, TurnEvent
 from tests.servers import serve_in_thread
-from tests.turns import unconfirmed_cancel
+from tests.turns import turn, unconfirmed_cancel
 
 
 class Script:
@@ -180,3 +180,14 @@ def test_the_transcript_takes_malformed_recorded_calls() -> None:
         candidate={"role": "assistant", "content": "ok"},
     )
     assert _transcript(turn, 1000) == ("", "user: hi\nassistant: [call ?] [call a {}]")
+
+
+def test_which_turns_the_judge_is_asked_about() -> None:
+    look_up = turn(1)  # one read call, no words to the user
+    cancel = unconfirmed_cancel()
+    spoken = look_up.model_copy(update={"candidate": {**look_up.candidate, "content": "Checking your order."}})
+    empty = look_up.model_copy(update={"candidate": {"role": "assistant", "content": ""}})
+    default = Profile()
+    assert [worth_judging(t, default) for t in (look_up, cancel, spoken, empty)] == [False, True, True, False]
+    every = Profile(judge=JudgeConfig(skip_reads=False))
+    assert worth_judging(look_up, every)

@@ -169,6 +169,15 @@ def test_replay_with_the_judge_adds_its_findings_per_turn(tau_dir: Path, tmp_pat
         if any(c["function"]["name"] == "book_reservation" for c in messages[i].get("tool_calls") or [])
     ]
     assert len(booking) == 3  # three booking attempts, all rejected by the tool
+    # The judge is asked about turns that change data, hand off or talk to the user, not pure look-ups.
+    kinds = {t["name"]: t["kind"] for t in json.loads((tau_dir / "domains" / DOMAIN[QWEN] / "tools.json").read_text())}
+    asked = [
+        i
+        for i in assistant
+        if (messages[i].get("content") or "").strip()
+        or any(kinds[c["function"]["name"]] != "read" for c in messages[i].get("tool_calls") or [])
+    ]
+    assert set(booking) < set(asked) < set(assistant)
     out = tmp_path / "out.json"
     with llm.serving() as base_url:
         code = replay_command(
@@ -183,8 +192,8 @@ def test_replay_with_the_judge_adds_its_findings_per_turn(tau_dir: Path, tmp_pat
     judged = [f for f in doc["records"][0]["flags"] if f["detector"] == "llm_judge"]
     assert [f["turn"] for f in judged] == booking
     assert {f["category"] for f in judged} == {"CM"}
-    assert doc["summary"]["judge"] == {"calls": len(assistant), "findings": len(booking), "errors": 0}
-    assert len(llm.asked("fama_judge")) == len(assistant)
+    assert doc["summary"]["judge"] == {"calls": len(asked), "findings": len(booking), "errors": 0}
+    assert len(llm.asked("fama_judge")) == len(asked)
     assert 1 <= llm.max_in_flight <= 3
     turns = [f["turn"] for f in doc["records"][0]["flags"]]
     assert turns == sorted(turns)

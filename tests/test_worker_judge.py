@@ -89,6 +89,12 @@ async def publish(redis: Redis, event: TurnEvent) -> None:
     await streams.publish(redis, keys.TURNS_STREAM, dumps(event), maxlen=1000)
 
 
+def spoken(n: int, **kw: Any) -> TurnEvent:
+    """A turn the judge is asked about: besides its call, the candidate talks to the user."""
+    event = turn(n, **kw)
+    return event.model_copy(update={"candidate": {**event.candidate, "content": "Let me look that order up."}})
+
+
 def deadline_in(ms: int) -> int:
     return now_ms() + ms
 
@@ -105,7 +111,7 @@ async def test_judge_findings_are_merged_into_the_published_verdict(
     redis_url: str, redis: Redis, llm: ScriptedLLM, llm_url: str
 ) -> None:
     llm.answers["fama_judge"] = CM_ANSWER
-    event = with_deadline(turn(1, reply_to=REPLY), deadline_in(30_000))
+    event = with_deadline(spoken(1, reply_to=REPLY), deadline_in(30_000))
     await publish(redis, event)
 
     metrics, entries = await run_worker(redis_url, llm_url)
@@ -127,7 +133,7 @@ async def test_slow_judge_past_the_deadline_publishes_the_deterministic_verdict_
     llm.answers["fama_judge"] = CM_ANSWER
     llm.delay_s = 2.0  # well past the turn's deadline, well inside the judge's own timeout
     deadline = deadline_in(600)
-    event = with_deadline(turn(1, reply_to=REPLY), deadline)
+    event = with_deadline(spoken(1, reply_to=REPLY), deadline)
     await publish(redis, event)
 
     metrics, entries = await run_worker(redis_url, llm_url, timeout_s=10.0)
@@ -147,8 +153,8 @@ async def test_a_near_deadline_is_not_held_back_by_a_neighbours_judge_call(
     llm.answers["fama_judge"] = CM_ANSWER
     llm.delay_s = 2.0
     near_deadline = deadline_in(600)
-    near = with_deadline(turn(1, reply_to=REPLY), near_deadline)
-    far = turn(2, reply_to=REPLY)  # no deadline: the judge's own timeout bounds it
+    near = with_deadline(spoken(1, reply_to=REPLY), near_deadline)
+    far = spoken(2, reply_to=REPLY)  # no deadline: the judge's own timeout bounds it
     await publish(redis, far)
     await publish(redis, near)
 
@@ -184,7 +190,7 @@ async def test_failing_judge_publishes_the_deterministic_verdict_and_counts_it(
 async def test_a_turn_already_past_its_deadline_is_not_sent_to_the_judge(
     redis_url: str, redis: Redis, llm: ScriptedLLM, llm_url: str
 ) -> None:
-    event = with_deadline(turn(1, reply_to=REPLY), now_ms() - 1)
+    event = with_deadline(spoken(1, reply_to=REPLY), now_ms() - 1)
     await publish(redis, event)
 
     metrics, entries = await run_worker(redis_url, llm_url)
@@ -201,7 +207,7 @@ async def test_judge_calls_of_a_batch_run_concurrently_up_to_the_bound(
     llm.answers["fama_judge"] = json.dumps({"findings": []})
     llm.delay_s = 0.3
     for n in range(4):
-        await publish(redis, with_deadline(turn(n, reply_to=REPLY), deadline_in(60_000)))
+        await publish(redis, with_deadline(spoken(n, reply_to=REPLY), deadline_in(60_000)))
 
     metrics, entries = await run_worker(redis_url, llm_url, judge_concurrency=concurrency)
 
@@ -216,7 +222,7 @@ async def test_serve_runs_the_judge_the_profile_enables_with_the_configured_key(
     llm.answers["fama_judge"] = CM_ANSWER
     profile = tmp_path / "profile.yaml"
     profile.write_text(yaml.safe_dump({"judge": {"enabled": True, "base_url": llm_url, "model": "judge-model"}}))
-    await publish(redis, with_deadline(turn(1, reply_to=REPLY), deadline_in(30_000)))
+    await publish(redis, with_deadline(spoken(1, reply_to=REPLY), deadline_in(30_000)))
 
     code = await serve(settings(redis_url, profile=str(profile), judge_api_key="sk-judge"), until_idle=True)
 
@@ -224,6 +230,22 @@ async def test_serve_runs_the_judge_the_profile_enables_with_the_configured_key(
     [verdict] = verdicts(await streams.read_replies(redis, REPLY, "0-0", count=10, block_ms=1))
     assert "llm_judge" in {f.detector for f in verdict.findings}
     assert llm.authorizations == ["Bearer sk-judge"]
+
+
+async def test_a_turn_that_only_looks_up_is_not_sent_to_the_judge(
+    redis_url: str, redis: Redis, llm: ScriptedLLM, llm_url: str
+) -> None:
+    llm.answers["fama_judge"] = CM_ANSWER
+    await publish(redis, with_deadline(turn(1, reply_to=REPLY), deadline_in(30_000)))  # a read call, no words
+    await publish(redis, with_deadline(spoken(2, reply_to=REPLY), deadline_in(30_000)))
+
+    metrics, entries = await run_worker(redis_url, llm_url)
+
+    assert len(entries) == 2
+    assert judge_calls(metrics, "ok") == 1
+    assert len(llm.asked("fama_judge")) == 1
+    judged = {v.turn_id: "llm_judge" in {f.detector for f in v.findings} for v in verdicts(entries)}
+    assert sorted(judged.values()) == [False, True]
 
 
 def test_default_consumer_name_is_unique_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
