@@ -7,6 +7,7 @@ INTERVENTIONS_STREAM = "fama:interventions"
 REPLY_STREAM_PREFIX = "fama:replies:"
 SESSION_PREFIX = "fama:session:"
 SESSION_STATE_PREFIX = "fama:state:"  # per-session supervision state carried across turns
+SESSION_OUTCOME_PREFIX = "fama:outcome:"  # a session's reported outcome, set once
 EXTRACTION_PREFIX = "fama:extract:"  # cached per-policy-text extractions (DCE)
 EXTRACTION_LOCK_PREFIX = "fama:extract-lock:"  # held while one replica asks the LLM for an extraction
 LATE_VERDICTS_STREAM = "fama:verdicts:late"
@@ -30,3 +31,7 @@ def extraction_lock_key(policy_hash: str) -> str:
 
 def session_state_key(tenant: str, session_id: str) -> str:
     return f"{SESSION_STATE_PREFIX}{tenant}:{session_id}"
+
+
+def session_outcome_key(tenant: str, session_id: str) -> str:
+    return f"{SESSION_OUTCOME_PREFIX}{tenant}:{session_id}"

@@ -5,7 +5,8 @@
 the client key. The session is the one named by ``x-fama-session`` on the chat responses. The outcome is
 counted in ``fama_session_outcomes_total{outcome, intervened}`` (``intervened``: whether the proxy changed
 any answer of the session, ``yes``/``no`` as in ``fama_session_turns_total``), recorded in the session's
-record, and kept in its state so that it is counted once: a second report answers 409.
+record, and claimed once in the session store (its own key, set only if absent, so concurrent reports and
+in-flight turns cannot make it count twice): a second report answers 409.
 
 A session is known once the proxy has supervised one of its turns (a request that declared tools); any
 other session answers 404.
@@ -111,10 +112,12 @@ async def report_outcome(session_id: str, request: Request, tenant: Tenant) -> R
         raise RouteNotFound(
             f"No session '{session_id}' is known to this proxy", param="session_id", code="unknown_session"
         )
-    if state.outcome is not None:
-        raise OutcomeConflict(f"The outcome of session '{session_id}' was already reported ({state.outcome})")
-    state.outcome = outcome
-    await supervisor.store.save(ref, state)
+    try:
+        first = await supervisor.store.claim_outcome(ref, outcome)
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise StoreUnavailable("the session store is unavailable; report the outcome again later") from exc
+    if first is not None:
+        raise OutcomeConflict(f"The outcome of session '{session_id}' was already reported ({first})")
     metrics: ProxyMetrics = request.app.state.metrics
     metrics.session_outcomes.labels(outcome=outcome, intervened="yes" if intervened else "no").inc()
     if supervisor.recorder is not None:

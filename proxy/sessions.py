@@ -35,7 +35,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from detector_service import streams
-from detector_service.keys import session_state_key
+from detector_service.keys import session_outcome_key, session_state_key
 from detector_service.profile import AgentName
 from proxy.metrics import ProxyMetrics
 
@@ -96,7 +96,6 @@ class SessionState(BaseModel):
     agents: list[AgentName] = Field(default_factory=list)  # switched on by earlier findings
     interventions: int = 0
     turns: int = 0
-    outcome: str | None = None  # reported once by the client when the session ended (proxy.outcomes)
 
     def add_guidance(self, notes: Sequence[str]) -> None:
         for note in notes:
@@ -129,6 +128,11 @@ class SessionStore(Protocol):
         """Wait (bounded) for the writes ``save_soon`` started."""
         ...
 
+    async def claim_outcome(self, ref: SessionRef, outcome: str) -> str | None:
+        """Record the session's outcome unless one is recorded already: None when this call recorded it, else
+        the outcome reported first. Atomic, apart from the session state the turns rewrite."""
+        ...
+
 
 class MemorySessionStore:
     """Bounded LRU with a TTL, for one embedded proxy process."""
@@ -140,6 +144,7 @@ class MemorySessionStore:
         self._ttl = ttl_s
         self._clock = clock
         self._entries: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
+        self._outcomes: dict[tuple[str, str], str] = {}
 
     async def load(self, ref: SessionRef) -> SessionState:
         key = (ref.tenant, ref.session_id)
@@ -165,6 +170,16 @@ class MemorySessionStore:
             self._entries.popitem(last=False)
 
     async def drain(self) -> None:
+        return None
+
+    async def claim_outcome(self, ref: SessionRef, outcome: str) -> str | None:
+        key = (ref.tenant, ref.session_id)
+        first = self._outcomes.get(key)
+        if first is not None:
+            return first
+        while len(self._outcomes) >= self._max:  # bounded like the sessions
+            self._outcomes.pop(next(iter(self._outcomes)))
+        self._outcomes[key] = outcome
         return None
 
     def __len__(self) -> int:
@@ -254,6 +269,16 @@ class RedisSessionStore:
         pending = [t for t in self._writing.values() if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=self._timeout * 2 + 1)
+
+    async def claim_outcome(self, ref: SessionRef, outcome: str) -> str | None:
+        """SET NX on its own key, so neither a second report nor a turn rewriting the state can undo it.
+        Redis errors and timeouts reach the caller: an outcome is not to be dropped silently."""
+        key = session_outcome_key(ref.tenant, ref.session_id)
+        async with asyncio.timeout(self._timeout * 4):
+            if await streams.call(self._lanes, "SET", key, outcome, "NX", "EX", self._ttl):
+                return None
+            first = await streams.call(self._lanes, "GET", key)
+        return first.decode() if isinstance(first, bytes) else str(first or outcome)
 
     async def _write_after(self, earlier: asyncio.Future[None] | None, ref: SessionRef, raw: str) -> None:
         if earlier is not None and not earlier.done():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,26 @@ def test_a_second_report_is_refused_and_not_counted(proxy: Proxy) -> None:
     again = proxy.report(CLEAN, {"outcome": "failure"})
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "outcome_already_reported"
+    assert proxy.metric("success", "no") == 1
+    assert not proxy.metric("failure", "no")
+
+
+def test_concurrent_reports_count_once(proxy: Proxy) -> None:
+    _run_sessions(proxy)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda n: proxy.report(CLEAN, {"outcome": "success"}), range(8)))
+    assert sorted(a.status_code for a in answers) == [200] + [409] * 7
+    assert proxy.metric("success", "no") == 1
+
+
+def test_a_turn_after_the_report_does_not_reopen_it(proxy: Proxy) -> None:
+    # The session goes on after its outcome was reported: the turn rewrites the session state, the outcome stays.
+    _run_sessions(proxy)
+    assert proxy.report(CLEAN, {"outcome": "success"}).status_code == 200
+    with proxy.sdk() as client:
+        clean: list[Any] = [LOOKED_UP[0], {"role": "user", "content": "Hello"}]
+        client.chat.completions.create(model="m", messages=clean, tools=TOOLS, extra_headers={"x-fama-session": CLEAN})
+    assert proxy.report(CLEAN, {"outcome": "failure"}).status_code == 409
     assert proxy.metric("success", "no") == 1
     assert not proxy.metric("failure", "no")
 

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 
+import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
-from detector_service.keys import session_state_key
+from detector_service.keys import session_outcome_key, session_state_key
 from detector_service.profile import AgentName
 from proxy.metrics import ProxyMetrics
 from proxy.recorder import RedisRecorder
@@ -205,3 +208,38 @@ async def test_memory_store_save_soon_is_immediate() -> None:
     ref = SessionRef("t", "s", False)
     store.save_soon(ref, SessionState(turns=2))
     assert await store.load(ref) == SessionState(turns=2)
+
+
+async def _outcome_claims(store: MemorySessionStore | RedisSessionStore) -> None:
+    ref = SessionRef("acme", "s-outcome", False)
+    in_flight = await store.load(ref)  # a turn read the state before the outcome was reported ...
+    claims = await asyncio.gather(*(store.claim_outcome(ref, "success") for _ in range(20)))
+    assert claims.count(None) == 1  # one report wins, at once or not
+    assert set(claims) == {None, "success"}
+    await store.save(ref, in_flight)  # ... and writes it back after: the outcome stays claimed
+    assert await store.claim_outcome(ref, "failure") == "success"
+    assert await store.claim_outcome(SessionRef("other", "s-outcome", False), "failure") is None
+
+
+async def test_memory_store_claims_an_outcome_once() -> None:
+    await _outcome_claims(MemorySessionStore())
+
+
+async def test_redis_store_claims_an_outcome_once_with_its_own_key(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await _outcome_claims(RedisSessionStore(client, ttl_s=120))
+        assert await client.get(session_outcome_key("acme", "s-outcome")) == b"success"
+        assert 0 < await client.ttl(session_outcome_key("acme", "s-outcome")) <= 120
+    finally:
+        await client.aclose()
+
+
+async def test_an_outcome_the_redis_store_cannot_claim_is_an_error_not_a_silent_drop() -> None:
+    client = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.05)
+    try:
+        store = RedisSessionStore(client, ttl_s=60, timeout_s=0.05)
+        with pytest.raises((RedisError, OSError, TimeoutError)):
+            await store.claim_outcome(SessionRef("acme", "s1", False), "success")
+    finally:
+        await client.aclose()
