@@ -12,13 +12,14 @@ turn goes on without the judge.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import orjson
 from openai import AsyncOpenAI
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr
 
 from detector_service.profile import JudgeConfig, Profile, ToolKind
 from detector_service.structured import StructuredCaller
@@ -92,6 +93,14 @@ def worth_judging(turn: TurnEvent, profile: Profile) -> bool:
     kinds = ToolKinds(profile, turn.tools)
     names = [fn.get("name") if isinstance(fn := c.get("function"), Mapping) else None for c in calls]
     return any(kinds.kind(str(name)) is not ToolKind.READ for name in names)
+
+
+def judge_key(explicit: SecretStr | None, config: JudgeConfig) -> str | None:
+    """The judge endpoint's key: the explicit setting (``FAMA_JUDGE_API_KEY``), else the variable the profile
+    names in ``judge.api_key_env``."""
+    if explicit is not None:
+        return explicit.get_secret_value()
+    return os.environ.get(config.api_key_env) if config.api_key_env else None
 
 
 def make_client(config: JudgeConfig, api_key: str | None) -> AsyncOpenAI:

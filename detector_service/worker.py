@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 import time
@@ -42,7 +41,7 @@ from detector_service import keys, streams
 from detector_service.engine import Engine, merge
 from detector_service.extraction import ExtractionScheduler, Extractor
 from detector_service.health import create_health_app, health_server
-from detector_service.judge import Judge, JudgeError, make_client, worth_judging
+from detector_service.judge import Judge, JudgeError, judge_key, make_client, worth_judging
 from detector_service.metrics import DetectorMetrics
 from detector_service.profile import JudgeConfig, load_profile
 from detector_service.settings import DetectorSettings
@@ -414,9 +413,7 @@ def redis_client(settings: DetectorSettings) -> Redis:
 
 def judge_api_key(settings: DetectorSettings, config: JudgeConfig) -> str | None:
     """The judge endpoint's key: ``FAMA_JUDGE_API_KEY``, else the variable the profile names."""
-    if settings.judge_api_key is not None:
-        return settings.judge_api_key.get_secret_value()
-    return os.environ.get(config.api_key_env) if config.api_key_env else None
+    return judge_key(settings.judge_api_key, config)
 
 
 async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> int:

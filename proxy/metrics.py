@@ -49,6 +49,7 @@ TRANSPORTS = ("embedded", "redis")
 RETRY_OUTCOMES = ("fixed", "failed", "exhausted")
 SESSION_OUTCOMES = ("success", "failure")
 INTERVENED = ("yes", "no")
+JUDGE_OUTCOMES = ("ok", "timeout", "error", "skipped")
 
 
 class ProxyMetrics:
@@ -156,6 +157,12 @@ class ProxyMetrics:
             ["stream"],
             registry=r,
         )
+        self.judge_calls = Counter(
+            "fama_judge_calls_total",
+            "LLM judge calls made in-process (embedded mode), by outcome (ok, timeout, error, skipped: no time left).",
+            ["outcome"],
+            registry=r,
+        )
         self._create_known_series()
 
     def _create_known_series(self) -> None:
@@ -173,3 +180,5 @@ class ProxyMetrics:
             self.injections.labels(agent=agent)
         for stream in ("true", "false"):
             self.text_tool_calls.labels(stream=stream)
+        for outcome in JUDGE_OUTCOMES:
+            self.judge_calls.labels(outcome=outcome)

@@ -30,6 +30,7 @@ class ProxySettings(BaseSettings):
     profile: str = ""
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     admin_key: SecretStr | None = None
+    judge_api_key: SecretStr | None = None  # the LLM judge's key in embedded mode; else profile judge.api_key_env
     instance_id: str = Field(default_factory=_default_instance)
 
     connect_timeout_s: float = Field(default=5.0, gt=0)

@@ -37,6 +37,7 @@ from redis.asyncio import Redis
 from detector_service.agents.policy import policy_text
 from detector_service.engine import Engine
 from detector_service.extraction import PolicyExtraction
+from detector_service.judge import Judge, judge_key, make_client
 from detector_service.profile import Mode, Profile, load_profile
 from detector_service.wire import SCHEMA_VERSION, Action, Category, TurnEvent, Verdict, new_id, now_ms
 from proxy import chat
@@ -419,6 +420,13 @@ def _replace(choice: dict[str, Any], message: dict[str, Any]) -> None:
     choice["finish_reason"] = "tool_calls" if message.get("tool_calls") else "stop"
 
 
+def embedded_judge(settings: ProxySettings, profile: Profile) -> Judge | None:
+    """The LLM judge run in-process when the profile enables it and no detector service is used."""
+    if not profile.judge.enabled:
+        return None
+    return Judge(profile.judge, make_client(profile.judge, judge_key(settings.judge_api_key, profile.judge)))
+
+
 def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervisor:
     """The supervisor for ``fama serve``: embedded detectors without a Redis URL, the Redis bus with one.
 
@@ -429,7 +437,7 @@ def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervis
         return Supervisor(
             settings.mode,
             profile,
-            EmbeddedVerdicts(Engine(profile), metrics),
+            EmbeddedVerdicts(Engine(profile), metrics, embedded_judge(settings, profile)),
             MemorySessionStore(ttl_s=settings.session_ttl_s),
             metrics,
             recorder_for(None, metrics, session_ttl_s=settings.session_ttl_s),

@@ -38,7 +38,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from detector_service import keys, streams
-from detector_service.engine import Engine
+from detector_service.engine import Engine, merge
+from detector_service.judge import Judge, JudgeError, worth_judging
 from detector_service.wire import SchemaVersionError, TurnEvent, Verdict, check_version, dumps, now_ms
 from proxy.metrics import ProxyMetrics
 
@@ -48,6 +49,7 @@ TURNS_MAXLEN = 100_000
 LATE_MAXLEN = 10_000
 REMEMBERED_TURNS = 10_000  # finished turn ids kept to tell late verdicts from duplicates
 MAX_BACKOFF_S = 1.0
+JUDGE_MARGIN_S = 0.005  # left for merging the judge's findings and deciding, inside the turn's deadline
 
 
 class _ReaderLost(Exception):
@@ -110,19 +112,27 @@ def process_instance_id(base: str) -> str:
 
 
 class EmbeddedVerdicts:
-    """The detectors in-process (no Redis URL). The engine is pure and fast, so it runs inline."""
+    """The detectors in-process (no Redis URL). The engine is pure and fast, so it runs inline.
+
+    With a ``judge`` (the profile's ``judge.enabled``), the turns it is asked about
+    (:func:`~detector_service.judge.worth_judging`) also wait for the LLM judge, within what is left of the
+    turn's ``timeout_s`` and the judge's own timeout; when it fails or runs out of time the deterministic
+    verdict stands.
+    """
 
     transport = "embedded"
 
-    def __init__(self, engine: Engine, metrics: ProxyMetrics | None = None) -> None:
+    def __init__(self, engine: Engine, metrics: ProxyMetrics | None = None, judge: Judge | None = None) -> None:
         self.engine = engine
         self.metrics = metrics or ProxyMetrics()
+        self.judge = judge
 
     async def start(self) -> None:
         return None
 
     async def stop(self) -> None:
-        return None
+        if self.judge is not None:
+            await self.judge.aclose()
 
     async def evaluate(self, turn: TurnEvent, timeout_s: float) -> VerdictOutcome:
         start = time.perf_counter()
@@ -132,9 +142,34 @@ class EmbeddedVerdicts:
         except Exception:  # a detector bug degrades this turn like an outage; it must not fail the request
             log.exception("embedded detectors failed on turn %s (session %s)", turn.turn_id, turn.session_id)
             verdict, reason = None, MissReason.OUTAGE
+        if verdict is not None and self.judge is not None and worth_judging(turn, self.engine.profile):
+            verdict = await self._judged(self.judge, turn, verdict, timeout_s - (time.perf_counter() - start))
         waited = time.perf_counter() - start
         self.metrics.verdict_wait.labels(transport=self.transport).observe(waited)
         return VerdictOutcome(verdict, reason, waited, self.transport)
+
+    async def _judged(self, judge: Judge, turn: TurnEvent, verdict: Verdict, left_s: float) -> Verdict:
+        budget_s = min(judge.config.timeout_s, left_s - JUDGE_MARGIN_S)
+        if budget_s <= 0:
+            self.metrics.judge_calls.labels(outcome="skipped").inc()
+            return verdict
+        try:
+            async with asyncio.timeout(budget_s):
+                extra = await judge.findings(turn)
+        except TimeoutError:
+            self.metrics.judge_calls.labels(outcome="timeout").inc()
+            log.info(
+                "judge gave no answer within %.0f ms for turn %s; the deterministic verdict stands",
+                budget_s * 1000,
+                turn.turn_id,
+            )
+            return verdict
+        except JudgeError as exc:
+            self.metrics.judge_calls.labels(outcome="error").inc()
+            log.warning("judge failed for turn %s; the deterministic verdict stands: %s", turn.turn_id, exc)
+            return verdict
+        self.metrics.judge_calls.labels(outcome="ok").inc()
+        return merge(self.engine, verdict, turn.candidate, extra)
 
 
 @dataclass(frozen=True, slots=True)
