@@ -168,6 +168,10 @@ class EmbeddedVerdicts:
             self.metrics.judge_calls.labels(outcome="error").inc()
             log.warning("judge failed for turn %s; the deterministic verdict stands: %s", turn.turn_id, exc)
             return verdict
+        except Exception:  # a judge bug must not fail the request or withhold the deterministic verdict
+            self.metrics.judge_calls.labels(outcome="error").inc()
+            log.exception("judge crashed on turn %s; the deterministic verdict stands", turn.turn_id)
+            return verdict
         self.metrics.judge_calls.labels(outcome="ok").inc()
         return merge(self.engine, verdict, turn.candidate, extra)
 

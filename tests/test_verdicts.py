@@ -12,8 +12,10 @@ from redis.asyncio import Redis
 
 from detector_service import keys, streams
 from detector_service.engine import Engine
+from detector_service.judge import Judge, make_client
+from detector_service.profile import JudgeConfig
 from detector_service.settings import DetectorSettings
-from detector_service.wire import TurnEvent, Verdict, dumps, now_ms
+from detector_service.wire import Finding, TurnEvent, Verdict, dumps, now_ms
 from detector_service.worker import serve
 from proxy.metrics import ProxyMetrics
 from proxy.verdicts import (
@@ -24,8 +26,9 @@ from proxy.verdicts import (
     redis_client,
     verdict_source,
 )
+from tests.scripted_llm import ScriptedLLM
 from tests.servers import RedisServer
-from tests.turns import turn
+from tests.turns import turn, unconfirmed_cancel
 
 
 class FailingEngine(Engine):
@@ -60,6 +63,31 @@ async def test_embedded_detector_failure_is_an_outage_not_an_exception() -> None
     outcome = await EmbeddedVerdicts(FailingEngine()).evaluate(turn(1), timeout_s=0.25)
     assert outcome.verdict is None
     assert outcome.reason is MissReason.OUTAGE
+
+
+class CrashingJudge(Judge):
+    async def findings(self, turn: TurnEvent) -> list[Finding]:
+        raise RuntimeError("judge bug")
+
+
+@pytest.mark.parametrize("failure", ["status 500", "crash"])
+async def test_an_embedded_judge_failure_leaves_the_deterministic_verdict(failure: str) -> None:
+    llm = ScriptedLLM()
+    llm.status = 500
+    metrics = ProxyMetrics()
+    with llm.serving() as url:
+        config = JudgeConfig(enabled=True, base_url=url, model="judge-model", timeout_s=5)
+        kind = CrashingJudge if failure == "crash" else Judge
+        source = EmbeddedVerdicts(Engine(), metrics, kind(config, make_client(config, None)))
+        event = unconfirmed_cancel()
+        outcome = await source.evaluate(event, timeout_s=5)
+        await source.stop()
+    assert outcome.verdict is not None
+    deterministic = Engine().evaluate(event)
+    assert (outcome.verdict.action, outcome.verdict.findings) == (deterministic.action, deterministic.findings)
+    assert outcome.verdict.findings  # the unconfirmed cancel is still caught
+    assert sample(metrics, "fama_judge_calls_total", outcome="error") == 1
+    assert len(llm.requests) == (1 if failure == "status 500" else 0)
 
 
 # --- Redis ------------------------------------------------------------------------------------------
