@@ -12,20 +12,24 @@ turn goes on without the judge.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
 import orjson
-from openai import AsyncOpenAI
+from openai import APITimeoutError, AsyncOpenAI
 from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr
 
+from detector_service.engine import Engine, merge
 from detector_service.profile import JudgeConfig, Profile, ToolKind
 from detector_service.structured import StructuredCaller
 from detector_service.toolkinds import ToolKinds
 from detector_service.turn import text_of, tool_calls_of
-from detector_service.wire import Category, Finding, Severity, TurnEvent
+from detector_service.wire import Category, Finding, Severity, TurnEvent, Verdict
+
+log = logging.getLogger("fama.judge")
 
 RUBRIC = """You review one decision of a customer-service agent that uses tools. Judge only the
 candidate assistant message at the end, against the policy and the conversation before it. Report a
@@ -199,3 +203,56 @@ class Judge:
             for f in answer.findings
             if f.confidence >= self.min_confidence
         ]
+
+
+async def judged(
+    judge: Judge,
+    engine: Engine,
+    turn: TurnEvent,
+    verdict: Verdict,
+    budget_s: float,
+    count: Callable[[str], None],
+    slots: asyncio.Semaphore | None = None,
+) -> Verdict:
+    """``verdict`` with the judge's findings merged in, or unchanged when the judge fails or has no time.
+
+    ``budget_s`` is what is left of the turn's time (the judge's own timeout already applied); waiting for one
+    of ``slots`` counts against it. ``count`` gets each call's outcome: ``ok``, ``timeout``, ``error`` or
+    ``skipped`` (no time left). A failing or crashing judge never withholds the deterministic verdict.
+    """
+    where = f"turn {turn.turn_id} (session {turn.tenant}/{turn.session_id})"
+    if budget_s <= 0:
+        count("skipped")
+        log.info("no time left for the judge on %s", where)
+        return verdict
+    try:
+        async with asyncio.timeout(budget_s):
+            if slots is None:
+                extra = await judge.findings(turn)
+            else:
+                async with slots:
+                    extra = await judge.findings(turn)
+    except TimeoutError:
+        count("timeout")
+        log.warning(
+            "judge gave no answer within %.0f ms for %s; the deterministic verdict stands", budget_s * 1000, where
+        )
+        return verdict
+    except JudgeError as exc:
+        count("timeout" if isinstance(exc.__cause__, APITimeoutError) else "error")
+        log.warning("judge failed for %s; the deterministic verdict stands: %s", where, exc)
+        return verdict
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the caller is being cancelled
+        # A duplicate of this turn (a reclaimed entry) shared the judge call and ran out of time first.
+        count("timeout")
+        log.warning("judge call shared with a duplicate of %s was cut short", where)
+        return verdict
+    except Exception:  # a judge bug must not withhold the deterministic verdict
+        count("error")
+        log.exception("judge crashed on %s; the deterministic verdict stands", where)
+        return verdict
+    count("ok")
+    return merge(engine, verdict, turn.candidate, extra)

@@ -31,17 +31,16 @@ import sys
 import time
 from dataclasses import dataclass
 
-import openai
 import orjson
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from detector_service import keys, streams
-from detector_service.engine import Engine, merge
+from detector_service.engine import Engine
 from detector_service.extraction import ExtractionScheduler, Extractor
 from detector_service.health import create_health_app, health_server
-from detector_service.judge import Judge, JudgeError, judge_key, make_client, worth_judging
+from detector_service.judge import Judge, judge_key, judged, make_client, worth_judging
 from detector_service.metrics import DetectorMetrics
 from detector_service.profile import JudgeConfig, load_profile
 from detector_service.settings import DetectorSettings
@@ -338,52 +337,10 @@ class Worker:
         budget_s = judge.config.timeout_s
         if turn.deadline_ms is not None:
             budget_s = min(budget_s, (turn.deadline_ms - now_ms() - PUBLISH_MARGIN_MS) / 1000)
-        if budget_s <= 0:
-            self.metrics.judge_calls.labels(outcome="skipped").inc()
-            log.info(
-                "no time left for the judge on turn %s (session %s/%s)", turn.turn_id, turn.tenant, turn.session_id
-            )
-            return verdict
-        try:
-            # The wait for a free slot counts against the turn's time too.
-            async with asyncio.timeout(budget_s):
-                async with self._judge_slots:
-                    extra = await judge.findings(turn)
-        except TimeoutError:
-            self.metrics.judge_calls.labels(outcome="timeout").inc()
-            log.warning(
-                "judge gave no answer within %.0f ms for turn %s (session %s/%s); publishing the deterministic verdict",
-                budget_s * 1000,
-                turn.turn_id,
-                turn.tenant,
-                turn.session_id,
-            )
-            return verdict
-        except JudgeError as exc:
-            timed_out = isinstance(exc.__cause__, openai.APITimeoutError)
-            self.metrics.judge_calls.labels(outcome="timeout" if timed_out else "error").inc()
-            log.warning(
-                "judge failed for turn %s (session %s/%s); publishing the deterministic verdict: %s",
-                turn.turn_id,
-                turn.tenant,
-                turn.session_id,
-                exc,
-            )
-            return verdict
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # this worker is being cancelled
-            # A duplicate of this turn (a reclaimed entry) shared the judge call and ran out of time first.
-            self.metrics.judge_calls.labels(outcome="timeout").inc()
-            log.warning("judge call shared with a duplicate of turn %s was cut short", turn.turn_id)
-            return verdict
-        except Exception:  # a judge bug must not withhold the deterministic verdict
-            self.metrics.judge_calls.labels(outcome="error").inc()
-            log.exception("judge crashed on turn %s (session %s/%s)", turn.turn_id, turn.tenant, turn.session_id)
-            return verdict
-        self.metrics.judge_calls.labels(outcome="ok").inc()
-        return merge(self.engine, verdict, turn.candidate, extra)
+        count = self.metrics.judge_calls
+        return await judged(
+            judge, self.engine, turn, verdict, budget_s, lambda o: count.labels(outcome=o).inc(), self._judge_slots
+        )
 
     async def _dead(self, entry: streams.Entry, reason: str, error: str) -> None:
         await streams.dead_letter(

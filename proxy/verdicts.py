@@ -38,8 +38,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from detector_service import keys, streams
-from detector_service.engine import Engine, merge
-from detector_service.judge import Judge, JudgeError, worth_judging
+from detector_service.engine import Engine
+from detector_service.judge import Judge, judged, worth_judging
 from detector_service.wire import SchemaVersionError, TurnEvent, Verdict, check_version, dumps, now_ms
 from proxy.metrics import ProxyMetrics
 
@@ -142,38 +142,21 @@ class EmbeddedVerdicts:
         except Exception:  # a detector bug degrades this turn like an outage; it must not fail the request
             log.exception("embedded detectors failed on turn %s (session %s)", turn.turn_id, turn.session_id)
             verdict, reason = None, MissReason.OUTAGE
-        if verdict is not None and self.judge is not None and worth_judging(turn, self.engine.profile):
-            verdict = await self._judged(self.judge, turn, verdict, timeout_s - (time.perf_counter() - start))
+        judge = self.judge
+        if verdict is not None and judge is not None and worth_judging(turn, self.engine.profile):
+            left_s = timeout_s - (time.perf_counter() - start) - JUDGE_MARGIN_S
+            count = self.metrics.judge_calls
+            verdict = await judged(
+                judge,
+                self.engine,
+                turn,
+                verdict,
+                min(judge.config.timeout_s, left_s),
+                lambda o: count.labels(outcome=o).inc(),
+            )
         waited = time.perf_counter() - start
         self.metrics.verdict_wait.labels(transport=self.transport).observe(waited)
         return VerdictOutcome(verdict, reason, waited, self.transport)
-
-    async def _judged(self, judge: Judge, turn: TurnEvent, verdict: Verdict, left_s: float) -> Verdict:
-        budget_s = min(judge.config.timeout_s, left_s - JUDGE_MARGIN_S)
-        if budget_s <= 0:
-            self.metrics.judge_calls.labels(outcome="skipped").inc()
-            return verdict
-        try:
-            async with asyncio.timeout(budget_s):
-                extra = await judge.findings(turn)
-        except TimeoutError:
-            self.metrics.judge_calls.labels(outcome="timeout").inc()
-            log.info(
-                "judge gave no answer within %.0f ms for turn %s; the deterministic verdict stands",
-                budget_s * 1000,
-                turn.turn_id,
-            )
-            return verdict
-        except JudgeError as exc:
-            self.metrics.judge_calls.labels(outcome="error").inc()
-            log.warning("judge failed for turn %s; the deterministic verdict stands: %s", turn.turn_id, exc)
-            return verdict
-        except Exception:  # a judge bug must not fail the request or withhold the deterministic verdict
-            self.metrics.judge_calls.labels(outcome="error").inc()
-            log.exception("judge crashed on turn %s; the deterministic verdict stands", turn.turn_id)
-            return verdict
-        self.metrics.judge_calls.labels(outcome="ok").inc()
-        return merge(self.engine, verdict, turn.candidate, extra)
 
 
 @dataclass(frozen=True, slots=True)
