@@ -84,6 +84,9 @@ def test_profile_narrows_confirmation_to_named_tools(tau_dir: Path) -> None:
         ("Sure, go for the cheaper one.", False),
         ("Please do.", True),
         ("Please do not do it yet.", False),
+        ("I don't approve of that change.", False),
+        ("No deal, I have not agreed to any fee.", False),
+        ("Approved, go ahead.", True),
     ],
 )
 def test_says_yes(text: str, expected: bool) -> None:

@@ -27,7 +27,7 @@ _YES = re.compile(
 )
 _NO = re.compile(
     r"^\s*(no|nope|nah|wait|hold on|stop|not yet|don'?t|do not|cancel that)\b"
-    r"|(n't|\bnot|\bnever)\s+(\w+\s+){0,2}(proceed|go ahead|confirm|do (it|that|this|anything))|\bnot yet\b"
+    r"|(n't|\bnot|\bnever)\s+(\w+\s+){0,2}(proceed|go ahead|confirm|approve|agree|do (it|that|this|anything))|\bnot yet\b"
     r"|\bbefore (confirming|finaliz\w*|(we|you|i) proceed|proceeding|going ahead)\b",
     re.IGNORECASE,
 )
