@@ -179,6 +179,27 @@ def parse_call(raw: Mapping[str, Any], index: int, kinds: ToolKinds) -> Call:
     )
 
 
+class UserDeviceCalls:
+    """Dual control (the user works a device with tools of their own, as in tau2 telecom): the user's calls go
+    to the environment and their results come back to the user; the agent sees neither. Fed a conversation's
+    messages in order, ``hides`` says which of them are that traffic."""
+
+    __slots__ = ("_ids",)
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+
+    def hides(self, message: Mapping[str, Any]) -> bool:
+        role = message.get("role")
+        if role == "user":
+            calls = tool_calls_of(message)
+            self._ids.update(str(c.get("id")) for c in calls)
+            return bool(calls)
+        if role in ("tool", "function"):
+            return message.get("requestor") == "user" or str(message.get("tool_call_id")) in self._ids
+        return False
+
+
 @dataclass
 class ConversationIndex:
     """What the detectors need to know about the conversation so far; grows one message at a time."""
@@ -210,9 +231,7 @@ class ConversationIndex:
     consecutive_errors: int = 0  # tool errors in a row since the latest user message
     last_error_tool: str | None = None
     failed_keys: set[str] = field(default_factory=set)  # calls (name + arguments) that returned an error
-    # Dual control (the user works a device with tools of their own): ids of the user's calls, whose results
-    # the agent never sees.
-    user_call_ids: set[str] = field(default_factory=set)
+    device: UserDeviceCalls = field(default_factory=UserDeviceCalls)  # dual control: not the agent's
 
     @classmethod
     def build(cls, messages: Iterable[Mapping[str, Any]], kinds: ToolKinds) -> ConversationIndex:
@@ -225,15 +244,12 @@ class ConversationIndex:
         role = message.get("role")
         i = self.size
         self.size += 1
+        if self.device.hides(message):
+            return
         if role == "system" or role == "developer":
             self.system_text += text_of(message.get("content")) + "\n"
         elif role == "user":
             text = text_of(message.get("content"))
-            own_calls = tool_calls_of(message)
-            if own_calls:
-                # The user acting on their device: the call goes to the environment, not to the agent.
-                self.user_call_ids.update(str(c.get("id")) for c in own_calls)
-                return
             self.user_count += 1
             self.latest_user_text = text
             self.latest_user_index = i
@@ -266,8 +282,6 @@ class ConversationIndex:
             self._add_tool_output(message)
 
     def _add_tool_output(self, message: Mapping[str, Any]) -> None:
-        if message.get("requestor") == "user" or str(message.get("tool_call_id")) in self.user_call_ids:
-            return  # the result of the user's own device tool
         text = text_of(message.get("content"))
         call = self.pending.pop(str(message.get("tool_call_id")), None)
         if call is None and self.calls and self.calls[-1].result is None:
@@ -358,19 +372,8 @@ class TurnView:
 
 def agent_messages(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The messages the agent itself sees: without the user's own tool calls and their results (dual control)."""
-    out: list[dict[str, Any]] = []
-    user_calls: set[str] = set()
-    for m in messages:
-        role = m.get("role")
-        if role == "user" and tool_calls_of(m):
-            user_calls.update(str(c.get("id")) for c in tool_calls_of(m))
-        elif role in ("tool", "function") and (
-            m.get("requestor") == "user" or str(m.get("tool_call_id")) in user_calls
-        ):
-            continue
-        else:
-            out.append(m)
-    return out
+    device = UserDeviceCalls()
+    return [m for m in messages if not device.hides(m)]
 
 
 def tools_by_name(tools: Iterable[Any]) -> dict[str, Mapping[str, Any]]:

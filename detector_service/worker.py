@@ -42,7 +42,7 @@ from detector_service.extraction import ExtractionScheduler, Extractor
 from detector_service.health import create_health_app, health_server
 from detector_service.judge import Judge, judge_key, judged, make_client, worth_judging
 from detector_service.metrics import DetectorMetrics
-from detector_service.profile import JudgeConfig, load_profile
+from detector_service.profile import load_profile
 from detector_service.settings import DetectorSettings
 from detector_service.wire import SchemaVersionError, TurnEvent, Verdict, check_version, dumps, now_ms
 
@@ -277,10 +277,12 @@ class Worker:
 
         Waves keep a turn with a far deadline (or none) from holding back a neighbour's verdict.
         """
-        profile = self.engine.profile
-        asked = [d for d in done if worth_judging(d.turn, profile)]
-        if len(asked) < len(done):
-            await self._publish([d for d in done if not worth_judging(d.turn, profile)])
+        asked: list[_Done] = []
+        not_asked: list[_Done] = []
+        for d in done:
+            (asked if worth_judging(d.turn, self.engine.profile) else not_asked).append(d)
+        if not_asked:
+            await self._publish(not_asked)
         waiting: dict[asyncio.Task[Verdict], _Done] = {
             asyncio.create_task(self._judged(judge, d.turn, d.verdict)): d for d in asked
         }
@@ -368,11 +370,6 @@ def redis_client(settings: DetectorSettings) -> Redis:
     return Redis.from_url(settings.redis_url, socket_timeout=settings.block_ms / 1000 + 5.0, socket_connect_timeout=5.0)
 
 
-def judge_api_key(settings: DetectorSettings, config: JudgeConfig) -> str | None:
-    """The judge endpoint's key: ``FAMA_JUDGE_API_KEY``, else the variable the profile names."""
-    return judge_key(settings.judge_api_key, config)
-
-
 async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> int:
     """Run one worker with its health/metrics server until stopped; returns the process exit code."""
     stop = stop or asyncio.Event()
@@ -381,12 +378,12 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
     profile = load_profile(settings.profile)
     judge = None
     if profile.judge.enabled:
-        judge = Judge(profile.judge, make_client(profile.judge, judge_api_key(settings, profile.judge)))
+        judge = Judge(profile.judge, make_client(profile.judge, judge_key(settings.judge_api_key, profile.judge)))
     extractions = None
     if profile.llm_agents.dce:
         extractor = Extractor(
             profile.judge,
-            make_client(profile.judge, judge_api_key(settings, profile.judge)),
+            make_client(profile.judge, judge_key(settings.judge_api_key, profile.judge)),
             profile.llm_agents.timeout_s,
         )
         extractions = ExtractionScheduler(redis, extractor, profile, metrics, settings.consumer_name)

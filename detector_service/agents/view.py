@@ -11,7 +11,7 @@ from typing import Any
 from detector_service.detectors.dcv import says_yes
 from detector_service.profile import Profile, ToolKind
 from detector_service.toolkinds import ToolKinds
-from detector_service.turn import tool_calls_of
+from detector_service.turn import UserDeviceCalls, tool_calls_of
 
 
 def text_of(content: Any) -> str:
@@ -112,16 +112,15 @@ class ConversationView:
         system: list[str] = []
         view = cls(messages=messages, tools=declared, system_text="", kinds=kinds)
         pending: dict[str, int] = {}  # tool_call_id -> position in view.calls
-        user_calls: set[str] = set()  # dual control: the user's own device calls, which the agent never sees
+        device = UserDeviceCalls()  # dual control: the user's own device calls, which the agent never sees
         for i, m in enumerate(messages):
+            if device.hides(m):
+                continue
             role = m.get("role")
             text = text_of(m.get("content"))
             if role in ("system", "developer"):
                 system.append(text)
             elif role == "user":
-                if own := tool_calls_of(m):
-                    user_calls.update(str(c.get("id")) for c in own)
-                    continue
                 view.user_turns.append((i, text))
             elif role == "assistant":
                 if text:
@@ -139,8 +138,6 @@ class ConversationView:
                         pending[tc.id] = len(view.calls)
                     view.calls.append(tc)
             elif role == "tool":
-                if m.get("requestor") == "user" or str(m.get("tool_call_id")) in user_calls:
-                    continue
                 pos = pending.pop(str(m.get("tool_call_id")), None)
                 if pos is None:  # unpaired output: attach to the latest call still waiting, if any
                     waiting = [k for k, c in enumerate(view.calls) if c.output is None]
