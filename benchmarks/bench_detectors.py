@@ -15,12 +15,12 @@ import os
 import time
 from pathlib import Path
 
+from detector_service.contract.profile import load_profile
+from detector_service.contract.wire import TurnEvent
 from detector_service.engine import Engine
-from detector_service.profile import load_profile
-from detector_service.replay import replay_one
-from detector_service.trajectories import Trajectory, load, load_tools
+from detector_service.offline.replay import replay_one
+from detector_service.offline.trajectories import Trajectory, load, load_tools
 from detector_service.turn import output_digest, text_values
-from detector_service.wire import TurnEvent
 
 FILES = {
     "tau-bench__airline__gpt-4o__tool-calling__main.jsonl": "tau1-airline",

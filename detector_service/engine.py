@@ -22,11 +22,11 @@ from typing import Any
 
 import orjson
 
+from detector_service.contract.profile import Profile
+from detector_service.contract.toolkinds import ToolKinds
+from detector_service.contract.wire import ACTION_STRENGTH, Action, Category, Finding, TurnEvent, Verdict
 from detector_service.detectors import dcv, ifu, loop, mtc, rules, wrco
-from detector_service.profile import Profile
-from detector_service.toolkinds import ToolKinds
 from detector_service.turn import ConversationIndex, TurnView, tool_calls_of, tools_by_name
-from detector_service.wire import ACTION_STRENGTH, Action, Category, Finding, TurnEvent, Verdict
 
 DETECTOR_VERSION = "0.2.0"
 MAX_TOOL_SETS = 256  # distinct tools arrays whose resolved kinds are kept

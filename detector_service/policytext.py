@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable
 from functools import lru_cache
 
-from detector_service.profile import OneToolCallPerTurn, RequiresConfirmation, Rule
+from detector_service.contract.profile import OneToolCallPerTurn, RequiresConfirmation, Rule
 
 _CONFIRM = re.compile(
     r"(explicit|obtain|get|ask for)\W+(?:\w+\W+){0,4}(user\W+)?confirmation|confirm with the user", re.IGNORECASE

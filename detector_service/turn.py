@@ -18,8 +18,8 @@ from typing import Any
 
 import orjson
 
-from detector_service.profile import Profile, ToolKind
-from detector_service.toolkinds import ToolKinds
+from detector_service.contract.profile import Profile, ToolKind
+from detector_service.contract.toolkinds import ToolKinds
 
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.@]*[A-Za-z0-9]|[A-Za-z0-9]")
 _NUMBER = re.compile(r"(?<![A-Za-z0-9_])\$?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?![A-Za-z0-9_])")

@@ -1,4 +1,5 @@
-"""Application factory. Importing this module has no side effects."""
+"""The composition root: the application factory and the supervisor it plugs in. Importing this module has no
+side effects."""
 
 from __future__ import annotations
 
@@ -12,19 +13,67 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy import admin, health, outcomes, routes
-from proxy.auth import Authenticator
-from proxy.chat import ChatHooks
+from detector_service.contract.profile import Profile, load_profile
+from detector_service.engine import Engine
+from detector_service.llm.judge import Judge, judge_key, make_client
+from proxy.edge import admin, health, outcomes, routes
+from proxy.edge.auth import Authenticator
 from proxy.errors import InvalidRequest, ProxyError, RouteNotFound, error_response
+from proxy.hooks import ChatHooks
 from proxy.metrics import ProxyMetrics
 from proxy.settings import ProxySettings
-from proxy.supervisor import build_supervisor
+from proxy.supervision.extractions import ExtractionReader
+from proxy.supervision.recorder import RedisRecorder, recorder_for
+from proxy.supervision.sessions import MemorySessionStore, RedisSessionStore
+from proxy.supervision.supervisor import Supervisor
+from proxy.supervision.verdicts import EmbeddedVerdicts, RedisVerdicts, process_instance_id, redis_client
 from proxy.tracing import TracingMiddleware
-from proxy.upstream import Upstream
+from proxy.upstream.client import Upstream
 
 
 class ProxyState(TypedDict):
     upstream: Upstream
+
+
+def embedded_judge(settings: ProxySettings, profile: Profile) -> Judge | None:
+    """The LLM judge run in-process when the profile enables it and no detector service is used."""
+    if not profile.judge.enabled:
+        return None
+    return Judge(profile.judge, make_client(profile.judge, judge_key(settings.judge_api_key, profile.judge)))
+
+
+def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervisor:
+    """The supervisor for ``fama serve``: embedded detectors without a Redis URL, the Redis bus with one.
+
+    Nothing connects here; connections open lazily, the verdict reader and recorder start in the lifespan.
+    """
+    profile = load_profile(settings.profile or None)
+    if not settings.redis_url:
+        return Supervisor(
+            settings.mode,
+            profile,
+            EmbeddedVerdicts(Engine(profile), metrics, embedded_judge(settings, profile)),
+            MemorySessionStore(ttl_s=settings.session_ttl_s),
+            metrics,
+            recorder_for(None, metrics, session_ttl_s=settings.session_ttl_s),
+        )
+    # Short connect timeout and one quick retry: an outage must surface as ``outage``, not a slow ``deadline``.
+    redis = redis_client(settings.redis_url)
+    recorder = RedisRecorder(redis, metrics, session_ttl_s=settings.session_ttl_s)
+    return Supervisor(
+        settings.mode,
+        profile,
+        RedisVerdicts(redis, process_instance_id(settings.instance_id), metrics),
+        # Session state rides in the recorder's pipeline: the turn's records and its state in one round trip.
+        RedisSessionStore(redis, settings.session_ttl_s, metrics, timeout_s=profile.deadline_ms / 1000, batch=recorder),
+        metrics,
+        recorder,
+        closing=redis,
+        # The detector service fills the cache (profile ``llm_agents``); a turn only ever reads it.
+        extractions=ExtractionReader(redis, metrics, timeout_s=min(0.05, profile.deadline_ms / 1000))
+        if profile.llm_agents.dce
+        else None,
+    )
 
 
 async def _proxy_error(request: Request, exc: Exception) -> Response:
@@ -58,8 +107,8 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: ProxySettings, hooks: ChatHooks | None = None) -> FastAPI:
-    """The proxy. ``hooks`` is the supervision seam of the chat pipeline (see :mod:`proxy.chat`); by default
-    the supervisor of :mod:`proxy.supervisor`, with ``settings.mode`` and the profile ``settings.profile``."""
+    """The proxy. ``hooks`` is the supervision seam of the chat pipeline (see :mod:`proxy.edge.chat`); by default
+    the supervisor of :mod:`proxy.supervision.supervisor`, with ``settings.mode`` and the profile ``settings.profile``."""
     metrics = ProxyMetrics()
     chat_hooks = hooks if hooks is not None else build_supervisor(settings, metrics)
 

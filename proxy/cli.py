@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from detector_service.profile import Mode
+from detector_service.contract.profile import Mode
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="FAMA supervisory proxy for tool-using agents.")
 
@@ -33,7 +33,7 @@ def serve(
     log_level: Annotated[str | None, typer.Option(help="Log level [env FAMA_LOG_LEVEL].")] = None,
 ) -> None:
     """Run the proxy."""
-    from proxy.local_model import LocalModelError
+    from proxy.local_model.model import LocalModelError
     from proxy.server import run
     from proxy.settings import ProxySettings
 
@@ -67,8 +67,8 @@ def detector(
     log_level: Annotated[str | None, typer.Option(help="Log level [env FAMA_LOG_LEVEL].")] = None,
 ) -> None:
     """Run a detector worker (a member of the Redis consumer group)."""
+    from detector_service.service import run
     from detector_service.settings import DetectorSettings
-    from detector_service.worker import run
 
     settings = DetectorSettings(
         **_overrides(redis_url=redis_url, profile=profile, metrics_port=metrics_port, log_level=log_level)
@@ -87,7 +87,7 @@ def replay(
     ] = 4,
 ) -> None:
     """Replay recorded trajectories through the detectors, turn by turn (and the LLM judge, if the profile enables it)."""
-    from detector_service.replay import replay_command
+    from detector_service.offline.replay import replay_command
 
     raise typer.Exit(
         replay_command(files, tools=tools, profile=profile, json_out=json_out, judge_concurrency=judge_concurrency)
@@ -101,7 +101,7 @@ def analyze(
     tools: Annotated[Path | None, typer.Option(help="OpenAI tools array for records that carry none.")] = None,
 ) -> None:
     """Stage 1: failure analysis over trajectories; writes a profile."""
-    from detector_service.analyze import analyze_command
+    from detector_service.offline.analyze import analyze_command
 
     raise typer.Exit(analyze_command(files, tools=tools, out=out))
 
@@ -113,7 +113,7 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
 ) -> None:
     """Overhead benchmark: direct vs through the proxy, in the same run."""
-    from proxy.bench import bench_command
+    from proxy.bench.overhead import bench_command
 
     raise typer.Exit(bench_command(requests=requests, concurrency=concurrency, json_out=json_out))
 

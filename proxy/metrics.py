@@ -12,8 +12,8 @@ from itertools import product
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from detector_service.profile import AgentName, Mode
-from detector_service.wire import Action, Category
+from detector_service.contract.profile import AgentName, Mode
+from detector_service.contract.wire import Action, Category
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -176,7 +176,10 @@ class ProxyMetrics:
             self.retries.labels(category=category, outcome=outcome)
         for outcome, intervened in product(SESSION_OUTCOMES, INTERVENED):
             self.session_outcomes.labels(outcome=outcome, intervened=intervened)
-        for agent in (*(a.value for a in AgentName), "guidance"):  # "guidance": proxy.injection.GUIDANCE_LABEL
+        for agent in (
+            *(a.value for a in AgentName),
+            "guidance",
+        ):  # "guidance": proxy.supervision.injection.GUIDANCE_LABEL
             self.injections.labels(agent=agent)
         for stream in ("true", "false"):
             self.text_tool_calls.labels(stream=stream)

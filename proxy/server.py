@@ -107,7 +107,7 @@ def _serve(settings: ProxySettings) -> None:
 
 def run(settings: ProxySettings) -> None:
     """Run ``fama serve`` until SIGTERM/SIGINT; with ``local_model`` the bundled model is the upstream."""
-    from proxy.local_model import LocalModel, LocalModelOptions
+    from proxy.local_model.model import LocalModel, LocalModelOptions
 
     if not logging.getLogger().handlers:
         # uvicorn configures only its own loggers; ours (e.g. the local model's output at debug) need a handler.

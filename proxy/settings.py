@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from detector_service.profile import Mode
+from detector_service.contract.profile import Mode
 
 _PLACEHOLDERS = {"changeme", "change-me", "changethis", "secret", "xxx", "placeholder"}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.local_model import LocalModel
+from proxy.local_model.model import LocalModel
 from tests.llama import running_llama
 from tests.servers import RedisServer, shared_dir
 

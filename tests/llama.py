@@ -7,7 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.local_model import LocalModel, LocalModelError, LocalModelOptions, bundled_model_path, check_server_installed
+from proxy.local_model.model import (
+    LocalModel,
+    LocalModelError,
+    LocalModelOptions,
+    bundled_model_path,
+    check_server_installed,
+)
 from tests.servers import free_port
 
 

@@ -14,9 +14,9 @@ import yaml
 from fastapi import FastAPI
 
 from proxy.app import create_app
-from proxy.recorder import Intervention, Recorder
 from proxy.settings import ProxySettings
-from proxy.supervisor import Supervisor
+from proxy.supervision.recorder import Intervention, Recorder
+from proxy.supervision.supervisor import Supervisor
 from tests.servers import serve_in_thread
 from tests.supervised_upstream import ScriptedModel, call, feedback_in
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from detector_service.trajectories import Trajectory, load, load_tools
-from detector_service.wire import TurnEvent
+from detector_service.contract.wire import TurnEvent
+from detector_service.offline.trajectories import Trajectory, load, load_tools
 
 V1 = "tau-bench__airline__gpt-4o__tool-calling__main.jsonl"
 QWEN = "tau2-bench__airline__qwen2.5-7b__base50__gym.jsonl"

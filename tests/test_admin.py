@@ -10,7 +10,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from proxy.auth import DEFAULT_TENANT
+from proxy.edge.auth import DEFAULT_TENANT
 from tests.supervised_upstream import ScriptedModel
 from tests.supervision_harness import CANCEL, LOOKED_UP, TOOLS, always_cancels, cancels_until_told, proxy_for
 

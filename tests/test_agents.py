@@ -10,9 +10,9 @@ import pytest
 
 from detector_service.agents import PolicyCache, build_notes, memory, outputs, planner
 from detector_service.agents.note import Note
-from detector_service.agents.policy import policy_hash
 from detector_service.agents.view import ConversationView, is_confirmation, tool_kind
-from detector_service.profile import AgentName, Profile, ToolKind
+from detector_service.contract.extraction import policy_hash
+from detector_service.contract.profile import AgentName, Profile, ToolKind
 
 pytestmark = pytest.mark.tau
 

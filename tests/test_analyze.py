@@ -4,9 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from detector_service.analyze import AGENTS_FOR, analyze_command, select_agents
-from detector_service.profile import AgentName, OneToolCallPerTurn, RequiresConfirmation, ToolKind, load_profile
-from detector_service.wire import Category
+from detector_service.contract.profile import (
+    AgentName,
+    OneToolCallPerTurn,
+    RequiresConfirmation,
+    ToolKind,
+    load_profile,
+)
+from detector_service.contract.wire import Category
+from detector_service.offline.analyze import AGENTS_FOR, analyze_command, select_agents
 from tests.tau_turns import DOMAIN, QWEN, V1
 
 

@@ -6,7 +6,7 @@ import math
 import os
 import time
 
-from proxy.bench import CpuMeter, Series, Throughput, cpu_seconds
+from proxy.bench.overhead import CpuMeter, Series, Throughput, cpu_seconds
 
 
 def _burn(seconds: float) -> None:

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from detector_service.profile import ProfileError, RequiresConfirmation, dump_profile, load_profile
-from detector_service.wire import (
+from detector_service.contract.profile import ProfileError, RequiresConfirmation, dump_profile, load_profile
+from detector_service.contract.wire import (
     Action,
     Category,
     Finding,

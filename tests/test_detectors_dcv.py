@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from detector_service.detectors.dcv import says_yes
+from detector_service.confirmation import says_yes
+from detector_service.contract.profile import DetectorConfig, OneToolCallPerTurn, Profile, load_profile
+from detector_service.contract.wire import Action, Category, Finding
 from detector_service.engine import Engine
-from detector_service.profile import DetectorConfig, OneToolCallPerTurn, Profile, load_profile
-from detector_service.wire import Action, Category, Finding
 from tests.tau_turns import QWEN, V1, turn
 
 pytestmark = pytest.mark.tau

@@ -5,9 +5,9 @@ from typing import Any
 
 import pytest
 
+from detector_service.contract.wire import Category, TurnEvent
 from detector_service.engine import Engine
-from detector_service.trajectories import load_tools
-from detector_service.wire import Category, TurnEvent
+from detector_service.offline.trajectories import load_tools
 from tests.tau_turns import QWEN, V1, tools, trajectory, turn
 
 pytestmark = pytest.mark.tau

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from detector_service.contract.wire import Category, TurnEvent
 from detector_service.engine import Engine
-from detector_service.wire import Category, TurnEvent
 from tests.tau_turns import QWEN, V1, turn
 
 pytestmark = pytest.mark.tau

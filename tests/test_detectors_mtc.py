@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from detector_service.contract.wire import Action, Category, TurnEvent
 from detector_service.engine import Engine
-from detector_service.wire import Action, Category, TurnEvent
 from tests.tau_turns import V1, turn
 
 pytestmark = pytest.mark.tau

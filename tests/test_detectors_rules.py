@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from detector_service.engine import Engine
-from detector_service.profile import (
+from detector_service.contract.profile import (
     ArgumentConstraint,
     EntityCondition,
     FieldCondition,
@@ -15,7 +14,8 @@ from detector_service.profile import (
     RequiresPriorRead,
     load_profile,
 )
-from detector_service.wire import Action, Category, Finding, TurnEvent
+from detector_service.contract.wire import Action, Category, Finding, TurnEvent
+from detector_service.engine import Engine
 from tests.tau_turns import V1, turn
 
 pytestmark = pytest.mark.tau

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from detector_service.contract.wire import Category, Finding, TurnEvent
 from detector_service.engine import Engine
-from detector_service.trajectories import load_tools
-from detector_service.wire import Category, Finding, TurnEvent
+from detector_service.offline.trajectories import load_tools
 from tests.tau_turns import QWEN, V1, turn
 
 pytestmark = pytest.mark.tau

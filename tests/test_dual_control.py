@@ -14,12 +14,12 @@ import orjson
 import pytest
 
 from detector_service.agents.view import ConversationView
+from detector_service.contract.profile import Profile
+from detector_service.contract.toolkinds import ToolKinds
+from detector_service.contract.wire import Category, TurnEvent
 from detector_service.engine import Engine
-from detector_service.profile import Profile
-from detector_service.toolkinds import ToolKinds
-from detector_service.trajectories import load, load_tools
+from detector_service.offline.trajectories import load, load_tools
 from detector_service.turn import ConversationIndex, agent_messages
-from detector_service.wire import Category, TurnEvent
 
 pytestmark = pytest.mark.tau
 

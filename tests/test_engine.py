@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from detector_service.contract.profile import DetectorConfig, Profile, ToolKind, load_profile
+from detector_service.contract.wire import Action, Category, Finding, TurnEvent
 from detector_service.engine import Engine, merge
-from detector_service.profile import DetectorConfig, Profile, ToolKind, load_profile
-from detector_service.trajectories import load
-from detector_service.wire import Action, Category, Finding, TurnEvent
+from detector_service.offline.trajectories import load
 from tests.tau_turns import QWEN, tools, turn
 
 pytestmark = pytest.mark.tau

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
+from detector_service.contract.profile import Profile, ToolKind, load_profile
+from detector_service.contract.toolkinds import ToolKinds
 from detector_service.engine import Engine
-from detector_service.evaluation import first_deviating_write, ground_truth_keys, score
-from detector_service.profile import Profile, ToolKind, load_profile
-from detector_service.replay import replay
-from detector_service.toolkinds import ToolKinds
-from detector_service.trajectories import load
+from detector_service.offline.evaluation import first_deviating_write, ground_truth_keys, score
+from detector_service.offline.replay import replay
+from detector_service.offline.trajectories import load
 from tests.tau_turns import QWEN, V1, tools, trajectory
 
 pytestmark = pytest.mark.tau

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
+from detector_service.contract.profile import Profile, ToolKind
+from detector_service.contract.toolkinds import ToolKinds
 from detector_service.engine import Engine
-from detector_service.profile import Profile, ToolKind
-from detector_service.replay import replay_one
-from detector_service.toolkinds import ToolKinds
-from detector_service.trajectories import Trajectory, load_tools
+from detector_service.offline.replay import replay_one
+from detector_service.offline.trajectories import Trajectory, load_tools
 from detector_service.turn import is_id_key, leaves
 
 pytestmark = pytest.mark.tau

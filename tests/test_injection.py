@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 
-from detector_service.profile import AgentName, Profile
-from detector_service.wire import Category
-from proxy.injection import (
+from detector_service.contract.profile import AgentName, Profile
+from detector_service.contract.wire import Category
+from proxy.metrics import ProxyMetrics
+from proxy.supervision.injection import (
     CLOSING,
     GUIDANCE_TITLE,
     OPENING,
@@ -20,8 +21,7 @@ from proxy.injection import (
     render,
     triggered_agents,
 )
-from proxy.metrics import ProxyMetrics
-from proxy.sessions import SessionState
+from proxy.supervision.sessions import SessionState
 
 TOOLS = [
     {

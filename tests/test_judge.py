@@ -13,9 +13,9 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from detector_service.judge import Judge, JudgeError, _transcript, make_client, worth_judging
-from detector_service.profile import JudgeConfig, Profile
-from detector_service.wire import Category, TurnEvent
+from detector_service.contract.profile import JudgeConfig, Profile
+from detector_service.contract.wire import Category, TurnEvent
+from detector_service.llm.judge import Judge, JudgeError, _transcript, make_client, worth_judging
 from tests.servers import serve_in_thread
 from tests.turns import turn, unconfirmed_cancel
 

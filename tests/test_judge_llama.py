@@ -7,10 +7,10 @@ from it. What the 135M model says is not judged here, only that the answers pars
 
 from __future__ import annotations
 
-from detector_service.extraction import Extractor
-from detector_service.judge import Judge, make_client
-from detector_service.profile import JudgeConfig
-from proxy.local_model import LocalModel
+from detector_service.contract.profile import JudgeConfig
+from detector_service.llm.extraction import Extractor
+from detector_service.llm.judge import Judge, make_client
+from proxy.local_model.model import LocalModel
 from tests.turns import unconfirmed_cancel
 
 

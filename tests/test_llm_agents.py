@@ -21,19 +21,19 @@ import redis
 import yaml
 from redis.asyncio import Redis
 
-from detector_service import keys, streams
-from detector_service.agents.policy import policy_hash
+from detector_service.bus import keys, streams
+from detector_service.contract.extraction import PolicyExtraction, policy_hash
+from detector_service.contract.profile import Profile
+from detector_service.contract.wire import TurnEvent, dumps
 from detector_service.engine import Engine
-from detector_service.extraction import ExtractionScheduler, Extractor, PolicyExtraction
-from detector_service.judge import make_client
+from detector_service.llm.extraction import ExtractionScheduler, Extractor
+from detector_service.llm.judge import make_client
 from detector_service.metrics import DetectorMetrics
-from detector_service.profile import Profile
 from detector_service.settings import DetectorSettings
-from detector_service.wire import TurnEvent, dumps
 from detector_service.worker import Worker
-from proxy.extractions import ExtractionReader
 from proxy.metrics import ProxyMetrics
-from proxy.verdicts import redis_client
+from proxy.supervision.extractions import ExtractionReader
+from proxy.supervision.verdicts import redis_client
 from tests.scripted_llm import ScriptedLLM
 from tests.servers import free_port, stop_process
 from tests.supervised_upstream import ScriptedModel, context_in

@@ -18,7 +18,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from proxy.local_model import (
+from proxy.local_model.model import (
     INSTALL_MODEL,
     INSTALL_SERVER,
     MODEL_ALIAS,

@@ -23,7 +23,7 @@ import openai
 import pytest
 from jsonschema import Draft202012Validator
 
-from proxy.local_model import MODEL_ALIAS, LocalModel
+from proxy.local_model.model import MODEL_ALIAS, LocalModel
 from tests.llama import unavailable_reason
 from tests.proxy_harness import running_proxy, sdk
 from tests.servers import free_port

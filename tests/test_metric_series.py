@@ -6,9 +6,9 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from detector_service.contract.profile import AgentName, Mode
+from detector_service.contract.wire import Action, Category
 from detector_service.metrics import DetectorMetrics
-from detector_service.profile import AgentName, Mode
-from detector_service.wire import Action, Category
 from proxy.metrics import MAX_MODEL_LABELS, BoundedLabel, ProxyMetrics
 from tests.supervised_upstream import ScriptedModel
 from tests.supervision_harness import proxy_for

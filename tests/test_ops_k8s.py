@@ -14,8 +14,8 @@ import yaml
 from kubernetes_validate import utils as kv_utils
 from referencing import Registry, Resource
 
-from detector_service import keys
-from detector_service.profile import load_profile
+from detector_service.bus import keys
+from detector_service.contract.profile import load_profile
 from tests.ops_artifacts import ALERTS, DASHBOARD, K8S, PROMETHEUSRULE, kustomize, prometheusrule_yaml, scripts_binary
 
 pytestmark = [

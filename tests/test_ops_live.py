@@ -33,7 +33,7 @@ import redis
 import yaml
 from openai.types.chat import ChatCompletionFunctionToolParam
 
-from detector_service import keys
+from detector_service.bus import keys
 from tests.ops_artifacts import ALERTS, ROOT, compose_config, dashboard_queries, scripts_binary
 from tests.scripted_upstream import ScriptedUpstream
 from tests.servers import RedisServer, free_port, serve_in_thread, stop_process, wait_for_port

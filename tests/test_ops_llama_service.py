@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from dockerfile_parse import DockerfileParser
 
-from proxy.local_model import bundled_model_path
+from proxy.local_model.model import bundled_model_path
 from tests.llama import unavailable_reason
 from tests.ops_artifacts import DOCKER, compose_config
 from tests.servers import free_port, stop_process, wait_for_port

@@ -16,16 +16,16 @@ import yaml
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
+from detector_service.contract.profile import Mode, Profile
 from detector_service.engine import Engine
-from detector_service.profile import Mode, Profile
 from proxy.app import create_app
-from proxy.auth import tenant_id
+from proxy.edge.auth import tenant_id
 from proxy.metrics import ProxyMetrics
-from proxy.recorder import RedisRecorder, SessionEntry
-from proxy.sessions import RedisSessionStore
 from proxy.settings import ProxySettings
-from proxy.supervisor import Supervisor
-from proxy.verdicts import EmbeddedVerdicts
+from proxy.supervision.recorder import RedisRecorder, SessionEntry
+from proxy.supervision.sessions import RedisSessionStore
+from proxy.supervision.supervisor import Supervisor
+from proxy.supervision.verdicts import EmbeddedVerdicts
 from tests.servers import RedisServer, serve_in_thread
 from tests.supervised_upstream import ScriptedModel
 from tests.supervision_harness import LOOKED_UP, QUESTION, TOOLS, cancels_until_told, recorder_of

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from proxy.normalize import ChunkNormalizer, chat_completion, error_from_upstream, finish_reason, model_list
+from proxy.upstream.normalize import ChunkNormalizer, chat_completion, error_from_upstream, finish_reason, model_list
 
 
 @pytest.mark.parametrize(

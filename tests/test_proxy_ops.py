@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from proxy.app import create_app
-from proxy.chat import ChatContext, ChatHooks
+from proxy.hooks import ChatContext, ChatHooks
 from proxy.settings import ProxySettings
 from tests.proxy_harness import MESSAGES, sdk
 from tests.scripted_upstream import ScriptedUpstream

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from detector_service import keys
-from detector_service.wire import Action, Category, Finding, TurnEvent, Verdict
+from detector_service.bus import keys
+from detector_service.contract.wire import Action, Category, Finding, TurnEvent, Verdict
 from proxy.metrics import ProxyMetrics
-from proxy.recorder import Intervention, MemoryRecorder, Recorder, RedisRecorder, recorder_for
-from proxy.verdicts import redis_client
+from proxy.supervision.recorder import Intervention, MemoryRecorder, Recorder, RedisRecorder, recorder_for
+from proxy.supervision.verdicts import redis_client
 from tests.servers import RedisServer
 from tests.turns import turn
 

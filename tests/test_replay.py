@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
+from detector_service.contract.profile import load_profile
+from detector_service.contract.wire import TurnEvent
 from detector_service.engine import Engine
-from detector_service.profile import load_profile
-from detector_service.replay import replay_command, replay_one
-from detector_service.trajectories import load
-from detector_service.wire import TurnEvent
+from detector_service.offline.replay import replay_command, replay_one
+from detector_service.offline.trajectories import load
 from tests.scripted_llm import ScriptedLLM
 from tests.tau_turns import DOMAIN, QWEN, V1, tools
 

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from detector_service.agents import build_notes
 from detector_service.agents.policy import PolicyCache
+from detector_service.contract.profile import AgentName, Profile, load_profile
 from detector_service.engine import Engine
-from detector_service.profile import AgentName, Profile, load_profile
-from detector_service.replay import replay_one
-from detector_service.trajectories import Trajectory
+from detector_service.offline.replay import replay_one
+from detector_service.offline.trajectories import Trajectory
 from tests import json_values
 from tests.json_values import anything
 from tests.supervision_harness import TOOLS

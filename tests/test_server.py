@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr
 
-from detector_service.profile import Mode
+from detector_service.contract.profile import Mode
 from proxy.server import SETTINGS_ENV, settings_from_env, settings_to_env
 from proxy.settings import ProxySettings
 

@@ -10,11 +10,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from detector_service.keys import session_outcome_key, session_state_key
-from detector_service.profile import AgentName
+from detector_service.bus.keys import session_outcome_key, session_state_key
+from detector_service.contract.profile import AgentName
 from proxy.metrics import ProxyMetrics
-from proxy.recorder import RedisRecorder
-from proxy.sessions import (
+from proxy.supervision.recorder import RedisRecorder
+from proxy.supervision.sessions import (
     MemorySessionStore,
     RedisSessionStore,
     SessionRef,

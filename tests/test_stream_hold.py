@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from proxy.normalize import ChunkNormalizer
-from proxy.streaming import ToolTextChunks
+from proxy.upstream.chunks import ToolTextChunks
+from proxy.upstream.normalize import ChunkNormalizer
 
 TOOLS = frozenset({"get_reservation_details"})
 CALL = '{"name": "get_reservation_details", "arguments": {"reservation_id": "ZFA04Y"}}'

@@ -12,7 +12,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from detector_service import keys, streams
+from detector_service.bus import keys, streams
 
 pytestmark = pytest.mark.redis
 

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from detector_service.profile import Mode, Profile
-from detector_service.wire import Action, Category, Finding, Verdict
-from proxy.supervision import FEEDBACK_PREFIX, Degraded, at_stake, decide
+from detector_service.contract.profile import Mode, Profile
+from detector_service.contract.wire import Action, Category, Finding, Verdict
+from proxy.supervision.decisions import FEEDBACK_PREFIX, Degraded, at_stake, decide
 
 TOOLS = [
     {"type": "function", "function": {"name": "cancel_reservation"}},

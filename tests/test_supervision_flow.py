@@ -13,15 +13,15 @@ import openai
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageFunctionToolCall
 from openai.types.chat.chat_completion_message_function_tool_call import Function
 
+from detector_service.contract.profile import Mode, Profile
+from detector_service.contract.wire import Action, Category, TurnEvent
 from detector_service.engine import Engine
-from detector_service.profile import Mode, Profile
-from detector_service.wire import Action, Category, TurnEvent
 from proxy.app import create_app
 from proxy.metrics import ProxyMetrics
-from proxy.sessions import MemorySessionStore
 from proxy.settings import ProxySettings
-from proxy.supervisor import Supervisor
-from proxy.verdicts import EmbeddedVerdicts, VerdictOutcome
+from proxy.supervision.sessions import MemorySessionStore
+from proxy.supervision.supervisor import Supervisor
+from proxy.supervision.verdicts import EmbeddedVerdicts, VerdictOutcome
 from tests.servers import serve_in_thread
 from tests.supervised_upstream import ScriptedModel, call, context_in, feedback_in
 from tests.supervision_harness import (

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from detector_service.wire import Category
+from detector_service.contract.wire import Category
 from tests.scripted_llm import ScriptedLLM
 from tests.supervised_upstream import ScriptedModel, feedback_in
 from tests.supervision_harness import CANCEL, LOOKED_UP, QUESTION, TOOLS, interventions, proxy_for

@@ -13,7 +13,7 @@ import yaml
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
 from proxy.app import create_app
-from proxy.local_model import MODEL_ALIAS, LocalModel
+from proxy.local_model.model import MODEL_ALIAS, LocalModel
 from proxy.settings import ProxySettings
 from tests.servers import serve_in_thread
 from tests.supervision_harness import LOOKED_UP, TOOLS, sdk

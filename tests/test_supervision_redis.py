@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from detector_service import keys
+from detector_service.bus import keys
 from tests.servers import free_port, stop_process
 from tests.supervised_upstream import ScriptedModel, call
 from tests.supervision_harness import (

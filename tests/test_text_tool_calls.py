@@ -12,7 +12,7 @@ from typing import Any
 
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageFunctionToolCall
 
-from detector_service.wire import Category
+from detector_service.contract.wire import Category
 from tests.supervised_upstream import ScriptedModel
 from tests.supervision_harness import LOOKED_UP, QUESTION, TOOLS, interventions, proxy_for
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from proxy.textcalls import declared_tools, line_opens_call, repair_message, split_text_calls
+from proxy.upstream.textcalls import declared_tools, line_opens_call, repair_message, split_text_calls
 from tests.tau_turns import QWEN, tools, trajectory
 
 AIRLINE = {"get_user_details", "get_reservation_details", "cancel_reservation", "book_reservation"}

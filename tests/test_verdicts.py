@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from detector_service import keys, streams
+from detector_service.bus import keys, streams
+from detector_service.contract.profile import JudgeConfig
+from detector_service.contract.wire import Finding, TurnEvent, Verdict, dumps, now_ms
 from detector_service.engine import Engine
-from detector_service.judge import Judge, make_client
-from detector_service.profile import JudgeConfig
+from detector_service.llm.judge import Judge, make_client
+from detector_service.service import serve
 from detector_service.settings import DetectorSettings
-from detector_service.wire import Finding, TurnEvent, Verdict, dumps, now_ms
-from detector_service.worker import serve
 from proxy.metrics import ProxyMetrics
-from proxy.verdicts import (
+from proxy.supervision.verdicts import (
     EmbeddedVerdicts,
     MissReason,
     RedisVerdicts,

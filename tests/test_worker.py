@@ -17,14 +17,15 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from detector_service import keys, streams
+from detector_service.bus import keys, streams
+from detector_service.contract.wire import TurnEvent, Verdict, dumps
 from detector_service.engine import Engine
 from detector_service.metrics import DetectorMetrics
+from detector_service.service import serve
 from detector_service.settings import DetectorSettings
-from detector_service.wire import TurnEvent, Verdict, dumps
-from detector_service.worker import Worker, serve
+from detector_service.worker import Worker
 from proxy.metrics import ProxyMetrics
-from proxy.verdicts import RedisVerdicts, process_instance_id
+from proxy.supervision.verdicts import RedisVerdicts, process_instance_id
 from tests.servers import free_port, wait_for_port
 from tests.turns import turn
 

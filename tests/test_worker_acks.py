@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from detector_service import keys, streams
+from detector_service.bus import keys, streams
+from detector_service.contract.wire import TurnEvent, dumps
 from detector_service.engine import Engine
 from detector_service.metrics import DetectorMetrics
 from detector_service.settings import DetectorSettings
-from detector_service.wire import TurnEvent, dumps
 from detector_service.worker import Worker
 from tests.test_worker import wait_until
 from tests.turns import turn

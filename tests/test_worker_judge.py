@@ -16,14 +16,15 @@ import pytest
 import yaml
 from redis.asyncio import Redis
 
-from detector_service import keys, streams
+from detector_service.bus import keys, streams
+from detector_service.contract.profile import JudgeConfig
+from detector_service.contract.wire import Category, Finding, Severity, TurnEvent, Verdict, dumps, now_ms
 from detector_service.engine import Engine, merge
-from detector_service.judge import Judge, make_client
+from detector_service.llm.judge import Judge, make_client
 from detector_service.metrics import DetectorMetrics
-from detector_service.profile import JudgeConfig
+from detector_service.service import serve
 from detector_service.settings import DetectorSettings
-from detector_service.wire import Category, Finding, Severity, TurnEvent, Verdict, dumps, now_ms
-from detector_service.worker import Worker, serve
+from detector_service.worker import Worker
 from tests.scripted_llm import ScriptedLLM
 from tests.turns import turn
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from detector_service.wire import TurnEvent
+from detector_service.contract.wire import TurnEvent
 
 TOOLS: list[dict[str, Any]] = [
     {

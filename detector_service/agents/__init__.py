@@ -14,10 +14,10 @@ from detector_service.agents import memory, outputs, planner, policy, suggestion
 from detector_service.agents.note import AgentInput, Note
 from detector_service.agents.policy import PolicyCache
 from detector_service.agents.view import ConversationView
-from detector_service.profile import AgentName, Profile
+from detector_service.contract.profile import AgentName, Profile
 
 if TYPE_CHECKING:
-    from detector_service.extraction import PolicyExtraction
+    from detector_service.contract.extraction import PolicyExtraction
 
 __all__ = ["AgentInput", "ConversationView", "Note", "PolicyCache", "build_notes"]
 

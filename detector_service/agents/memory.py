@@ -16,7 +16,7 @@ from detector_service.agents import text as t
 from detector_service.agents.note import AgentInput, Note
 from detector_service.agents.outputs import ID_KEY
 from detector_service.agents.view import ConversationView, is_confirmation, parse_json
-from detector_service.profile import AgentName, Profile, ToolKind
+from detector_service.contract.profile import AgentName, Profile, ToolKind
 
 MAX_VALUES_PER_KEY = 8
 MAX_CONFIRMATIONS = 4

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from detector_service.agents.view import ConversationView
-from detector_service.profile import AgentName, Profile
+from detector_service.agents.view import ConversationView, DeclaredTool
+from detector_service.contract.profile import AgentName, Profile
 
-if TYPE_CHECKING:
-    from detector_service.agents.suggestion import Suggestion
+
+@dataclass(frozen=True)
+class Suggestion:
+    tool: DeclaredTool
+    matched: tuple[str, ...]  # the request words that matched, for the "why"
+    score: float
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 from detector_service.agents import text as t
 from detector_service.agents.note import AgentInput, Note
 from detector_service.agents.view import parse_json
-from detector_service.profile import AgentName
+from detector_service.contract.profile import AgentName
 
 MAX_RECORDS = 15
 MAX_FIELDS = 12

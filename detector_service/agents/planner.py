@@ -12,7 +12,7 @@ import re
 from detector_service.agents import text as t
 from detector_service.agents.note import AgentInput, Note
 from detector_service.agents.view import ConversationView, is_confirmation
-from detector_service.profile import AgentName, Profile, ToolKind
+from detector_service.contract.profile import AgentName, Profile, ToolKind
 
 MAX_ITEMS = 8
 _CUE = re.compile(

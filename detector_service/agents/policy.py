@@ -5,26 +5,22 @@ text and cached by its SHA-256, so a long policy is indexed once per deployment,
 Each sentence is scored by the weighted overlap of its stems (and its section heading's) with the
 pending tools' names and the latest user request; rare words weigh more than common ones.
 
-When the detector service has extracted the policy's rules with an LLM (:mod:`detector_service.extraction`)
+When the detector service has extracted the policy's rules with an LLM (:mod:`detector_service.llm.extraction`)
 and the caller passes that extraction, the rules tagged with a pending tool, then those whose words
 overlap the request, are used instead of raw sentences.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from detector_service.agents import text as t
 from detector_service.agents.note import AgentInput, Note
 from detector_service.agents.view import policy_text
-from detector_service.profile import AgentName, ToolKind
-
-if TYPE_CHECKING:
-    from detector_service.extraction import PolicyExtraction
+from detector_service.contract.extraction import PolicyExtraction, policy_hash
+from detector_service.contract.profile import AgentName, ToolKind
 
 __all__ = ["PolicyCache", "build", "policy_hash", "policy_text"]
 
@@ -32,10 +28,6 @@ MAX_SENTENCES = 6
 # What any state-changing action is subject to, whatever the domain calls it.
 _WRITE_QUERY = "confirm confirmation update change modify action"
 _CONSTRAINT_WORDS = {t.stem(w) for w in ("must", "only", "never", "cannot", "not", "before", "confirm", "allowed")}
-
-
-def policy_hash(policy: str) -> str:
-    return hashlib.sha256(policy.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)

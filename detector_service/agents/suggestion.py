@@ -7,22 +7,14 @@ the same required identifier and have not been called yet, since a write should 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 from detector_service.agents import text as t
-from detector_service.agents.note import AgentInput, Note
+from detector_service.agents.note import AgentInput, Note, Suggestion
 from detector_service.agents.view import ConversationView, DeclaredTool
-from detector_service.profile import AgentName, ToolKind
+from detector_service.contract.profile import AgentName, ToolKind
 
 MAX_SUGGESTIONS = 3
-
-
-@dataclass(frozen=True)
-class Suggestion:
-    tool: DeclaredTool
-    matched: tuple[str, ...]  # the request words that matched, for the "why"
-    score: float
 
 
 def request_text(view: ConversationView) -> str:

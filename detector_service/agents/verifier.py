@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from detector_service.agents import memory
 from detector_service.agents.note import AgentInput, Note
-from detector_service.profile import (
+from detector_service.contract.profile import (
     AgentName,
     ArgumentConstraint,
     Forbidden,

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from detector_service.detectors.dcv import says_yes
-from detector_service.profile import Profile, ToolKind
-from detector_service.toolkinds import ToolKinds
+from detector_service.confirmation import says_yes
+from detector_service.contract.profile import Profile, ToolKind
+from detector_service.contract.toolkinds import ToolKinds
 from detector_service.turn import UserDeviceCalls, tool_calls_of
 
 
@@ -38,7 +38,7 @@ def is_confirmation(text: str) -> bool:
 
 
 def tool_kind(name: str, profile: Profile, declared: Mapping[str, Any] | None = None) -> ToolKind:
-    """Read or write, resolved as the detectors resolve it (:mod:`detector_service.toolkinds`)."""
+    """Read or write, resolved as the detectors resolve it (:mod:`detector_service.contract.toolkinds`)."""
     return ToolKinds(profile, [declared] if declared is not None else []).kind(name)
 
 

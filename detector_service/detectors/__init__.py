@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from detector_service.contract.wire import Category, Finding, Severity
 from detector_service.turn import Call
-from detector_service.wire import Category, Finding, Severity
 
 
 def call_finding(

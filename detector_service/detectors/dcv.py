@@ -13,32 +13,16 @@ from __future__ import annotations
 
 import re
 
+from detector_service.confirmation import says_yes
+from detector_service.contract.profile import OneToolCallPerTurn, RequiresConfirmation, ToolKind
+from detector_service.contract.wire import Category, Finding, Severity
 from detector_service.policytext import demands_confirmation
-from detector_service.profile import OneToolCallPerTurn, RequiresConfirmation, ToolKind
 from detector_service.turn import Call, TurnView, is_amount_key, is_id_key, is_id_value, leaves, norm, text_values
-from detector_service.wire import Category, Finding, Severity
 
-# An explicit go-ahead: a yes, or words that say "do it" about the stated action. Not "sure" or "ok", which
-# answer questions as often as they confirm.
-_YES = re.compile(
-    r"\b(yes|yeah|yep|yup|i confirm|confirmed|confirming|oui|sí|go ahead|please proceed|proceed with|"
-    r"let'?s proceed|ready to proceed|please do|do it|i agree|agreed|approved?)\b",
-    re.IGNORECASE,
-)
-_NO = re.compile(
-    r"^\s*(no|nope|nah|wait|hold on|stop|not yet|don'?t|do not|cancel that)\b"
-    r"|(n't|\bnot|\bnever)\s+(\w+\s+){0,2}(proceed|go ahead|confirm|approve|agree|do (it|that|this|anything))|\bnot yet\b"
-    r"|\bbefore (confirming|finaliz\w*|(we|you|i) proceed|proceeding|going ahead)\b",
-    re.IGNORECASE,
-)
 _VERB = re.compile(r"^[a-z]+", re.IGNORECASE)
 # Payment instruments are named to users by type ("your gift card"), not by their internal id.
 _PAYMENT = re.compile(r"payment|method|card|instrument", re.IGNORECASE)
 _ASKS = re.compile(r"\b(confirm|proceed|shall i|should i|would you like|do you want|go ahead)\b", re.IGNORECASE)
-
-
-def says_yes(text: str) -> bool:
-    return bool(_YES.search(text)) and not _NO.search(text)
 
 
 def _stated(call: Call, stated: str) -> bool:

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import re
 
-from detector_service.profile import ToolKind
-from detector_service.toolkinds import is_handoff
+from detector_service.contract.profile import ToolKind
+from detector_service.contract.toolkinds import is_handoff
+from detector_service.contract.wire import Category, Finding, Severity
 from detector_service.turn import TurnView
-from detector_service.wire import Category, Finding, Severity
 
 _ASKED_HUMAN = re.compile(
     r"\b(human|person|supervisor|manager|representative|someone|real agent|transfer|escalat\w*|higher-up)\b",

@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
+from detector_service.contract.wire import Category, Finding, Severity
 from detector_service.turn import TurnView
-from detector_service.wire import Category, Finding, Severity
 
 
 def detect(view: TurnView) -> list[Finding]:

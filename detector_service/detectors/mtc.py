@@ -18,9 +18,9 @@ import orjson
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
+from detector_service.contract.wire import Category, Finding, Severity
 from detector_service.detectors import call_finding
 from detector_service.turn import Call, TurnView, tool_calls_of
-from detector_service.wire import Category, Finding, Severity
 
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
 _validators: dict[str, Draft202012Validator | None] = {}

@@ -7,9 +7,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from detector_service.detectors import call_finding
-from detector_service.detectors.dcv import unconfirmed
-from detector_service.profile import (
+from detector_service.contract.profile import (
     ArgumentConstraint,
     EntityCondition,
     FieldCondition,
@@ -18,8 +16,10 @@ from detector_service.profile import (
     RequiresPriorRead,
     ToolKind,
 )
+from detector_service.contract.wire import Category, Finding, Severity
+from detector_service.detectors import call_finding
+from detector_service.detectors.dcv import unconfirmed
 from detector_service.turn import Call, TurnView, leaves, norm
-from detector_service.wire import Category, Finding, Severity
 
 
 @lru_cache(maxsize=256)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import re
 
+from detector_service.contract.profile import ToolKind
+from detector_service.contract.wire import Category, Finding, Severity
 from detector_service.detectors import call_finding
-from detector_service.profile import ToolKind
 from detector_service.turn import Call, TurnView, is_amount_key, is_id_key, is_id_value, leaves, norm
-from detector_service.wire import Category, Finding, Severity
 
 
 def _salient(key: str, value: object) -> str | None:

@@ -1,0 +1,1 @@
+"""Redis: every key and stream name (``keys``) and every Streams command (``streams``)."""

@@ -1,0 +1,235 @@
+"""The profile file (DESIGN §7): which agents run, which detectors, what to do per category.
+
+A profile is YAML with a ``version``. ``fama analyze`` writes one; ``fama serve --profile`` and
+``fama replay --profile`` read one. Unknown top-level keys are refused so that typos surface.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from detector_service.contract.wire import Action, Category
+
+PROFILE_VERSION = 1
+
+
+class Mode(StrEnum):
+    OBSERVE = "observe"
+    ENFORCE = "enforce"
+
+
+class ToolKind(StrEnum):
+    READ = "read"
+    WRITE = "write"
+    GENERIC = "generic"
+
+
+class AgentName(StrEnum):
+    DCE = "DCE"
+    TSA = "TSA"
+    TOR = "TOR"
+    PLANNER = "Planner"
+    VERIFIER = "Verifier"
+    MEMORY = "Memory"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RequiresConfirmation(_Strict):
+    """The tool may only be called after the user explicitly confirmed in their latest message."""
+
+    type: Literal["requires_confirmation"] = "requires_confirmation"
+    tool: str
+
+
+class RequiresPriorRead(_Strict):
+    """The tool's ``argument`` value must have appeared in an earlier output of one of ``read_tools``."""
+
+    type: Literal["requires_prior_read"] = "requires_prior_read"
+    tool: str
+    argument: str
+    read_tools: list[str] = Field(default_factory=list)  # empty = any tool output
+
+
+class ArgumentConstraint(_Strict):
+    type: Literal["argument_constraint"] = "argument_constraint"
+    tool: str
+    argument: str
+    enum: list[Any] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    pattern: str | None = None
+    message: str | None = None
+
+
+class OneToolCallPerTurn(_Strict):
+    type: Literal["one_tool_call_per_turn"] = "one_tool_call_per_turn"
+    no_text_with_tool_call: bool = False
+
+
+class Forbidden(_Strict):
+    """The tool must never be called (e.g. disabled for this deployment)."""
+
+    type: Literal["forbidden"] = "forbidden"
+    tool: str
+    message: str | None = None
+
+
+class FieldCondition(_Strict):
+    """One test on a field of an entity a tool returned (``field`` is a dotted path)."""
+
+    field: str
+    equals: Any | None = None
+    one_of: list[Any] | None = None
+    within_hours: float | None = None  # a timestamp field no older than this, counted back from the rule's ``now``
+    any_item_equals: Any | None = None  # a list field (or list of objects' ``field`` leaf) holding this value
+
+
+class EntityCondition(_Strict):
+    """The tool may only act on the entity named by ``argument`` when one of ``any_of`` holds for it.
+
+    The entity is the object an earlier tool output returned with the same ``argument`` value.
+    """
+
+    type: Literal["entity_condition"] = "entity_condition"
+    tool: str
+    argument: str
+    any_of: list[FieldCondition]
+    now: str | None = None  # ISO timestamp the policy states as the current time
+    message: str | None = None
+
+
+Rule = Annotated[
+    RequiresConfirmation | RequiresPriorRead | ArgumentConstraint | OneToolCallPerTurn | Forbidden | EntityCondition,
+    Field(discriminator="type"),
+]
+
+
+class DetectorConfig(_Strict):
+    enabled: bool = True
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class JudgeConfig(_Strict):
+    enabled: bool = False
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None  # name of the environment variable holding the judge's key
+    timeout_s: float = 10.0
+    # A turn that only looks things up (read calls, no words to the user) changes nothing and tells the user
+    # nothing: the judge is not asked about it (fewer calls, fewer chances of a false alarm).
+    skip_reads: bool = True
+
+
+class LLMAgentsConfig(_Strict):
+    """LLM-backed specialized agents (off by default). They run in the detector service, never in a turn.
+
+    They use the judge's endpoint settings (``judge.base_url``, ``judge.model``, ``judge.api_key_env``)
+    whether or not the judge itself is enabled. Only DCE has an LLM-backed version: the detector worker
+    asks the model once per distinct policy text for its rules, each tagged with the tools it constrains
+    (JSON-schema-constrained answer), and caches them in Redis under ``fama:extract:<sha256 of the
+    policy text>`` for ``ttl_s``. The proxy (Redis mode) injects the cached rules relevant to the pending
+    action when they exist and the deterministic DCE sentences until then; it never waits for the model.
+
+    Example::
+
+        llm_agents: {agents: [DCE]}
+        judge: {base_url: http://127.0.0.1:8080/v1, model: local-model}
+    """
+
+    agents: list[Literal[AgentName.DCE]] = Field(default_factory=list)
+    timeout_s: float = Field(default=60.0, gt=0)  # one extraction call (a whole policy: slower than a judge call)
+    ttl_s: int = Field(default=24 * 3600, ge=60)  # lifetime of a cached extraction in Redis
+
+    @property
+    def dce(self) -> bool:
+        return AgentName.DCE in self.agents
+
+
+DEFAULT_ACTIONS: dict[Category, Action] = {
+    Category.MTC: Action.RETRY,
+    Category.DCV: Action.RETRY,
+    Category.WRCO: Action.RETRY,
+    Category.LOOP: Action.RETRY,
+    Category.IFU: Action.RETRY,
+    Category.CM: Action.GUIDE,
+}
+
+
+FailPolicy = Literal["open", "closed"]
+
+
+def _default_on_timeout() -> dict[str, FailPolicy]:
+    return {"default": "open"}
+
+
+class Profile(_Strict):
+    version: int = PROFILE_VERSION
+    name: str = "default"
+    mode: Mode = Mode.OBSERVE
+    agents: list[AgentName] = Field(default_factory=lambda: [AgentName.VERIFIER, AgentName.MEMORY])
+    detectors: dict[str, DetectorConfig] = Field(default_factory=dict)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    llm_agents: LLMAgentsConfig = Field(default_factory=LLMAgentsConfig)
+    actions: dict[Category, Action] = Field(default_factory=lambda: dict(DEFAULT_ACTIONS))
+    max_retries: int = Field(default=2, ge=0, le=5)
+    deadline_ms: int = Field(default=250, ge=1, le=120_000)
+    on_timeout: dict[str, FailPolicy] = Field(default_factory=_default_on_timeout)
+    tools: dict[str, ToolKind] = Field(default_factory=dict)
+    rules: list[Rule] = Field(default_factory=list)
+    policy: str | None = None  # optional policy text for DCE when the request carries none
+    injection_token_budget: int = Field(default=600, ge=0)
+
+    def detector_enabled(self, name: str) -> bool:
+        cfg = self.detectors.get(name)
+        return cfg.enabled if cfg is not None else True
+
+    def detector_settings(self, name: str) -> dict[str, Any]:
+        cfg = self.detectors.get(name)
+        return dict(cfg.settings) if cfg is not None else {}
+
+    def action_for(self, category: Category) -> Action:
+        return self.actions.get(category, DEFAULT_ACTIONS.get(category, Action.GUIDE))
+
+    def fail_closed(self, category: Category | None) -> bool:
+        key = category.value if category is not None else "default"
+        return self.on_timeout.get(key, self.on_timeout.get("default", "open")) == "closed"
+
+
+class ProfileError(ValueError):
+    pass
+
+
+def load_profile(path: str | Path | None) -> Profile:
+    if path is None or str(path) == "":
+        return Profile()
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {p}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"profile {p} is not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ProfileError(f"profile {p} must be a mapping at top level")
+    version = raw.get("version", PROFILE_VERSION)
+    if version != PROFILE_VERSION:
+        raise ProfileError(f"profile {p} has version {version!r}; this build reads version {PROFILE_VERSION}")
+    try:
+        return Profile.model_validate(raw)
+    except ValueError as exc:
+        raise ProfileError(f"profile {p} is invalid: {exc}") from exc
+
+
+def dump_profile(profile: Profile) -> str:
+    data = profile.model_dump(mode="json", exclude_none=True)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

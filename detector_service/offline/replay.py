@@ -1,0 +1,237 @@
+"""``fama replay``: recorded trajectories through the detectors, turn by turn (DESIGN §6).
+
+Each assistant message is checked as a candidate turn with the conversation before it, exactly as the
+proxy would see it. One conversation index per trajectory grows as the replay advances, so a
+trajectory costs time linear in its length.
+
+With ``judge.enabled`` in the profile, the assistant turns the judge is asked about (``judge.worth_judging``:
+not pure look-ups unless ``judge.skip_reads`` is off) also go to the LLM judge (the profile's
+``judge.base_url`` / ``judge.model``; key from ``FAMA_JUDGE_API_KEY`` or the variable ``judge.api_key_env``
+names), ``judge_concurrency`` calls at a time. Its findings join the deterministic flags; a judge call that
+fails or times out is counted in the summary and the turn keeps its deterministic flags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from detector_service.contract.profile import Profile, ProfileError, load_profile
+from detector_service.contract.toolkinds import ToolKinds
+from detector_service.contract.wire import TurnEvent
+from detector_service.engine import Engine
+from detector_service.llm.judge import Judge, JudgeError, make_client, worth_judging
+from detector_service.offline.evaluation import score
+from detector_service.offline.trajectories import Flag, Replayed, Trajectory, TrajectoryError, load, load_tools
+from detector_service.turn import ConversationIndex, agent_messages, tools_by_name
+
+
+def replay_one(engine: Engine, trajectory: Trajectory, default_tools: list[dict[str, Any]]) -> Replayed:
+    tools = trajectory.tools if trajectory.tools is not None else default_tools
+    by_name = tools_by_name(tools)
+    index = ConversationIndex(kinds=ToolKinds(engine.profile, tools))
+    out = Replayed(trajectory)
+    for i, message in enumerate(trajectory.messages):
+        if message.get("role") == "assistant":
+            out.turns += 1
+            found = engine.findings_for(engine.view(index, message, by_name))
+            for f in found:
+                action = "rewrite" if "repaired_arguments" in f.evidence else engine.profile.action_for(f.category)
+                out.flags.append(Flag(turn=i, finding=f, action=str(action)))
+        index.add(message)
+    return out
+
+
+def replay(engine: Engine, trajectories: Iterable[Trajectory], tools: list[dict[str, Any]]) -> list[Replayed]:
+    return [replay_one(engine, t, tools) for t in trajectories]
+
+
+@dataclass(slots=True)
+class JudgeStats:
+    calls: int = 0
+    findings: int = 0
+    errors: int = 0
+    first_error: str | None = None
+
+
+def _judge_turns(
+    results: Sequence[Replayed], default_tools: list[dict[str, Any]], profile: Profile
+) -> list[tuple[Replayed, TurnEvent]]:
+    out = []
+    for r in results:
+        t = r.trajectory
+        tools = t.tools if t.tools is not None else default_tools
+        for i, message in enumerate(t.messages):
+            if message.get("role") == "assistant":
+                event = TurnEvent(
+                    turn_id=f"replay:{t.id}:{i}",
+                    session_id=t.id,
+                    messages=agent_messages(t.messages[:i]),
+                    tools=tools,
+                    candidate=message,
+                )
+                if worth_judging(event, profile):
+                    out.append((r, event))
+    return out
+
+
+async def judge_results(
+    judge: Judge,
+    profile: Profile,
+    results: Sequence[Replayed],
+    default_tools: list[dict[str, Any]],
+    *,
+    concurrency: int = 4,
+    progress: Progress | None = None,
+) -> JudgeStats:
+    """Add the judge's findings to ``results`` as flags, at most ``concurrency`` calls at once."""
+    stats = JudgeStats()
+    turns = _judge_turns(results, default_tools, profile)
+    slots = asyncio.Semaphore(max(1, concurrency))
+    task = progress.add_task("judge", total=len(turns)) if progress is not None else None
+
+    async def one(r: Replayed, event: TurnEvent) -> None:
+        async with slots:
+            stats.calls += 1
+            try:
+                found = await judge.findings(event)
+            except JudgeError as exc:
+                stats.errors += 1
+                stats.first_error = stats.first_error or str(exc)
+                found = []
+        for f in found:
+            r.flags.append(Flag(turn=len(event.messages), finding=f, action=str(profile.action_for(f.category))))
+        stats.findings += len(found)
+        if progress is not None and task is not None:
+            progress.advance(task)
+
+    await asyncio.gather(*(one(r, e) for r, e in turns))
+    for r in results:
+        r.flags.sort(key=lambda f: f.turn)  # stable: the deterministic flags of a turn stay first
+    return stats
+
+
+async def _run_judge(
+    profile: Profile,
+    results: Sequence[Replayed],
+    default_tools: list[dict[str, Any]],
+    concurrency: int,
+    progress: Progress,
+) -> JudgeStats:
+    config = profile.judge
+    key = os.environ.get("FAMA_JUDGE_API_KEY") or (os.environ.get(config.api_key_env) if config.api_key_env else None)
+    judge = Judge(config, make_client(config, key))
+    try:
+        return await judge_results(judge, profile, results, default_tools, concurrency=concurrency, progress=progress)
+    finally:
+        await judge.aclose()
+
+
+def summarize(results: Sequence[Replayed]) -> dict[str, Any]:
+    def outcome(r: Replayed) -> str:
+        if r.trajectory.reward is None:
+            return "unknown"
+        return "passed" if r.trajectory.reward >= 1.0 else "failed"
+
+    totals: Counter[str] = Counter()
+    flagged: Counter[str] = Counter()
+    categories: dict[str, Counter[str]] = {}
+    for r in results:
+        o = outcome(r)
+        totals[o] += 1
+        if r.flags:
+            flagged[o] += 1
+        for cat in {f.finding.category.value for f in r.flags}:
+            categories.setdefault(cat, Counter())[o] += 1
+    return {
+        "trajectories": len(results),
+        "turns": sum(r.turns for r in results),
+        "flagged": sum(1 for r in results if r.flags),
+        "by_outcome": {o: {"total": totals[o], "flagged": flagged[o]} for o in sorted(totals)},
+        "by_category": {c: dict(v) for c, v in sorted(categories.items())},
+    }
+
+
+def _table(summary: dict[str, Any]) -> Table:
+    table = Table(title="fama replay")
+    table.add_column("outcome")
+    table.add_column("trajectories", justify="right")
+    table.add_column("flagged", justify="right")
+    table.add_column("share", justify="right")
+    for outcome, row in summary["by_outcome"].items():
+        share = row["flagged"] / row["total"] if row["total"] else 0.0
+        table.add_row(outcome, str(row["total"]), str(row["flagged"]), f"{share:.0%}")
+    for cat, row in summary["by_category"].items():
+        table.add_row(f"  {cat}", "", ", ".join(f"{k} {v}" for k, v in sorted(row.items())), "")
+    return table
+
+
+def replay_command(
+    files: Sequence[Path],
+    *,
+    tools: Path | None = None,
+    profile: Path | None = None,
+    json_out: Path | None = None,
+    judge_concurrency: int = 4,
+) -> int:
+    console = Console(stderr=True)
+    try:
+        prof: Profile = load_profile(profile)
+        default_tools = load_tools(tools)
+        trajectories = [t for path in files for t in load(Path(path))]
+    except (ProfileError, TrajectoryError, OSError, orjson.JSONDecodeError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    if prof.judge.enabled and not (prof.judge.base_url and prof.judge.model):
+        console.print("[red]error:[/red] the profile enables the judge but names no judge.base_url and judge.model")
+        return 2
+    engine = Engine(prof)
+    results: list[Replayed] = []
+    with Progress(
+        TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        task = progress.add_task("replay", total=len(trajectories))
+        for t in trajectories:
+            results.append(replay_one(engine, t, default_tools))
+            progress.advance(task)
+        stats = (
+            asyncio.run(_run_judge(prof, results, default_tools, judge_concurrency, progress))
+            if prof.judge.enabled
+            else None
+        )
+    summary = summarize(results)
+    if stats is not None:
+        summary["judge"] = {"calls": stats.calls, "findings": stats.findings, "errors": stats.errors}
+        if stats.errors:
+            console.print(f"[yellow]judge:[/yellow] {stats.errors} of {stats.calls} calls failed ({stats.first_error})")
+    if any("ground_truth" in r.trajectory.extra for r in results):
+        # Records with ground-truth actions (tau-bench runs) also get the detection-quality numbers.
+        summary["evaluation"] = score(results, ToolKinds(prof, default_tools)).report()
+    Console(file=sys.stdout).print(_table(summary))
+    if "evaluation" in summary:
+        ev = summary["evaluation"]
+        Console(file=sys.stdout).print(
+            f"failed flagged {ev['failed_flagged']:.0%}, passed flagged {ev['passed_flagged']:.0%}, "
+            f"failed flagged at or before the first deviating write {ev['failed_early']:.0%}"
+        )
+        if ev["passed_flagged_runs"]:
+            Console(file=sys.stdout).print(
+                f"passed runs flagged: {ev['passed_flagged_runs']}, of which "
+                f"{ev['passed_flagged_on_deviating_writes']} only on writes outside the ground truth that the "
+                f"tool rejected, {ev['passed_flagged_no_write_in_truth']} on tasks whose ground truth has no write"
+            )
+    if json_out is not None:
+        doc = {"records": [r.record() for r in results], "summary": summary}
+        json_out.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    return 0

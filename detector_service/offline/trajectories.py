@@ -1,0 +1,201 @@
+"""Recorded trajectories in the formats ``fama replay`` and ``fama analyze`` read.
+
+- JSONL: one object per line with an OpenAI-format ``messages`` list and optional ``tools``, ``reward``,
+  ``id`` (other fields, such as ``ground_truth``, are kept in ``extra``);
+- tau-bench v1 historical trajectories: a JSON list of ``{task_id, trial, reward, info, traj}``;
+- tau2-bench results: a JSON object with ``simulations`` (tau2 message format, converted here to
+  OpenAI format) and ``info.environment_info.policy`` (added as the system message).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from detector_service.contract.wire import Finding
+
+
+class TrajectoryError(ValueError):
+    pass
+
+
+@dataclass(slots=True)
+class Trajectory:
+    id: str
+    messages: list[dict[str, Any]]
+    reward: float | None = None
+    tools: list[dict[str, Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _reward(value: Any) -> float | None:
+    if isinstance(value, dict):
+        value = value.get("reward")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _messages(messages: list[Any], where: str) -> list[dict[str, Any]]:
+    """The messages of one trajectory, each an object (a chat message), or a TrajectoryError naming the first that is not."""
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise TrajectoryError(f"{where}: message {i} is {type(m).__name__}, expected an object with a 'role'")
+    return messages
+
+
+def _from_jsonl(path: Path) -> Iterator[Trajectory]:
+    with path.open("rb") as fh:
+        for n, line in enumerate(fh):
+            if not line.strip():
+                continue
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise TrajectoryError(f"{path}:{n + 1}: not JSON: {exc}") from exc
+            if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
+                raise TrajectoryError(f"{path}:{n + 1}: expected an object with a 'messages' list")
+            rid = rec.get("id")
+            if rid is None and "task_id" in rec:
+                rid = f"{rec['task_id']}" + (f"#{rec['trial']}" if "trial" in rec else "")
+            tools = rec.get("tools")
+            yield Trajectory(
+                id=str(rid if rid is not None else f"{path.name}:{n + 1}"),
+                messages=_messages(rec["messages"], f"{path}:{n + 1}"),
+                reward=_reward(rec.get("reward")),
+                tools=tools if isinstance(tools, list) else None,
+                extra={k: v for k, v in rec.items() if k not in ("messages", "tools", "reward", "id")},
+            )
+
+
+def _from_v1(path: Path, data: list[Any]) -> Iterator[Trajectory]:
+    for n, rec in enumerate(data):
+        if not isinstance(rec, dict) or not isinstance(rec.get("traj"), list):
+            raise TrajectoryError(f"{path}: item {n} has no 'traj' list (not a tau-bench v1 trajectory)")
+        info = _mapping(rec.get("info"))
+        task = _mapping(info.get("task"))
+        yield Trajectory(
+            id=f"{rec.get('task_id', n)}#{rec.get('trial', 0)}",
+            messages=[dict(m) for m in _messages(rec["traj"], f"{path}: item {n}")],
+            reward=_reward(rec.get("reward")),
+            extra={"ground_truth": task} if task else {},
+        )
+
+
+def _tau2_message(m: dict[str, Any]) -> dict[str, Any]:
+    role = m.get("role")
+    if role == "tool":
+        out: dict[str, Any] = {"role": "tool", "tool_call_id": m.get("id"), "content": m.get("content") or ""}
+        if m.get("error"):
+            out["error"] = True
+        if m.get("requestor") == "user":
+            out["requestor"] = "user"  # dual control: the result of the user's own tool call
+        return out
+    msg: dict[str, Any] = {"role": role, "content": m.get("content")}
+    calls = m.get("tool_calls") or []
+    if calls:
+        msg["tool_calls"] = [
+            {
+                "id": c.get("id"),
+                "type": "function",
+                "function": {"name": c.get("name"), "arguments": orjson.dumps(c.get("arguments") or {}).decode()},
+            }
+            for c in calls
+        ]
+    return msg
+
+
+def _from_tau2(path: Path, data: dict[str, Any]) -> Iterator[Trajectory]:
+    env = _mapping(_mapping(data.get("info")).get("environment_info"))
+    policy = env.get("policy")
+    tools = env.get("tool_defs")
+    if isinstance(tools, dict):
+        tools = [
+            t if "function" in t else {"type": "function", "function": t} for t in tools.values() if isinstance(t, dict)
+        ]
+    tasks = {str(t.get("id")): t for t in data.get("tasks") or [] if isinstance(t, dict)}
+    for n, sim in enumerate(data.get("simulations") or []):
+        if not isinstance(sim, dict):
+            raise TrajectoryError(f"{path}: simulation {n} is not an object")
+        raw = sim.get("messages") or []
+        if not isinstance(raw, list):
+            raise TrajectoryError(f"{path}: simulation {n} has no 'messages' list")
+        messages = [_tau2_message(m) for m in _messages(raw, f"{path}: simulation {n}") if m.get("role") != "system"]
+        if isinstance(policy, str) and policy:
+            messages.insert(0, {"role": "system", "content": policy})
+        task = tasks.get(str(sim.get("task_id")))
+        extra: dict[str, Any] = {"task_id": sim.get("task_id")}
+        if task and isinstance(task.get("evaluation_criteria"), dict):
+            extra["ground_truth"] = task["evaluation_criteria"]
+        yield Trajectory(
+            id=str(sim.get("id") or f"{sim.get('task_id')}#{sim.get('trial', n)}"),
+            messages=messages,
+            reward=_reward(sim.get("reward_info")),
+            tools=tools if isinstance(tools, list) else None,
+            extra=extra,
+        )
+
+
+def load(path: Path) -> Iterator[Trajectory]:
+    """The trajectories of one file, in file order, whatever its format."""
+    if path.suffix == ".jsonl":
+        yield from _from_jsonl(path)
+        return
+    try:
+        data = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError:
+        # A .json file may still hold JSON lines.
+        yield from _from_jsonl(path)
+        return
+    if isinstance(data, list):
+        yield from _from_v1(path, data)
+    elif isinstance(data, dict) and "simulations" in data:
+        yield from _from_tau2(path, data)
+    elif isinstance(data, dict) and isinstance(data.get("messages"), list):
+        yield from _from_jsonl(path)
+    else:
+        raise TrajectoryError(f"{path}: not a tau-bench v1, tau2-bench or JSONL trajectory file")
+
+
+def load_tools(path: Path | None) -> list[dict[str, Any]]:
+    if path is None:
+        return []
+    data = orjson.loads(path.read_bytes())
+    if isinstance(data, dict) and isinstance(data.get("tools"), list):
+        data = data["tools"]
+    if not isinstance(data, list):
+        raise TrajectoryError(f"{path}: expected an OpenAI tools array")
+    # Accept bare function objects too: wrap them the way the OpenAI API expects.
+    return [t if "function" in t else {"type": "function", "function": t} for t in data if isinstance(t, dict)]
+
+
+@dataclass(slots=True)
+class Flag:
+    turn: int
+    finding: Finding
+    action: str
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "turn": self.turn,
+            "category": self.finding.category.value,
+            "detector": self.finding.detector,
+            "action": self.action,
+            "message": self.finding.message,
+        }
+
+
+@dataclass(slots=True)
+class Replayed:
+    trajectory: Trajectory
+    flags: list[Flag] = field(default_factory=list)
+    turns: int = 0
+
+    def record(self) -> dict[str, Any]:
+        return {"id": self.trajectory.id, "reward": self.trajectory.reward, "flags": [f.record() for f in self.flags]}

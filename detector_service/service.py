@@ -1,0 +1,105 @@
+"""``fama detector``: the process around one :class:`~detector_service.worker.Worker`.
+
+It builds the worker's parts from the settings and the profile (Redis client, engine, judge, policy extraction),
+serves health and metrics, and on SIGTERM/SIGINT drains within ``drain_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from redis.asyncio import Redis
+
+from detector_service.contract.profile import load_profile
+from detector_service.engine import Engine
+from detector_service.health import create_health_app, health_server
+from detector_service.llm.extraction import ExtractionScheduler, Extractor
+from detector_service.llm.judge import Judge, judge_key, make_client
+from detector_service.metrics import DetectorMetrics
+from detector_service.settings import DetectorSettings
+from detector_service.worker import Worker
+
+log = logging.getLogger("detector_service.worker")
+
+EXTRACTION_STOP_S = 1.0  # how long a stopping worker lets LLM extractions in flight finish
+
+
+def redis_client(settings: DetectorSettings) -> Redis:
+    # The read timeout must outlast the XREADGROUP block, or every idle read would look like a failure.
+    return Redis.from_url(settings.redis_url, socket_timeout=settings.block_ms / 1000 + 5.0, socket_connect_timeout=5.0)
+
+
+async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> int:
+    """Run one worker with its health/metrics server until stopped; returns the process exit code."""
+    stop = stop or asyncio.Event()
+    metrics = DetectorMetrics()
+    redis = redis_client(settings)
+    profile = load_profile(settings.profile)
+    judge = None
+    if profile.judge.enabled:
+        judge = Judge(profile.judge, make_client(profile.judge, judge_key(settings.judge_api_key, profile.judge)))
+    extractions = None
+    if profile.llm_agents.dce:
+        extractor = Extractor(
+            profile.judge,
+            make_client(profile.judge, judge_key(settings.judge_api_key, profile.judge)),
+            profile.llm_agents.timeout_s,
+        )
+        extractions = ExtractionScheduler(redis, extractor, profile, metrics, settings.consumer_name)
+    worker = Worker(settings, redis, Engine(profile), metrics, judge, extractions)
+    server = None
+    server_task = None
+    if settings.metrics_port:
+        server = health_server(create_health_app(redis, metrics), settings.metrics_host, settings.metrics_port)
+        server_task = asyncio.create_task(server.serve())
+    consume = asyncio.create_task(worker.run(stop, until_idle=until_idle))
+    stopping = asyncio.create_task(stop.wait())
+    code = 0
+    try:
+        await asyncio.wait({consume, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not consume.done():
+            log.info("stopping: draining in-flight work (at most %.1fs)", settings.drain_timeout_s)
+            done, _ = await asyncio.wait({consume}, timeout=settings.drain_timeout_s)
+            if not done:
+                log.error(
+                    "drain did not finish within %.1fs; unacknowledged entries will be reclaimed",
+                    settings.drain_timeout_s,
+                )
+                consume.cancel()
+                code = 1
+        if consume.done() and not consume.cancelled():
+            consume.result()  # re-raises what stopped the loop, if anything did
+    finally:
+        stopping.cancel()
+        if server is not None and server_task is not None:
+            server.should_exit = True
+            await server_task
+        if judge is not None:
+            await judge.aclose()
+        if extractions is not None:
+            # Burst mode finishes its extractions; a stopping worker cuts them short (another replica redoes them).
+            await extractions.aclose(settings.drain_timeout_s if until_idle else EXTRACTION_STOP_S)
+        await redis.aclose()
+    log.info("worker %s stopped after %d turns", worker.consumer, worker.processed)
+    return code
+
+
+def run(settings: DetectorSettings, *, until_idle: bool = False) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await serve(settings, until_idle=until_idle, stop=stop)
+
+    if sys.platform == "win32":  # uvloop has no Windows build
+        raise SystemExit(asyncio.run(main()))
+    import uvloop  # here, not at the top: it has no Windows build
+
+    # uvloop: a fraction of asyncio's per-callback CPU, and a turn runs several Redis round trips through it.
+    raise SystemExit(uvloop.run(main()))

@@ -1,0 +1,1 @@
+"""``fama bench``: the proxy's overhead against the direct call, measured in the same run."""

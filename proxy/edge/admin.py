@@ -1,0 +1,115 @@
+"""Operator reads, behind ``FAMA_ADMIN_KEY`` (``Authorization: Bearer <admin key>``).
+
+- ``GET /admin/sessions/{tenant}/{session_id}``: the recorded trajectory of one session (turns, verdicts,
+  interventions, outcome), oldest first.
+- ``GET /admin/interventions?limit=N``: the most recent interventions, newest first (``N`` ≤ 1000).
+- ``GET /admin/profile``: the active mode and profile.
+
+Without an admin key configured every admin endpoint answers 403: they are never open by default. The
+key is compared in constant time and never logged. Client keys do not open these endpoints, and the
+admin key does not open ``/v1``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Query
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy.errors import AuthenticationFailed, ProxyError, RouteNotFound
+from proxy.settings import ProxySettings
+from proxy.supervision.recorder import Recorder
+from proxy.supervision.supervisor import Supervisor
+
+MAX_INTERVENTIONS = 1000
+
+
+class AdminDisabled(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "admin_disabled"
+
+
+class RecorderUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "recorder_unavailable"
+
+
+async def require_admin(request: Request) -> None:
+    settings: ProxySettings = request.app.state.settings
+    if settings.admin_key is None:
+        raise AdminDisabled("Admin endpoints are disabled: set FAMA_ADMIN_KEY to enable them.")
+    scheme, _, presented = (request.headers.get("authorization") or "").partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise AuthenticationFailed("Missing admin key: send 'Authorization: Bearer <admin key>'.")
+    if not hmac.compare_digest(presented.strip().encode(), settings.admin_key.get_secret_value().encode()):
+        raise AuthenticationFailed("Incorrect admin key provided.")
+
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+
+def _supervisor(request: Request) -> Supervisor:
+    hooks = request.app.state.chat_hooks
+    if not isinstance(hooks, Supervisor):
+        raise RouteNotFound("this proxy runs no supervision: nothing is recorded", code="not_supervised")
+    return hooks
+
+
+def _recorder(request: Request) -> Recorder:
+    recorder = _supervisor(request).recorder
+    if recorder is None:
+        raise RouteNotFound("this proxy records nothing", code="not_recorded")
+    return recorder
+
+
+def _json(payload: object) -> Response:
+    return Response(orjson.dumps(payload), media_type="application/json")
+
+
+@router.get("/sessions/{tenant}/{session_id}")
+async def session(tenant: str, session_id: str, request: Request) -> Response:
+    try:
+        entries = await _recorder(request).session(tenant, session_id)
+    except (RedisError, OSError) as exc:
+        raise RecorderUnavailable("the session record could not be read; try again later") from exc
+    if not entries:
+        raise RouteNotFound(
+            f"No recorded session '{session_id}' for tenant '{tenant}'", param="session_id", code="unknown_session"
+        )
+    return _json(
+        {
+            "object": "fama.session",
+            "tenant": tenant,
+            "session_id": session_id,
+            "entries": [entry.model_dump(mode="json") for entry in entries],
+        }
+    )
+
+
+@router.get("/interventions")
+async def interventions(request: Request, limit: Annotated[int, Query(ge=1, le=MAX_INTERVENTIONS)] = 100) -> Response:
+    try:
+        found = await _recorder(request).interventions(limit)
+    except (RedisError, OSError) as exc:
+        raise RecorderUnavailable("the intervention log could not be read; try again later") from exc
+    data: list[dict[str, Any]] = [i.model_dump(mode="json", exclude_none=True) for i in found]
+    return _json({"object": "list", "data": data})
+
+
+@router.get("/profile")
+async def profile(request: Request) -> Response:
+    supervisor = _supervisor(request)
+    return _json(
+        {
+            "object": "fama.profile",
+            "mode": supervisor.mode.value,  # the mode in force (flags/environment), which may differ from the file's
+            "profile": supervisor.profile.model_dump(mode="json"),
+        }
+    )

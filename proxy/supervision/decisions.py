@@ -1,0 +1,217 @@
+"""What to do with one candidate answer, given its verdict (or the lack of one). Pure: no I/O.
+
+``decide`` maps (mode, profile, outcome, attempt, whether tool-call bytes already reached the client)
+to a :class:`Decision`:
+
+- ``observe`` never changes the answer. Findings become guidance for the next turn.
+- ``enforce`` follows the verdict's action:
+  ``pass`` sends the answer; ``guide`` sends it and carries the findings into the next turn;
+  ``rewrite`` sends ``Verdict.rewritten`` (a retry when there is none); ``retry`` re-asks the model with
+  the findings as feedback while ``attempt < profile.max_retries`` and blocks once they are spent;
+  ``block`` answers with a safe assistant message that names the held action and asks the user.
+  Once any tool-call byte has reached the client the answer can no longer be replaced, so a verdict
+  that wants a change becomes guidance.
+- Without a verdict (``deadline`` or ``outage``) the categories at stake for the candidate decide:
+  a write call puts DCV at stake, any call MTC/WRCO/LOOP, a text answer IFU/CM. If
+  ``profile.on_timeout`` says ``closed`` for any of them the answer is blocked, otherwise it passes
+  (fail-open); either way it is marked degraded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from detector_service.contract.profile import Mode, Profile, ToolKind
+from detector_service.contract.toolkinds import ToolKinds
+from detector_service.contract.wire import Action, Category, Finding, Verdict
+
+DegradedReason = Literal["deadline", "outage"]
+FEEDBACK_ROLE = "system"  # the retry feedback is an instruction to the model, not words from the user
+FEEDBACK_PREFIX = "[FAMA feedback]"
+
+
+@dataclass(frozen=True)
+class Degraded:
+    reason: DegradedReason
+
+
+Outcome = Verdict | Degraded
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action  # what is done with this attempt (always ``pass`` or ``guide`` in observe mode)
+    intended: Action  # what enforce mode wants, recorded even when observe mode does not act on it
+    categories: tuple[Category, ...] = ()
+    feedback: dict[str, Any] | None = None  # appended to the conversation for the retry only
+    replacement: dict[str, Any] | None = None  # the assistant message sent instead (rewrite, block)
+    guidance: tuple[str, ...] = ()  # carried into the next turn's injected context
+    degraded: DegradedReason | None = None
+    exhausted: bool = False  # a retry was wanted but no attempt was left
+    findings: tuple[Finding, ...] = field(default=())
+
+    @property
+    def changes_answer(self) -> bool:
+        return self.action in (Action.RETRY, Action.REWRITE, Action.BLOCK)
+
+    @property
+    def labels(self) -> list[str]:
+        """``x-fama-intervention`` parts, e.g. ``retry:DCV``; empty when the answer is not changed."""
+        if not self.changes_answer:
+            return []
+        if not self.categories:
+            return [self.action.value]
+        return [f"{self.action.value}:{c.value}" for c in self.categories]
+
+
+def tool_calls(candidate: dict[str, Any]) -> list[dict[str, Any]]:
+    calls = candidate.get("tool_calls")
+    return [c for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+
+
+def _name(call: dict[str, Any]) -> str:
+    return str((call.get("function") or {}).get("name") or "")
+
+
+def describe_call(call: dict[str, Any], limit: int = 160) -> str:
+    """``name`` (k: v, ...) for the user or the model; raw text when the arguments are not a JSON object."""
+    raw = (call.get("function") or {}).get("arguments")
+    try:
+        args = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        args = None
+    if isinstance(args, dict):
+        inner = ", ".join(f"{k}: {v if isinstance(v, str | int | float) else json.dumps(v)}" for k, v in args.items())
+    else:
+        inner = str(raw or "")
+    if len(inner) > limit:
+        inner = inner[: limit - 1] + "…"
+    return f"`{_name(call)}` ({inner})" if inner else f"`{_name(call)}`"
+
+
+def at_stake(candidate: dict[str, Any], tools: Sequence[dict[str, Any]], profile: Profile) -> list[Category]:
+    calls = tool_calls(candidate)
+    if not calls:
+        return [Category.IFU, Category.CM]
+    kinds = ToolKinds(profile, tools)
+    cats = [Category.MTC, Category.WRCO, Category.LOOP]
+    if any(kinds.kind(_name(c)) is ToolKind.WRITE for c in calls):
+        cats.insert(0, Category.DCV)
+    return cats
+
+
+def _driving(verdict: Verdict, profile: Profile) -> tuple[Category, ...]:
+    """Categories whose configured action is the verdict's action (all found categories if none match)."""
+    matching = [f.category for f in verdict.findings if profile.action_for(f.category) == verdict.action]
+    return tuple(dict.fromkeys(matching or [f.category for f in verdict.findings]))
+
+
+def feedback_message(candidate: dict[str, Any], findings: Sequence[Finding]) -> dict[str, Any]:
+    calls = tool_calls(candidate)
+    proposal = (
+        "; ".join(describe_call(c) for c in calls)
+        if calls
+        else json.dumps(str(candidate.get("content") or "")[:300], ensure_ascii=False)
+    )
+    lines = [
+        f"{FEEDBACK_PREFIX} Your previous answer was not sent to the user. You proposed: {proposal}.",
+        "It was rejected because:",
+        *(f"- [{f.category.value}] {f.message}" for f in findings),
+    ]
+    if any(f.category is Category.DCV for f in findings):
+        lines.append(
+            "If the user has not explicitly confirmed this action, list its details and ask them to confirm "
+            "instead of calling the tool."
+        )
+    lines.append("Answer again, fixing this.")
+    return {"role": FEEDBACK_ROLE, "content": "\n".join(lines)}
+
+
+def with_shown_text(feedback: dict[str, Any], shown: str) -> dict[str, Any]:
+    """Feedback for a streamed retry whose rejected attempt's text already reached the user."""
+    if not shown:
+        return feedback
+    note = f"The user has already seen this text from you: {json.dumps(shown[-500:], ensure_ascii=False)}. Continue from it; do not repeat it."
+    return {**feedback, "content": f"{feedback['content']}\n{note}"}
+
+
+def block_message(
+    candidate: dict[str, Any], findings: Sequence[Finding], degraded: DegradedReason | None = None
+) -> dict[str, Any]:
+    calls = tool_calls(candidate)
+    if not calls:
+        text = "I can't give a reliable answer to that right now. Could you tell me how you'd like to proceed?"
+    elif degraded is not None:
+        held = " and ".join(describe_call(c) for c in calls)
+        text = f"I can't verify {held} right now, so I haven't done it. Do you want me to try again?"
+    elif any(f.category is Category.DCV for f in findings):
+        held = " and ".join(describe_call(c) for c in calls)
+        text = f"Before I go ahead with {held}, please confirm: do you want me to proceed? (yes/no)"
+    else:
+        held = " and ".join(describe_call(c) for c in calls)
+        reason = findings[0].message if findings else "it did not pass the checks"
+        text = f"I haven't done {held}: {reason} Could you confirm the details so I can try again?"
+    return {"role": "assistant", "content": text}
+
+
+def decide(
+    mode: Mode,
+    profile: Profile,
+    outcome: Outcome,
+    candidate: dict[str, Any],
+    tools: Sequence[dict[str, Any]] = (),
+    attempt: int = 0,
+    tool_bytes_sent: bool = False,
+) -> Decision:
+    if isinstance(outcome, Degraded):
+        return _degraded(mode, profile, outcome, candidate, tools, tool_bytes_sent)
+    verdict = outcome
+    findings = tuple(verdict.findings)
+    guidance = tuple(f"[{f.category.value}] {f.message}" for f in findings)
+    cats = _driving(verdict, profile)
+    wanted = verdict.action
+    if wanted is Action.REWRITE and verdict.rewritten is None:
+        wanted = Action.RETRY
+    if wanted is Action.PASS or not findings:
+        return Decision(Action.PASS, Action.PASS, findings=findings)
+    if mode is Mode.OBSERVE:
+        return Decision(Action.GUIDE, wanted, cats, guidance=guidance, findings=findings)
+    if wanted is Action.GUIDE or tool_bytes_sent:
+        return Decision(Action.GUIDE, wanted, cats, guidance=guidance, findings=findings)
+    if wanted is Action.REWRITE:
+        return Decision(Action.REWRITE, wanted, cats, replacement=verdict.rewritten, findings=findings)
+    if wanted is Action.RETRY and attempt < profile.max_retries:
+        return Decision(Action.RETRY, wanted, cats, feedback=feedback_message(candidate, findings), findings=findings)
+    exhausted = wanted is Action.RETRY
+    return Decision(
+        Action.BLOCK,
+        wanted,
+        cats,
+        replacement=block_message(candidate, findings),
+        guidance=guidance,
+        exhausted=exhausted,
+        findings=findings,
+    )
+
+
+def _degraded(
+    mode: Mode,
+    profile: Profile,
+    outcome: Degraded,
+    candidate: dict[str, Any],
+    tools: Sequence[dict[str, Any]],
+    tool_bytes_sent: bool,
+) -> Decision:
+    closed = tuple(c for c in at_stake(candidate, tools, profile) if profile.fail_closed(c))
+    if mode is Mode.OBSERVE or not closed or tool_bytes_sent:
+        return Decision(Action.PASS, Action.PASS, degraded=outcome.reason)
+    return Decision(
+        Action.BLOCK,
+        Action.BLOCK,
+        closed,
+        replacement=block_message(candidate, (), degraded=outcome.reason),
+        degraded=outcome.reason,
+    )

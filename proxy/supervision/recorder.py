@@ -1,0 +1,389 @@
+"""Session and intervention recording (DESIGN §2): what happened on every supervised turn.
+
+``fama:session:<tenant>:<session_id>`` is a Redis list of JSON ``SessionEntry`` items (turns, verdicts,
+interventions) whose TTL is refreshed on every write; ``fama:interventions`` is a capped stream of every
+intervention (original vs final message). ``MemoryRecorder`` keeps the same records, bounded, for the
+embedded mode.
+
+Writes never add latency to a turn and never raise: ``record_*`` only enqueue; a background task
+serializes and writes in batches (one pipeline per batch). A full queue drops the record; failures are
+logged with context and counted in ``fama_redis_errors_total``. Callers hand over the objects they
+record and must not mutate them afterwards. The read API (``session``, ``interventions``) serves admin
+endpoints and tests, and does raise ``RedisError`` when Redis is unreachable.
+
+A turn record holds only the messages added since the previous assistant message (plus the candidate,
+and the tools on the session's first turn), so a session's record grows linearly with the
+conversation; concatenating the entries rebuilds the trajectory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, Field, ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from detector_service.bus import keys, streams
+from detector_service.contract.wire import Action, Category, TurnEvent, Verdict, now_ms
+from proxy.metrics import ProxyMetrics
+
+log = logging.getLogger(__name__)
+
+EntryKind = Literal["turn", "verdict", "intervention", "outcome"]
+
+
+class Intervention(BaseModel):
+    """One change the proxy made to what the model produced."""
+
+    tenant: str
+    session_id: str
+    turn_id: str
+    action: Action
+    categories: list[Category] = Field(default_factory=list)
+    mode: str = "enforce"
+    original: dict[str, Any]  # the assistant message the model produced
+    final: dict[str, Any] | None = None  # what the client received; None when nothing was sent
+    message: str = ""  # the corrective feedback or reason
+    attempt: int = 0
+    ts_ms: int = Field(default_factory=now_ms)
+
+
+class Outcome(BaseModel):
+    """How a session ended, as its client (or an evaluation harness) reported it."""
+
+    tenant: str
+    session_id: str
+    outcome: Literal["success", "failure"]
+    reward: float | None = None
+    note: str | None = None
+    intervened: bool = False  # whether the proxy changed any answer of the session
+    ts_ms: int = Field(default_factory=now_ms)
+
+
+class SessionEntry(BaseModel):
+    kind: EntryKind
+    turn_id: str
+    ts_ms: int
+    data: dict[str, Any]
+
+
+class Recorder(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    def record_turn(self, turn: TurnEvent) -> None: ...
+
+    def record_verdict(self, verdict: Verdict) -> None: ...
+
+    def record_intervention(self, intervention: Intervention) -> None: ...
+
+    def record_outcome(self, outcome: Outcome) -> None: ...
+
+    async def session(self, tenant: str, session_id: str) -> list[SessionEntry]: ...
+
+    async def interventions(self, limit: int = 100) -> list[Intervention]: ...
+
+
+def turn_entry(turn: TurnEvent) -> SessionEntry:
+    last_assistant = max((i for i, m in enumerate(turn.messages) if m.get("role") == "assistant"), default=-1)
+    data: dict[str, Any] = {
+        "attempt": turn.attempt,
+        "message_count": len(turn.messages),
+        "new_messages": turn.messages[last_assistant + 1 :],
+        "candidate": turn.candidate,
+    }
+    if last_assistant < 0:
+        data["tools"] = turn.tools
+    if turn.profile:
+        data["profile"] = turn.profile
+    # Built from a validated turn: constructing skips a second deep copy of the messages.
+    return SessionEntry.model_construct(kind="turn", turn_id=turn.turn_id, ts_ms=turn.created_ms, data=data)
+
+
+def verdict_entry(verdict: Verdict) -> SessionEntry:
+    data = verdict.model_dump(mode="json", exclude_none=True, exclude={"kind", "turn_id", "session_id", "tenant"})
+    return SessionEntry.model_construct(kind="verdict", turn_id=verdict.turn_id, ts_ms=now_ms(), data=data)
+
+
+def intervention_entry(intervention: Intervention) -> SessionEntry:
+    data = intervention.model_dump(mode="json", exclude_none=True, exclude={"tenant", "session_id", "turn_id", "ts_ms"})
+    return SessionEntry(kind="intervention", turn_id=intervention.turn_id, ts_ms=intervention.ts_ms, data=data)
+
+
+def outcome_entry(outcome: Outcome) -> SessionEntry:
+    data = outcome.model_dump(mode="json", exclude_none=True, exclude={"tenant", "session_id", "ts_ms"})
+    return SessionEntry(kind="outcome", turn_id="", ts_ms=outcome.ts_ms, data=data)
+
+
+@dataclass(frozen=True)
+class StateWrite:
+    """A value SET with a TTL, sent in the recorder's next pipeline (one round trip fewer per turn).
+
+    ``done`` is resolved once the pipeline answered: with ``None``, or with the exception that failed it.
+    """
+
+    key: str
+    raw: str
+    ttl_s: int
+    done: asyncio.Future[None]
+
+
+_Write = tuple[str, str, TurnEvent | Verdict | Intervention | Outcome | StateWrite]  # (tenant, session_id, object)
+
+
+class RedisRecorder:
+    def __init__(
+        self,
+        redis: Redis,
+        metrics: ProxyMetrics | None = None,
+        *,
+        session_ttl_s: int = 7 * 24 * 3600,
+        max_session_entries: int = 5_000,
+        interventions_maxlen: int = 100_000,
+        queue_size: int = 10_000,
+        batch_size: int = 256,
+        drain_timeout_s: float = 2.0,
+    ) -> None:
+        self.redis = redis
+        self.metrics = metrics or ProxyMetrics()
+        self.session_ttl_s = session_ttl_s
+        self.max_session_entries = max_session_entries
+        self.interventions_maxlen = interventions_maxlen
+        self.batch_size = batch_size
+        self.drain_timeout_s = drain_timeout_s
+        self._queue: asyncio.Queue[_Write] = asyncio.Queue(maxsize=queue_size)
+        self._lane = streams.Lane(redis)  # the writer task's own connection (see detector_service.bus.streams.Lane)
+        self._writer: asyncio.Task[None] | None = None
+        self._last_drop_log = 0.0
+        self.dropped = 0
+
+    async def start(self) -> None:
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_loop(), name="session-recorder")
+
+    async def stop(self) -> None:
+        """Write what is queued (within ``drain_timeout_s``), then stop the writer."""
+        if self._writer is None:
+            return
+        try:
+            async with asyncio.timeout(self.drain_timeout_s):
+                await self._queue.join()
+        except TimeoutError:
+            log.warning("recorder stopped with %d records unwritten", self._queue.qsize())
+        writer, self._writer = self._writer, None
+        writer.cancel()
+        # Bounded: a cancelled Redis call must not hold up the app's shutdown.
+        done, _ = await asyncio.wait({writer}, timeout=1.0)
+        if done:
+            await self._lane.aclose()
+
+    async def flush(self) -> None:
+        """Wait until everything recorded so far has been written (or failed)."""
+        await self._queue.join()
+
+    def record_turn(self, turn: TurnEvent) -> None:
+        self._enqueue((turn.tenant, turn.session_id, turn))
+
+    def record_verdict(self, verdict: Verdict) -> None:
+        self._enqueue((verdict.tenant, verdict.session_id, verdict))
+
+    def record_intervention(self, intervention: Intervention) -> None:
+        self._enqueue((intervention.tenant, intervention.session_id, intervention))
+
+    def record_outcome(self, outcome: Outcome) -> None:
+        self._enqueue((outcome.tenant, outcome.session_id, outcome))
+
+    def write_state(self, tenant: str, session_id: str, key: str, raw: str, ttl_s: int) -> asyncio.Future[None] | None:
+        """Queue a SET for the next batch; ``None`` when it cannot be queued (writer not running, queue full)."""
+        if self._writer is None or self._writer.done() or self._queue.full():
+            return None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((tenant, session_id, StateWrite(key, raw, ttl_s, done)))
+        return done
+
+    def _enqueue(self, item: _Write) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            self.metrics.redis_errors.labels(op="record_queue_full").inc()
+            now = time.monotonic()
+            if now - self._last_drop_log > 1.0:  # one line per second at most while Redis lags
+                self._last_drop_log = now
+                log.warning(
+                    "recorder queue full (%d): dropped a record of session %s/%s (%d dropped so far)",
+                    self._queue.maxsize,
+                    item[0],
+                    item[1],
+                    self.dropped,
+                )
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._write(batch)
+            finally:
+                for _, _, obj in batch:
+                    if isinstance(obj, StateWrite) and not obj.done.done():  # cancelled mid-write
+                        obj.done.set_exception(RedisError("recorder stopped before the write was answered"))
+                    self._queue.task_done()
+
+    async def _write(self, batch: list[_Write]) -> None:
+        # A turn records several entries at once (turn, verdict, maybe an intervention): one RPUSH per session key
+        # carries them all, in order, so a batch costs three commands per session, not per entry.
+        by_key: dict[str, list[str]] = {}
+        commands: list[streams.Command] = []
+        states: list[tuple[int, StateWrite]] = []  # (position in the batch's replies, write)
+        for tenant, session_id, obj in batch:
+            if isinstance(obj, StateWrite):
+                states.append((len(commands), obj))
+                commands.append(("SET", obj.key, obj.raw, "EX", obj.ttl_s))
+                continue
+            by_key.setdefault(keys.session_key(tenant, session_id), []).append(_entry(obj).model_dump_json())
+            if isinstance(obj, Intervention):
+                payload = obj.model_dump_json(exclude_none=True)
+                maxlen = self.interventions_maxlen
+                commands.append(
+                    ("XADD", keys.INTERVENTIONS_STREAM, "MAXLEN", "~", maxlen, "*", streams.DATA_FIELD, payload)
+                )
+        for key, entries in by_key.items():
+            commands.append(("RPUSH", key, *entries))
+            commands.append(("LTRIM", key, -self.max_session_entries, -1))
+            commands.append(("EXPIRE", key, self.session_ttl_s))
+        try:
+            results = await self._lane.send(*commands)
+        except (RedisError, OSError) as exc:
+            for _, state in states:
+                state.done.set_exception(exc)
+            if len(states) == len(batch):
+                return  # the state writes' owner counts and logs its own failures
+            self.metrics.redis_errors.labels(op="record").inc()
+            first = batch[0]
+            log.warning("could not record %d entries (first: session %s/%s): %s", len(batch), first[0], first[1], exc)
+            return
+        for at, state in states:
+            answer = results[at]
+            if isinstance(answer, Exception):
+                state.done.set_exception(answer)
+            else:
+                state.done.set_result(None)
+        if states:
+            written = {at for at, _ in states}
+            results = [r for i, r in enumerate(results) if i not in written]
+        failed = [r for r in results if isinstance(r, Exception)]
+        if failed:
+            self.metrics.redis_errors.labels(op="record").inc(len(failed))
+            log.warning("%d of %d recording commands failed; first error: %s", len(failed), len(results), failed[0])
+
+    async def session(self, tenant: str, session_id: str) -> list[SessionEntry]:
+        raw = await self.redis.lrange(keys.session_key(tenant, session_id), 0, -1)
+        return [SessionEntry.model_validate_json(item) for item in raw]
+
+    async def interventions(self, limit: int = 100) -> list[Intervention]:
+        """The most recent interventions, newest first."""
+        rows = await self.redis.xrevrange(keys.INTERVENTIONS_STREAM, count=limit)
+        out: list[Intervention] = []
+        for entry_id, fields in rows or []:
+            data = (fields or {}).get(streams.DATA_FIELD) or (fields or {}).get(streams.DATA_FIELD.encode())
+            try:
+                out.append(Intervention.model_validate_json(data or b""))
+            except ValidationError as exc:
+                log.warning("unreadable intervention entry %r: %s", entry_id, exc)
+        return out
+
+
+def _entry(obj: TurnEvent | Verdict | Intervention | Outcome) -> SessionEntry:
+    if isinstance(obj, TurnEvent):
+        return turn_entry(obj)
+    if isinstance(obj, Verdict):
+        return verdict_entry(obj)
+    if isinstance(obj, Outcome):
+        return outcome_entry(obj)
+    return intervention_entry(obj)
+
+
+class MemoryRecorder:
+    """The embedded mode's recorder: bounded in sessions, entries per session, interventions and age."""
+
+    def __init__(
+        self,
+        *,
+        session_ttl_s: int = 7 * 24 * 3600,
+        max_sessions: int = 10_000,
+        max_session_entries: int = 2_000,
+        max_interventions: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.clock = clock
+        self.session_ttl_s = session_ttl_s
+        self.max_sessions = max_sessions
+        self.max_session_entries = max_session_entries
+        self._sessions: OrderedDict[tuple[str, str], tuple[float, deque[SessionEntry]]] = OrderedDict()
+        self._interventions: deque[Intervention] = deque(maxlen=max_interventions)
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def flush(self) -> None:
+        return None
+
+    def record_turn(self, turn: TurnEvent) -> None:
+        self._append(turn.tenant, turn.session_id, turn_entry(turn))
+
+    def record_verdict(self, verdict: Verdict) -> None:
+        self._append(verdict.tenant, verdict.session_id, verdict_entry(verdict))
+
+    def record_intervention(self, intervention: Intervention) -> None:
+        self._interventions.append(intervention)
+        self._append(intervention.tenant, intervention.session_id, intervention_entry(intervention))
+
+    def record_outcome(self, outcome: Outcome) -> None:
+        self._append(outcome.tenant, outcome.session_id, outcome_entry(outcome))
+
+    def _append(self, tenant: str, session_id: str, entry: SessionEntry) -> None:
+        key = (tenant, session_id)
+        now = self.clock()
+        _, entries = self._sessions.pop(key, (now, deque(maxlen=self.max_session_entries)))
+        entries.append(entry)
+        self._sessions[key] = (now, entries)  # most recently written last
+        while len(self._sessions) > self.max_sessions:
+            self._sessions.popitem(last=False)
+        self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        while self._sessions:
+            written, _ = next(iter(self._sessions.values()))
+            if now - written <= self.session_ttl_s:
+                return
+            self._sessions.popitem(last=False)
+
+    async def session(self, tenant: str, session_id: str) -> list[SessionEntry]:
+        self._expire(self.clock())
+        _, entries = self._sessions.get((tenant, session_id), (0.0, deque()))
+        return list(entries)
+
+    async def interventions(self, limit: int = 100) -> list[Intervention]:
+        return list(reversed(self._interventions))[:limit]
+
+
+def recorder_for(redis: Redis | None, metrics: ProxyMetrics, *, session_ttl_s: int) -> Recorder:
+    """Redis-backed when a client is given, in-memory otherwise."""
+    if redis is None:
+        return MemoryRecorder(session_ttl_s=session_ttl_s)
+    return RedisRecorder(redis, metrics, session_ttl_s=session_ttl_s)

@@ -1,0 +1,380 @@
+"""The supervision loop on chat turns, plugged into the chat pipeline's seam (:class:`proxy.hooks.ChatHooks`).
+
+Per turn (only requests that declare ``tools``; plain chat passes through untouched):
+
+1. ``before_upstream``: name the session (:mod:`proxy.supervision.sessions`), load its state, add the one context
+   message (:mod:`proxy.supervision.injection`), set ``x-fama-session``.
+2. The candidate answer becomes a :class:`~detector_service.contract.wire.TurnEvent` (the client's conversation
+   plus the candidate) and goes to the verdict source with the profile's deadline.
+   :func:`proxy.supervision.decisions.decide` says what to do with it.
+3. ``enforce``, non-streaming: retry (the model is re-asked with the findings as feedback; the client
+   never sees the rejected attempt), rewrite, block or pass, then answer. ``enforce``, streaming:
+   content deltas are relayed at once and tool-call deltas held until the verdict
+   (:mod:`proxy.supervision.held_stream`); a text-only streamed answer has already reached the client, so its
+   verdict can only become guidance. ``observe``: the answer goes out untouched and is evaluated in the
+   background; the next turn of the session waits for that evaluation (bounded by the deadline) so its
+   guidance is never lost.
+4. Guidance and agents triggered by findings are saved in the session state for the next turn.
+
+Transparency. Non-streaming responses carry ``x-fama-session``, ``x-fama-intervention`` (e.g.
+``retry:DCV``; comma-separated when several) when the answer was changed, and ``x-fama-degraded``
+(``deadline`` or ``outage``) when it was served without a verdict. A stream's headers leave before any
+verdict exists, so a supervised stream carries only ``x-fama-session`` as a header, and its final
+chunk (the one with ``finish_reason``) carries ``"fama": {"session", "intervention", "degraded"}``
+(the last two only when they apply). Every change is also logged, and every turn is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from redis.asyncio import Redis
+
+from detector_service.agents.policy import policy_text
+from detector_service.contract.extraction import PolicyExtraction
+from detector_service.contract.profile import Mode, Profile
+from detector_service.contract.wire import SCHEMA_VERSION, Action, TurnEvent, Verdict, new_id, now_ms
+from proxy.hooks import ChatContext, ChatHooks, wants_usage
+from proxy.metrics import MAX_TOOL_LABELS, OTHER, ProxyMetrics
+from proxy.supervision.decisions import Decision, Degraded, decide, with_shown_text
+from proxy.supervision.extractions import ExtractionReader
+from proxy.supervision.held_stream import CandidateBuffer, Envelope, add_usage, content_delta, tool_call_deltas
+from proxy.supervision.injection import GUIDANCE_LABEL, Injector, triggered_agents
+from proxy.supervision.recorder import Intervention, Recorder
+from proxy.supervision.sessions import (
+    SESSION_HEADER,
+    SessionRef,
+    SessionStore,
+    identify,
+)
+from proxy.supervision.turn import Turn, replace_message
+from proxy.supervision.verdicts import (
+    MissReason,
+    VerdictOutcome,
+    VerdictSource,
+)
+
+log = logging.getLogger(__name__)
+
+INTERVENTION_HEADER = "x-fama-intervention"
+DEGRADED_HEADER = "x-fama-degraded"
+TRAILER_KEY = "fama"
+_STATE_KEY = "supervision"
+
+
+class Supervisor(ChatHooks):
+    def __init__(
+        self,
+        mode: Mode,
+        profile: Profile,
+        verdicts: VerdictSource,
+        store: SessionStore,
+        metrics: ProxyMetrics,
+        recorder: Recorder | None = None,
+        injector: Injector | None = None,
+        closing: Redis | None = None,
+        extractions: ExtractionReader | None = None,
+    ) -> None:
+        self.mode = mode
+        self.profile = profile
+        self.verdicts = verdicts
+        self.store = store
+        self.metrics = metrics
+        self.recorder = recorder
+        self.injector = injector or Injector(profile, metrics)
+        self._closing = closing  # a Redis client this supervisor owns and closes on stop
+        self.extractions = extractions  # cached LLM-extracted policy rules for DCE (Redis mode)
+        self.deadline_s = profile.deadline_ms / 1000
+        # Background evaluations (observe mode, streamed text) by session, so the next turn can wait for them.
+        self._pending: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    async def start(self) -> None:
+        await self.verdicts.start()
+        if self.recorder is not None:
+            await self.recorder.start()
+
+    async def stop(self) -> None:
+        pending = list(self._pending.values())
+        if pending:
+            await asyncio.wait(pending, timeout=self.deadline_s + 1)
+        await self.verdicts.stop()
+        await self.store.drain()
+        if self.recorder is not None:
+            await self.recorder.stop()
+        if self._closing is not None:
+            await self._closing.aclose()
+
+    # -- the seam -------------------------------------------------------------------------------------
+
+    async def before_upstream(self, ctx: ChatContext, body: dict[str, Any]) -> dict[str, Any]:
+        messages: list[dict[str, Any]] = body["messages"]
+        tools: list[dict[str, Any]] = [t for t in body.get("tools") or () if isinstance(t, dict)]
+        ref = identify(ctx.request_headers.get(SESSION_HEADER), ctx.tenant, messages, tools)
+        ctx.response_headers[SESSION_HEADER] = ref.session_id
+        if not tools or int(body.get("n") or 1) != 1:
+            return body  # nothing to supervise: no tool use, or several answers the client will choose from
+        await self._settled(ref)
+        extraction: PolicyExtraction | None = None
+        if self.extractions is None:
+            state = await self.store.load(ref)  # no tasks to spawn for a single read
+        else:
+            # Both reads are bounded; done together, the cached extraction adds no round trip of its own.
+            state, extraction = await asyncio.gather(self.store.load(ref), self._extraction(messages))
+        injection = self.injector.inject(messages, tools, state, extraction)
+        if GUIDANCE_LABEL in injection.labels:
+            state.guidance.clear()  # delivered; findings of this turn may add new guidance
+        state.turns += 1
+        sent = {**body, "messages": injection.messages}
+        ctx.hook_state[_STATE_KEY] = Turn(ref, state, list(messages), tools, sent, injection.labels)
+        return sent
+
+    async def _extraction(self, messages: list[dict[str, Any]]) -> PolicyExtraction | None:
+        if self.extractions is None:
+            return None
+        return await self.extractions.get(policy_text(messages, self.profile))
+
+    async def after_response(self, ctx: ChatContext, response: dict[str, Any]) -> dict[str, Any]:
+        turn: Turn | None = ctx.hook_state.get(_STATE_KEY)
+        if turn is None or len(response.get("choices") or ()) != 1:
+            return response
+        if self.mode is Mode.OBSERVE:
+            self._later(turn, response["choices"][0].get("message") or {}, 0, response["choices"][0])
+            return response
+        attempt = 0
+        usage = response.get("usage")
+        while True:
+            choice = response["choices"][0]
+            candidate = choice.get("message") or {}
+            decision = await self._judge(turn, candidate, attempt, tool_bytes_sent=False)
+            if decision.action is not Action.RETRY or decision.feedback is None:
+                break
+            response = await ctx.complete(turn.retry_body(decision.feedback))
+            usage = add_usage(usage, response.get("usage"))
+            attempt += 1
+            if len(response.get("choices") or ()) != 1:
+                break  # an upstream that ignores n=1 cannot be supervised further; serve what it said
+        if decision.replacement is not None and len(response.get("choices") or ()) == 1:
+            replace_message(response["choices"][0], decision.replacement)
+        if usage is not None:
+            response["usage"] = usage
+        finish = str(response["choices"][0].get("finish_reason")) if response.get("choices") else "none"
+        await self._finish(turn, finish)
+        if turn.labels:
+            ctx.response_headers[INTERVENTION_HEADER] = ",".join(turn.labels)
+        if turn.degraded:
+            ctx.response_headers[DEGRADED_HEADER] = turn.degraded
+        return response
+
+    def stream(self, ctx: ChatContext, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        turn: Turn | None = ctx.hook_state.get(_STATE_KEY)
+        if turn is None:
+            return chunks
+        if self.mode is Mode.OBSERVE:
+            return self._observed_stream(turn, chunks)
+        return self._enforced_stream(ctx, turn, chunks)
+
+    # -- streams --------------------------------------------------------------------------------------
+
+    async def _observed_stream(
+        self, turn: Turn, chunks: AsyncIterator[dict[str, Any]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        buffer = CandidateBuffer()
+        async for chunk in chunks:
+            choices = chunk.get("choices") or ()
+            if choices and choices[0].get("index", 0) == 0:
+                buffer.add(choices[0])
+            yield chunk
+        # Only a stream that ran to its end is a decision worth judging.
+        self._later(turn, buffer.message(), 0, {"finish_reason": buffer.finish_reason})
+
+    async def _enforced_stream(
+        self, ctx: ChatContext, turn: Turn, chunks: AsyncIterator[dict[str, Any]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        envelope: Envelope | None = None
+        role_sent = False
+        shown = ""  # content the client already has, across attempts
+        usage: dict[str, Any] | None = None
+        attempt = 0
+        while True:
+            buffer = CandidateBuffer()
+            async for chunk in chunks:
+                envelope = envelope or Envelope.of(chunk)
+                usage = add_usage(usage, chunk.get("usage"))
+                choices = chunk.get("choices") or ()
+                if not choices:
+                    continue
+                buffer.add(choices[0])
+                delta = content_delta(chunk, role_sent)
+                if delta is not None:
+                    role_sent = True
+                    shown += delta.get("content") or ""
+                    yield envelope.chunk(delta)
+            candidate = buffer.message()
+            if not buffer.has_tool_calls and str(candidate.get("content") or "").strip():
+                # The text is already with the client: nothing to hold or replace, only guidance to gain.
+                # (An empty reply sent nothing yet, so it is judged like a call and can still be retried.)
+                self._later(turn, candidate, attempt, {"finish_reason": buffer.finish_reason})
+                final, finish = candidate, buffer.finish_reason or "stop"
+                break
+            decision = await self._judge(turn, candidate, attempt, tool_bytes_sent=False)
+            if decision.action is Action.RETRY and decision.feedback is not None:
+                feedback = with_shown_text(decision.feedback, shown)
+                chunks = await ctx.open_stream(turn.retry_body(feedback))
+                attempt += 1
+                continue
+            final = decision.replacement or candidate
+            finish = "tool_calls" if final.get("tool_calls") else "stop"
+            await self._finish(turn, finish)
+            break
+        envelope = envelope or Envelope({"id": "chatcmpl-fama", "object": "chat.completion.chunk", "created": 0})
+        if not role_sent:
+            yield envelope.chunk({"role": "assistant", "content": None})
+        if final is not candidate and final.get("content"):
+            text = str(final["content"])
+            yield envelope.chunk({"content": f"\n\n{text}" if shown else text})
+        if final.get("tool_calls"):
+            for delta in tool_call_deltas(final):
+                yield envelope.chunk(delta)
+        yield envelope.chunk({}, finish, **{TRAILER_KEY: self._trailer(turn)})
+        if wants_usage(ctx.body):
+            yield envelope.usage_chunk(usage)
+
+    # -- judging --------------------------------------------------------------------------------------
+
+    async def _judge(self, turn: Turn, candidate: dict[str, Any], attempt: int, tool_bytes_sent: bool) -> Decision:
+        # Every field is already known-good (messages checked by the chat pipeline, the candidate normalized):
+        # validating would only copy the whole conversation once more per attempt. Every field is given, because
+        # pydantic resolves a missing one's default (inspecting its factory's signature) on each construction.
+        event = TurnEvent.model_construct(
+            kind="turn",
+            v=SCHEMA_VERSION,
+            turn_id=new_id("turn"),
+            session_id=turn.ref.session_id,
+            tenant=turn.ref.tenant,
+            reply_to=None,
+            deadline_ms=None,
+            created_ms=now_ms(),
+            profile=self.profile.name,
+            messages=turn.messages,
+            tools=turn.tools,
+            candidate=candidate,
+            attempt=attempt,
+        )
+        outcome = await self.verdicts.evaluate(event, self.deadline_s)
+        result: Verdict | Degraded
+        if outcome.verdict is not None:
+            result = outcome.verdict
+        else:
+            result = Degraded("deadline" if outcome.reason is MissReason.DEADLINE else "outage")
+        decision = decide(self.mode, self.profile, result, candidate, turn.tools, attempt, tool_bytes_sent)
+        self._account(turn, candidate, attempt, outcome, decision)
+        self._record(event, outcome, decision)
+        return decision
+
+    def _record(self, event: TurnEvent, outcome: VerdictOutcome, decision: Decision) -> None:
+        if self.recorder is None:
+            return
+        self.recorder.record_turn(event)
+        if outcome.verdict is not None:
+            self.recorder.record_verdict(outcome.verdict)
+        if decision.changes_answer:
+            why = decision.feedback["content"] if decision.feedback else "; ".join(f.message for f in decision.findings)
+            self.recorder.record_intervention(
+                Intervention(
+                    tenant=event.tenant,
+                    session_id=event.session_id,
+                    turn_id=event.turn_id,
+                    action=decision.action,
+                    categories=list(decision.categories),
+                    mode=self.mode.value,
+                    original=event.candidate,
+                    final=decision.replacement,  # None for a retry: the rejected attempt is never sent
+                    message=why or f"no verdict ({decision.degraded})",
+                    attempt=event.attempt,
+                )
+            )
+
+    def _account(
+        self, turn: Turn, candidate: dict[str, Any], attempt: int, outcome: VerdictOutcome, decision: Decision
+    ) -> None:
+        """Metrics, labels, guidance and the attempt's record, for one decision."""
+        mode = self.mode.value
+        declared = {str((t.get("function") or {}).get("name")) for t in turn.tools[:MAX_TOOL_LABELS]}
+        for f in decision.findings:
+            tool = (
+                "none"
+                if f.tool_name is None
+                else (self.metrics.tool_label(f.tool_name) if f.tool_name in declared else OTHER)
+            )
+            self.metrics.findings.labels(category=f.category.value, detector=f.detector, tool=tool).inc()
+        if turn.retrying:
+            outcome_label = (
+                "fixed" if not decision.changes_answer else ("exhausted" if decision.exhausted else "failed")
+            )
+            for c in turn.retrying:
+                self.metrics.retries.labels(category=c.value, outcome=outcome_label).inc()
+            turn.retrying = ()
+        if decision.action is Action.RETRY:
+            turn.retrying = decision.categories
+        if decision.changes_answer:
+            for category in [c.value for c in decision.categories] or ["none"]:
+                self.metrics.interventions.labels(action=decision.action.value, category=category, mode=mode).inc()
+            turn.labels.extend(label for label in decision.labels if label not in turn.labels)
+            log.info(
+                "session %s/%s attempt %d: %s (%s)",
+                turn.ref.tenant,
+                turn.ref.session_id,
+                attempt,
+                ",".join(decision.labels),
+                "; ".join(f.message for f in decision.findings)[:500] or decision.degraded,
+            )
+        if decision.degraded is not None:
+            policy = "closed" if decision.action is Action.BLOCK else "open"
+            self.metrics.degraded.labels(reason=decision.degraded, policy=policy).inc()
+            turn.degraded = decision.degraded
+        turn.state.add_guidance(decision.guidance)
+        turn.state.activate(triggered_agents(f.category for f in decision.findings))
+
+    async def _finish(self, turn: Turn, finish_reason: str) -> None:
+        if turn.labels:
+            turn.state.interventions += 1
+        intervened = "yes" if turn.state.interventions else "no"
+        self.metrics.sessions.labels(intervened=intervened, finish_reason=finish_reason).inc()
+        # The answer need not wait for the write; the session's next turn here does (see proxy.supervision.sessions).
+        self.store.save_soon(turn.ref, turn.state)
+
+    def _trailer(self, turn: Turn) -> dict[str, str]:
+        trailer = {"session": turn.ref.session_id}
+        if turn.labels:
+            trailer["intervention"] = ",".join(turn.labels)
+        if turn.degraded:
+            trailer["degraded"] = turn.degraded
+        return trailer
+
+    # -- background evaluation ------------------------------------------------------------------------
+
+    def _later(self, turn: Turn, candidate: dict[str, Any], attempt: int, choice: Mapping[str, Any]) -> None:
+        key = (turn.ref.tenant, turn.ref.session_id)
+        finish = str(choice.get("finish_reason") or "none")
+
+        async def run() -> None:
+            try:
+                await self._judge(turn, candidate, attempt, tool_bytes_sent=True)
+                await self._finish(turn, finish)
+            except Exception:  # a background evaluation must never take the process down; it is logged
+                log.exception("background evaluation failed for session %s/%s", *key)
+            finally:
+                if self._pending.get(key) is task:
+                    del self._pending[key]
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"evaluate:{key[1]}")
+        self._pending[key] = task
+
+    async def _settled(self, ref: SessionRef) -> None:
+        """Wait (bounded) for the previous turn's background evaluation, so its guidance reaches this turn."""
+        task = self._pending.get((ref.tenant, ref.session_id))
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=self.deadline_s + 0.05)

@@ -1,0 +1,41 @@
+"""One supervised chat turn's state, carried from the request to the answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from detector_service.contract.wire import Category
+from proxy.supervision.sessions import SessionRef, SessionState
+from proxy.upstream import normalize
+
+
+@dataclass
+class Turn:
+    """Everything one supervised chat turn carries from the request to the answer."""
+
+    ref: SessionRef
+    state: SessionState
+    messages: list[dict[str, Any]]  # as the client sent them: what the detectors judge
+    tools: list[dict[str, Any]]
+    body: dict[str, Any]  # as sent upstream, context message included
+    injected: tuple[str, ...]
+    labels: list[str] = field(default_factory=list)
+    degraded: str | None = None
+    retrying: tuple[Category, ...] = ()  # categories of the retry in flight, to count its outcome
+
+    def retry_body(self, feedback: dict[str, Any]) -> dict[str, Any]:
+        # Fresh message dicts: the upstream adapter edits messages in place.
+        messages = [dict(m) for m in self.body["messages"]]
+        return normalize.adapt_for_upstream({**self.body, "messages": [*messages, feedback]})
+
+
+def replace_message(choice: dict[str, Any], message: dict[str, Any]) -> None:
+    """Put ``message`` (a retry's or a block's answer) in place of the choice's message, keeping its other fields."""
+    original = choice.get("message") or {}
+    replaced = {k: v for k, v in original.items() if k not in ("content", "tool_calls")}
+    replaced.update({"role": "assistant", "content": message.get("content")})
+    if message.get("tool_calls"):
+        replaced["tool_calls"] = message["tool_calls"]
+    choice["message"] = replaced
+    choice["finish_reason"] = "tool_calls" if message.get("tool_calls") else "stop"
