@@ -18,6 +18,7 @@ from detector_service.engine import Engine
 from detector_service.llm.judge import Judge, judge_key, make_client
 from proxy.edge import admin, health, outcomes, routes
 from proxy.edge.auth import Authenticator
+from proxy.edge.limits import STATE_KEY, ClientLimits, client_limits
 from proxy.errors import InvalidRequest, ProxyError, RouteNotFound, error_response
 from proxy.hooks import ChatHooks
 from proxy.metrics import ProxyMetrics
@@ -33,6 +34,7 @@ from proxy.upstream.client import Upstream
 
 class ProxyState(TypedDict):
     upstream: Upstream
+    client_limits: ClientLimits  # read by the HTTP protocol (proxy.edge.limits), not by routes
 
 
 def embedded_judge(settings: ProxySettings, profile: Profile) -> Judge | None:
@@ -117,7 +119,7 @@ def create_app(settings: ProxySettings, hooks: ChatHooks | None = None) -> FastA
         upstream = Upstream(settings, metrics)
         await chat_hooks.start()
         try:
-            yield {"upstream": upstream}
+            yield {"upstream": upstream, STATE_KEY: client_limits(settings, metrics)}
         finally:
             await chat_hooks.stop()
             await upstream.aclose()

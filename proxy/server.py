@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from proxy.app import create_app
+from proxy.edge import limits
 from proxy.settings import ProxySettings
 
 logger = logging.getLogger("fama.server")
@@ -75,6 +76,17 @@ def app_from_env() -> FastAPI:
     return create_app(settings_from_env(os.environ))
 
 
+def connection_options(settings: ProxySettings) -> dict[str, Any]:
+    """uvicorn's connection handling for the proxy: the httptools parser guarded against slow and greedy
+    clients (:mod:`proxy.edge.limits`; the app supplies the limits), the idle keep-alive timeout and the
+    optional cap on a process's connections."""
+    return {
+        "http": limits.PROTOCOL,
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
+        "limit_concurrency": settings.max_connections or None,
+    }
+
+
 def _serve(settings: ProxySettings) -> None:
     common: dict[str, Any] = {
         "host": settings.host,
@@ -88,7 +100,7 @@ def _serve(settings: ProxySettings) -> None:
         "access_log": settings.access_log,
         # uvloop and the httptools parser: a fraction of the per-request CPU of asyncio's loop and h11.
         "loop": "asyncio" if sys.platform == "win32" else "uvloop",  # uvloop has no Windows build
-        "http": "httptools",
+        **connection_options(settings),
     }
     if settings.workers > 1:
         if not settings.redis_url:

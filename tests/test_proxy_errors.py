@@ -253,7 +253,7 @@ def test_a_stalled_request_body_is_408_and_nothing_reaches_upstream(openai_schem
     upstream = ScriptedUpstream()
     with (
         serve_in_thread(upstream.app) as upstream_url,
-        running_proxy(upstream_url + "/v1", request_body_timeout_s=0.5) as url,
+        running_proxy(upstream_url + "/v1", request_read_timeout_s=0.5) as url,
     ):
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as conn:

@@ -72,7 +72,7 @@ async def chat_completions(request: Request) -> Response:
     upstream: Upstream = request.state.upstream
     trace: Trace = request.state.trace
     settings = _settings(request)
-    body = chat.parse_request(await read_body(request, settings.max_request_bytes, settings.request_body_timeout_s))
+    body = chat.parse_request(await read_body(request, settings.max_request_bytes, settings.request_read_timeout_s))
     trace.model = body["model"]
     ctx = ChatContext(
         body=body,
@@ -138,7 +138,7 @@ async def _relay(request: Request, path: str, body: dict[str, Any], upstream: Up
 @router.post("/completions")
 async def completions(request: Request, tenant: Tenant, upstream: UpstreamDep, trace: TraceDep) -> Response:
     settings = _settings(request)
-    body = json_object(await read_body(request, settings.max_request_bytes, settings.request_body_timeout_s))
+    body = json_object(await read_body(request, settings.max_request_bytes, settings.request_read_timeout_s))
     require(body, "model", (str,), "a string")
     require(body, "prompt", (str, list), "a string or an array")
     require(body, "stream", (bool,), "a boolean", optional=True)
@@ -148,7 +148,7 @@ async def completions(request: Request, tenant: Tenant, upstream: UpstreamDep, t
 @router.post("/embeddings")
 async def embeddings(request: Request, tenant: Tenant, upstream: UpstreamDep, trace: TraceDep) -> Response:
     settings = _settings(request)
-    body = json_object(await read_body(request, settings.max_request_bytes, settings.request_body_timeout_s))
+    body = json_object(await read_body(request, settings.max_request_bytes, settings.request_read_timeout_s))
     require(body, "model", (str,), "a string")
     require(body, "input", (str, list), "a string or an array")
     return await _relay(request, "/embeddings", body, upstream, trace)
