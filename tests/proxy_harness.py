@@ -44,9 +44,13 @@ def running_proxy(upstream_url: str, **settings: Any) -> Iterator[str]:
         yield url
 
 
-def sdk(base_url: str, api_key: str = "client-key", **kwargs: Any) -> openai.OpenAI:
+def sdk(base_url: str, api_key: str = "client-key", max_retries: int = 0, **kwargs: Any) -> openai.OpenAI:
     return openai.OpenAI(
-        base_url=base_url + "/v1", api_key=api_key, max_retries=0, _strict_response_validation=True, **kwargs
+        base_url=base_url + "/v1",
+        api_key=api_key,
+        max_retries=max_retries,
+        _strict_response_validation=True,
+        **kwargs,
     )
 
 

@@ -20,7 +20,7 @@ Styles (wire formats as those servers really emit them, quirks included):
                tool call per turn.
 
 Scenarios: ``text``, ``tool`` (one call), ``tools`` (two calls; not ``tgi``), ``error-<status>`` (the
-style's error body; 429 carries ``retry-after: 7``), ``midstream-error``, ``drop`` (connection cut
+style's error body; 429 carries ``retry-after``, 7 s by default), ``midstream-error``, ``drop`` (connection cut
 mid-stream), ``bad-json``, ``slow`` (long stream with delays; notes cancellation), ``hang`` (sleeps
 before answering).
 
@@ -36,7 +36,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from starlette.applications import Starlette
@@ -70,6 +70,7 @@ class Recorded:
     headers: dict[str, str]
     body: Any
     peer: str  # the client's address: one per upstream connection
+    at: float = field(default_factory=time.monotonic)
 
 
 def _sse(payload: object) -> bytes:
@@ -402,8 +403,15 @@ STYLES = tuple(SCRIPTS)
 
 
 class ScriptedUpstream:
-    def __init__(self, models_style: str = "openai", chunk_delay_s: float = 0.0, slow_delay_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        models_style: str = "openai",
+        chunk_delay_s: float = 0.0,
+        slow_delay_s: float = 0.05,
+        retry_after: str = "7",
+    ) -> None:
         self.models_style = models_style
+        self.retry_after = retry_after
         self.chunk_delay_s = chunk_delay_s
         self.slow_delay_s = slow_delay_s
         self.requests: list[Recorded] = []
@@ -440,7 +448,7 @@ class ScriptedUpstream:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if scenario.startswith("error-"):
             status = int(scenario.removeprefix("error-"))
-            headers = {"retry-after": "7"} if status == 429 else {}
+            headers = {"retry-after": self.retry_after} if status == 429 else {}
             return JSONResponse(script.error(status, f"scripted {status} from {style}"), status, headers=headers)
         if scenario == "hang":
             await self._hang(request)
