@@ -21,7 +21,8 @@ Styles (wire formats as those servers really emit them, quirks included):
 
 Scenarios: ``text``, ``tool`` (one call), ``tools`` (two calls; not ``tgi``), ``error-<status>`` (the
 style's error body; 429 carries ``retry-after``, 7 s by default), ``midstream-error``, ``drop`` (connection cut
-mid-stream), ``bad-json``, ``slow`` (long stream with delays; notes cancellation), ``hang`` (sleeps
+mid-stream), ``bad-json``, ``slow`` (long stream with delays; notes cancellation), ``large`` (``large_chunks`` chunks
+of 1 KiB content as fast as the reader takes them; counted in ``produced``), ``hang`` (sleeps
 before answering).
 
 Every request is recorded in :attr:`ScriptedUpstream.requests` (path, headers, parsed body);
@@ -409,7 +410,10 @@ class ScriptedUpstream:
         chunk_delay_s: float = 0.0,
         slow_delay_s: float = 0.05,
         retry_after: str = "7",
+        large_chunks: int = 50_000,
     ) -> None:
+        self.large_chunks = large_chunks
+        self.produced = 0  # chunks the "large" scenario has handed to the server so far
         self.models_style = models_style
         self.retry_after = retry_after
         self.chunk_delay_s = chunk_delay_s
@@ -480,6 +484,11 @@ class ScriptedUpstream:
                 for i in range(400):
                     await asyncio.sleep(self.slow_delay_s)
                     yield _sse(script.chunk({"content": f"{i} "}))
+            if scenario == "large":
+                piece = "x" * 1024
+                for _ in range(self.large_chunks):
+                    self.produced += 1
+                    yield _sse(script.chunk({"content": piece}))
             for i, chunk in enumerate(chunks):
                 if self.chunk_delay_s:
                     await asyncio.sleep(self.chunk_delay_s)
