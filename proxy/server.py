@@ -82,6 +82,8 @@ def connection_options(settings: ProxySettings) -> dict[str, Any]:
     optional cap on a process's connections."""
     return {
         "http": limits.PROTOCOL,
+        # No WebSocket routes: an upgrade would hand the connection to a protocol without these limits.
+        "ws": "none",
         "timeout_keep_alive": settings.keep_alive_timeout_s,
         "limit_concurrency": settings.max_connections or None,
     }

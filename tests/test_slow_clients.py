@@ -143,3 +143,21 @@ def test_oversized_headers_are_431_in_openai_shape(proxy: Proxy) -> None:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 431")
     assert json.loads(body)["error"]["code"] == "headers_too_large"
+
+
+def test_upgrade_requests_are_plain_http_and_release_their_connection(proxy: Proxy) -> None:
+    # A WebSocket upgrade would hand the connection to a protocol outside the limits (and never release its
+    # count): more upgrade requests from one address than its cap, then a normal request from it.
+    upgrade = (
+        b"GET /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n"
+        b"sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    for _ in range(PER_CLIENT + 5):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.10", 0))
+            sock.connect(("127.0.0.1", proxy.port))
+            sock.settimeout(5)
+            sock.sendall(upgrade)
+            assert not sock.recv(64).startswith(b"HTTP/1.1 101")
+    with httpx2.Client(transport=httpx2.HTTPTransport(local_address="127.0.0.10")) as client:
+        assert client.get(proxy.url + "/healthz").status_code == 200

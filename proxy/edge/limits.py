@@ -159,6 +159,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._disarm()
 
+    def _unsupported_upgrade_warning(self) -> None:
+        # uvicorn warns (twice, suggesting a WebSocket library) on every upgrade request when WebSockets are off;
+        # the proxy serves none, so such a request is plain HTTP (a 404) and any client could flood the log.
+        logger.debug("upgrade request answered as plain HTTP (no WebSocket routes)")
+
     def _disarm(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
