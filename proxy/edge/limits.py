@@ -31,6 +31,7 @@ import asyncio
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, Final
 
 import orjson
@@ -49,10 +50,10 @@ STATE_KEY: Final = "client_limits"  # the key in the lifespan state (proxy.app.P
 PROTOCOL = "proxy.edge.limits:GuardedHttpToolsProtocol"  # uvicorn's ``http`` option (importable by workers)
 
 
-def _answer(status: int, reason: str, message: str, code: str) -> bytes:
+def _answer(status: HTTPStatus, message: str, code: str) -> bytes:
     body = orjson.dumps(error_body(message, "invalid_request_error", None, code))
     head = (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode() + body
@@ -79,9 +80,6 @@ class ClientLimits:
         self._open[address] -= 1
         if self._open[address] <= 0:
             del self._open[address]
-
-    def open_connections(self, address: str) -> int:
-        return self._open[address]
 
 
 def client_limits(settings: ProxySettings, metrics: ProxyMetrics) -> ClientLimits:
@@ -138,9 +136,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes += len(data)
         if self._header_bytes > self._limits.max_header_bytes:
             self._limits.closures.labels("headers_too_large").inc()
-            self._refuse(
-                431, "Request Header Fields Too Large", "the request headers are too large", "headers_too_large"
-            )
+            too_large = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+            self._refuse(too_large, "the request headers are too large", "headers_too_large")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -180,13 +177,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         if cycle is None or self._reading_headers or not cycle.response_started:
             timeout = self._limits.request_read_timeout_s
-            self._refuse(408, "Request Timeout", f"the request was not received within {timeout:g}s", "request_timeout")
+            self._refuse(
+                HTTPStatus.REQUEST_TIMEOUT, f"the request was not received within {timeout:g}s", "request_timeout"
+            )
         elif not cycle.response_complete:
             cycle.keep_alive = False  # answered while the body still trickles: close once the answer is out
         else:
             self.transport.close()
 
-    def _refuse(self, status: int, reason: str, message: str, code: str) -> None:
+    def _refuse(self, status: HTTPStatus, message: str, code: str) -> None:
         """Answer in place of the app and close; the app, if it runs, sees a disconnect from now on."""
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
@@ -195,5 +194,5 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if cycle.response_started:  # an answer is half sent: nothing more can be said on this connection
                 self.transport.close()
                 return
-        self.transport.write(_answer(status, reason, message, code))
+        self.transport.write(_answer(status, message, code))
         self.transport.close()
