@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import orjson
 
@@ -27,6 +27,7 @@ from proxy.upstream.client import Upstream, close
 PATH = "/chat/completions"
 REPAIRED_HEADER = "x-fama-repaired"  # non-streaming answers whose tool calls the model wrote as text
 logger = logging.getLogger("fama.proxy.chat")
+S = TypeVar("S")  # a hook's per-turn state
 
 
 def wants_usage(body: dict[str, Any]) -> bool:
@@ -35,7 +36,7 @@ def wants_usage(body: dict[str, Any]) -> bool:
 
 
 @dataclass
-class ChatContext:
+class ChatContext(Generic[S]):
     """One chat turn: who asked, how to reach the upstream, and every upstream response it opened."""
 
     body: dict[str, Any]
@@ -47,7 +48,7 @@ class ChatContext:
     _open: list[tuple[UpstreamResponse, float]] = field(default_factory=list)
     request_headers: Mapping[str, str] = field(default_factory=dict)  # the client's (e.g. x-fama-session)
     response_headers: dict[str, str] = field(default_factory=dict)  # hooks add theirs; sent with the response
-    hook_state: dict[str, Any] = field(default_factory=dict)  # a hook's per-turn state, from request to answer
+    hook_state: S | None = None  # the hooks' per-turn state, from request to answer
 
     @property
     def model(self) -> str:
@@ -94,8 +95,9 @@ class ChatContext:
             self.trace.upstream_s += time.perf_counter() - started
 
 
-class ChatHooks:
-    """The supervision seam. The defaults pass everything through unchanged."""
+class ChatHooks(Generic[S]):
+    """The supervision seam, with per-turn state of type ``S`` in ``ctx.hook_state``. The defaults pass everything
+    through unchanged."""
 
     async def start(self) -> None:
         """Open the hooks' resources; called from the app's lifespan."""
@@ -103,11 +105,11 @@ class ChatHooks:
     async def stop(self) -> None:
         """Close them; called from the app's lifespan."""
 
-    async def before_upstream(self, ctx: ChatContext, body: dict[str, Any]) -> dict[str, Any]:
+    async def before_upstream(self, ctx: ChatContext[S], body: dict[str, Any]) -> dict[str, Any]:
         return body
 
-    async def after_response(self, ctx: ChatContext, response: dict[str, Any]) -> dict[str, Any]:
+    async def after_response(self, ctx: ChatContext[S], response: dict[str, Any]) -> dict[str, Any]:
         return response
 
-    def stream(self, ctx: ChatContext, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    def stream(self, ctx: ChatContext[S], chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
         return chunks

@@ -62,10 +62,9 @@ log = logging.getLogger(__name__)
 INTERVENTION_HEADER = "x-fama-intervention"
 DEGRADED_HEADER = "x-fama-degraded"
 TRAILER_KEY = "fama"
-_STATE_KEY = "supervision"
 
 
-class Supervisor(ChatHooks):
+class Supervisor(ChatHooks[Turn]):
     def __init__(
         self,
         mode: Mode,
@@ -109,7 +108,7 @@ class Supervisor(ChatHooks):
 
     # -- the seam -------------------------------------------------------------------------------------
 
-    async def before_upstream(self, ctx: ChatContext, body: dict[str, Any]) -> dict[str, Any]:
+    async def before_upstream(self, ctx: ChatContext[Turn], body: dict[str, Any]) -> dict[str, Any]:
         messages: list[dict[str, Any]] = body["messages"]
         tools: list[dict[str, Any]] = [t for t in body.get("tools") or () if isinstance(t, dict)]
         ref = identify(ctx.request_headers.get(SESSION_HEADER), ctx.tenant, messages, tools)
@@ -128,7 +127,7 @@ class Supervisor(ChatHooks):
             state.guidance.clear()  # delivered; findings of this turn may add new guidance
         state.turns += 1
         sent = {**body, "messages": injection.messages}
-        ctx.hook_state[_STATE_KEY] = Turn(ref, state, list(messages), tools, sent, injection.labels)
+        ctx.hook_state = Turn(ref, state, list(messages), tools, sent, injection.labels)
         return sent
 
     async def _extraction(self, messages: list[dict[str, Any]]) -> PolicyExtraction | None:
@@ -136,8 +135,8 @@ class Supervisor(ChatHooks):
             return None
         return await self.extractions.get(policy_text(messages, self.profile))
 
-    async def after_response(self, ctx: ChatContext, response: dict[str, Any]) -> dict[str, Any]:
-        turn: Turn | None = ctx.hook_state.get(_STATE_KEY)
+    async def after_response(self, ctx: ChatContext[Turn], response: dict[str, Any]) -> dict[str, Any]:
+        turn = ctx.hook_state
         if turn is None or len(response.get("choices") or ()) != 1:
             return response
         if self.mode is Mode.OBSERVE:
@@ -168,8 +167,8 @@ class Supervisor(ChatHooks):
             ctx.response_headers[DEGRADED_HEADER] = turn.degraded
         return response
 
-    def stream(self, ctx: ChatContext, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-        turn: Turn | None = ctx.hook_state.get(_STATE_KEY)
+    def stream(self, ctx: ChatContext[Turn], chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        turn = ctx.hook_state
         if turn is None:
             return chunks
         if self.mode is Mode.OBSERVE:
@@ -191,7 +190,7 @@ class Supervisor(ChatHooks):
         self._later(turn, buffer.message(), 0, {"finish_reason": buffer.finish_reason})
 
     async def _enforced_stream(
-        self, ctx: ChatContext, turn: Turn, chunks: AsyncIterator[dict[str, Any]]
+        self, ctx: ChatContext[Turn], turn: Turn, chunks: AsyncIterator[dict[str, Any]]
     ) -> AsyncIterator[dict[str, Any]]:
         envelope: Envelope | None = None
         role_sent = False
