@@ -42,7 +42,7 @@ from proxy.metrics import MAX_TOOL_LABELS, OTHER, ProxyMetrics
 from proxy.supervision.decisions import Decision, Degraded, decide, with_shown_text
 from proxy.supervision.extractions import ExtractionReader
 from proxy.supervision.held_stream import CandidateBuffer, Envelope, add_usage, content_delta, tool_call_deltas
-from proxy.supervision.injection import GUIDANCE_LABEL, Injector, triggered_agents
+from proxy.supervision.injection import GUIDANCE_LABEL, Injector
 from proxy.supervision.recorder import Intervention, Recorder
 from proxy.supervision.sessions import (
     SESSION_HEADER,
@@ -335,7 +335,7 @@ class Supervisor(ChatHooks[Turn]):
             self.metrics.degraded.labels(reason=decision.degraded, policy=policy).inc()
             turn.degraded = decision.degraded
         turn.state.add_guidance(decision.guidance)
-        turn.state.activate(triggered_agents(f.category for f in decision.findings))
+        turn.state.activate(decision.activate)
 
     async def _finish(self, turn: Turn, finish_reason: str) -> None:
         if turn.labels:
