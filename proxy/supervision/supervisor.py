@@ -41,7 +41,7 @@ from proxy.hooks import ChatContext, ChatHooks, wants_usage
 from proxy.metrics import MAX_TOOL_LABELS, OTHER, ProxyMetrics
 from proxy.supervision.decisions import Decision, Degraded, decide, with_shown_text
 from proxy.supervision.extractions import ExtractionReader
-from proxy.supervision.held_stream import CandidateBuffer, Envelope, add_usage, content_delta, tool_call_deltas
+from proxy.supervision.held_stream import CandidateBuffer, HeldStream, add_usage
 from proxy.supervision.injection import GUIDANCE_LABEL, Injector
 from proxy.supervision.recorder import Intervention, Recorder
 from proxy.supervision.sessions import (
@@ -192,54 +192,31 @@ class Supervisor(ChatHooks[Turn]):
     async def _enforced_stream(
         self, ctx: ChatContext[Turn], turn: Turn, chunks: AsyncIterator[dict[str, Any]]
     ) -> AsyncIterator[dict[str, Any]]:
-        envelope: Envelope | None = None
-        role_sent = False
-        shown = ""  # content the client already has, across attempts
-        usage: dict[str, Any] | None = None
+        held = HeldStream()
         attempt = 0
         while True:
-            buffer = CandidateBuffer()
             async for chunk in chunks:
-                envelope = envelope or Envelope.of(chunk)
-                usage = add_usage(usage, chunk.get("usage"))
-                choices = chunk.get("choices") or ()
-                if not choices:
-                    continue
-                buffer.add(choices[0])
-                delta = content_delta(chunk, role_sent)
-                if delta is not None:
-                    role_sent = True
-                    shown += delta.get("content") or ""
-                    yield envelope.chunk(delta)
-            candidate = buffer.message()
-            if not buffer.has_tool_calls and str(candidate.get("content") or "").strip():
-                # The text is already with the client: nothing to hold or replace, only guidance to gain.
-                # (An empty reply sent nothing yet, so it is judged like a call and can still be retried.)
-                self._later(turn, candidate, attempt, {"finish_reason": buffer.finish_reason})
-                final, finish = candidate, buffer.finish_reason or "stop"
+                shown = held.take(chunk)
+                if shown is not None:
+                    yield shown
+            candidate = held.buffer.message()
+            if held.text_sent(candidate):
+                self._later(turn, candidate, attempt, {"finish_reason": held.buffer.finish_reason})
+                final, finish = candidate, held.buffer.finish_reason or "stop"
                 break
             decision = await self._judge(turn, candidate, attempt, tool_bytes_sent=False)
             if decision.action is Action.RETRY and decision.feedback is not None:
-                feedback = with_shown_text(decision.feedback, shown)
-                chunks = await ctx.open_stream(turn.retry_body(feedback))
+                chunks = await ctx.open_stream(turn.retry_body(with_shown_text(decision.feedback, held.shown)))
+                held.next_attempt()
                 attempt += 1
                 continue
             final = decision.replacement or candidate
             finish = "tool_calls" if final.get("tool_calls") else "stop"
             await self._finish(turn, finish)
             break
-        envelope = envelope or Envelope({"id": "chatcmpl-fama", "object": "chat.completion.chunk", "created": 0})
-        if not role_sent:
-            yield envelope.chunk({"role": "assistant", "content": None})
-        if final is not candidate and final.get("content"):
-            text = str(final["content"])
-            yield envelope.chunk({"content": f"\n\n{text}" if shown else text})
-        if final.get("tool_calls"):
-            for delta in tool_call_deltas(final):
-                yield envelope.chunk(delta)
-        yield envelope.chunk({}, finish, **{TRAILER_KEY: self._trailer(turn)})
-        if wants_usage(ctx.body):
-            yield envelope.usage_chunk(usage)
+        trailer = {TRAILER_KEY: self._trailer(turn)}
+        for chunk in held.ending(final, final is not candidate, finish, trailer, wants_usage(ctx.body)):
+            yield chunk
 
     # -- judging --------------------------------------------------------------------------------------
 
