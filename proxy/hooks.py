@@ -9,7 +9,6 @@ upstream errors reach them as :class:`~proxy.errors.ProxyError`.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -21,8 +20,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.tracing import Trace
 from proxy.upstream import normalize, textcalls
 from proxy.upstream.chunks import NormalizedChunks, ToolTextChunks, upstream_frames
-from proxy.upstream.client import Response as UpstreamResponse
-from proxy.upstream.client import Upstream, close
+from proxy.upstream.client import Reply, Upstream
 
 PATH = "/chat/completions"
 REPAIRED_HEADER = "x-fama-repaired"  # non-streaming answers whose tool calls the model wrote as text
@@ -45,7 +43,7 @@ class ChatContext(Generic[S]):
     upstream: Upstream
     metrics: ProxyMetrics
     upstream_headers: dict[str, str]
-    _open: list[tuple[UpstreamResponse, float]] = field(default_factory=list)
+    _open: list[Reply] = field(default_factory=list)
     request_headers: Mapping[str, str] = field(default_factory=dict)  # the client's (e.g. x-fama-session)
     response_headers: dict[str, str] = field(default_factory=dict)  # hooks add theirs; sent with the response
     hook_state: S | None = None  # the hooks' per-turn state, from request to answer
@@ -56,9 +54,7 @@ class ChatContext(Generic[S]):
         return model
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        payload, _ = await self.upstream.request_json(
-            "POST", PATH, self.upstream_headers, self.trace, orjson.dumps(body)
-        )
+        payload = await self.upstream.request_json("POST", PATH, self.upstream_headers, self.trace, orjson.dumps(body))
         if not isinstance(payload, dict):
             raise UpstreamStreamError("the upstream model server answered with something other than a JSON object")
         response = normalize.chat_completion(payload, self.model)
@@ -74,14 +70,13 @@ class ChatContext(Generic[S]):
 
     async def open_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Open a streamed completion; upstream error statuses raise here, before any byte is sent."""
-        started = time.perf_counter()
-        response = await self.upstream.open("POST", PATH, self.upstream_headers, self.trace, orjson.dumps(body))
-        self._open.append((response, started))
+        reply = await self.upstream.open("POST", PATH, self.upstream_headers, self.trace, orjson.dumps(body))
+        self._open.append(reply)
         normalizer = normalize.ChunkNormalizer(self.model, wants_usage(body))
         tools = textcalls.declared_tools(body)
         if tools:
-            return ToolTextChunks(upstream_frames(response), normalizer, tools, self._count_stream_repair)
-        return NormalizedChunks(upstream_frames(response), normalizer)
+            return ToolTextChunks(upstream_frames(reply), normalizer, tools, self._count_stream_repair)
+        return NormalizedChunks(upstream_frames(reply), normalizer)
 
     def _count_stream_repair(self) -> None:
         # The stream's headers left before the reply was read: the metric and the log say it instead.
@@ -90,9 +85,7 @@ class ChatContext(Generic[S]):
 
     async def aclose(self) -> None:
         while self._open:
-            response, started = self._open.pop()
-            close(response)
-            self.trace.upstream_s += time.perf_counter() - started
+            self._open.pop().close()
 
 
 class ChatHooks(Generic[S]):

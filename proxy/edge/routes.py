@@ -7,7 +7,6 @@ normalized (TGI answers a single object; llama.cpp and TGI have no ``/models/{id
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
@@ -28,8 +27,7 @@ from proxy.hooks import ChatContext
 from proxy.tracing import Trace
 from proxy.upstream import normalize
 from proxy.upstream.chunks import RelayedChunks, upstream_frames
-from proxy.upstream.client import Response as UpstreamResponse
-from proxy.upstream.client import Upstream, close
+from proxy.upstream.client import Reply, Upstream
 
 router = APIRouter(prefix="/v1")
 CHAT_PATH = "/v1/chat/completions"
@@ -81,28 +79,25 @@ async def _relay(request: Request, path: str, body: dict[str, Any], state: Proxy
     upstream, settings = state["upstream"], state["settings"]
     headers = upstream.headers(request.headers.get("authorization"), trace.request_id)
     content = orjson.dumps(body)
-    started = time.perf_counter()
 
-    async def done(response: UpstreamResponse) -> None:
-        if not response.closed:
-            close(response)
-            trace.upstream_s += time.perf_counter() - started
+    async def done(reply: Reply) -> None:
+        reply.close()
 
     async def call() -> Response:
-        response = await upstream.open("POST", path, headers, trace, content)
+        reply = await upstream.open("POST", path, headers, trace, content)
         if body.get("stream"):
-            chunks = RelayedChunks(upstream_frames(response))
+            chunks = RelayedChunks(upstream_frames(reply))
             return EventStream(
-                relay(chunks, trace, state["metrics"], lambda: done(response), chunks),
+                relay(chunks, trace, state["metrics"], lambda: done(reply), chunks),
                 ping=settings.sse_ping_s,
                 shutdown_grace_period=settings.sse_shutdown_grace_s,
-                background=BackgroundTask(done, response),
+                background=BackgroundTask(done, reply),
             )
         try:
-            raw = await upstream.read(response)
+            raw = await upstream.read(reply)
         finally:
-            await done(response)
-        return Response(raw, media_type=response.headers.get("content-type", "application/json"))
+            reply.close()
+        return Response(raw, media_type=reply.content_type)
 
     return await cancel_on_disconnect(request, call)
 
@@ -128,7 +123,7 @@ async def embeddings(request: Request, tenant: Tenant, state: State, trace: Trac
 
 async def _models(request: Request, upstream: Upstream, trace: Trace) -> dict[str, Any]:
     headers = upstream.headers(request.headers.get("authorization"), trace.request_id)
-    payload, _ = await upstream.request_json("GET", "/models", headers, trace)
+    payload = await upstream.request_json("GET", "/models", headers, trace)
     return normalize.model_list(payload)
 
 
@@ -142,7 +137,7 @@ async def get_model(model_id: str, request: Request, tenant: Tenant, state: Stat
     upstream = state["upstream"]
     headers = upstream.headers(request.headers.get("authorization"), trace.request_id)
     try:
-        payload, _ = await upstream.request_json("GET", f"/models/{model_id}", headers, trace)
+        payload = await upstream.request_json("GET", f"/models/{model_id}", headers, trace)
     except UpstreamError as exc:
         if exc.status not in (404, 405):
             raise
