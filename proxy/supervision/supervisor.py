@@ -246,7 +246,7 @@ class Supervisor(ChatHooks[Turn]):
         else:
             result = Degraded("deadline" if outcome.reason is MissReason.DEADLINE else "outage")
         decision = decide(self.mode, self.profile, result, candidate, turn.tools, attempt, tool_bytes_sent)
-        self._account(turn, candidate, attempt, outcome, decision)
+        self._account(turn, attempt, decision)
         self._record(event, outcome, decision)
         return decision
 
@@ -273,10 +273,9 @@ class Supervisor(ChatHooks[Turn]):
                 )
             )
 
-    def _account(
-        self, turn: Turn, candidate: dict[str, Any], attempt: int, outcome: VerdictOutcome, decision: Decision
-    ) -> None:
-        """Metrics, labels, guidance and the attempt's record, for one decision."""
+    def _account(self, turn: Turn, attempt: int, decision: Decision) -> None:
+        """One decision into the turn and the session (:meth:`Turn.apply`), and into the metrics and the log."""
+        settled = turn.apply(decision)
         mode = self.mode.value
         declared = {str((t.get("function") or {}).get("name")) for t in turn.tools[:MAX_TOOL_LABELS]}
         for f in decision.findings:
@@ -286,19 +285,15 @@ class Supervisor(ChatHooks[Turn]):
                 else (self.metrics.tool_label(f.tool_name) if f.tool_name in declared else OTHER)
             )
             self.metrics.findings.labels(category=f.category.value, detector=f.detector, tool=tool).inc()
-        if turn.retrying:
+        if settled:
             outcome_label = (
                 "fixed" if not decision.changes_answer else ("exhausted" if decision.exhausted else "failed")
             )
-            for c in turn.retrying:
+            for c in settled:
                 self.metrics.retries.labels(category=c.value, outcome=outcome_label).inc()
-            turn.retrying = ()
-        if decision.action is Action.RETRY:
-            turn.retrying = decision.categories
         if decision.changes_answer:
             for category in [c.value for c in decision.categories] or ["none"]:
                 self.metrics.interventions.labels(action=decision.action.value, category=category, mode=mode).inc()
-            turn.labels.extend(label for label in decision.labels if label not in turn.labels)
             log.info(
                 "session %s/%s attempt %d: %s (%s)",
                 turn.ref.tenant,
@@ -310,9 +305,6 @@ class Supervisor(ChatHooks[Turn]):
         if decision.degraded is not None:
             policy = "closed" if decision.action is Action.BLOCK else "open"
             self.metrics.degraded.labels(reason=decision.degraded, policy=policy).inc()
-            turn.degraded = decision.degraded
-        turn.state.add_guidance(decision.guidance)
-        turn.state.activate(decision.activate)
 
     async def _finish(self, turn: Turn, finish_reason: str) -> None:
         if turn.labels:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from detector_service.contract.wire import Category
+from detector_service.contract.wire import Action, Category
+from proxy.supervision.decisions import Decision
 from proxy.supervision.sessions import SessionRef, SessionState
 from proxy.upstream import normalize
 
@@ -28,6 +29,19 @@ class Turn:
         # Fresh message dicts: the upstream adapter edits messages in place.
         messages = [dict(m) for m in self.body["messages"]]
         return normalize.adapt_for_upstream({**self.body, "messages": [*messages, feedback]})
+
+    def apply(self, decision: Decision) -> tuple[Category, ...]:
+        """Take an attempt's decision into the turn (labels, degraded, the retry in flight) and the session (guidance,
+        agents switched on); the categories of the earlier retry this attempt settles."""
+        settled = self.retrying
+        self.retrying = decision.categories if decision.action is Action.RETRY else ()
+        if decision.changes_answer:
+            self.labels.extend(label for label in decision.labels if label not in self.labels)
+        if decision.degraded is not None:
+            self.degraded = decision.degraded
+        self.state.add_guidance(decision.guidance)
+        self.state.activate(decision.activate)
+        return settled
 
 
 def replace_message(choice: dict[str, Any], message: dict[str, Any]) -> None:
