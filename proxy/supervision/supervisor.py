@@ -147,10 +147,10 @@ class Supervisor(ChatHooks[Turn]):
         while True:
             choice = response["choices"][0]
             candidate = choice.get("message") or {}
-            decision = await self._judge(turn, candidate, attempt, tool_bytes_sent=False)
-            if decision.action is not Action.RETRY or decision.feedback is None:
+            decision, retry = await self._attempt(turn, candidate, attempt)
+            if retry is None:
                 break
-            response = await ctx.complete(turn.retry_body(decision.feedback))
+            response = await ctx.complete(retry)
             usage = add_usage(usage, response.get("usage"))
             attempt += 1
             if len(response.get("choices") or ()) != 1:
@@ -204,9 +204,9 @@ class Supervisor(ChatHooks[Turn]):
                 self._later(turn, candidate, attempt, {"finish_reason": held.buffer.finish_reason})
                 final, finish = candidate, held.buffer.finish_reason or "stop"
                 break
-            decision = await self._judge(turn, candidate, attempt, tool_bytes_sent=False)
-            if decision.action is Action.RETRY and decision.feedback is not None:
-                chunks = await ctx.open_stream(turn.retry_body(with_shown_text(decision.feedback, held.shown)))
+            decision, retry = await self._attempt(turn, candidate, attempt, held.shown)
+            if retry is not None:
+                chunks = await ctx.open_stream(retry)
                 held.next_attempt()
                 attempt += 1
                 continue
@@ -219,6 +219,16 @@ class Supervisor(ChatHooks[Turn]):
             yield chunk
 
     # -- judging --------------------------------------------------------------------------------------
+
+    async def _attempt(
+        self, turn: Turn, candidate: dict[str, Any], attempt: int, shown: str = ""
+    ) -> tuple[Decision, dict[str, Any] | None]:
+        """The decision on an attempt the client has not seen (beyond ``shown`` text), and the request body of the
+        next attempt when the decision is a retry."""
+        decision = await self._judge(turn, candidate, attempt, tool_bytes_sent=False)
+        if decision.action is not Action.RETRY or decision.feedback is None:
+            return decision, None
+        return decision, turn.retry_body(with_shown_text(decision.feedback, shown))
 
     async def _judge(self, turn: Turn, candidate: dict[str, Any], attempt: int, tool_bytes_sent: bool) -> Decision:
         # Every field is already known-good (messages checked by the chat pipeline, the candidate normalized):
