@@ -23,14 +23,18 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from detector_service.contract.profile import AgentName, Mode, Profile, ToolKind
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import Action, Category, Finding, Verdict
 
+if TYPE_CHECKING:  # the OpenAI message shapes, checked statically and never at runtime
+    from openai.types.chat import ChatCompletionAssistantMessageParam as AssistantMessage
+    from openai.types.chat import ChatCompletionSystemMessageParam as SystemMessage
+
 DegradedReason = Literal["deadline", "outage"]
-FEEDBACK_ROLE = "system"  # the retry feedback is an instruction to the model, not words from the user
+FEEDBACK_ROLE: Literal["system"] = "system"  # the retry feedback is an instruction to the model, not the user's words
 FEEDBACK_PREFIX = "[FAMA feedback]"
 
 
@@ -72,8 +76,8 @@ class Decision:
     action: Action  # what is done with this attempt (always ``pass`` or ``guide`` in observe mode)
     intended: Action  # what enforce mode wants, recorded even when observe mode does not act on it
     categories: tuple[Category, ...] = ()
-    feedback: dict[str, Any] | None = None  # appended to the conversation for the retry only
-    replacement: dict[str, Any] | None = None  # the assistant message sent instead (rewrite, block)
+    feedback: SystemMessage | None = None  # appended to the conversation for the retry only
+    replacement: AssistantMessage | None = None  # the assistant message sent instead (rewrite, block)
     guidance: tuple[str, ...] = ()  # carried into the next turn's injected context
     activate: tuple[AgentName, ...] = ()  # agents switched on for the session's next turns (``TRIGGERS``)
     degraded: DegradedReason | None = None
@@ -136,7 +140,7 @@ def _driving(verdict: Verdict, profile: Profile) -> tuple[Category, ...]:
     return tuple(dict.fromkeys(matching or [f.category for f in verdict.findings]))
 
 
-def feedback_message(candidate: dict[str, Any], findings: Sequence[Finding]) -> dict[str, Any]:
+def feedback_message(candidate: dict[str, Any], findings: Sequence[Finding]) -> SystemMessage:
     calls = tool_calls(candidate)
     proposal = (
         "; ".join(describe_call(c) for c in calls)
@@ -157,7 +161,7 @@ def feedback_message(candidate: dict[str, Any], findings: Sequence[Finding]) -> 
     return {"role": FEEDBACK_ROLE, "content": "\n".join(lines)}
 
 
-def with_shown_text(feedback: dict[str, Any], shown: str) -> dict[str, Any]:
+def with_shown_text(feedback: SystemMessage, shown: str) -> SystemMessage:
     """Feedback for a streamed retry whose rejected attempt's text already reached the user."""
     if not shown:
         return feedback
@@ -167,7 +171,7 @@ def with_shown_text(feedback: dict[str, Any], shown: str) -> dict[str, Any]:
 
 def block_message(
     candidate: dict[str, Any], findings: Sequence[Finding], degraded: DegradedReason | None = None
-) -> dict[str, Any]:
+) -> AssistantMessage:
     calls = tool_calls(candidate)
     if not calls:
         text = "I can't give a reliable answer to that right now. Could you tell me how you'd like to proceed?"
@@ -209,7 +213,13 @@ def decide(
         return Decision(Action.GUIDE, wanted, cats, guidance=guidance, activate=activate, findings=findings)
     if wanted is Action.REWRITE:
         return Decision(
-            Action.REWRITE, wanted, cats, replacement=verdict.rewritten, activate=activate, findings=findings
+            Action.REWRITE,
+            wanted,
+            cats,
+            # The detector service's rewrite is an assistant message (the wire carries it as a plain object).
+            replacement=cast("AssistantMessage", verdict.rewritten),
+            activate=activate,
+            findings=findings,
         )
     if wanted is Action.RETRY and attempt < profile.max_retries:
         feedback = feedback_message(candidate, findings)

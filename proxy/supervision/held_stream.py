@@ -9,6 +9,7 @@ the first attempt's ``id``/``created``/``model``, the role is sent once, tool ca
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +91,7 @@ class Envelope:
         return {**self.fields, "choices": [], "usage": usage}
 
 
-def tool_call_deltas(message: dict[str, Any]) -> list[dict[str, Any]]:
+def tool_call_deltas(message: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One delta per tool call, each complete (id, type, name, whole arguments), indexed from 0."""
     return [
         {
@@ -157,7 +158,7 @@ class HeldStream:
         return not self.buffer.has_tool_calls and bool(str(candidate.get("content") or "").strip())
 
     def ending(
-        self, final: dict[str, Any], replaced: bool, finish: str, trailer: dict[str, Any], with_usage: bool
+        self, final: Mapping[str, Any], replaced: bool, finish: str, trailer: dict[str, Any], with_usage: bool
     ) -> list[dict[str, Any]]:
         """The chunks after the verdict: the role if not yet sent, a replacement's text, the held (or replacing)
         tool calls, the one chunk with the ``finish_reason`` (and ``trailer``), the usage when asked for."""

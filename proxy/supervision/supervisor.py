@@ -200,9 +200,10 @@ class Supervisor(ChatHooks[Turn]):
                 if shown is not None:
                     yield shown
             candidate = held.buffer.message()
+            final: Mapping[str, Any] = candidate
             if held.text_sent(candidate):
                 self._later(turn, candidate, attempt, {"finish_reason": held.buffer.finish_reason})
-                final, finish = candidate, held.buffer.finish_reason or "stop"
+                finish = held.buffer.finish_reason or "stop"
                 break
             decision, retry = await self._attempt(turn, candidate, attempt, held.shown)
             if retry is not None:

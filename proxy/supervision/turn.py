@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from detector_service.contract.wire import Action, Category
 from proxy.supervision.decisions import Decision
 from proxy.supervision.sessions import SessionRef, SessionState
 from proxy.upstream import normalize
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionSystemMessageParam as SystemMessage
 
 
 @dataclass
@@ -25,7 +29,7 @@ class Turn:
     degraded: str | None = None
     retrying: tuple[Category, ...] = ()  # categories of the retry in flight, to count its outcome
 
-    def retry_body(self, feedback: dict[str, Any]) -> dict[str, Any]:
+    def retry_body(self, feedback: SystemMessage) -> dict[str, Any]:
         # Fresh message dicts: the upstream adapter edits messages in place.
         messages = [dict(m) for m in self.body["messages"]]
         return normalize.adapt_for_upstream({**self.body, "messages": [*messages, feedback]})
@@ -44,7 +48,7 @@ class Turn:
         return settled
 
 
-def replace_message(choice: dict[str, Any], message: dict[str, Any]) -> None:
+def replace_message(choice: dict[str, Any], message: Mapping[str, Any]) -> None:
     """Put ``message`` (a retry's or a block's answer) in place of the choice's message, keeping its other fields."""
     original = choice.get("message") or {}
     replaced = {k: v for k, v in original.items() if k not in ("content", "tool_calls")}
