@@ -46,7 +46,7 @@ from proxy.settings import ProxySettings
 
 logger = logging.getLogger("fama.proxy.limits")
 
-STATE_KEY: Final = "client_limits"  # the key in the lifespan state (proxy.app.ProxyState)
+STATE_KEY: Final = "client_limits"  # the key in the lifespan state (proxy.edge.deps.ProxyState)
 PROTOCOL = "proxy.edge.limits:GuardedHttpToolsProtocol"  # uvicorn's ``http`` option (importable by workers)
 
 
