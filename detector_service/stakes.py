@@ -60,9 +60,10 @@ CEILING: dict[Stakes, dict[Evidence, Action]] = {
 
 # detector -> (evidence, whether the finding is about how the request ends rather than about a call)
 DETECTORS: dict[str, tuple[Evidence, bool]] = {
-    # MTC: the call cannot run as written
-    "unknown_tool": (Evidence.STRONG, False),
-    "arguments_not_json": (Evidence.STRONG, False),
+    # MTC: the call cannot run as written. A tool that does not exist or arguments that are not JSON leave the
+    # client's harness nothing to execute: the turn ends there, whatever the tool's name suggests.
+    "unknown_tool": (Evidence.STRONG, True),
+    "arguments_not_json": (Evidence.STRONG, True),
     "schema_violation": (Evidence.STRONG, False),
     "arguments_repaired": (Evidence.STRONG, False),
     # DCV
