@@ -71,6 +71,7 @@ DETECTORS: dict[str, tuple[Evidence, bool]] = {
     "requires_confirmation": (Evidence.STRONG, False),
     "details_not_listed": (Evidence.WEAK, False),
     "one_tool_call_per_turn": (Evidence.STYLE, False),
+    "write_in_batch": (Evidence.WEAK, False),  # the same rule when the batch holds a write: data changes unseen
     "entity_condition": (Evidence.STRONG, False),
     "argument_constraint": (Evidence.STRONG, False),
     "forbidden": (Evidence.STRONG, False),
@@ -91,17 +92,11 @@ DETECTORS: dict[str, tuple[Evidence, bool]] = {
     "llm_judge": (Evidence.WEAK, False),
 }
 
-# Rule types a profile (or the policy text) declares; their findings are named after the rule.
-RULE_DETECTORS = frozenset(
-    {
-        "requires_confirmation",
-        "requires_prior_read",
-        "argument_constraint",
-        "entity_condition",
-        "forbidden",
-        "one_tool_call_per_turn",
-    }
+# Findings of the rules a profile (or the policy text) declares; those of rules about one tool are counted per tool.
+PER_TOOL_RULES = frozenset(
+    {"requires_confirmation", "requires_prior_read", "argument_constraint", "entity_condition", "forbidden"}
 )
+RULE_DETECTORS = PER_TOOL_RULES | {"one_tool_call_per_turn", "write_in_batch"}
 
 
 def evidence_of(finding: Finding) -> Evidence:
@@ -134,7 +129,7 @@ def stakes_of(finding: Finding, calls: Sequence[Mapping[str, str | None]], kinds
 def entry_key(finding: Finding) -> str:
     """The profile's ``findings:`` key of a finding: ``CATEGORY/detector``, per tool for rule findings."""
     base = f"{finding.category.value}/{finding.detector}"
-    if finding.detector in RULE_DETECTORS and finding.tool_name:
+    if finding.detector in PER_TOOL_RULES and finding.tool_name:
         return f"{base}/{finding.tool_name}"
     return base
 

@@ -16,7 +16,7 @@ from detector_service.offline.replay import replay
 from detector_service.offline.trajectories import load
 from detector_service.stakes import Stakes, stakes_of
 from detector_service.turn import ConversationIndex, parse_json
-from tests.tau_turns import CLAUDE, DOMAIN, GPT4O_2411, GPT_OSS, GROK, tools, trajectory, turn
+from tests.tau_turns import CLAUDE, DOMAIN, GPT4O_2411, GPT_OSS, GROK, TELECOM, tools, trajectory, turn
 
 pytestmark = pytest.mark.tau
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
@@ -151,3 +151,18 @@ def test_stakes_follow_what_the_pending_action_can_do() -> None:
     assert stakes_of(about_turn, calls, kinds) is Stakes.END
     assert stakes_of(closing, [], kinds) is Stakes.END
     assert stakes_of(about_turn, [], kinds) is Stakes.TEXT
+
+
+def test_a_write_batched_with_a_lookup_acts_a_batch_of_confirmed_writes_guides(tau_dir: Path) -> None:
+    # gpt-4o (telecom) enables roaming in the same turn as it first looks up the bills: the write cannot have
+    # used the look-up's result. No profile: the "one tool call at a time" rule comes from the request's policy.
+    mixed = Engine(Profile()).evaluate(
+        turn(tau_dir, TELECOM, "[mms_issue]break_app_sms_permission[PERSONA:None]#0", 15)
+    )
+    batch = [f for f in mixed.findings if f.detector == "write_in_batch"]
+    assert [f.tool_name for f in batch] == ["enable_roaming"]
+    assert batch[0].action is Action.RETRY
+    # claude cancels the two reservations the user just confirmed, in one turn: style, guidance only.
+    writes = Engine(_profile(CLAUDE)).evaluate(turn(tau_dir, CLAUDE, "42#0", 19))
+    assert {f.detector for f in writes.findings} == {"one_tool_call_per_turn"}
+    assert writes.action is Action.GUIDE

@@ -3,7 +3,7 @@
 ``outcomes`` / ``grouped`` give the view enforce mode is judged by, on *acting* flags (retry, rewrite, block)
 and on all flags: failed runs flagged, passed runs flagged, and prevention (among failed runs with a harmful
 write, a write-tool call matching no ground-truth action exactly, the share whose first flag comes at or
-before it). ``score`` below is the older any-flag view with its own notes.
+before it). ``score`` below counts acting flags too, with the finer notes that follow.
 
 For each trajectory with a reward and ground-truth actions:
 - flagged: at least one flag;
@@ -31,6 +31,9 @@ from detector_service.contract.profile import ToolKind
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.offline.trajectories import Replayed
 from detector_service.turn import is_error_output, norm, parse_json, tool_calls_of
+
+# What enforce mode changes: the flags the supervisor is judged by (``outcomes`` also reports every flag).
+ACTING = frozenset({"retry", "rewrite", "block"})
 
 
 def _canonical(value: Any) -> Any:
@@ -114,13 +117,15 @@ class Score:
 
 
 def score(results: Iterable[Replayed], kinds: ToolKinds) -> Score:
-    """Only trajectories with a reward count; ``early`` needs ``ground_truth.actions`` in the record."""
+    """Acting flags only (retry / rewrite / block); only trajectories with a reward count; ``early`` needs
+    ``ground_truth.actions`` in the record."""
     out = Score()
     for r in results:
         reward = r.trajectory.reward
         if reward is None:
             continue
         failed = reward < 1.0
+        r = Replayed(r.trajectory, [f for f in r.flags if f.action in ACTING], r.turns)  # what enforce mode changes
         flagged = bool(r.flags)
         if failed:
             out.failed += 1
@@ -149,10 +154,6 @@ def score(results: Iterable[Replayed], kinds: ToolKinds) -> Score:
                 if limit is None or first_cat <= limit:
                     out.by_category[cat]["failed_early"] += 1
     return out
-
-
-# The outcome view the supervisor is judged by: what enforce mode would change (acting flags) and every flag.
-ACTING = frozenset({"retry", "rewrite", "block"})
 
 
 def _exact(value: Any) -> str:
