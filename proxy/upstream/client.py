@@ -107,10 +107,16 @@ class Upstream:
             self._errors["connect"].inc()
             raise UpstreamUnreachable(f"cannot reach the upstream model server ({type(exc).__name__})") from exc
         if response.status >= 400:
-            await self._raise_status(response)
+            await self.raise_status(response)
         return response
 
-    async def _raise_status(self, response: Response) -> None:
+    def count_error(self, kind: str) -> None:
+        """One more ``fama_upstream_errors_total{kind}`` (``timeout``, ``connect``, ``status_4xx``, ``status_5xx``,
+        ``stream``)."""
+        self._errors[kind].inc()
+
+    async def raise_status(self, response: Response) -> None:
+        """Read (bounded) and close an error answer and raise it as :class:`UpstreamError`."""
         status = response.status
         self._errors["status_5xx" if status >= 500 else "status_4xx"].inc()
         try:
