@@ -106,10 +106,11 @@ class RelayUpstream:
         await self._record(request)
 
         async def events() -> AsyncIterator[bytes]:
-            yield b'data: {"n": 1}\n\n'
+            yield b'data: {"n": 1}\n\n' if request.query_params.get("sse") else CHUNK
             raise RuntimeError("the model server crashed mid-stream")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        media_type = "text/event-stream" if request.query_params.get("sse") else "application/octet-stream"
+        return StreamingResponse(events(), media_type=media_type)
 
     async def error(self, request: Request) -> Response:
         await self._record(request)
@@ -247,12 +248,19 @@ def test_a_client_leaving_a_stream_ends_the_upstream_request(
 
 
 def test_a_broken_event_stream_ends_with_an_error_event(proxy_url: str) -> None:
-    with httpx2.stream("GET", proxy_url + "/v1/broken", timeout=30) as response:
+    with httpx2.stream("GET", proxy_url + "/v1/broken?sse=1", timeout=30) as response:
         lines = [line for line in response.iter_lines() if line]
     assert lines[0] == 'data: {"n": 1}'
     assert lines[-1].startswith('data: {"error":')
     assert '"code":"upstream_stream_error"' in lines[-1]
     assert "fama_upstream_errors_total" in httpx2.get(proxy_url + "/metrics").text
+
+
+def test_a_broken_download_is_cut_short_not_ended(proxy_url: str) -> None:
+    with httpx2.stream("GET", proxy_url + "/v1/broken", timeout=30) as response:
+        assert response.status_code == 200
+        with pytest.raises(httpx2.RemoteProtocolError):
+            response.read()
 
 
 def test_upstream_errors_keep_their_status_in_openai_shape(proxy_url: str) -> None:

@@ -9,6 +9,7 @@ the same size and time limits as on the other routes.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import orjson
@@ -25,6 +26,8 @@ from proxy.settings import ProxySettings
 from proxy.tracing import Trace
 from proxy.upstream.client import Upstream
 from proxy.upstream.passthrough import Relayed, send
+
+logger = logging.getLogger("fama.proxy.passthrough")
 
 PREFIX = "/v1"
 RELAY_PATH = PREFIX + "/{path:path}"
@@ -83,6 +86,10 @@ def _has_body(request: Request) -> bool:
     return "transfer-encoding" in request.headers
 
 
+class _BodyCut(Exception):
+    """The upstream's body broke off after the headers went out (logged where it happens)."""
+
+
 class RelayedResponse(StreamingResponse):
     """The upstream's answer with its body streamed as it arrives; the upstream response is closed however the
     relay ends (a client disconnect included, which cancels the upstream request)."""
@@ -100,13 +107,18 @@ class RelayedResponse(StreamingResponse):
             async for part in self._relayed.body():
                 yield part
         except UpstreamStreamError as exc:
+            logger.warning("relayed body cut short (request %s): %s", self._relayed.request_id, exc.message)
             if not self._sse:
-                raise  # headers are out: only a cut connection tells the client the body is incomplete
+                raise _BodyCut from exc
             yield b"data: " + orjson.dumps(exc.body()) + b"\n\n"  # the SDK raises APIError for it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except _BodyCut:
+            # The headers are out: leaving the response incomplete makes the server cut the connection, the only
+            # way left to tell the client the body is not whole.
+            return
         finally:
             self._relayed.close()
 

@@ -25,11 +25,11 @@ from proxy.upstream.client import Response, TransportError, Upstream, close
 logger = logging.getLogger("fama.proxy.passthrough")
 
 # RFC 9110 §7.6.1, plus Proxy-Connection (still sent by some clients) and the end-to-end headers the proxy
-# owns on each leg: the host, its own request id, the upstream key.
+# owns on each leg: the host, its own request id, the upstream key, `expect` (the proxy's server answers it).
 HOP_BY_HOP = frozenset(
     {"connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
 )
-_OWN_REQUEST = frozenset({"host", "authorization", "x-request-id"})
+_OWN_REQUEST = frozenset({"host", "authorization", "x-request-id", "expect"})
 _OWN_RESPONSE = frozenset({"x-request-id", "server", "date"})
 
 
@@ -69,6 +69,10 @@ class Relayed:
         except TransportError as exc:
             self._upstream.count_error("stream")
             raise UpstreamStreamError(f"the upstream connection failed mid-response ({type(exc).__name__})") from exc
+
+    @property
+    def request_id(self) -> str:
+        return self._trace.request_id
 
     def close(self) -> None:
         if not self._response.closed:
