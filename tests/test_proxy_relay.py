@@ -4,6 +4,8 @@ through the proxy, both on real uvicorn servers, against a scripted upstream tha
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -335,3 +337,24 @@ def test_a_model_the_upstream_does_not_know_is_its_404() -> None:
             client.models.retrieve("m-1")  # in the list, but the route says otherwise: the route wins
         assert caught.value.response.json()["error"]["code"] == "model_not_found"
     assert [s.raw_path for s in scripted.seen] == ["/v1/models/m-1"]
+
+
+def test_a_stalled_request_body_is_408_and_the_upstream_request_is_abandoned(
+    upstream: tuple[RelayUpstream, str],
+) -> None:
+    scripted, url = upstream
+    with running_proxy(url, request_body_timeout_s=0.5) as proxy:
+        host, port = proxy.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            # Headers promise 200 bytes; 20 arrive, then nothing.
+            conn.sendall(b"POST /v1/files HTTP/1.1\r\nHost: x\r\ncontent-length: 200\r\n\r\n" + b"x" * 20)
+            answer = b""
+            while not answer.rstrip().endswith(b"}"):
+                piece = conn.recv(65536)
+                if not piece:
+                    break
+                answer += piece
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert json.loads(payload)["error"]["code"] == "request_timeout"
+    assert scripted.seen == []

@@ -170,7 +170,9 @@ async def list_models(request: Request, tenant: Tenant, upstream: UpstreamDep, t
 def _about_the_model(error: UpstreamError, model_id: str) -> bool:
     """A 404 that is the upstream's answer about this model (OpenAI's ``model_not_found``), not a server without
     the route (a framework's ``{"detail": "Not Found"}``, llama.cpp's "File Not Found")."""
-    return error.code == "model_not_found" or error.param == "model" or model_id in error.message
+    if error.code == "model_not_found" or error.param == "model":
+        return True
+    return "model" in error.message.lower() and model_id in error.message
 
 
 @router.get("/models/{model_id:path}")

@@ -11,7 +11,6 @@ other route; transport failures are 502/504.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -21,8 +20,6 @@ from yarl import URL
 from proxy.errors import UpstreamStreamError, UpstreamTimeout, UpstreamUnreachable
 from proxy.tracing import Trace
 from proxy.upstream.client import Response, TransportError, Upstream, close
-
-logger = logging.getLogger("fama.proxy.passthrough")
 
 # RFC 9110 §7.6.1, plus Proxy-Connection (still sent by some clients) and the end-to-end headers the proxy
 # owns on each leg: the host, its own request id, the upstream key, `expect` (the proxy's server answers it).
