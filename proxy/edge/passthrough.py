@@ -18,13 +18,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from proxy.edge.auth import require_tenant
+from proxy.edge.deps import require_tenant, state_of, trace_of
 from proxy.edge.inbound import ClientDisconnected, cancel_on_disconnect
 from proxy.edge.routes import _NamedRoute
 from proxy.errors import PayloadTooLarge, ProxyError, RequestTimeout, RouteNotFound, UpstreamStreamError
-from proxy.settings import ProxySettings
-from proxy.tracing import Trace
-from proxy.upstream.client import Upstream
 from proxy.upstream.passthrough import Relayed, send
 
 logger = logging.getLogger("fama.proxy.passthrough")
@@ -128,9 +125,8 @@ async def relay_request(request: Request) -> Response:
     path = request.url.path
     if path == _OWN_PREFIX or path.startswith(_OWN_PREFIX + "/"):
         raise RouteNotFound(f"Unknown request URL: {request.method} {path}", code="unknown_url")
-    settings: ProxySettings = request.app.state.settings
-    upstream: Upstream = request.state.upstream
-    trace: Trace = request.state.trace
+    state = state_of(request)
+    settings, upstream, trace = state["settings"], state["upstream"], trace_of(request)
     raw_path = request.scope.get("raw_path") or path.encode()
     target = raw_path.decode("latin-1")[len(PREFIX) :]
     if query := request.scope.get("query_string"):

@@ -11,15 +11,12 @@ other route; transport failures are 502/504.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 
-from yarl import URL
-
-from proxy.errors import UpstreamStreamError, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import UpstreamStreamError
 from proxy.tracing import Trace
-from proxy.upstream.client import Response, TransportError, Upstream, close
+from proxy.upstream.client import Reply, TransportError, Upstream
 
 # RFC 9110 §7.6.1, plus Proxy-Connection (still sent by some clients) and the end-to-end headers the proxy
 # owns on each leg: the host, its own request id, the upstream key, `expect` (the proxy's server answers it).
@@ -50,15 +47,14 @@ class Relayed:
 
     status: int
     headers: list[tuple[str, str]]
-    _response: Response
+    request_id: str
+    _reply: Reply
     _upstream: Upstream
-    _trace: Trace
-    _started: float
 
     async def body(self) -> AsyncIterator[bytes]:
         """The body as it arrives; a failure mid-way is :class:`UpstreamStreamError`."""
         try:
-            async for part in self._response.content.iter_any():
+            async for part in self._reply.parts():
                 yield part
         except TimeoutError as exc:
             self._upstream.count_error("timeout")
@@ -67,14 +63,8 @@ class Relayed:
             self._upstream.count_error("stream")
             raise UpstreamStreamError(f"the upstream connection failed mid-response ({type(exc).__name__})") from exc
 
-    @property
-    def request_id(self) -> str:
-        return self._trace.request_id
-
     def close(self) -> None:
-        if not self._response.closed:
-            close(self._response)
-            self._trace.upstream_s += time.perf_counter() - self._started
+        self._reply.close()
 
 
 def _upstream_headers(
@@ -95,37 +85,12 @@ def _upstream_headers(
 async def send(
     upstream: Upstream,
     method: str,
-    raw_path: str,
+    target: str,
     client_headers: Iterable[tuple[str, str]],
     trace: Trace,
     body: AsyncIterable[bytes] | None,
 ) -> Relayed:
-    """Send ``method raw_path`` (relative to the upstream's base URL, already percent-encoded, with its query) and
-    return the answer once its headers are in."""
-    url = URL(upstream.base_url + raw_path, encoded=True)
-    started = time.perf_counter()
-    try:
-        response = await upstream.session.request(
-            method,
-            url,
-            headers=_upstream_headers(upstream, client_headers, trace),
-            data=body,
-            # A relay relays: a redirect goes back to the client, and nothing here decodes the body.
-            allow_redirects=False,
-            auto_decompress=False,
-        )
-    except TimeoutError as exc:
-        trace.upstream_s += time.perf_counter() - started
-        upstream.count_error("timeout")
-        raise UpstreamTimeout(f"the upstream model server did not answer in time ({type(exc).__name__})") from exc
-    except TransportError as exc:
-        trace.upstream_s += time.perf_counter() - started
-        upstream.count_error("connect")
-        raise UpstreamUnreachable(f"cannot reach the upstream model server ({type(exc).__name__})") from exc
-    if response.status >= 400:
-        try:
-            await upstream.raise_status(response)
-        finally:
-            trace.upstream_s += time.perf_counter() - started
-    headers = end_to_end(((name, value) for name, value in response.headers.items()), _OWN_RESPONSE)
-    return Relayed(response.status, headers, response, upstream, trace, started)
+    """Send ``method target`` (the path and query below the upstream's base URL, percent-encoded as the client sent
+    them) and return the answer once its headers are in."""
+    reply = await upstream.relay(method, target, _upstream_headers(upstream, client_headers, trace), trace, body)
+    return Relayed(reply.status, end_to_end(reply.header_items(), _OWN_RESPONSE), trace.request_id, reply, upstream)
