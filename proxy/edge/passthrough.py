@@ -3,7 +3,8 @@
 The route is the app's last one: whatever the proxy serves itself (chat, completions, embeddings, models, its own
 ``/v1/fama`` endpoints) matches first, and a method those routes do not take (``DELETE /v1/models/{id}``) falls
 through to here. The proxy's client authentication applies; the request body is streamed to the upstream under
-the same size and time limits as on the other routes.
+the same size and time limits as on the other routes. A client that goes away cancels the upstream request, noticed
+once its request body is in (before that, the body's own channel is the one a disconnect shows on).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class ClientBody:
     """The client's request body as it arrives, at most ``limit`` bytes, all of it within ``timeout_s``.
 
     Iterated by the upstream client on its own task: a failure here surfaces there as a transport error, so the
-    failure is kept in ``error`` for the route to report instead. ``done`` is set once the body has been read.
+    failure is kept in ``error`` for the route to report instead.
     """
 
     def __init__(self, request: Request, limit: int, timeout_s: float) -> None:
@@ -44,32 +45,27 @@ class ClientBody:
         self._limit = limit
         self._timeout_s = timeout_s
         self.error: ProxyError | None = None
-        self.done = asyncio.Event()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout_s
         size = 0
         parts = self._request.stream()
-        try:
-            while True:
-                try:
-                    part = await asyncio.wait_for(anext(parts), max(deadline - loop.time(), 0.0))
-                except StopAsyncIteration:
-                    return
-                except TimeoutError as exc:
-                    raise self._fail(
-                        RequestTimeout(f"the request body was not received within {self._timeout_s:g}s")
-                    ) from exc
-                except ClientDisconnect as exc:
-                    raise self._fail(ClientDisconnected("the client closed the connection")) from exc
-                size += len(part)
-                if size > self._limit:
-                    raise self._fail(PayloadTooLarge(f"request body is larger than {self._limit} bytes"))
-                if part:
-                    yield part
-        finally:
-            self.done.set()
+        while True:
+            try:
+                part = await asyncio.wait_for(anext(parts), max(deadline - loop.time(), 0.0))
+            except StopAsyncIteration:
+                return
+            except TimeoutError as exc:
+                timeout = RequestTimeout(f"the request body was not received within {self._timeout_s:g}s")
+                raise self._fail(timeout) from exc
+            except ClientDisconnect as exc:
+                raise self._fail(ClientDisconnected("the client closed the connection")) from exc
+            size += len(part)
+            if size > self._limit:
+                raise self._fail(PayloadTooLarge(f"request body is larger than {self._limit} bytes"))
+            if part:
+                yield part
 
     def _fail(self, error: ProxyError) -> ProxyError:
         self.error = error
@@ -146,7 +142,7 @@ async def relay_request(request: Request) -> Response:
     if body is None:
         relayed = await cancel_on_disconnect(request, call)
     else:
-        relayed = await call()  # the body is read from the same channel a disconnect would show on
+        relayed = await call()
     return RelayedResponse(relayed)
 
 
