@@ -3,8 +3,9 @@
 The route is the app's last one: whatever the proxy serves itself (chat, completions, embeddings, models, its own
 ``/v1/fama`` endpoints) matches first, and a method those routes do not take (``DELETE /v1/models/{id}``) falls
 through to here. The proxy's client authentication applies; the request body is streamed to the upstream under
-the same size and time limits as on the other routes. A client that goes away cancels the upstream request, noticed
-once its request body is in (before that, the body's own channel is the one a disconnect shows on).
+the same size and time limits as on the other routes. A client that goes away cancels the upstream request: at once
+without a request body; with one, while it is being sent and once the upstream's headers are in, not in between
+(the body and a disconnect come over the same channel, which the upstream client is reading).
 """
 
 from __future__ import annotations
