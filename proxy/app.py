@@ -16,11 +16,12 @@ from starlette.responses import Response
 from detector_service.contract.profile import Profile, load_profile
 from detector_service.engine import Engine
 from detector_service.llm.judge import Judge, judge_key, make_client
-from proxy.edge import admin, health, outcomes, routes
+from proxy.edge import admin, health, outcomes, responses, routes
 from proxy.edge.auth import Authenticator
 from proxy.errors import InvalidRequest, ProxyError, RouteNotFound, error_response
 from proxy.hooks import ChatHooks
 from proxy.metrics import ProxyMetrics
+from proxy.responses.service import build_responses
 from proxy.settings import ProxySettings
 from proxy.supervision.extractions import ExtractionReader
 from proxy.supervision.recorder import RedisRecorder, recorder_for
@@ -111,6 +112,7 @@ def create_app(settings: ProxySettings, hooks: ChatHooks | None = None) -> FastA
     the supervisor of :mod:`proxy.supervision.supervisor`, with ``settings.mode`` and the profile ``settings.profile``."""
     metrics = ProxyMetrics()
     chat_hooks = hooks if hooks is not None else build_supervisor(settings, metrics)
+    responses_api = build_responses(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[ProxyState]:
@@ -120,6 +122,7 @@ def create_app(settings: ProxySettings, hooks: ChatHooks | None = None) -> FastA
             yield {"upstream": upstream}
         finally:
             await chat_hooks.stop()
+            await responses_api.aclose()
             await upstream.aclose()
 
     app = FastAPI(title="FAMA proxy", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
@@ -128,12 +131,14 @@ def create_app(settings: ProxySettings, hooks: ChatHooks | None = None) -> FastA
     app.state.auth = Authenticator(settings.api_keys)
     app.state.chat_hooks = chat_hooks
     app.state.readiness = health.Readiness()
+    app.state.responses = responses_api
     app.add_exception_handler(ProxyError, _proxy_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(TracingMiddleware, metrics=metrics)
     app.include_router(health.router)
     routes.add_chat_route(app)
+    app.include_router(responses.router)  # before any catch-all /v1 relay
     app.include_router(routes.router)
     app.include_router(outcomes.router)
     app.include_router(admin.router)
