@@ -41,7 +41,9 @@ class EventWriter:
         return event
 
     def _snapshot(self, status: str) -> dict[str, Any]:
-        return {**self.response, "status": status, "output": [], "usage": None, "completed_at": None}
+        snapshot = {**self.response, "status": status, "output": [], "completed_at": None}
+        snapshot.pop("usage", None)
+        return snapshot
 
     def start(self) -> list[dict[str, Any]]:
         return [
@@ -175,7 +177,7 @@ class EventWriter:
             "completed_at": None if incomplete else int(time.time()),
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "output": [dict(item) for item in self.output],
-            "usage": usage(self.chat_usage),
+            **({"usage": counted} if (counted := usage(self.chat_usage)) is not None else {}),
         }
 
     def close_items(self) -> list[dict[str, Any]]:

@@ -81,8 +81,10 @@ def _item(raw: Any, param: str) -> dict[str, Any]:
             content = [text_part]
         if not isinstance(content, list):
             raise _bad(f"'{param}.content' must be a string or an array of content parts", f"{param}.content")
-        for j, p in enumerate(content):
-            _object(p, f"{param}.content[{j}]")
+        content = [dict(_object(p, f"{param}.content[{j}]")) for j, p in enumerate(content)]
+        for p in content:
+            if p.get("type") == "output_text":
+                p.setdefault("annotations", [])
         prefix = "msg"
         item.update(type="message", content=content)
         item.setdefault("status", "completed")
@@ -306,7 +308,13 @@ def response_object(
     """The Response object for ``request``, echoing its parameters as the API does."""
     incomplete = status == "completed" and finish_reason == "length"
     text = request.get("text") if isinstance(request.get("text"), dict) else None
+    given: dict[str, Any] = {
+        k: request[k] for k in ("user", "safety_identifier", "prompt_cache_key") if isinstance(request.get(k), str)
+    }
+    if (counted := usage(chat_usage)) is not None:
+        given["usage"] = counted  # the spec has no null usage: absent until known
     return {
+        **given,
         "id": response_id,
         "object": "response",
         "created_at": created_at,
@@ -328,8 +336,6 @@ def response_object(
         "tools": [{"strict": None, **t} for t in request.get("tools") or ()],
         "top_p": request.get("top_p", 1.0),
         "truncation": request.get("truncation") or "disabled",
-        "usage": usage(chat_usage),
-        "user": request.get("user"),
         "metadata": request.get("metadata") or {},
         "background": False,
         "service_tier": "default",
