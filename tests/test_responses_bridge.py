@@ -134,12 +134,12 @@ def test_retrieve_input_items_delete_and_cancel(proxied: Any) -> None:
     assert client.responses.retrieve(created.id).output_text == created.output_text
 
     listed = client.responses.input_items.list(created.id)
-    assert [i.content[0].text for i in listed.data if i.type == "message"] == ["three", "two", "one"]  # type: ignore[union-attr]
+    assert [i.content[0].text for i in listed.data if i.type == "message"] == ["three", "two", "one"]
     page = client.responses.input_items.list(created.id, order="asc", limit=2)
-    assert [i.content[0].text for i in page.data if i.type == "message"] == ["one", "two"]  # type: ignore[union-attr]
+    assert [i.content[0].text for i in page.data if i.type == "message"] == ["one", "two"]
     assert page.has_more is True
     rest = client.responses.input_items.list(created.id, order="asc", after=page.last_id)
-    assert [i.content[0].text for i in rest.data if i.type == "message"] == ["three"]  # type: ignore[union-attr]
+    assert [i.content[0].text for i in rest.data if i.type == "message"] == ["three"]
 
     with pytest.raises(openai.BadRequestError) as not_cancellable:
         client.responses.cancel(created.id)
@@ -161,7 +161,7 @@ def test_unknown_previous_response_and_unbridgeable_requests_are_clear_errors(pr
         client.responses.create(model="m", input="x", tools=[{"type": "web_search"}])
     assert web.value.body["param"] == "tools[0].type"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as typed:
-        client.responses.create(model="m", input=42)  # type: ignore[arg-type]
+        client.responses.create(model="m", input=42)
     assert typed.value.body["param"] == "input"  # type: ignore[index]
     assert model.bodies() == []
 
