@@ -128,8 +128,11 @@ async def _create(r: _Request, body: dict[str, Any], raw: bytes) -> Response:
     request_headers = dict(r.request.headers)
     if previous is not None and previous.session_id and SESSION_HEADER not in request_headers:
         request_headers[SESSION_HEADER] = previous.session_id  # the chain is one session
+    chat = chat_body(body, history, items)
+    if not chat["messages"]:
+        raise InvalidRequest("'input' must contain at least one item", param="input", code="empty_array")
     fields: dict[str, Any] = {
-        "body": chat_body(body, history, items),
+        "body": chat,
         "tenant": tenant,
         "trace": r.trace,
         "upstream": r.upstream,
