@@ -13,6 +13,10 @@ from openai.types.responses import ResponseFunctionToolCall, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from tests.openapi_schemas import openapi_errors
+from tests.proxy_harness import running_proxy
+from tests.proxy_harness import sdk as strict_sdk
+from tests.scripted_upstream import ScriptedUpstream
+from tests.servers import serve_in_thread
 from tests.supervised_upstream import ScriptedModel, call
 from tests.supervision_harness import proxy_for
 
@@ -185,3 +189,21 @@ def test_a_chain_is_one_session_even_when_its_instructions_change(proxied: Any) 
     )
     assert second.parse().output_text == "It is grey in Paris."
     assert second.headers["x-fama-session"] == first.headers["x-fama-session"]
+
+
+@pytest.mark.parametrize("style", ["openai", "vllm", "ollama", "llamacpp", "tgi"])
+def test_upstream_failures_reach_the_sdk_as_errors(style: str) -> None:
+    with (
+        serve_in_thread(ScriptedUpstream().app) as upstream,
+        running_proxy(upstream + "/v1") as proxy,
+        strict_sdk(proxy) as client,
+    ):
+        with pytest.raises(openai.RateLimitError) as limited:
+            client.responses.create(model=f"{style}:error-429", input="x")
+        assert limited.value.response.headers["retry-after"] == "7"
+        with pytest.raises(openai.APIError), client.responses.stream(model=f"{style}:midstream-error", input="x") as s:
+            for _ in s:
+                pass
+        # A good answer still validates strictly, whatever the server's quirks.
+        answer = client.responses.create(model=f"{style}:tool", input="x", tools=[TOOL])
+        assert [o.type for o in answer.output if o.type == "function_call"] == ["function_call"]
