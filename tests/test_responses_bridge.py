@@ -26,6 +26,7 @@ TOOL: dict[str, Any] = {
     "description": "The weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
 }
+SDK_TOOLS: Any = [TOOL]
 WEATHER = call("get_weather", '{"city": "Paris"}', "call_w1")
 EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 
@@ -205,5 +206,5 @@ def test_upstream_failures_reach_the_sdk_as_errors(style: str) -> None:
             for _ in s:
                 pass
         # A good answer still validates strictly, whatever the server's quirks.
-        answer = client.responses.create(model=f"{style}:tool", input="x", tools=[TOOL])
+        answer = client.responses.create(model=f"{style}:tool", input="x", tools=SDK_TOOLS)
         assert [o.type for o in answer.output if o.type == "function_call"] == ["function_call"]
