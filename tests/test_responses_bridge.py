@@ -208,3 +208,19 @@ def test_upstream_failures_reach_the_sdk_as_errors(style: str) -> None:
         # A good answer still validates strictly, whatever the server's quirks.
         answer = client.responses.create(model=f"{style}:tool", input="x", tools=SDK_TOOLS)
         assert [o.type for o in answer.output if o.type == "function_call"] == ["function_call"]
+
+
+def test_a_stored_response_streams_again_on_retrieve(proxied: Any, openai_schemas: Path) -> None:
+    client, _, _ = proxied
+    created = client.responses.create(model="m", input="Weather?", tools=[TOOL])
+    events = list(client.responses.retrieve(created.id, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.id == created.id
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == created.output_text
+    [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert done.arguments == '{"city": "Paris"}'
+    for event in events:
+        assert openapi_errors(openai_schemas, "ResponseStreamEvent", event.model_dump(exclude_unset=True)) == []
+    later = list(client.responses.retrieve(created.id, stream=True, starting_after=len(events) - 2))
+    assert [e.sequence_number for e in later] == [len(events) - 1]

@@ -28,7 +28,7 @@ from proxy.errors import InvalidRequest, ProxyError, RouteNotFound, UpstreamStre
 from proxy.hooks import ChatContext, ChatHooks
 from proxy.metrics import ProxyMetrics
 from proxy.responses import turn
-from proxy.responses.events import EventWriter
+from proxy.responses.events import EventWriter, replay
 from proxy.responses.native import PATH, NativeContext
 from proxy.responses.service import Responses
 from proxy.responses.store import StoredResponse
@@ -236,6 +236,13 @@ async def _stored_or_forward(
 
 @router.get("/{response_id}")
 async def retrieve_response(response_id: str, request: Request) -> Response:
+    if request.query_params.get("stream") == "true":
+        tenant = await require_tenant(request)
+        stored = await _Request(request).responses.store.get(tenant, response_id)
+        if stored is not None:
+            after = request.query_params.get("starting_after")
+            events = replay(stored.response, int(after) if after and after.isdigit() else None)
+            return EventStream(iter(_event(e) for e in events))
     return await _stored_or_forward(request, response_id, "GET", "", lambda _, s: s.response)
 
 

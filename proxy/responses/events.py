@@ -191,3 +191,32 @@ class EventWriter:
     def error(self, exc: ProxyError) -> dict[str, Any]:
         """The spec's ``error`` event; its ``error`` object makes the official SDK raise ``APIError``."""
         return self._event("error", code=exc.code, message=exc.message, param=exc.param, error=exc.body()["error"])
+
+
+def replay(response: dict[str, Any], starting_after: int | None = None) -> list[dict[str, Any]]:
+    """A stored Response as the event stream that delivered it (``GET /v1/responses/{id}?stream=true``), its
+    items under their stored ids; only events after ``starting_after`` when given."""
+    writer = EventWriter({k: v for k, v in response.items() if k not in ("output", "usage")})
+    events = writer.start()
+    for index, item in enumerate(response.get("output") or ()):
+        if item.get("type") == "message":
+            text = "".join(
+                str(p.get("text") or "") for p in item.get("content") or () if p.get("type") == "output_text"
+            )
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            events.append(writer._event("response.output_item.added", output_index=index, item={**item, "content": []}))
+            events.append(writer._event("response.content_part.added", **ids, part=part))
+            events.append(writer._event("response.output_text.delta", **ids, delta=text, logprobs=[]))
+            events.append(writer._event("response.output_text.done", **ids, text=text, logprobs=[]))
+            events.append(writer._event("response.content_part.done", **ids, part={**part, "text": text}))
+        elif item.get("type") == "function_call":
+            ids = {"item_id": item["id"], "output_index": index}
+            added = {**item, "arguments": "", "status": "in_progress"}
+            events.append(writer._event("response.output_item.added", output_index=index, item=added))
+            events.append(writer._event("response.function_call_arguments.delta", **ids, delta=item["arguments"]))
+            done = {"name": item["name"], "arguments": item["arguments"]}
+            events.append(writer._event("response.function_call_arguments.done", **ids, **done))
+        events.append(writer._event("response.output_item.done", output_index=index, item=item))
+    events.append(writer._event(f"response.{response.get('status', 'completed')}", response=response))
+    return [e for e in events if starting_after is None or e["sequence_number"] > starting_after]
