@@ -12,6 +12,10 @@ from typing import Any
 import openai
 import pytest
 import yaml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from proxy.app import create_app
 from proxy.settings import ProxySettings
@@ -130,3 +134,19 @@ def test_bridge_setting_and_a_chat_only_upstream_use_chat_completions(tmp_path: 
         assert client.responses.create(model="m", input="Hi").output_text == "from chat"
         assert client.responses.create(model="m", input="Hi again").output_text == "from chat"
         assert len(chat.bodies()) == 2
+
+
+def test_a_probe_answered_by_an_overloaded_upstream_decides_nothing(tmp_path: Path) -> None:
+    model = NativeModel(cancels_until_told)
+    overloaded = [True]
+
+    async def create(request: Request) -> Response:
+        if overloaded.pop() if overloaded else False:
+            return JSONResponse({"error": {"message": "busy", "type": "server_error"}}, 503)
+        return await model.create(request)
+
+    app = Starlette(routes=[Route("/v1/responses", create, methods=["POST"])])
+    with proxy(app, tmp_path) as client:
+        with pytest.raises(openai.InternalServerError):
+            client.responses.create(model="m", input="Hi")
+        assert client.responses.create(model="m", input="Hi").output_text == "Hello from the native server."

@@ -10,7 +10,7 @@ stored may be an attempt the client never saw.
 
 Which path serves an upstream (:class:`ResponsesPath`): ``FAMA_UPSTREAM_RESPONSES=native|bridge``, or ``auto``:
 one probe per process, a ``POST /responses`` with an empty body; a 404, 405 or 501 means the upstream does not
-serve the route (bridge), any other answer that it does (native).
+serve the route (bridge), a success or another client error that it does (native).
 """
 
 from __future__ import annotations
@@ -55,10 +55,16 @@ class ResponsesPath:
 
 
 async def _probe(upstream: Upstream, headers: dict[str, str], trace: Trace) -> Path:
+    """An answer about the route decides; one about the caller or the server's state (401, 403, 429, 5xx, no
+    connection) is raised to the client and the next request asks again."""
     try:
         payload, _ = await upstream.request_json("POST", PATH, headers, trace, b"{}")
     except UpstreamError as exc:
-        return "bridge" if exc.status in (404, 405, 501) else "native"
+        if exc.status in (404, 405, 501):
+            return "bridge"
+        if exc.status in (401, 403, 429) or exc.status >= 500:
+            raise
+        return "native"  # e.g. 400 or 422: the route exists and refused the empty request
     return "native" if isinstance(payload, dict) else "bridge"
 
 
