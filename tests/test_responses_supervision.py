@@ -11,8 +11,9 @@ import httpx2
 from fastapi import FastAPI
 
 from detector_service.contract.wire import Action, Category
-from tests.supervised_upstream import ScriptedModel, feedback_in
+from tests.supervised_upstream import ScriptedModel, context_in, feedback_in
 from tests.supervision_harness import (
+    CANCEL,
     QUESTION,
     RESERVATION,
     SYSTEM,
@@ -141,3 +142,55 @@ def test_function_call_is_held_until_the_verdict_while_text_flows(tmp_path: Path
         text = final["output"][0]["content"][0]["text"]
         assert text.startswith("Cancelling now.")  # already with the client when the call was rejected
         assert text.endswith(QUESTION)
+
+
+def test_observe_guidance_reaches_the_next_turn_of_the_chain_and_its_outcome_is_taken(tmp_path: Path) -> None:
+    def cancels(body: dict[str, Any]) -> dict[str, Any]:
+        if "cancelled" in str(body["messages"][-1].get("content")):
+            return {"content": "Done."}
+        return {"tool_calls": [CANCEL]}
+
+    model = ScriptedModel(cancels)
+    with proxy_for(model, tmp_path, mode="observe") as (client, _):
+        first = client.responses.with_raw_response.create(
+            model="m", instructions=SYSTEM, input=LOOKED_UP, tools=RESPONSES_TOOLS
+        )
+        hasty = first.parse()
+        assert "x-fama-intervention" not in first.headers  # observe: untouched
+        assert _calls(hasty.output) == ["cancel_reservation"]
+        [cancel] = [o for o in hasty.output if o.type == "function_call"]
+        client.responses.create(
+            model="m",
+            instructions=SYSTEM,
+            tools=RESPONSES_TOOLS,
+            previous_response_id=hasty.id,
+            input=[{"type": "function_call_output", "call_id": cancel.call_id, "output": '{"status": "cancelled"}'}],
+        )
+        context = context_in(model.bodies()[-1])
+        assert context is not None
+        assert "## Correction from the previous turn" in context
+        assert "[DCV]" in context
+
+        session = first.headers["x-fama-session"]
+        reported = httpx2.post(
+            str(client.base_url) + f"fama/sessions/{session}/outcome", json={"outcome": "failure"}, timeout=10
+        )
+        assert reported.status_code == 200, reported.text
+        assert reported.json()["session_id"] == session
+
+
+def test_structured_output_through_text_format(tmp_path: Path) -> None:
+    from pydantic import BaseModel
+
+    class Booking(BaseModel):
+        reservation_id: str
+        seats: int
+
+    model = ScriptedModel(lambda body: {"content": json.dumps({"reservation_id": "ZFA04Y", "seats": 2})})
+    with proxy_for(model, tmp_path) as (client, _):
+        parsed = client.responses.parse(model="m", input="Which booking?", text_format=Booking)
+        assert parsed.output_parsed == Booking(reservation_id="ZFA04Y", seats=2)
+        sent = model.bodies()[-1]["response_format"]
+        assert sent["type"] == "json_schema"
+        assert sent["json_schema"]["name"] == "Booking"
+        assert sent["json_schema"]["schema"]["required"] == ["reservation_id", "seats"]
