@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
-from fastapi import FastAPI
 
 from detector_service.contract.wire import Action, Category
 from tests.supervised_upstream import ScriptedModel, context_in, feedback_in
@@ -18,6 +17,7 @@ from tests.supervision_harness import (
     RESERVATION,
     SYSTEM,
     TOOLS,
+    Proxied,
     cancels_until_told,
     interventions,
     proxy_for,
@@ -41,8 +41,8 @@ def _calls(output: list[Any]) -> list[str]:
     return [o.name for o in output if o.type == "function_call"]
 
 
-def _retries(app: FastAPI, outcome: str) -> float | None:
-    value = app.state.metrics.registry.get_sample_value("fama_retries_total", {"category": "DCV", "outcome": outcome})
+def _retries(proxied: Proxied, outcome: str) -> float | None:
+    value = proxied.metrics.registry.get_sample_value("fama_retries_total", {"category": "DCV", "outcome": outcome})
     return float(value) if value is not None else None
 
 

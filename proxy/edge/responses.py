@@ -21,7 +21,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from proxy.edge.auth import require_tenant
+from proxy.edge.deps import require_tenant, state_of, trace_of
 from proxy.edge.inbound import cancel_on_disconnect, json_object, read_body, require
 from proxy.edge.relay import EventStream
 from proxy.errors import InvalidRequest, ProxyError, RouteNotFound, UpstreamStreamError
@@ -36,24 +36,24 @@ from proxy.responses.translate import chat_body, input_items
 from proxy.settings import ProxySettings
 from proxy.supervision.sessions import SESSION_HEADER
 from proxy.tracing import Trace
-from proxy.upstream.client import Upstream, close
+from proxy.upstream.client import Upstream
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/responses")
 
 
 class _Request:
-    """What a route needs of the app, in one place."""
+    """What a route needs of the app's state, in one place."""
 
     def __init__(self, request: Request) -> None:
-        state = request.app.state
+        state = state_of(request)
         self.request = request
-        self.settings: ProxySettings = state.settings
-        self.metrics: ProxyMetrics = state.metrics
-        self.hooks: ChatHooks = state.chat_hooks
-        self.responses: Responses = state.responses
-        self.upstream: Upstream = request.state.upstream
-        self.trace: Trace = request.state.trace
+        self.settings: ProxySettings = state["settings"]
+        self.metrics: ProxyMetrics = state["metrics"]
+        self.hooks: ChatHooks[Any] = state["hooks"]
+        self.responses: Responses = state["responses"]
+        self.upstream: Upstream = state["upstream"]
+        self.trace: Trace = trace_of(request)
 
     def upstream_headers(self) -> dict[str, str]:
         return self.upstream.headers(self.request.headers.get("authorization"), self.trace.request_id)
@@ -140,7 +140,9 @@ async def _create(r: _Request, body: dict[str, Any], raw: bytes) -> Response:
         "upstream_headers": headers,
         "request_headers": request_headers,
     }
-    ctx = ChatContext(**fields) if path == "bridge" else NativeContext(**fields, request=body, chained=bool(previous))
+    ctx: ChatContext[Any] = (
+        ChatContext(**fields) if path == "bridge" else NativeContext(**fields, request=body, chained=bool(previous))
+    )
     this = turn.ResponsesTurn.of(body, items, history)
     if not body.get("stream"):
         response = await turn.complete(ctx, r.hooks, this, r.responses.store)
@@ -194,30 +196,22 @@ async def _forward(r: _Request, method: str, path: str, content: bytes | None, s
     """The native path for what the proxy neither supervises nor stored: the upstream's answer as it is."""
     query = r.request.url.query
     target = f"{path}?{query}" if query else path
-    started = time.perf_counter()
-    response = await r.upstream.open(method, target, r.upstream_headers(), r.trace, content)
-
-    async def done() -> None:
-        if not response.closed:
-            close(response)
-            r.trace.upstream_s += time.perf_counter() - started
-
-    media_type = response.headers.get("content-type", "application/json")
+    reply = await r.upstream.open(method, target, r.upstream_headers(), r.trace, content)
     if stream:
 
         async def body() -> AsyncIterator[bytes]:
             try:
-                async for part in response.content.iter_any():
+                async for part in reply.parts():
                     yield part
             finally:
-                await done()
+                reply.close()
 
-        return StreamingResponse(body(), media_type=media_type, background=BackgroundTask(done))
+        return StreamingResponse(body(), media_type=reply.content_type, background=BackgroundTask(reply.close))
     try:
-        raw = await r.upstream.read(response)
+        raw = await r.upstream.read(reply)
     finally:
-        await done()
-    return Response(raw, status_code=response.status, media_type=media_type)
+        reply.close()
+    return Response(raw, media_type=reply.content_type)
 
 
 async def _stored_or_forward(
@@ -249,7 +243,7 @@ async def retrieve_response(response_id: str, request: Request) -> Response:
 @router.delete("/{response_id}")
 async def delete_response(response_id: str, request: Request) -> Response:
     async def delete(responses: Responses, stored: StoredResponse) -> dict[str, Any]:
-        await responses.store.delete(request.state.trace.tenant, stored.id)
+        await responses.store.delete(trace_of(request).tenant, stored.id)
         return {"id": stored.id, "object": "response", "deleted": True}
 
     return await _stored_or_forward(request, response_id, "DELETE", "", delete)

@@ -58,7 +58,7 @@ async def _probe(upstream: Upstream, headers: dict[str, str], trace: Trace) -> P
     """An answer about the route decides; one about the caller or the server's state (401, 403, 429, 5xx, no
     connection) is raised to the client and the next request asks again."""
     try:
-        payload, _ = await upstream.request_json("POST", PATH, headers, trace, b"{}")
+        payload = await upstream.request_json("POST", PATH, headers, trace, b"{}")
     except UpstreamError as exc:
         if exc.status in (404, 405, 501):
             return "bridge"
@@ -132,7 +132,7 @@ def chat_usage(value: object) -> dict[str, Any] | None:
 
 
 @dataclass
-class NativeContext(ChatContext):
+class NativeContext(ChatContext[Any]):
     """A chat turn whose model calls go to the upstream's ``/responses``."""
 
     request: dict[str, Any] = field(default_factory=dict)  # the client's Responses request
@@ -150,18 +150,17 @@ class NativeContext(ChatContext):
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         content = orjson.dumps(self.native_body(body, stream=False))
-        payload, _ = await self.upstream.request_json("POST", PATH, self.upstream_headers, self.trace, content)
+        payload = await self.upstream.request_json("POST", PATH, self.upstream_headers, self.trace, content)
         if not isinstance(payload, dict):
             raise UpstreamStreamError("the upstream model server answered with something other than a JSON object")
         self.answers.append(payload)
         return chat_completion(payload)
 
     async def open_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        started = time.perf_counter()
         content = orjson.dumps(self.native_body(body, stream=True))
-        response = await self.upstream.open("POST", PATH, self.upstream_headers, self.trace, content)
-        self._open.append((response, started))
-        return self._chunks(upstream_frames(response))
+        reply = await self.upstream.open("POST", PATH, self.upstream_headers, self.trace, content)
+        self._open.append(reply)
+        return self._chunks(upstream_frames(reply))
 
     async def _chunks(self, frames: AsyncIterator[tuple[object, bytes]]) -> AsyncIterator[dict[str, Any]]:
         """The upstream's Responses events as chat chunks: text deltas, one tool call per function call item,

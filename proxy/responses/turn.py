@@ -47,14 +47,16 @@ class ResponsesTurn:
         return StoredResponse(response, self.items, conversation, session_id)
 
 
-async def save(store: ResponseStore, ctx: ChatContext, turn: ResponsesTurn, response: dict[str, Any]) -> None:
+async def save(store: ResponseStore, ctx: ChatContext[Any], turn: ResponsesTurn, response: dict[str, Any]) -> None:
     if turn.request.get("store") is False:
         return
     session_id = ctx.response_headers.get("x-fama-session", "")
     await store.put(ctx.tenant, turn.stored(response, session_id))
 
 
-async def complete(ctx: ChatContext, hooks: ChatHooks, turn: ResponsesTurn, store: ResponseStore) -> dict[str, Any]:
+async def complete(
+    ctx: ChatContext[Any], hooks: ChatHooks[Any], turn: ResponsesTurn, store: ResponseStore
+) -> dict[str, Any]:
     """A non-streaming turn: the Response, stored."""
     body = normalize.adapt_for_upstream(await hooks.before_upstream(ctx, ctx.body))
     try:
@@ -76,7 +78,7 @@ async def complete(ctx: ChatContext, hooks: ChatHooks, turn: ResponsesTurn, stor
 
 
 async def open_stream(
-    ctx: ChatContext, hooks: ChatHooks, turn: ResponsesTurn, store: ResponseStore
+    ctx: ChatContext[Any], hooks: ChatHooks[Any], turn: ResponsesTurn, store: ResponseStore
 ) -> tuple[AsyncIterator[dict[str, Any]], EventWriter]:
     """A streaming turn: the events to send (upstream error statuses raise here, before any byte is sent)."""
     body = normalize.adapt_for_upstream(await hooks.before_upstream(ctx, ctx.body))
