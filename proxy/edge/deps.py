@@ -13,6 +13,7 @@ from proxy.edge.auth import Authenticator
 from proxy.edge.limits import ClientLimits
 from proxy.hooks import ChatHooks
 from proxy.metrics import ProxyMetrics
+from proxy.responses.service import Responses
 from proxy.settings import ProxySettings
 from proxy.supervision.recorder import Recorder
 from proxy.supervision.sessions import SessionStore
@@ -41,6 +42,7 @@ class ProxyState(TypedDict):
     hooks: ChatHooks[Any]
     supervision: Supervision | None  # None when the hooks are not the supervisor
     client_limits: ClientLimits  # read by the HTTP protocol (proxy.edge.limits), not by handlers
+    responses: Responses  # the Responses API's store and path choice
 
 
 def state_of(request: Request) -> ProxyState:
