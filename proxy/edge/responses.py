@@ -139,6 +139,7 @@ async def _create(r: _Request, body: dict[str, Any], raw: bytes) -> Response:
         "metrics": r.metrics,
         "upstream_headers": headers,
         "request_headers": request_headers,
+        "api": "responses",
     }
     ctx: ChatContext[Any] = (
         ChatContext(**fields) if path == "bridge" else NativeContext(**fields, request=body, chained=bool(previous))
