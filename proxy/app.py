@@ -16,7 +16,7 @@ from starlette.responses import Response
 from detector_service.contract.profile import Profile, load_profile
 from detector_service.engine import Engine
 from detector_service.llm.judge import Judge, judge_key, make_client
-from proxy.edge import admin, health, outcomes, responses, routes
+from proxy.edge import admin, health, outcomes, passthrough, responses, routes
 from proxy.edge.auth import Authenticator
 from proxy.edge.deps import ProxyState, Supervision
 from proxy.errors import InvalidRequest, ProxyError, RouteNotFound, error_response
@@ -155,4 +155,5 @@ def create_app(
     app.include_router(routes.router)
     app.include_router(outcomes.router)
     app.include_router(admin.router)
+    passthrough.add_relay_route(app)
     return app
