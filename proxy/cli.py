@@ -118,5 +118,29 @@ def bench(
     raise typer.Exit(bench_command(requests=requests, concurrency=concurrency, json_out=json_out))
 
 
+@app.command()
+def soak(
+    minutes: Annotated[float, typer.Option(min=0.1, help="How long the load runs.")] = 10.0,
+    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent SDK clients.")] = 4,
+    interval_s: Annotated[float, typer.Option(min=1.0, help="Seconds per reported interval.")] = 60.0,
+    redis_down_s: Annotated[float, typer.Option(min=0.0, help="How long Redis stays down half-way through.")] = 5.0,
+    seed: Annotated[int, typer.Option(help="Seed of the request mix.")] = 12,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+) -> None:
+    """Bounded soak on 127.0.0.1: enforce mode, Redis, a detector, faults; RSS, errors and p99 per interval."""
+    from proxy.bench.soak import soak_command
+
+    raise typer.Exit(
+        soak_command(
+            minutes=minutes,
+            concurrency=concurrency,
+            interval_s=interval_s,
+            redis_down_s=redis_down_s,
+            seed=seed,
+            json_out=json_out,
+        )
+    )
+
+
 def main() -> None:
     app()
