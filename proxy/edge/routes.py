@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import orjson
 from fastapi import APIRouter, Depends
@@ -169,9 +170,13 @@ async def list_models(request: Request, tenant: Tenant, upstream: UpstreamDep, t
 async def get_model(
     model_id: str, request: Request, tenant: Tenant, upstream: UpstreamDep, trace: TraceDep
 ) -> Response:
+    if any(segment in (".", "..") for segment in model_id.split("/")):
+        # A dot segment would walk the upstream URL out of its models path; no model id has one.
+        raise RouteNotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
     headers = upstream.headers(request.headers.get("authorization"), trace.request_id)
     try:
-        payload, _ = await upstream.request_json("GET", f"/models/{model_id}", headers, trace)
+        # Quoted: a '?' or '#' in the id is part of the id, not a query or fragment of the upstream's URL.
+        payload, _ = await upstream.request_json("GET", f"/models/{quote(model_id, safe='/')}", headers, trace)
     except UpstreamError as exc:
         if exc.status not in (404, 405):
             raise
