@@ -78,7 +78,7 @@ class Interval:
     latencies: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     requests: int = 0
-    degraded: int = 0
+    degraded: Counter[str] = field(default_factory=Counter)  # by reason: outage, deadline
     interventions: int = 0
     rss: dict[str, int] = field(default_factory=dict)  # at the end of the interval
 
@@ -88,7 +88,7 @@ class Interval:
             "ok": len(self.latencies),
             "p50_ms": _pct(self.latencies, 50) * 1000,
             "p99_ms": _pct(self.latencies, 99) * 1000,
-            "degraded": self.degraded,
+            "degraded": dict(self.degraded),
             "interventions": self.interventions,
             "errors": dict(sorted(self.errors.items())),
             "rss_mb": {k: round(v / 2**20, 1) for k, v in self.rss.items()},
@@ -132,7 +132,8 @@ class Soak:
         self.intervals: list[Interval] = [Interval() for _ in range(max(1, math.ceil(seconds / interval_s)))]
         self.unexpected: Counter[str] = Counter()  # errors of requests that asked for no fault
         self.events: list[str] = []
-        self.degraded_span: tuple[float, float] | None = None  # first and last degraded answer, seconds in
+        self.degraded_at: list[tuple[float, str]] = []  # when each degraded answer's request began, and why
+        self.redis_down: tuple[float, float] | None = None  # seconds in: stopped, started again
 
     def interval(self) -> Interval:
         index = int((time.monotonic() - self.started) / self.interval_s)
@@ -141,7 +142,8 @@ class Soak:
     async def one(self, scenario: str, stream: bool, turn: int) -> None:
         begun = time.monotonic()
         session = f"soak-{turn % 50}"
-        degraded = intervened = False
+        degraded: str | None = None
+        intervened = False
         try:
             kwargs: dict[str, Any] = {
                 "model": _model(scenario),
@@ -154,12 +156,12 @@ class Soak:
                 async with await self.client.chat.completions.create(stream=True, **kwargs) as chunks:
                     async for chunk in chunks:
                         fama_extra = (chunk.model_extra or {}).get("fama") or {}
-                        degraded = degraded or bool(fama_extra.get("degraded"))
+                        degraded = degraded or fama_extra.get("degraded")
                         intervened = intervened or bool(fama_extra.get("intervention"))
             else:
                 raw = await self.client.chat.completions.with_raw_response.create(**kwargs)
                 raw.parse()
-                degraded = "x-fama-degraded" in raw.headers
+                degraded = raw.headers.get("x-fama-degraded")
                 intervened = "x-fama-intervention" in raw.headers
         except openai.APIError as exc:
             status = getattr(exc, "status_code", None)
@@ -172,10 +174,10 @@ class Soak:
         current = self.interval()
         current.requests += 1
         current.latencies.append(time.monotonic() - begun)
-        current.degraded += degraded
         if degraded:
-            at = round(time.monotonic() - self.started, 1)
-            self.degraded_span = (self.degraded_span[0] if self.degraded_span else at, at)
+            current.degraded[str(degraded)] += 1
+            if len(self.degraded_at) < 100_000:
+                self.degraded_at.append((round(begun - self.started, 2), str(degraded)))
         current.interventions += intervened
         if scenario in FAULTS:
             self.unexpected[f"no error ({scenario})"] += 1
@@ -198,18 +200,21 @@ class Soak:
                     current.rss[name] = rss
             await asyncio.sleep(1.0)
 
-    async def restart_redis(self, redis: Service, at_s: float, down_s: float) -> None:
+    async def restart_redis(self, redis: Service, redis_port: int, at_s: float, down_s: float) -> None:
         await asyncio.sleep(at_s)
-        self.events.append(f"{time.monotonic() - self.started:.0f}s: redis-server stopped")
+        stopped = time.monotonic() - self.started
+        self.events.append(f"{stopped:.1f}s: redis-server stopped")
         await asyncio.to_thread(redis.stop)
         await asyncio.sleep(down_s)
         await asyncio.to_thread(redis.restart)
-        self.events.append(f"{time.monotonic() - self.started:.0f}s: redis-server started again")
+        await asyncio.to_thread(wait_for_port, redis_port)
+        self.redis_down = (stopped, time.monotonic() - self.started)
+        self.events.append(f"{self.redis_down[1]:.1f}s: redis-server started again")
 
-    async def run(self, services: dict[str, Service], redis: Service, redis_down_s: float) -> None:
+    async def run(self, services: dict[str, Service], redis: Service, redis_port: int, redis_down_s: float) -> None:
         self.started = time.monotonic()
         until = self.started + self.seconds
-        restart = asyncio.create_task(self.restart_redis(redis, self.seconds / 2, redis_down_s))
+        restart = asyncio.create_task(self.restart_redis(redis, redis_port, self.seconds / 2, redis_down_s))
         try:
             await asyncio.gather(
                 self.sample_rss(services, until), *(self.client_loop(i, until) for i in range(self.concurrency))
@@ -219,6 +224,19 @@ class Soak:
             with contextlib.suppress(asyncio.CancelledError):
                 await restart
             await self.client.close()
+
+    def degraded_summary(self) -> dict[str, Any]:
+        """Answers served without a verdict: while Redis was down, and after it was back (how long until the last)."""
+        down, back = self.redis_down or (math.inf, math.inf)
+        during = Counter(reason for at, reason in self.degraded_at if down <= at < back)
+        after = [(at, reason) for at, reason in self.degraded_at if at >= back]
+        other = Counter(reason for at, reason in self.degraded_at if at < down)
+        return {
+            "before_redis_restart": dict(other),
+            "while_redis_down": dict(during),
+            "after_redis_back": dict(Counter(reason for _, reason in after)),
+            "last_after_redis_back_s": round(after[-1][0] - back, 2) if after else None,
+        }
 
     def report(self, services: dict[str, Service]) -> dict[str, Any]:
         rows = [i.summary() for i in self.intervals]
@@ -247,7 +265,7 @@ class Soak:
             "unexpected": dict(sorted(self.unexpected.items())),
             "rss": growth,
             "events": self.events,
-            "degraded_between_s": self.degraded_span,
+            "degraded": self.degraded_summary(),
             "intervals": rows,
             "alive_at_end": {name: s.proc.poll() is None for name, s in services.items()},
         }
@@ -265,7 +283,7 @@ def render(report: dict[str, Any], console: Console) -> None:
             str(row["requests"]),
             f"{row['p50_ms']:.0f}",
             f"{row['p99_ms']:.0f}",
-            str(row["degraded"]),
+            ", ".join(f"{k}: {v}" for k, v in row["degraded"].items()) or "0",
             str(row["interventions"]),
             errors,
             rss,
@@ -282,17 +300,33 @@ def render(report: dict[str, Any], console: Console) -> None:
     )
     for event in report["events"]:
         console.print(event)
-    if report["degraded_between_s"]:
-        first, last = report["degraded_between_s"]
-        console.print(f"answers served degraded (no verdict) between {first}s and {last}s")
+    degraded = report["degraded"]
+    console.print(
+        f"answers served degraded (no verdict): before the Redis restart {degraded['before_redis_restart'] or 0}, "
+        f"while Redis was down {degraded['while_redis_down'] or 0}, after it was back "
+        f"{degraded['after_redis_back'] or 0}"
+        + (
+            f" (the last one asked {degraded['last_after_redis_back_s']}s after)"
+            if degraded["last_after_redis_back_s"] is not None
+            else ""
+        )
+    )
 
 
 def soak_command(
-    *, minutes: float, concurrency: int, interval_s: float, redis_down_s: float, seed: int, json_out: Path | None
+    *,
+    minutes: float,
+    concurrency: int,
+    interval_s: float,
+    redis_down_s: float,
+    seed: int,
+    json_out: Path | None,
+    logs: Path | None = None,
 ) -> int:
     console = Console(stderr=True, width=200)
     with tempfile.TemporaryDirectory(prefix="fama-soak-") as tmp:
-        workdir = Path(tmp)
+        workdir = logs or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         ports = {name: free_port() for name in ("redis", "upstream", "proxy", "detector")}
         redis_url = f"redis://127.0.0.1:{ports['redis']}/0"
         env = service_env(FAMA_LOG_LEVEL="warning")
@@ -324,8 +358,8 @@ def soak_command(
                 wait_for_port(ports[name])
             services = {"proxy": proxy, "detector": detector}
             soak = Soak(f"http://127.0.0.1:{ports['proxy']}", minutes * 60, interval_s, concurrency, seed)
-            console.print(f"soaking for {minutes:g} min (concurrency {concurrency}); logs in {workdir}")
-            asyncio.run(soak.run(services, redis, redis_down_s))
+            console.print(f"soaking for {minutes:g} min (concurrency {concurrency}); service logs in {workdir}")
+            asyncio.run(soak.run(services, redis, ports["redis"], redis_down_s))
             report = soak.report(services)
         except (RuntimeError, TimeoutError) as exc:
             for service in started:
