@@ -21,6 +21,7 @@ from proxy.edge.auth import Authenticator
 from proxy.errors import InvalidRequest, ProxyError, RouteNotFound, error_response
 from proxy.hooks import ChatHooks
 from proxy.metrics import ProxyMetrics
+from proxy.metrics_port import metrics_server
 from proxy.settings import ProxySettings
 from proxy.supervision.extractions import ExtractionReader
 from proxy.supervision.recorder import RedisRecorder, recorder_for
@@ -114,6 +115,9 @@ def create_app(settings: ProxySettings, hooks: ChatHooks | None = None) -> FastA
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[ProxyState]:
+        separate_metrics = metrics_server(settings, metrics)
+        if separate_metrics is not None:
+            await separate_metrics.start()  # first: a port already in use fails the startup before anything opens
         upstream = Upstream(settings, metrics)
         await chat_hooks.start()
         try:
@@ -121,6 +125,8 @@ def create_app(settings: ProxySettings, hooks: ChatHooks | None = None) -> FastA
         finally:
             await chat_hooks.stop()
             await upstream.aclose()
+            if separate_metrics is not None:
+                await separate_metrics.stop()
 
     app = FastAPI(title="FAMA proxy", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.settings = settings
@@ -133,6 +139,8 @@ def create_app(settings: ProxySettings, hooks: ChatHooks | None = None) -> FastA
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(TracingMiddleware, metrics=metrics)
     app.include_router(health.router)
+    if settings.metrics_port is None:
+        app.include_router(health.metrics_router)
     routes.add_chat_route(app)
     app.include_router(routes.router)
     app.include_router(outcomes.router)

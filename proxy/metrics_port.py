@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy.metrics import ProxyMetrics
+from proxy.settings import ProxySettings
 
 
 def metrics_app(metrics: ProxyMetrics) -> Starlette:
@@ -72,3 +73,10 @@ class MetricsServer:
             return
         self._server.should_exit = True
         await self._task
+
+
+def metrics_server(settings: ProxySettings, metrics: ProxyMetrics) -> MetricsServer | None:
+    """The separate metrics server when ``metrics_port`` is set; None when ``/metrics`` stays on the API port."""
+    if settings.metrics_port is None:
+        return None
+    return MetricsServer(metrics, settings.metrics_host or settings.host, settings.metrics_port)

@@ -15,6 +15,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.upstream.client import Upstream
 
 router = APIRouter()
+metrics_router = APIRouter()  # on the API port unless FAMA_METRICS_PORT moves it (proxy.metrics_port)
 
 
 class Readiness:
@@ -59,7 +60,7 @@ async def readyz(request: Request) -> Response:
     return Response(b'{"status":"ready"}', media_type="application/json")
 
 
-@router.get("/metrics")
+@metrics_router.get("/metrics")
 async def metrics(request: Request) -> Response:
     registry: ProxyMetrics = request.app.state.metrics
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
