@@ -115,10 +115,18 @@ def test_proxy_and_detector_supervise_through_the_secured_redis(secured: Secured
         store.close()
 
 
-@pytest.mark.parametrize("problem", ["wrong password", "no password", "unverified certificate"])
+@pytest.mark.parametrize(
+    ("secured", "problem"),
+    [
+        ("auth", "wrong password"),
+        ("auth", "no password"),
+        ("tls+auth", "wrong password"),
+        ("tls+auth", "no password"),
+        ("tls+auth", "unverified certificate"),
+    ],
+    indirect=["secured"],
+)
 def test_a_refused_connection_is_an_outage_not_a_500(secured: SecuredRedis, problem: str, tmp_path: Path) -> None:
-    if problem == "unverified certificate" and not secured.tls:
-        pytest.skip("plain Redis has no certificate")
     url = {
         "wrong password": secured.url(
             auth=":not-the-password@", query=f"?ssl_ca_certs={secured.ca}" if secured.tls else ""

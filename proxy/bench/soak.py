@@ -134,6 +134,7 @@ class Soak:
         self.events: list[str] = []
         self.degraded_at: list[tuple[float, str]] = []  # when each degraded answer's request began, and why
         self.redis_down: tuple[float, float] | None = None  # seconds in: stopped, started again
+        self.rss_at_start: dict[str, int] = {}  # the first sample, as the load begins
 
     def interval(self) -> Interval:
         index = int((time.monotonic() - self.started) / self.interval_s)
@@ -198,6 +199,7 @@ class Soak:
                 rss = service.rss()
                 if rss is not None:
                     current.rss[name] = rss
+                    self.rss_at_start.setdefault(name, rss)
             await asyncio.sleep(1.0)
 
     async def restart_redis(self, redis: Service, redis_port: int, at_s: float, down_s: float) -> None:
@@ -235,7 +237,7 @@ class Soak:
             "before_redis_restart": dict(other),
             "while_redis_down": dict(during),
             "after_redis_back": dict(Counter(reason for _, reason in after)),
-            "last_after_redis_back_s": round(after[-1][0] - back, 2) if after else None,
+            "last_after_redis_back_s": round(max(at for at, _ in after) - back, 2) if after else None,
         }
 
     def report(self, services: dict[str, Service]) -> dict[str, Any]:
@@ -244,12 +246,12 @@ class Soak:
         growth: dict[str, Any] = {}
         for name in services:
             series = [s[name] for s in samples if name in s]
-            if series:
-                warm = series[1] if len(series) > 2 else series[0]  # after the first interval's warm-up
+            if series and name in self.rss_at_start:
                 growth[name] = {
-                    "first_mb": round(series[0] / 2**20, 1),
-                    "last_mb": round(series[-1] / 2**20, 1),
-                    "growth_after_warmup_mb": round((series[-1] - warm) / 2**20, 1),
+                    "start_mb": round(self.rss_at_start[name] / 2**20, 1),
+                    "after_first_interval_mb": round(series[0] / 2**20, 1),
+                    "end_mb": round(series[-1] / 2**20, 1),
+                    "growth_after_first_interval_mb": round((series[-1] - series[0]) / 2**20, 1),
                 }
         errors: Counter[str] = Counter()
         for i in self.intervals:
@@ -291,8 +293,8 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(table)
     for name, rss in report["rss"].items():
         console.print(
-            f"{name} RSS: {rss['first_mb']} MB at start, {rss['last_mb']} MB at the end, "
-            f"{rss['growth_after_warmup_mb']:+} MB after the first interval"
+            f"{name} RSS: {rss['start_mb']} MB as the load began, {rss['after_first_interval_mb']} MB after the "
+            f"first interval, {rss['end_mb']} MB at the end ({rss['growth_after_first_interval_mb']:+} MB)"
         )
     console.print(f"errors: {report['errors'] or 'none'}")
     console.print(
