@@ -146,3 +146,29 @@ def test_a_model_id_cannot_leave_the_upstream_models_path(setup: Setup, target: 
     for seen in setup.upstream.targets:
         assert seen.startswith("/v1/models"), seen
         assert "?" not in seen, seen
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/../admin",
+        "/v1/%2e%2e/admin",
+        "/v1/files/../../admin",
+        "/v1/files/%2E%2E/%2e%2E/admin",
+        "/v1/files/..%2f..%2fadmin",
+        "/v1/files/./x",
+    ],
+)
+def test_a_relayed_path_cannot_leave_the_upstream_base_path(setup: Setup, target: str) -> None:
+    """Every other ``/v1`` route is relayed as sent: not with dot segments, which the upstream or a proxy in front of
+    it would resolve outside ``/v1``."""
+    answer = setup.raw(f"GET {target} HTTP/1.1")
+    assert _status(answer) == 404, answer[:300]
+    assert b'"code":"unknown_url"' in answer.replace(b" ", b"")
+    assert setup.upstream.targets == []
+
+
+def test_relayed_paths_without_dot_segments_still_reach_the_upstream(setup: Setup) -> None:
+    answer = setup.raw("GET /v1/files/file-1..2/content?x=1 HTTP/1.1")
+    assert _status(answer) == 404  # the scripted upstream has no such route; the relay reached it
+    assert setup.upstream.targets == ["/v1/files/file-1..2/content?x=1"]
