@@ -172,3 +172,19 @@ def test_relayed_paths_without_dot_segments_still_reach_the_upstream(setup: Setu
     answer = setup.raw("GET /v1/files/file-1..2/content?x=1 HTTP/1.1")
     assert _status(answer) == 404  # the scripted upstream has no such route; the relay reached it
     assert setup.upstream.targets == ["/v1/files/file-1..2/content?x=1"]
+
+
+@pytest.mark.parametrize("target", ["/v1/responses/..", "/v1/responses/%2e%2e", "/v1/responses/r%3Fdebug%3D1"])
+def test_a_response_id_stays_one_segment_of_the_upstream_path(target: str) -> None:
+    """With an upstream that serves the Responses API itself, an id the proxy did not store is asked of it."""
+    upstream = Seen()
+    with (
+        serve_in_thread(upstream) as upstream_url,
+        running_proxy(upstream_url + "/v1", upstream_responses="native") as url,
+    ):
+        setup = Setup(url, upstream, upstream, "")
+        answer = setup.raw(f"GET {target} HTTP/1.1")
+    assert _status(answer) == 404
+    for seen in upstream.targets:
+        assert seen.startswith("/v1/responses/"), seen
+        assert "?" not in seen, seen
