@@ -1,11 +1,12 @@
 """No key, token, password or ``Authorization`` value in any log line, at the most verbose level, error paths included.
 
-``fama serve`` and ``fama detector`` run as processes at ``trace`` (below debug: uvicorn logs every ASGI
-message and connection event; the openai SDK, httpx, httpcore and redis-py log at debug) with the access log on, in enforce mode,
-over a Redis with a password (and once embedded, without Redis), with two client keys, an admin key, an upstream
-key and a judge key. The traffic covers the happy paths and the error paths: no key, a wrong key, another
-tenant's session, admin routes with a client key, a bad body, an upstream 500, an upstream that echoes the key it
-got into its error, the upstream down, Redis down. Then every line both processes wrote is searched.
+``fama serve`` and ``fama detector`` run as processes at ``trace`` (below debug: uvicorn logs every ASGI message
+and connection event; the openai SDK, httpx, httpcore and redis-py log at debug) with the access log on, in
+enforce mode, over a Redis with a password (and once embedded, without Redis), with two client keys, an admin key,
+an upstream key and a judge key. The traffic covers the happy paths (chat, Responses, the ``/v1`` relay) and the
+error paths: no key, a wrong key, another tenant's session, admin routes with a client key, a bad body, an upstream
+500, an upstream that echoes the key it got into its error, the upstream down, Redis down. Then every line both
+processes wrote is searched.
 """
 
 from __future__ import annotations
@@ -165,6 +166,10 @@ def _traffic(run: Run, stop_upstream: Any) -> dict[str, int]:
     for _ in owner.chat.completions.create(model="openai:tools", messages=MESSAGES, tools=TOOLS, stream=True):
         pass
     owner.chat.completions.create(model="openai:text", messages=MESSAGES)
+    owner.responses.create(model="openai:text", input="What is the weather in Paris?")
+    # Relayed as is to the upstream (which has no such route): the proxy's upstream key goes with it.
+    relayed = httpx2.get(f"{url}/v1/files", headers={"authorization": f"Bearer {CLIENT_KEYS[0]}"}, timeout=10)
+    assert relayed.status_code == 404
     with pytest.raises(openai.AuthenticationError):
         wrong.chat.completions.create(model="openai:text", messages=MESSAGES)
     denied["bad_key"] += 1
