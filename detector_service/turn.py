@@ -218,6 +218,7 @@ class ConversationIndex:
     last_assistant_text: str = ""
     user_values: set[str] = field(default_factory=set)
     told_values: set[str] = field(default_factory=set)  # values the assistant said to the user
+    told_since_write: set[str] = field(default_factory=set)  # the same, since the latest successful write
     recent_calls: Counter[str] = field(default_factory=Counter)  # calls since the latest user message
     tool_values: set[str] = field(default_factory=set)
     read_values: set[str] = field(default_factory=set)  # values read back from, or looked up with, read tools
@@ -267,6 +268,7 @@ class ConversationIndex:
             if text.strip():
                 self.last_assistant_text = text
                 self.told_values |= text_values(text)
+                self.told_since_write |= text_values(text)
             for raw in tool_calls_of(message):
                 call = parse_call(raw, i, self.kinds)
                 self.calls.append(call)
@@ -304,6 +306,7 @@ class ConversationIndex:
             # The data changed: earlier failures and read results may no longer hold, so neither retrying a
             # call that failed nor reading the same thing again is a loop from here on.
             self.failed_keys.clear()
+            self.told_since_write = set()
             for key in [k for k in self.recent_calls if self.kinds.kind(k.split(":", 1)[0]) is not ToolKind.WRITE]:
                 del self.recent_calls[key]
         values, pairs = output_digest(text)
