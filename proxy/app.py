@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TypedDict
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -16,11 +16,13 @@ from starlette.responses import Response
 from detector_service.contract.profile import Profile, load_profile
 from detector_service.engine import Engine
 from detector_service.llm.judge import Judge, judge_key, make_client
-from proxy.edge import admin, health, outcomes, routes
+from proxy.edge import admin, health, outcomes, passthrough, responses, routes
 from proxy.edge.auth import Authenticator
+from proxy.edge.deps import ProxyState, Supervision
 from proxy.errors import InvalidRequest, ProxyError, RouteNotFound, error_response
 from proxy.hooks import ChatHooks
 from proxy.metrics import ProxyMetrics
+from proxy.responses.service import build_responses
 from proxy.settings import ProxySettings
 from proxy.supervision.extractions import ExtractionReader
 from proxy.supervision.recorder import RedisRecorder, recorder_for
@@ -29,10 +31,7 @@ from proxy.supervision.supervisor import Supervisor
 from proxy.supervision.verdicts import EmbeddedVerdicts, RedisVerdicts, process_instance_id, redis_client
 from proxy.tracing import TracingMiddleware
 from proxy.upstream.client import Upstream
-
-
-class ProxyState(TypedDict):
-    upstream: Upstream
+from proxy.upstream.readiness import Readiness
 
 
 def embedded_judge(settings: ProxySettings, profile: Profile) -> Judge | None:
@@ -106,35 +105,55 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return error_response(InvalidRequest(str(first.get("msg", "invalid request")), param=param))
 
 
-def create_app(settings: ProxySettings, hooks: ChatHooks | None = None) -> FastAPI:
+def _supervision(hooks: ChatHooks[Any]) -> Supervision | None:
+    # The one place that knows which hooks it plugged in; the operator endpoints get the parts, never the hooks.
+    if not isinstance(hooks, Supervisor):
+        return None
+    return Supervision(hooks.mode, hooks.profile, hooks.store, hooks.recorder)
+
+
+def create_app(
+    settings: ProxySettings, hooks: ChatHooks[Any] | None = None, metrics: ProxyMetrics | None = None
+) -> FastAPI:
     """The proxy. ``hooks`` is the supervision seam of the chat pipeline (see :mod:`proxy.edge.chat`); by default
-    the supervisor of :mod:`proxy.supervision.supervisor`, with ``settings.mode`` and the profile ``settings.profile``."""
-    metrics = ProxyMetrics()
+    the supervisor of :mod:`proxy.supervision.supervisor`, with ``settings.mode`` and the profile ``settings.profile``.
+    ``metrics``: the registry to count in (a fresh one by default).
+
+    Everything the handlers use is opened by the lifespan and handed to them as one :class:`ProxyState`."""
+    metrics = metrics if metrics is not None else ProxyMetrics()
     chat_hooks = hooks if hooks is not None else build_supervisor(settings, metrics)
+    responses_api = build_responses(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[ProxyState]:
         upstream = Upstream(settings, metrics)
         await chat_hooks.start()
         try:
-            yield {"upstream": upstream}
+            yield ProxyState(
+                settings=settings,
+                metrics=metrics,
+                auth=Authenticator(settings.api_keys),
+                upstream=upstream,
+                readiness=Readiness(),
+                hooks=chat_hooks,
+                supervision=_supervision(chat_hooks),
+                responses=responses_api,
+            )
         finally:
             await chat_hooks.stop()
+            await responses_api.aclose()
             await upstream.aclose()
 
     app = FastAPI(title="FAMA proxy", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.auth = Authenticator(settings.api_keys)
-    app.state.chat_hooks = chat_hooks
-    app.state.readiness = health.Readiness()
     app.add_exception_handler(ProxyError, _proxy_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(TracingMiddleware, metrics=metrics)
     app.include_router(health.router)
     routes.add_chat_route(app)
+    app.include_router(responses.router)  # before any catch-all /v1 relay
     app.include_router(routes.router)
     app.include_router(outcomes.router)
     app.include_router(admin.router)
+    passthrough.add_relay_route(app)
     return app

@@ -30,6 +30,13 @@ def serve(
     local_model: Annotated[
         bool | None, typer.Option("--local-model/--no-local-model", help="Start the bundled llama.cpp model.")
     ] = None,
+    upstream_responses: Annotated[
+        str | None,
+        typer.Option(
+            help="/v1/responses: auto (probe the upstream once), native (forward) or bridge (to chat completions) "
+            "[env FAMA_UPSTREAM_RESPONSES]."
+        ),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="Log level [env FAMA_LOG_LEVEL].")] = None,
 ) -> None:
     """Run the proxy."""
@@ -48,6 +55,7 @@ def serve(
             mode=mode,
             profile=profile,
             local_model=local_model,
+            upstream_responses=upstream_responses,
             log_level=log_level,
         )
     )

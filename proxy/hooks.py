@@ -9,10 +9,9 @@ upstream errors reach them as :class:`~proxy.errors.ProxyError`.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import orjson
 
@@ -21,12 +20,12 @@ from proxy.metrics import ProxyMetrics
 from proxy.tracing import Trace
 from proxy.upstream import normalize, textcalls
 from proxy.upstream.chunks import NormalizedChunks, ToolTextChunks, upstream_frames
-from proxy.upstream.client import Response as UpstreamResponse
-from proxy.upstream.client import Upstream, close
+from proxy.upstream.client import Reply, Upstream
 
 PATH = "/chat/completions"
 REPAIRED_HEADER = "x-fama-repaired"  # non-streaming answers whose tool calls the model wrote as text
 logger = logging.getLogger("fama.proxy.chat")
+S = TypeVar("S")  # a hook's per-turn state
 
 
 def wants_usage(body: dict[str, Any]) -> bool:
@@ -35,7 +34,7 @@ def wants_usage(body: dict[str, Any]) -> bool:
 
 
 @dataclass
-class ChatContext:
+class ChatContext(Generic[S]):
     """One chat turn: who asked, how to reach the upstream, and every upstream response it opened."""
 
     body: dict[str, Any]
@@ -44,10 +43,10 @@ class ChatContext:
     upstream: Upstream
     metrics: ProxyMetrics
     upstream_headers: dict[str, str]
-    _open: list[tuple[UpstreamResponse, float]] = field(default_factory=list)
+    _open: list[Reply] = field(default_factory=list)
     request_headers: Mapping[str, str] = field(default_factory=dict)  # the client's (e.g. x-fama-session)
     response_headers: dict[str, str] = field(default_factory=dict)  # hooks add theirs; sent with the response
-    hook_state: dict[str, Any] = field(default_factory=dict)  # a hook's per-turn state, from request to answer
+    hook_state: S | None = None  # the hooks' per-turn state, from request to answer
 
     @property
     def model(self) -> str:
@@ -55,9 +54,7 @@ class ChatContext:
         return model
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        payload, _ = await self.upstream.request_json(
-            "POST", PATH, self.upstream_headers, self.trace, orjson.dumps(body)
-        )
+        payload = await self.upstream.request_json("POST", PATH, self.upstream_headers, self.trace, orjson.dumps(body))
         if not isinstance(payload, dict):
             raise UpstreamStreamError("the upstream model server answered with something other than a JSON object")
         response = normalize.chat_completion(payload, self.model)
@@ -73,14 +70,13 @@ class ChatContext:
 
     async def open_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Open a streamed completion; upstream error statuses raise here, before any byte is sent."""
-        started = time.perf_counter()
-        response = await self.upstream.open("POST", PATH, self.upstream_headers, self.trace, orjson.dumps(body))
-        self._open.append((response, started))
+        reply = await self.upstream.open("POST", PATH, self.upstream_headers, self.trace, orjson.dumps(body))
+        self._open.append(reply)
         normalizer = normalize.ChunkNormalizer(self.model, wants_usage(body))
         tools = textcalls.declared_tools(body)
         if tools:
-            return ToolTextChunks(upstream_frames(response), normalizer, tools, self._count_stream_repair)
-        return NormalizedChunks(upstream_frames(response), normalizer)
+            return ToolTextChunks(upstream_frames(reply), normalizer, tools, self._count_stream_repair)
+        return NormalizedChunks(upstream_frames(reply), normalizer)
 
     def _count_stream_repair(self) -> None:
         # The stream's headers left before the reply was read: the metric and the log say it instead.
@@ -89,13 +85,12 @@ class ChatContext:
 
     async def aclose(self) -> None:
         while self._open:
-            response, started = self._open.pop()
-            close(response)
-            self.trace.upstream_s += time.perf_counter() - started
+            self._open.pop().close()
 
 
-class ChatHooks:
-    """The supervision seam. The defaults pass everything through unchanged."""
+class ChatHooks(Generic[S]):
+    """The supervision seam, with per-turn state of type ``S`` in ``ctx.hook_state``. The defaults pass everything
+    through unchanged."""
 
     async def start(self) -> None:
         """Open the hooks' resources; called from the app's lifespan."""
@@ -103,11 +98,11 @@ class ChatHooks:
     async def stop(self) -> None:
         """Close them; called from the app's lifespan."""
 
-    async def before_upstream(self, ctx: ChatContext, body: dict[str, Any]) -> dict[str, Any]:
+    async def before_upstream(self, ctx: ChatContext[S], body: dict[str, Any]) -> dict[str, Any]:
         return body
 
-    async def after_response(self, ctx: ChatContext, response: dict[str, Any]) -> dict[str, Any]:
+    async def after_response(self, ctx: ChatContext[S], response: dict[str, Any]) -> dict[str, Any]:
         return response
 
-    def stream(self, ctx: ChatContext, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    def stream(self, ctx: ChatContext[S], chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
         return chunks

@@ -6,14 +6,15 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import openai
 import yaml
-from fastapi import FastAPI
 
-from proxy.app import create_app
+from proxy.app import build_supervisor, create_app
+from proxy.metrics import ProxyMetrics
 from proxy.settings import ProxySettings
 from proxy.supervision.recorder import Intervention, Recorder
 from proxy.supervision.supervisor import Supervisor
@@ -81,8 +82,16 @@ def sdk(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key="client-key", max_retries=0, timeout=20)
 
 
+@dataclass
+class Proxied:
+    """A running proxy's parts the tests read: its metrics and its supervisor."""
+
+    metrics: ProxyMetrics
+    supervisor: Supervisor
+
+
 @contextlib.contextmanager
-def proxy_for(model: ScriptedModel, tmp_path: Path, **settings: Any) -> Iterator[tuple[openai.OpenAI, FastAPI]]:
+def proxy_for(model: ScriptedModel, tmp_path: Path, **settings: Any) -> Iterator[tuple[openai.OpenAI, Proxied]]:
     """The scripted model, the proxy in front of it and an SDK client of the proxy.
 
     ``profile`` (a dict) is written to a YAML file for the proxy to load.
@@ -91,18 +100,18 @@ def proxy_for(model: ScriptedModel, tmp_path: Path, **settings: Any) -> Iterator
     path = tmp_path / "profile.yaml"
     path.write_text(yaml.safe_dump(profile))
     with serve_in_thread(model.app) as upstream:
-        app = create_app(ProxySettings(upstream_url=upstream + "/v1", profile=str(path), **settings))
-        with serve_in_thread(app) as url, sdk(url) as client:
-            yield client, app
+        proxy_settings = ProxySettings(upstream_url=upstream + "/v1", profile=str(path), **settings)
+        metrics = ProxyMetrics()
+        supervisor = build_supervisor(proxy_settings, metrics)
+        with serve_in_thread(create_app(proxy_settings, supervisor, metrics)) as url, sdk(url) as client:
+            yield client, Proxied(metrics, supervisor)
 
 
-def recorder_of(app: FastAPI) -> Recorder:
-    supervisor = app.state.chat_hooks
-    assert isinstance(supervisor, Supervisor)
-    assert supervisor.recorder is not None
-    return supervisor.recorder
+def recorder_of(proxied: Proxied) -> Recorder:
+    assert proxied.supervisor.recorder is not None
+    return proxied.supervisor.recorder
 
 
-def interventions(app: FastAPI) -> list[Intervention]:
+def interventions(app: Proxied) -> list[Intervention]:
     """What the (in-memory) recorder holds, oldest first."""
     return list(reversed(asyncio.run(recorder_of(app).interventions())))

@@ -9,6 +9,7 @@ import pytest
 from detector_service.contract.profile import AgentName, Profile
 from detector_service.contract.wire import Category
 from proxy.metrics import ProxyMetrics
+from proxy.supervision.decisions import triggered_agents
 from proxy.supervision.injection import (
     CLOSING,
     GUIDANCE_TITLE,
@@ -19,7 +20,6 @@ from proxy.supervision.injection import (
     approx_tokens,
     fit,
     render,
-    triggered_agents,
 )
 from proxy.supervision.sessions import SessionState
 
@@ -49,10 +49,10 @@ MESSAGES: list[dict[str, Any]] = [
 
 
 def test_triggers_follow_findings() -> None:
-    assert triggered_agents([Category.WRCO]) == [AgentName.TOR]
-    assert triggered_agents([Category.DCV]) == [AgentName.VERIFIER, AgentName.DCE]
-    assert triggered_agents([Category.IFU, Category.MTC]) == [AgentName.PLANNER, AgentName.TSA]
-    assert triggered_agents([Category.LOOP]) == [AgentName.MEMORY]
+    assert triggered_agents([Category.WRCO]) == (AgentName.TOR,)
+    assert triggered_agents([Category.DCV]) == (AgentName.VERIFIER, AgentName.DCE)
+    assert triggered_agents([Category.IFU, Category.MTC]) == (AgentName.PLANNER, AgentName.TSA)
+    assert triggered_agents([Category.LOOP]) == (AgentName.MEMORY,)
     state = SessionState(agents=[AgentName.TOR])
     assert active_agents(Profile(agents=[AgentName.MEMORY]), state) == [AgentName.TOR, AgentName.MEMORY]
 

@@ -68,7 +68,7 @@ def test_model_names_from_clients_cannot_grow_the_series_without_bound(tmp_path:
         list(
             client.chat.completions.create(model="made-up-0", messages=[{"role": "user", "content": "hi"}], stream=True)
         )
-        registry = app.state.metrics.registry
+        registry = app.metrics.registry
     requests = {
         s.labels["model"]: s.value
         for family in registry.collect()

@@ -13,12 +13,11 @@ import httpx2
 import openai
 import pytest
 import yaml
-from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from detector_service.contract.profile import Mode, Profile
 from detector_service.engine import Engine
-from proxy.app import create_app
+from proxy.app import build_supervisor, create_app
 from proxy.edge.auth import tenant_id
 from proxy.metrics import ProxyMetrics
 from proxy.settings import ProxySettings
@@ -28,7 +27,7 @@ from proxy.supervision.supervisor import Supervisor
 from proxy.supervision.verdicts import EmbeddedVerdicts
 from tests.servers import RedisServer, serve_in_thread
 from tests.supervised_upstream import ScriptedModel
-from tests.supervision_harness import LOOKED_UP, QUESTION, TOOLS, cancels_until_told, recorder_of
+from tests.supervision_harness import LOOKED_UP, QUESTION, TOOLS, Proxied, cancels_until_told, recorder_of
 
 KEY, OTHER_KEY = "client-key", "other-client-key"
 TENANT = tenant_id(KEY)
@@ -43,9 +42,9 @@ def _model(body: dict[str, Any]) -> dict[str, Any]:
 
 
 class Proxy:
-    def __init__(self, url: str, app: FastAPI, redis_url: str | None = None) -> None:
+    def __init__(self, url: str, proxied: Proxied, redis_url: str | None = None) -> None:
         self.url = url
-        self.app = app
+        self.proxied = proxied
         self.redis_url = redis_url
 
     def sdk(self, key: str = KEY) -> openai.OpenAI:
@@ -64,15 +63,14 @@ class Proxy:
         )
 
     def metric(self, outcome: str, intervened: str) -> float | None:
-        metrics: ProxyMetrics = self.app.state.metrics
-        return metrics.registry.get_sample_value(
+        return self.proxied.metrics.registry.get_sample_value(
             "fama_session_outcomes_total", {"outcome": outcome, "intervened": intervened}
         )
 
     def record(self, session_id: str) -> list[SessionEntry]:
         """The session's record once its outcome is in it (Redis writes are batched in the background)."""
         if self.redis_url is None:
-            return asyncio.run(recorder_of(self.app).session(TENANT, session_id))
+            return asyncio.run(recorder_of(self.proxied).session(TENANT, session_id))
         redis_url = self.redis_url
 
         async def read() -> list[SessionEntry]:
@@ -117,11 +115,12 @@ def proxy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Proxy]:
         if request.param == "redis":
             redis_url = request.getfixturevalue("redis_url")
             # The supervisor's own metrics stay apart; outcomes are counted on the app's (read by the tests).
-            app = create_app(settings, hooks=_redis_supervisor(redis_url, Profile(), ProxyMetrics()))
+            proxied = Proxied(ProxyMetrics(), _redis_supervisor(redis_url, Profile(), ProxyMetrics()))
         else:
-            app = create_app(settings)
-        with serve_in_thread(app) as url:
-            yield Proxy(url, app, redis_url)
+            metrics = ProxyMetrics()
+            proxied = Proxied(metrics, build_supervisor(settings, metrics))
+        with serve_in_thread(create_app(settings, proxied.supervisor, proxied.metrics)) as url:
+            yield Proxy(url, proxied, redis_url)
 
 
 def _run_sessions(proxy: Proxy) -> None:
@@ -263,9 +262,9 @@ def test_an_unreachable_session_store_is_503_not_404(tmp_path: Path) -> None:
             settings = ProxySettings(
                 upstream_url=upstream + "/v1", profile=str(path), mode=Mode.ENFORCE, api_keys=[KEY]
             )
-            app = create_app(settings, hooks=_redis_supervisor(redis_server.url, Profile(), ProxyMetrics()))
-            with serve_in_thread(app) as url:
-                proxy = Proxy(url, app, redis_server.url)
+            proxied = Proxied(ProxyMetrics(), _redis_supervisor(redis_server.url, Profile(), ProxyMetrics()))
+            with serve_in_thread(create_app(settings, proxied.supervisor, proxied.metrics)) as url:
+                proxy = Proxy(url, proxied, redis_server.url)
                 _run_sessions(proxy)
                 redis_server.stop()
                 answer = proxy.report(CLEAN, {"outcome": "success"})

@@ -18,13 +18,13 @@ from tests.scripted_upstream import ScriptedUpstream
 from tests.servers import free_port, serve_in_thread
 
 
-class TenantProbe(ChatHooks):
+class TenantProbe(ChatHooks[None]):
     """Pass-through hooks that remember which tenant each turn ran for."""
 
     def __init__(self) -> None:
         self.tenants: list[str] = []
 
-    async def before_upstream(self, ctx: ChatContext, body: dict[str, Any]) -> dict[str, Any]:
+    async def before_upstream(self, ctx: ChatContext[None], body: dict[str, Any]) -> dict[str, Any]:
         self.tenants.append(ctx.tenant)
         return body
 
@@ -89,10 +89,10 @@ def test_tenant_is_a_key_digest_and_default_without_auth(upstream_url: str) -> N
     assert open_probe.tenants == ["default"]
 
 
-class BrokenStreamHooks(ChatHooks):
+class BrokenStreamHooks(ChatHooks[None]):
     """Hooks with a bug: the stream breaks after its first chunk."""
 
-    def stream(self, ctx: ChatContext, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    def stream(self, ctx: ChatContext[None], chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
         async def broken() -> AsyncIterator[dict[str, Any]]:
             async for chunk in chunks:
                 yield chunk

@@ -42,6 +42,7 @@ def test_enforce_retry_carries_feedback_until_attempts_run_out() -> None:
     assert first.feedback is not None
     assert first.feedback["role"] == "system"
     content = first.feedback["content"]
+    assert isinstance(content, str)
     assert content.startswith(FEEDBACK_PREFIX)
     assert "`cancel_reservation` (reservation_id: ZFA04Y)" in content
     assert "[DCV] cancel_reservation needs an explicit yes." in content
@@ -106,8 +107,10 @@ def test_block_names_the_action_and_the_reason() -> None:
     assert d.action is Action.BLOCK
     assert not d.exhausted
     assert d.replacement is not None
-    assert "`cancel_reservation`" in d.replacement["content"]
-    assert "Arguments are not valid JSON." in d.replacement["content"]
+    text = d.replacement.get("content")
+    assert isinstance(text, str)
+    assert "`cancel_reservation`" in text
+    assert "Arguments are not valid JSON." in text
 
 
 def test_degraded_is_fail_open_by_default_and_closed_per_category() -> None:
@@ -120,7 +123,7 @@ def test_degraded_is_fail_open_by_default_and_closed_per_category() -> None:
     assert blocked.degraded == "outage"
     assert blocked.labels == ["block:DCV"]
     assert blocked.replacement is not None
-    assert "can't verify `cancel_reservation`" in blocked.replacement["content"]
+    assert "can't verify `cancel_reservation`" in str(blocked.replacement.get("content"))
     # A read call or a text answer puts no DCV at stake, so the same profile lets them through.
     assert decide(Mode.ENFORCE, closed_writes, Degraded("outage"), READ, TOOLS).action is Action.PASS
     assert decide(Mode.ENFORCE, closed_writes, Degraded("outage"), TEXT, TOOLS).action is Action.PASS

@@ -99,7 +99,7 @@ def test_enforce_retries_an_unconfirmed_write_and_the_client_gets_only_the_quest
         assert recorded.categories == [Category.DCV]
         assert recorded.original["tool_calls"][0]["function"]["name"] == "cancel_reservation"
         assert recorded.final is None
-        metrics = app.state.metrics.registry
+        metrics = app.metrics.registry
         assert metrics.get_sample_value("fama_retries_total", {"category": "DCV", "outcome": "fixed"}) == 1
         labels = {"action": "retry", "category": "DCV", "mode": "enforce"}
         assert metrics.get_sample_value("fama_interventions_total", labels) == 1
@@ -150,7 +150,7 @@ def test_observe_passes_untouched_and_the_next_turn_carries_the_guidance(tmp_pat
         assert "[DCV]" in context
         assert "cancel_reservation" in context
         assert interventions(app) == []  # observe mode changes nothing
-        registry = app.state.metrics.registry
+        registry = app.metrics.registry
         labels = {"category": "DCV", "detector": "write_without_confirmation", "tool": "cancel_reservation"}
         # At least the first turn's finding (the second turn's evaluation may still be running).
         assert (registry.get_sample_value("fama_findings_total", labels) or 0) >= 1
@@ -209,7 +209,7 @@ def test_block_when_retries_are_exhausted(tmp_path: Path) -> None:
         )
         assert len(model.bodies()) == 2
         assert [i.action for i in interventions(app)] == [Action.RETRY, Action.BLOCK]
-        registry = app.state.metrics.registry
+        registry = app.metrics.registry
         assert registry.get_sample_value("fama_retries_total", {"category": "DCV", "outcome": "exhausted"}) == 1
 
         chunks = _stream(client, LOOKED_UP)

@@ -59,7 +59,7 @@ def test_the_judges_finding_drives_the_intervention(judge: tuple[ScriptedLLM, st
         assert raw.headers["x-fama-intervention"] == "retry:CM"
         assert raw.parse().choices[0].message.content == UNDERSTOOD
         assert [i.categories for i in interventions(app)] == [[Category.CM]]
-        assert app.state.metrics.registry.get_sample_value("fama_judge_calls_total", {"outcome": "ok"}) >= 1
+        assert (app.metrics.registry.get_sample_value("fama_judge_calls_total", {"outcome": "ok"}) or 0) >= 1
     assert llm.authorizations[0] == "Bearer sk-embedded"
     assert "cancel_reservation" in llm.asked("fama_judge")[0]["messages"][-1]["content"]
 
@@ -71,7 +71,7 @@ def test_a_slow_judge_leaves_the_deterministic_verdict(judge: tuple[ScriptedLLM,
         raw = client.chat.completions.with_raw_response.create(model="m", messages=CONFIRMED, tools=TOOLS)
         assert "x-fama-intervention" not in raw.headers
         assert raw.parse().choices[0].message.tool_calls
-        assert app.state.metrics.registry.get_sample_value("fama_judge_calls_total", {"outcome": "timeout"}) == 1
+        assert app.metrics.registry.get_sample_value("fama_judge_calls_total", {"outcome": "timeout"}) == 1
 
 
 def test_a_look_up_is_not_sent_to_the_judge(judge: tuple[ScriptedLLM, str], tmp_path: Path) -> None:

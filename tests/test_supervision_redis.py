@@ -115,7 +115,7 @@ def test_no_detector_running_passes_within_the_deadline_marked_degraded(redis_ur
         assert calls is not None
         assert len(calls) == 1
         assert elapsed < DEADLINE_MS / 1000 + 2.0  # one deadline, not a hang
-        registry = app.state.metrics.registry
+        registry = app.metrics.registry
         assert registry.get_sample_value("fama_degraded_responses_total", {"reason": "deadline", "policy": "open"}) == 1
 
         chunks = list(client.chat.completions.create(model="m", messages=LOOKED_UP, tools=TOOLS, stream=True))

@@ -44,7 +44,7 @@ def _text(chunks: list[ChatCompletionChunk]) -> str:
 
 
 def _metric(app: Any, stream: str) -> float:
-    value = app.state.metrics.registry.get_sample_value("fama_text_tool_calls_total", {"stream": stream})
+    value = app.metrics.registry.get_sample_value("fama_text_tool_calls_total", {"stream": stream})
     return float(value or 0.0)
 
 

@@ -21,10 +21,9 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from proxy.edge.deps import ProxyState, State, Supervision, state_of
 from proxy.errors import AuthenticationFailed, ProxyError, RouteNotFound
-from proxy.settings import ProxySettings
 from proxy.supervision.recorder import Recorder
-from proxy.supervision.supervisor import Supervisor
 
 MAX_INTERVENTIONS = 1000
 
@@ -42,7 +41,7 @@ class RecorderUnavailable(ProxyError):
 
 
 async def require_admin(request: Request) -> None:
-    settings: ProxySettings = request.app.state.settings
+    settings = state_of(request)["settings"]
     if settings.admin_key is None:
         raise AdminDisabled("Admin endpoints are disabled: set FAMA_ADMIN_KEY to enable them.")
     scheme, _, presented = (request.headers.get("authorization") or "").partition(" ")
@@ -55,15 +54,15 @@ async def require_admin(request: Request) -> None:
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
 
-def _supervisor(request: Request) -> Supervisor:
-    hooks = request.app.state.chat_hooks
-    if not isinstance(hooks, Supervisor):
+def _supervision(state: ProxyState) -> Supervision:
+    supervision = state["supervision"]
+    if supervision is None:
         raise RouteNotFound("this proxy runs no supervision: nothing is recorded", code="not_supervised")
-    return hooks
+    return supervision
 
 
-def _recorder(request: Request) -> Recorder:
-    recorder = _supervisor(request).recorder
+def _recorder(state: ProxyState) -> Recorder:
+    recorder = _supervision(state).recorder
     if recorder is None:
         raise RouteNotFound("this proxy records nothing", code="not_recorded")
     return recorder
@@ -74,9 +73,9 @@ def _json(payload: object) -> Response:
 
 
 @router.get("/sessions/{tenant}/{session_id}")
-async def session(tenant: str, session_id: str, request: Request) -> Response:
+async def session(tenant: str, session_id: str, state: State) -> Response:
     try:
-        entries = await _recorder(request).session(tenant, session_id)
+        entries = await _recorder(state).session(tenant, session_id)
     except (RedisError, OSError) as exc:
         raise RecorderUnavailable("the session record could not be read; try again later") from exc
     if not entries:
@@ -94,9 +93,9 @@ async def session(tenant: str, session_id: str, request: Request) -> Response:
 
 
 @router.get("/interventions")
-async def interventions(request: Request, limit: Annotated[int, Query(ge=1, le=MAX_INTERVENTIONS)] = 100) -> Response:
+async def interventions(state: State, limit: Annotated[int, Query(ge=1, le=MAX_INTERVENTIONS)] = 100) -> Response:
     try:
-        found = await _recorder(request).interventions(limit)
+        found = await _recorder(state).interventions(limit)
     except (RedisError, OSError) as exc:
         raise RecorderUnavailable("the intervention log could not be read; try again later") from exc
     data: list[dict[str, Any]] = [i.model_dump(mode="json", exclude_none=True) for i in found]
@@ -104,12 +103,12 @@ async def interventions(request: Request, limit: Annotated[int, Query(ge=1, le=M
 
 
 @router.get("/profile")
-async def profile(request: Request) -> Response:
-    supervisor = _supervisor(request)
+async def profile(state: State) -> Response:
+    supervision = _supervision(state)
     return _json(
         {
             "object": "fama.profile",
-            "mode": supervisor.mode.value,  # the mode in force (flags/environment), which may differ from the file's
-            "profile": supervisor.profile.model_dump(mode="json"),
+            "mode": supervision.mode.value,  # the mode in force (flags/environment), which may differ from the file's
+            "profile": supervision.profile.model_dump(mode="json"),
         }
     )

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Annotated
 
-from fastapi import Depends
 from pydantic import SecretStr
-from starlette.requests import Request
 
 from proxy.errors import AuthenticationFailed
-from proxy.tracing import Trace
 
 DEFAULT_TENANT = "default"
 
@@ -47,15 +43,3 @@ class Authenticator:
         if found is None:
             raise AuthenticationFailed("Incorrect API key provided.")
         return found
-
-
-async def require_tenant(request: Request) -> str:
-    authenticator: Authenticator = request.app.state.auth
-    tenant = authenticator.tenant(request.headers.get("authorization"))
-    trace: Trace = request.state.trace
-    trace.tenant = tenant
-    request.state.tenant = tenant
-    return tenant
-
-
-Tenant = Annotated[str, Depends(require_tenant)]

@@ -18,67 +18,47 @@ The seam (:class:`~proxy.hooks.ChatContext`, :class:`~proxy.hooks.ChatHooks`) li
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 
-from proxy.edge.inbound import json_object, require
+from proxy.edge.inbound import expect, json_object, require
 from proxy.edge.relay import EventStream, relay
 from proxy.errors import InvalidRequest
-from proxy.hooks import ChatContext, ChatHooks
+from proxy.hooks import ChatContext, ChatHooks, S
 from proxy.upstream import normalize
 from proxy.upstream.chunks import NormalizedChunks
-
-
-def _typed(obj: Mapping[str, Any], key: str, kinds: tuple[type, ...], what: str, param: str) -> None:
-    """400 naming ``param`` when ``obj[key]`` is present, not null and not of one of ``kinds``."""
-    value = obj.get(key)
-    if value is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
-        raise InvalidRequest(f"'{param}' must be {what}", param=param, code="invalid_type")
-
-
-def _object(value: Any, what: str, param: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise InvalidRequest(f"'{param}' must be {what}", param=param, code="invalid_type")
-    return value
 
 
 def _check_message(message: Any, i: int) -> None:
     """The message fields the proxy itself reads have the types the OpenAI API gives them."""
     p = f"messages[{i}]"
-    m = _object(message, "an object", p)
-    if not isinstance(m.get("role"), str):
-        raise InvalidRequest(f"'{p}.role' must be a string", param=f"{p}.role", code="invalid_type")
-    _typed(m, "content", (str, list), "a string or an array of content parts", f"{p}.content")
-    _typed(m, "tool_call_id", (str,), "a string", f"{p}.tool_call_id")
-    calls = m.get("tool_calls")
-    if calls is None:
-        return
-    if not isinstance(calls, list):
-        raise InvalidRequest(
-            f"'{p}.tool_calls' must be an array of tool calls", param=f"{p}.tool_calls", code="invalid_type"
-        )
-    for j, call in enumerate(calls):
+    m = expect(message, (dict,), "an object", p)
+    expect(m.get("role"), (str,), "a string", f"{p}.role")
+    require(m, "content", (str, list), "a string or an array of content parts", True, f"{p}.content")
+    require(m, "tool_call_id", (str,), "a string", True, f"{p}.tool_call_id")
+    calls = require(m, "tool_calls", (list,), "an array of tool calls", True, f"{p}.tool_calls")
+    for j, call in enumerate(calls or ()):
         q = f"{p}.tool_calls[{j}]"
-        c = _object(call, "an object", q)
-        _typed(c, "id", (str,), "a string", f"{q}.id")
-        fn = _object(c.get("function"), "an object with the function's name and arguments", f"{q}.function")
-        _typed(fn, "name", (str,), "a string", f"{q}.function.name")
-        _typed(fn, "arguments", (str, dict), "a string of JSON", f"{q}.function.arguments")
+        c = expect(call, (dict,), "an object", q)
+        require(c, "id", (str,), "a string", True, f"{q}.id")
+        fn = expect(c.get("function"), (dict,), "an object with the function's name and arguments", f"{q}.function")
+        require(fn, "name", (str,), "a string", True, f"{q}.function.name")
+        require(fn, "arguments", (str, dict), "a string of JSON", True, f"{q}.function.arguments")
 
 
 def _check_tool(tool: Any, i: int) -> None:
     p = f"tools[{i}]"
-    t = _object(tool, "an object", p)
-    if t.get("function") is None:
-        return  # other tool types pass through to the model server as they are
-    fn = _object(t["function"], "an object", f"{p}.function")
-    _typed(fn, "name", (str,), "a string", f"{p}.function.name")
-    _typed(fn, "description", (str,), "a string", f"{p}.function.description")
-    _typed(fn, "parameters", (dict,), "an object (a JSON Schema)", f"{p}.function.parameters")
+    t = expect(tool, (dict,), "an object", p)
+    # other tool types (no ``function``) pass through to the model server as they are
+    fn = require(t, "function", (dict,), "an object", True, f"{p}.function")
+    if fn is None:
+        return
+    require(fn, "name", (str,), "a string", True, f"{p}.function.name")
+    require(fn, "description", (str,), "a string", True, f"{p}.function.description")
+    require(fn, "parameters", (dict,), "an object (a JSON Schema)", True, f"{p}.function.parameters")
 
 
 def parse_request(raw: bytes) -> dict[str, Any]:
@@ -101,7 +81,7 @@ def parse_request(raw: bytes) -> dict[str, Any]:
     return body
 
 
-async def respond(ctx: ChatContext, hooks: ChatHooks, ping_s: float, shutdown_grace_s: float = 0.0) -> Response:
+async def respond(ctx: ChatContext[S], hooks: ChatHooks[S], ping_s: float, shutdown_grace_s: float = 0.0) -> Response:
     body = normalize.adapt_for_upstream(await hooks.before_upstream(ctx, ctx.body))
     if body.get("stream"):
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import orjson
@@ -54,15 +54,32 @@ def json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def require(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str, optional: bool = False) -> None:
-    """400 naming ``name`` when it is missing (unless optional) or not of one of ``kinds``."""
-    value = body.get(name)
+def require(
+    obj: Mapping[str, Any],
+    name: str,
+    kinds: tuple[type, ...],
+    what: str,
+    optional: bool = False,
+    param: str | None = None,
+) -> Any:
+    """``obj[name]``; 400 naming ``param`` (default ``name``) when it is missing (unless optional) or not of one of
+    ``kinds`` (a boolean only where ``bool`` is named). A missing optional field is ``None``."""
+    value = obj.get(name)
+    param = param or name
     if value is None:
         if optional:
-            return
-        raise InvalidRequest(f"you must provide the '{name}' parameter", param=name, code="missing_required_parameter")
+            return None
+        raise InvalidRequest(
+            f"you must provide the '{param}' parameter", param=param, code="missing_required_parameter"
+        )
+    return expect(value, kinds, what, param)
+
+
+def expect(value: Any, kinds: tuple[type, ...], what: str, param: str) -> Any:
+    """``value`` when it is of one of ``kinds`` (a boolean only where ``bool`` is named); 400 naming ``param``."""
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise InvalidRequest(f"'{name}' must be {what}", param=name, code="invalid_type")
+        raise InvalidRequest(f"'{param}' must be {what}", param=param, code="invalid_type")
+    return value
 
 
 async def cancel_on_disconnect(request: Request, work: Callable[[], Awaitable[T]]) -> T:

@@ -23,13 +23,11 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.edge.auth import Tenant
-from proxy.edge.inbound import json_object, read_body
+from proxy.edge.deps import ProxyState, State, Supervision, Tenant
+from proxy.edge.inbound import json_object, read_body, require
 from proxy.errors import InvalidRequest, ProxyError, RouteNotFound
-from proxy.metrics import ProxyMetrics
-from proxy.supervision.recorder import Outcome
+from proxy.supervision.recorder import Outcome, Recorder
 from proxy.supervision.sessions import SessionRef, session_from_header
-from proxy.supervision.supervisor import Supervisor
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_NOTE_CHARS = 2_000
@@ -65,35 +63,31 @@ def parse_outcome(raw: bytes) -> tuple[OutcomeName, float | None, str | None]:
     if outcome not in ("success", "failure"):
         raise InvalidRequest("'outcome' must be 'success' or 'failure'", param="outcome", code="invalid_value")
     name: OutcomeName = "success" if outcome == "success" else "failure"
-    reward = body.get("reward")
-    if reward is not None and (
-        isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward)
-    ):
+    reward = require(body, "reward", (int, float), "a finite number", optional=True)
+    if reward is not None and not math.isfinite(reward):
         raise InvalidRequest("'reward' must be a finite number", param="reward", code="invalid_type")
-    note = body.get("note")
-    if note is not None and not isinstance(note, str):
-        raise InvalidRequest("'note' must be a string", param="note", code="invalid_type")
+    note = require(body, "note", (str,), "a string", optional=True)
     if note is not None and len(note) > MAX_NOTE_CHARS:
         raise InvalidRequest(f"'note' must be at most {MAX_NOTE_CHARS} characters", param="note", code="too_long")
     return name, None if reward is None else float(reward), note
 
 
-def _supervisor(request: Request) -> Supervisor:
-    hooks = request.app.state.chat_hooks
-    if not isinstance(hooks, Supervisor):
+def _supervision(state: ProxyState) -> Supervision:
+    supervision = state["supervision"]
+    if supervision is None:
         raise RouteNotFound("session outcomes need supervision, which this proxy does not run", code="not_supervised")
-    return hooks
+    return supervision
 
 
-async def _intervened(supervisor: Supervisor, ref: SessionRef, turns: int, interventions: int) -> bool | None:
+async def _intervened(recorder: Recorder | None, ref: SessionRef, turns: int, interventions: int) -> bool | None:
     """Whether the session had an intervention; ``None`` for a session the proxy never supervised."""
     if turns > 0:
         return interventions > 0
-    if supervisor.recorder is None:
+    if recorder is None:
         return None
     # The state may have expired or been lost to a Redis failure while the record remains.
     try:
-        entries = await supervisor.recorder.session(ref.tenant, ref.session_id)
+        entries = await recorder.session(ref.tenant, ref.session_id)
     except (RedisError, OSError) as exc:
         raise StoreUnavailable("the session store is unavailable; report the outcome again later") from exc
     if not entries:
@@ -102,26 +96,26 @@ async def _intervened(supervisor: Supervisor, ref: SessionRef, turns: int, inter
 
 
 @router.post("/sessions/{session_id}/outcome")
-async def report_outcome(session_id: str, request: Request, tenant: Tenant) -> Response:
-    supervisor = _supervisor(request)
+async def report_outcome(session_id: str, request: Request, tenant: Tenant, state: State) -> Response:
+    supervision = _supervision(state)
+    sessions, recorder = supervision.sessions, supervision.recorder
     outcome, reward, note = parse_outcome(await read_body(request, MAX_BODY_BYTES))
     ref = SessionRef(tenant, session_from_header(session_id), derived=False)
-    state = await supervisor.store.load(ref)
-    intervened = await _intervened(supervisor, ref, state.turns, state.interventions)
+    known = await sessions.load(ref)
+    intervened = await _intervened(recorder, ref, known.turns, known.interventions)
     if intervened is None:
         raise RouteNotFound(
             f"No session '{session_id}' is known to this proxy", param="session_id", code="unknown_session"
         )
     try:
-        first = await supervisor.store.claim_outcome(ref, outcome)
+        first = await sessions.claim_outcome(ref, outcome)
     except (RedisError, OSError, TimeoutError) as exc:
         raise StoreUnavailable("the session store is unavailable; report the outcome again later") from exc
     if first is not None:
         raise OutcomeConflict(f"The outcome of session '{session_id}' was already reported ({first})")
-    metrics: ProxyMetrics = request.app.state.metrics
-    metrics.session_outcomes.labels(outcome=outcome, intervened="yes" if intervened else "no").inc()
-    if supervisor.recorder is not None:
-        supervisor.recorder.record_outcome(
+    state["metrics"].session_outcomes.labels(outcome=outcome, intervened="yes" if intervened else "no").inc()
+    if recorder is not None:
+        recorder.record_outcome(
             Outcome(
                 tenant=tenant,
                 session_id=ref.session_id,

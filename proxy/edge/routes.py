@@ -2,16 +2,17 @@
 
 Chat goes through :mod:`proxy.edge.chat`. Completions and embeddings are relayed as bytes (their bodies need
 no fixing; only errors are normalized, by :mod:`proxy.upstream.client`). Model lists are small and get
-normalized (TGI answers a single object; llama.cpp and TGI have no ``/models/{id}``).
+normalized (TGI answers a single object); a model is the upstream's answer, or an entry of its list where the
+upstream has no ``/models/{id}`` (llama.cpp, TGI). Every other ``/v1`` request is relayed by
+:mod:`proxy.edge.passthrough`.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -20,46 +21,18 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from proxy.edge import chat
-from proxy.edge.auth import Tenant, require_tenant
+from proxy.edge.deps import ProxyState, State, Tenant, TraceDep, require_tenant, state_of, trace_of
 from proxy.edge.inbound import cancel_on_disconnect, json_object, read_body, require
 from proxy.edge.relay import EventStream, relay
 from proxy.errors import RouteNotFound, UpstreamError
-from proxy.hooks import ChatContext, ChatHooks
-from proxy.metrics import ProxyMetrics
-from proxy.settings import ProxySettings
+from proxy.hooks import ChatContext
 from proxy.tracing import Trace
 from proxy.upstream import normalize
 from proxy.upstream.chunks import RelayedChunks, upstream_frames
-from proxy.upstream.client import Response as UpstreamResponse
-from proxy.upstream.client import Upstream, close
-
-
-# Dependencies are ``async``: FastAPI runs plain functions in a worker thread.
-async def _upstream(request: Request) -> Upstream:
-    upstream: Upstream = request.state.upstream
-    return upstream
-
-
-async def _trace(request: Request) -> Trace:
-    trace: Trace = request.state.trace
-    return trace
-
-
-UpstreamDep = Annotated[Upstream, Depends(_upstream)]
-TraceDep = Annotated[Trace, Depends(_trace)]
+from proxy.upstream.client import Reply, Upstream
 
 router = APIRouter(prefix="/v1")
 CHAT_PATH = "/v1/chat/completions"
-
-
-def _settings(request: Request) -> ProxySettings:
-    settings: ProxySettings = request.app.state.settings
-    return settings
-
-
-def _metrics(request: Request) -> ProxyMetrics:
-    metrics: ProxyMetrics = request.app.state.metrics
-    return metrics
 
 
 def _json(payload: object) -> Response:
@@ -69,23 +42,21 @@ def _json(payload: object) -> Response:
 async def chat_completions(request: Request) -> Response:
     """The hot endpoint, as a plain Starlette route (see :func:`add_chat_route`)."""
     tenant = await require_tenant(request)
-    upstream: Upstream = request.state.upstream
-    trace: Trace = request.state.trace
-    settings = _settings(request)
+    state = state_of(request)
+    upstream, settings, trace = state["upstream"], state["settings"], trace_of(request)
     body = chat.parse_request(await read_body(request, settings.max_request_bytes, settings.request_body_timeout_s))
     trace.model = body["model"]
-    ctx = ChatContext(
+    ctx: ChatContext[Any] = ChatContext(
         body=body,
         tenant=tenant,
         trace=trace,
         upstream=upstream,
-        metrics=_metrics(request),
+        metrics=state["metrics"],
         upstream_headers=upstream.headers(request.headers.get("authorization"), trace.request_id),
         request_headers=request.headers,
     )
-    hooks: ChatHooks = request.app.state.chat_hooks
     return await cancel_on_disconnect(
-        request, lambda: chat.respond(ctx, hooks, settings.sse_ping_s, settings.sse_shutdown_grace_s)
+        request, lambda: chat.respond(ctx, state["hooks"], settings.sse_ping_s, settings.sse_shutdown_grace_s)
     )
 
 
@@ -104,79 +75,85 @@ class _NamedRoute(Route):
         await super().handle(scope, receive, send)
 
 
-async def _relay(request: Request, path: str, body: dict[str, Any], upstream: Upstream, trace: Trace) -> Response:
+async def _relay(request: Request, path: str, body: dict[str, Any], state: ProxyState, trace: Trace) -> Response:
     """Completions and embeddings: bytes through; a stream re-framed event by event."""
     trace.model = body["model"]
+    upstream, settings = state["upstream"], state["settings"]
     headers = upstream.headers(request.headers.get("authorization"), trace.request_id)
     content = orjson.dumps(body)
-    started = time.perf_counter()
 
-    async def done(response: UpstreamResponse) -> None:
-        if not response.closed:
-            close(response)
-            trace.upstream_s += time.perf_counter() - started
+    async def done(reply: Reply) -> None:
+        reply.close()
 
     async def call() -> Response:
-        response = await upstream.open("POST", path, headers, trace, content)
+        reply = await upstream.open("POST", path, headers, trace, content)
         if body.get("stream"):
-            chunks = RelayedChunks(upstream_frames(response))
+            chunks = RelayedChunks(upstream_frames(reply))
             return EventStream(
-                relay(chunks, trace, _metrics(request), lambda: done(response), chunks),
-                ping=_settings(request).sse_ping_s,
-                shutdown_grace_period=_settings(request).sse_shutdown_grace_s,
-                background=BackgroundTask(done, response),
+                relay(chunks, trace, state["metrics"], lambda: done(reply), chunks),
+                ping=settings.sse_ping_s,
+                shutdown_grace_period=settings.sse_shutdown_grace_s,
+                background=BackgroundTask(done, reply),
             )
         try:
-            raw = await upstream.read(response)
+            raw = await upstream.read(reply)
         finally:
-            await done(response)
-        return Response(raw, media_type=response.headers.get("content-type", "application/json"))
+            reply.close()
+        return Response(raw, media_type=reply.content_type)
 
     return await cancel_on_disconnect(request, call)
 
 
 @router.post("/completions")
-async def completions(request: Request, tenant: Tenant, upstream: UpstreamDep, trace: TraceDep) -> Response:
-    settings = _settings(request)
+async def completions(request: Request, tenant: Tenant, state: State, trace: TraceDep) -> Response:
+    settings = state["settings"]
     body = json_object(await read_body(request, settings.max_request_bytes, settings.request_body_timeout_s))
     require(body, "model", (str,), "a string")
     require(body, "prompt", (str, list), "a string or an array")
     require(body, "stream", (bool,), "a boolean", optional=True)
-    return await _relay(request, "/completions", body, upstream, trace)
+    return await _relay(request, "/completions", body, state, trace)
 
 
 @router.post("/embeddings")
-async def embeddings(request: Request, tenant: Tenant, upstream: UpstreamDep, trace: TraceDep) -> Response:
-    settings = _settings(request)
+async def embeddings(request: Request, tenant: Tenant, state: State, trace: TraceDep) -> Response:
+    settings = state["settings"]
     body = json_object(await read_body(request, settings.max_request_bytes, settings.request_body_timeout_s))
     require(body, "model", (str,), "a string")
     require(body, "input", (str, list), "a string or an array")
-    return await _relay(request, "/embeddings", body, upstream, trace)
+    return await _relay(request, "/embeddings", body, state, trace)
 
 
 async def _models(request: Request, upstream: Upstream, trace: Trace) -> dict[str, Any]:
     headers = upstream.headers(request.headers.get("authorization"), trace.request_id)
-    payload, _ = await upstream.request_json("GET", "/models", headers, trace)
+    payload = await upstream.request_json("GET", "/models", headers, trace)
     return normalize.model_list(payload)
 
 
 @router.get("/models")
-async def list_models(request: Request, tenant: Tenant, upstream: UpstreamDep, trace: TraceDep) -> Response:
-    return _json(await _models(request, upstream, trace))
+async def list_models(request: Request, tenant: Tenant, state: State, trace: TraceDep) -> Response:
+    return _json(await _models(request, state["upstream"], trace))
+
+
+def _about_the_model(error: UpstreamError, model_id: str) -> bool:
+    """A 404 that is the upstream's answer about this model (OpenAI's ``model_not_found``), not a server without
+    the route (a framework's ``{"detail": "Not Found"}``, llama.cpp's "File Not Found")."""
+    if error.code == "model_not_found" or error.param == "model":
+        return True
+    return "model" in error.message.lower() and model_id in error.message
 
 
 @router.get("/models/{model_id:path}")
-async def get_model(
-    model_id: str, request: Request, tenant: Tenant, upstream: UpstreamDep, trace: TraceDep
-) -> Response:
+async def get_model(model_id: str, request: Request, tenant: Tenant, state: State, trace: TraceDep) -> Response:
+    upstream = state["upstream"]
     headers = upstream.headers(request.headers.get("authorization"), trace.request_id)
     try:
-        payload, _ = await upstream.request_json("GET", f"/models/{model_id}", headers, trace)
+        payload = await upstream.request_json("GET", f"/models/{model_id}", headers, trace)
     except UpstreamError as exc:
-        if exc.status not in (404, 405):
+        if exc.status == 405 or (exc.status == 404 and not _about_the_model(exc, model_id)):
+            payload = None  # llama.cpp and TGI only list models; look it up in the list
+        else:
             raise
-        payload = None  # llama.cpp and TGI only list models; look it up in the list
-    if isinstance(payload, dict) and payload.get("id") == model_id:
+    if isinstance(payload, dict):
         return _json(normalize.model(payload))
     for entry in (await _models(request, upstream, trace))["data"]:
         if isinstance(entry, dict) and entry.get("id") == model_id:

@@ -1,7 +1,8 @@
 """What to do with one candidate answer, given its verdict (or the lack of one). Pure: no I/O.
 
 ``decide`` maps (mode, profile, outcome, attempt, whether tool-call bytes already reached the client)
-to a :class:`Decision`:
+to a :class:`Decision`, consequences included (the guidance and the agents its findings switch on for the
+session's next turns, the ``x-fama-intervention`` labels):
 
 - ``observe`` never changes the answer. Findings become guidance for the next turn.
 - ``enforce`` follows the verdict's action:
@@ -20,17 +21,46 @@ to a :class:`Decision`:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
-from detector_service.contract.profile import Mode, Profile, ToolKind
+from detector_service.contract.profile import AgentName, Mode, Profile, ToolKind
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import Action, Category, Finding, Verdict
 
+if TYPE_CHECKING:  # the OpenAI message shapes, checked statically and never at runtime
+    from openai.types.chat import ChatCompletionAssistantMessageParam as AssistantMessage
+    from openai.types.chat import ChatCompletionSystemMessageParam as SystemMessage
+
 DegradedReason = Literal["deadline", "outage"]
-FEEDBACK_ROLE = "system"  # the retry feedback is an instruction to the model, not words from the user
+FEEDBACK_ROLE: Literal["system"] = "system"  # the retry feedback is an instruction to the model, not the user's words
 FEEDBACK_PREFIX = "[FAMA feedback]"
+
+
+TRIGGERS: dict[Category, tuple[AgentName, ...]] = {
+    Category.WRCO: (AgentName.TOR,),
+    Category.DCV: (AgentName.VERIFIER, AgentName.DCE),
+    Category.IFU: (AgentName.PLANNER, AgentName.TSA),
+    Category.MTC: (AgentName.TSA,),
+    Category.LOOP: (AgentName.MEMORY,),
+    Category.CM: (AgentName.PLANNER,),
+}
+# Order in which agents run and render; also their survival order under the budget.
+AGENT_ORDER: tuple[AgentName, ...] = (
+    AgentName.VERIFIER,
+    AgentName.DCE,
+    AgentName.TOR,
+    AgentName.MEMORY,
+    AgentName.PLANNER,
+    AgentName.TSA,
+)
+
+
+def triggered_agents(categories: Iterable[Category]) -> tuple[AgentName, ...]:
+    """The agents that findings of ``categories`` switch on, in :data:`AGENT_ORDER`."""
+    wanted = {agent for c in categories for agent in TRIGGERS.get(c, ())}
+    return tuple(a for a in AGENT_ORDER if a in wanted)
 
 
 @dataclass(frozen=True)
@@ -46,9 +76,10 @@ class Decision:
     action: Action  # what is done with this attempt (always ``pass`` or ``guide`` in observe mode)
     intended: Action  # what enforce mode wants, recorded even when observe mode does not act on it
     categories: tuple[Category, ...] = ()
-    feedback: dict[str, Any] | None = None  # appended to the conversation for the retry only
-    replacement: dict[str, Any] | None = None  # the assistant message sent instead (rewrite, block)
+    feedback: SystemMessage | None = None  # appended to the conversation for the retry only
+    replacement: AssistantMessage | None = None  # the assistant message sent instead (rewrite, block)
     guidance: tuple[str, ...] = ()  # carried into the next turn's injected context
+    activate: tuple[AgentName, ...] = ()  # agents switched on for the session's next turns (``TRIGGERS``)
     degraded: DegradedReason | None = None
     exhausted: bool = False  # a retry was wanted but no attempt was left
     findings: tuple[Finding, ...] = field(default=())
@@ -113,7 +144,7 @@ def _driving(verdict: Verdict, profile: Profile) -> tuple[Category, ...]:
     return tuple(dict.fromkeys(matching or [f.category for f in verdict.findings]))
 
 
-def feedback_message(candidate: dict[str, Any], findings: Sequence[Finding]) -> dict[str, Any]:
+def feedback_message(candidate: dict[str, Any], findings: Sequence[Finding]) -> SystemMessage:
     calls = tool_calls(candidate)
     proposal = (
         "; ".join(describe_call(c) for c in calls)
@@ -134,7 +165,7 @@ def feedback_message(candidate: dict[str, Any], findings: Sequence[Finding]) -> 
     return {"role": FEEDBACK_ROLE, "content": "\n".join(lines)}
 
 
-def with_shown_text(feedback: dict[str, Any], shown: str) -> dict[str, Any]:
+def with_shown_text(feedback: SystemMessage, shown: str) -> SystemMessage:
     """Feedback for a streamed retry whose rejected attempt's text already reached the user."""
     if not shown:
         return feedback
@@ -144,7 +175,7 @@ def with_shown_text(feedback: dict[str, Any], shown: str) -> dict[str, Any]:
 
 def block_message(
     candidate: dict[str, Any], findings: Sequence[Finding], degraded: DegradedReason | None = None
-) -> dict[str, Any]:
+) -> AssistantMessage:
     calls = tool_calls(candidate)
     if not calls:
         text = "I can't give a reliable answer to that right now. Could you tell me how you'd like to proceed?"
@@ -179,16 +210,24 @@ def decide(
     wanted = verdict.action
     if wanted is Action.REWRITE and verdict.rewritten is None:
         wanted = Action.RETRY
+    activate = triggered_agents(f.category for f in findings)
     if wanted is Action.PASS or not findings:
-        return Decision(Action.PASS, Action.PASS, findings=findings)
-    if mode is Mode.OBSERVE:
-        return Decision(Action.GUIDE, wanted, cats, guidance=guidance, findings=findings)
-    if wanted is Action.GUIDE or tool_bytes_sent:
-        return Decision(Action.GUIDE, wanted, cats, guidance=guidance, findings=findings)
+        return Decision(Action.PASS, Action.PASS, activate=activate, findings=findings)
+    if mode is Mode.OBSERVE or wanted is Action.GUIDE or tool_bytes_sent:
+        return Decision(Action.GUIDE, wanted, cats, guidance=guidance, activate=activate, findings=findings)
     if wanted is Action.REWRITE:
-        return Decision(Action.REWRITE, wanted, cats, replacement=verdict.rewritten, findings=findings)
+        return Decision(
+            Action.REWRITE,
+            wanted,
+            cats,
+            # The detector service's rewrite is an assistant message (the wire carries it as a plain object).
+            replacement=cast("AssistantMessage", verdict.rewritten),
+            activate=activate,
+            findings=findings,
+        )
     if wanted is Action.RETRY and attempt < profile.max_retries:
-        return Decision(Action.RETRY, wanted, cats, feedback=feedback_message(candidate, findings), findings=findings)
+        feedback = feedback_message(candidate, findings)
+        return Decision(Action.RETRY, wanted, cats, feedback=feedback, activate=activate, findings=findings)
     exhausted = wanted is Action.RETRY
     return Decision(
         Action.BLOCK,
@@ -196,6 +235,7 @@ def decide(
         cats,
         replacement=block_message(candidate, findings),
         guidance=guidance,
+        activate=activate,
         exhausted=exhausted,
         findings=findings,
     )

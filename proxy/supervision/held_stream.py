@@ -1,7 +1,7 @@
-"""Pieces of a supervised stream: the candidate assembled from deltas, and the chunks sent in its place.
+"""A supervised stream held for its verdict: the candidate assembled from deltas, and the chunks sent in its place.
 
-Under ``enforce`` a streamed answer is split: content deltas go to the client at once, tool-call deltas
-are held in a :class:`CandidateBuffer` until the verdict. What is then sent is built here so that the
+Under ``enforce`` a streamed answer is split (:class:`HeldStream`): content deltas go to the client at once,
+tool-call deltas are held in a :class:`CandidateBuffer` until the verdict. What is then sent is built here so that the
 client sees one coherent stream whatever happened upstream (retries included): every chunk carries
 the first attempt's ``id``/``created``/``model``, the role is sent once, tool calls are numbered from
 0 in the order sent, and exactly one chunk carries a ``finish_reason``.
@@ -9,6 +9,7 @@ the first attempt's ``id``/``created``/``model``, the role is sent once, tool ca
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +91,7 @@ class Envelope:
         return {**self.fields, "choices": [], "usage": usage}
 
 
-def tool_call_deltas(message: dict[str, Any]) -> list[dict[str, Any]]:
+def tool_call_deltas(message: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One delta per tool call, each complete (id, type, name, whole arguments), indexed from 0."""
     return [
         {
@@ -121,3 +122,56 @@ def add_usage(total: dict[str, Any] | None, usage: object) -> dict[str, Any] | N
         if isinstance(usage.get(key), int):
             out[key] = int(out.get(key) or 0) + usage[key]
     return out
+
+
+@dataclass
+class HeldStream:
+    """One enforced stream across its attempts: what the client has seen, and what it is sent at the end."""
+
+    envelope: Envelope | None = None
+    role_sent: bool = False
+    shown: str = ""  # content the client already has, across attempts
+    usage: dict[str, Any] | None = None
+    buffer: CandidateBuffer = field(default_factory=CandidateBuffer)  # the current attempt's candidate
+
+    def next_attempt(self) -> None:
+        self.buffer = CandidateBuffer()
+
+    def take(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        """Fold an upstream chunk into the attempt; the chunk the client may see now, if any."""
+        self.envelope = self.envelope or Envelope.of(chunk)
+        self.usage = add_usage(self.usage, chunk.get("usage"))
+        choices = chunk.get("choices") or ()
+        if not choices:
+            return None
+        self.buffer.add(choices[0])
+        delta = content_delta(chunk, self.role_sent)
+        if delta is None:
+            return None
+        self.role_sent = True
+        self.shown += delta.get("content") or ""
+        return self.envelope.chunk(delta)
+
+    def text_sent(self, candidate: dict[str, Any]) -> bool:
+        """The attempt is text the client already has: nothing to hold or replace, only guidance to gain. (An
+        empty reply sent nothing yet, so it is judged like a call and can still be retried.)"""
+        return not self.buffer.has_tool_calls and bool(str(candidate.get("content") or "").strip())
+
+    def ending(
+        self, final: Mapping[str, Any], replaced: bool, finish: str, trailer: dict[str, Any], with_usage: bool
+    ) -> list[dict[str, Any]]:
+        """The chunks after the verdict: the role if not yet sent, a replacement's text, the held (or replacing)
+        tool calls, the one chunk with the ``finish_reason`` (and ``trailer``), the usage when asked for."""
+        envelope = self.envelope or Envelope({"id": "chatcmpl-fama", "object": "chat.completion.chunk", "created": 0})
+        out: list[dict[str, Any]] = []
+        if not self.role_sent:
+            out.append(envelope.chunk({"role": "assistant", "content": None}))
+        if replaced and final.get("content"):
+            text = str(final["content"])
+            out.append(envelope.chunk({"content": f"\n\n{text}" if self.shown else text}))
+        if final.get("tool_calls"):
+            out.extend(envelope.chunk(delta) for delta in tool_call_deltas(final))
+        out.append(envelope.chunk({}, finish, **trailer))
+        if with_usage:
+            out.append(envelope.usage_chunk(self.usage))
+        return out

@@ -1,7 +1,8 @@
 """Pre-decision context injection (DESIGN §4): which specialized agents run, and the one message they add.
 
 Active agents are the profile's ``agents`` plus those switched on in this session by earlier findings
-(``TRIGGERS``: a WRCO finding turns on TOR, DCV turns on Verifier and DCE, and so on).
+(:data:`proxy.supervision.decisions.TRIGGERS`: a WRCO finding turns on TOR, DCV turns on Verifier and DCE, and so
+on).
 
 The injection is exactly **one** added ``system`` message, placed right after the request's leading
 system/developer message(s) (first when there are none). Its format is stable, versioned and meant
@@ -22,14 +23,14 @@ nothing to say, adds no message. The client's own messages are never modified.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from detector_service.agents import PolicyCache, build_notes
 from detector_service.contract.profile import AgentName, Profile
-from detector_service.contract.wire import Category
 from proxy.metrics import ProxyMetrics
+from proxy.supervision.decisions import AGENT_ORDER
 from proxy.supervision.sessions import SessionState
 
 if TYPE_CHECKING:
@@ -42,32 +43,9 @@ GUIDANCE_TITLE = "Correction from the previous turn"
 GUIDANCE_PRIORITY = 100
 GUIDANCE_LABEL = "guidance"  # the ``agent`` label of the injections metric for carried guidance
 
-TRIGGERS: dict[Category, tuple[AgentName, ...]] = {
-    Category.WRCO: (AgentName.TOR,),
-    Category.DCV: (AgentName.VERIFIER, AgentName.DCE),
-    Category.IFU: (AgentName.PLANNER, AgentName.TSA),
-    Category.MTC: (AgentName.TSA,),
-    Category.LOOP: (AgentName.MEMORY,),
-    Category.CM: (AgentName.PLANNER,),
-}
-# Order in which agents run and render; also their survival order under the budget.
-AGENT_ORDER: tuple[AgentName, ...] = (
-    AgentName.VERIFIER,
-    AgentName.DCE,
-    AgentName.TOR,
-    AgentName.MEMORY,
-    AgentName.PLANNER,
-    AgentName.TSA,
-)
-
 
 def approx_tokens(text: str) -> int:
     return (len(text) + 3) // 4
-
-
-def triggered_agents(categories: Iterable[Category]) -> list[AgentName]:
-    wanted = {agent for c in categories for agent in TRIGGERS.get(c, ())}
-    return [a for a in AGENT_ORDER if a in wanted]
 
 
 def active_agents(profile: Profile, state: SessionState) -> list[AgentName]:

@@ -41,8 +41,8 @@ from proxy.hooks import ChatContext, ChatHooks, wants_usage
 from proxy.metrics import MAX_TOOL_LABELS, OTHER, ProxyMetrics
 from proxy.supervision.decisions import Decision, Degraded, decide, with_shown_text
 from proxy.supervision.extractions import ExtractionReader
-from proxy.supervision.held_stream import CandidateBuffer, Envelope, add_usage, content_delta, tool_call_deltas
-from proxy.supervision.injection import GUIDANCE_LABEL, Injector, triggered_agents
+from proxy.supervision.held_stream import CandidateBuffer, HeldStream, add_usage
+from proxy.supervision.injection import GUIDANCE_LABEL, Injector
 from proxy.supervision.recorder import Intervention, Recorder
 from proxy.supervision.sessions import (
     SESSION_HEADER,
@@ -62,10 +62,9 @@ log = logging.getLogger(__name__)
 INTERVENTION_HEADER = "x-fama-intervention"
 DEGRADED_HEADER = "x-fama-degraded"
 TRAILER_KEY = "fama"
-_STATE_KEY = "supervision"
 
 
-class Supervisor(ChatHooks):
+class Supervisor(ChatHooks[Turn]):
     def __init__(
         self,
         mode: Mode,
@@ -109,7 +108,7 @@ class Supervisor(ChatHooks):
 
     # -- the seam -------------------------------------------------------------------------------------
 
-    async def before_upstream(self, ctx: ChatContext, body: dict[str, Any]) -> dict[str, Any]:
+    async def before_upstream(self, ctx: ChatContext[Turn], body: dict[str, Any]) -> dict[str, Any]:
         messages: list[dict[str, Any]] = body["messages"]
         tools: list[dict[str, Any]] = [t for t in body.get("tools") or () if isinstance(t, dict)]
         ref = identify(ctx.request_headers.get(SESSION_HEADER), ctx.tenant, messages, tools)
@@ -128,7 +127,7 @@ class Supervisor(ChatHooks):
             state.guidance.clear()  # delivered; findings of this turn may add new guidance
         state.turns += 1
         sent = {**body, "messages": injection.messages}
-        ctx.hook_state[_STATE_KEY] = Turn(ref, state, list(messages), tools, sent, injection.labels)
+        ctx.hook_state = Turn(ref, state, list(messages), tools, sent, injection.labels)
         return sent
 
     async def _extraction(self, messages: list[dict[str, Any]]) -> PolicyExtraction | None:
@@ -136,8 +135,8 @@ class Supervisor(ChatHooks):
             return None
         return await self.extractions.get(policy_text(messages, self.profile))
 
-    async def after_response(self, ctx: ChatContext, response: dict[str, Any]) -> dict[str, Any]:
-        turn: Turn | None = ctx.hook_state.get(_STATE_KEY)
+    async def after_response(self, ctx: ChatContext[Turn], response: dict[str, Any]) -> dict[str, Any]:
+        turn = ctx.hook_state
         if turn is None or len(response.get("choices") or ()) != 1:
             return response
         if self.mode is Mode.OBSERVE:
@@ -148,10 +147,10 @@ class Supervisor(ChatHooks):
         while True:
             choice = response["choices"][0]
             candidate = choice.get("message") or {}
-            decision = await self._judge(turn, candidate, attempt, tool_bytes_sent=False)
-            if decision.action is not Action.RETRY or decision.feedback is None:
+            decision, retry = await self._attempt(turn, candidate, attempt)
+            if retry is None:
                 break
-            response = await ctx.complete(turn.retry_body(decision.feedback))
+            response = await ctx.complete(retry)
             usage = add_usage(usage, response.get("usage"))
             attempt += 1
             if len(response.get("choices") or ()) != 1:
@@ -168,8 +167,8 @@ class Supervisor(ChatHooks):
             ctx.response_headers[DEGRADED_HEADER] = turn.degraded
         return response
 
-    def stream(self, ctx: ChatContext, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-        turn: Turn | None = ctx.hook_state.get(_STATE_KEY)
+    def stream(self, ctx: ChatContext[Turn], chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        turn = ctx.hook_state
         if turn is None:
             return chunks
         if self.mode is Mode.OBSERVE:
@@ -191,58 +190,46 @@ class Supervisor(ChatHooks):
         self._later(turn, buffer.message(), 0, {"finish_reason": buffer.finish_reason})
 
     async def _enforced_stream(
-        self, ctx: ChatContext, turn: Turn, chunks: AsyncIterator[dict[str, Any]]
+        self, ctx: ChatContext[Turn], turn: Turn, chunks: AsyncIterator[dict[str, Any]]
     ) -> AsyncIterator[dict[str, Any]]:
-        envelope: Envelope | None = None
-        role_sent = False
-        shown = ""  # content the client already has, across attempts
-        usage: dict[str, Any] | None = None
+        held = HeldStream()
         attempt = 0
         while True:
-            buffer = CandidateBuffer()
             async for chunk in chunks:
-                envelope = envelope or Envelope.of(chunk)
-                usage = add_usage(usage, chunk.get("usage"))
-                choices = chunk.get("choices") or ()
-                if not choices:
-                    continue
-                buffer.add(choices[0])
-                delta = content_delta(chunk, role_sent)
-                if delta is not None:
-                    role_sent = True
-                    shown += delta.get("content") or ""
-                    yield envelope.chunk(delta)
-            candidate = buffer.message()
-            if not buffer.has_tool_calls and str(candidate.get("content") or "").strip():
-                # The text is already with the client: nothing to hold or replace, only guidance to gain.
-                # (An empty reply sent nothing yet, so it is judged like a call and can still be retried.)
-                self._later(turn, candidate, attempt, {"finish_reason": buffer.finish_reason})
-                final, finish = candidate, buffer.finish_reason or "stop"
+                shown = held.take(chunk)
+                if shown is not None:
+                    yield shown
+            candidate = held.buffer.message()
+            final: Mapping[str, Any] = candidate
+            if held.text_sent(candidate):
+                self._later(turn, candidate, attempt, {"finish_reason": held.buffer.finish_reason})
+                finish = held.buffer.finish_reason or "stop"
                 break
-            decision = await self._judge(turn, candidate, attempt, tool_bytes_sent=False)
-            if decision.action is Action.RETRY and decision.feedback is not None:
-                feedback = with_shown_text(decision.feedback, shown)
-                chunks = await ctx.open_stream(turn.retry_body(feedback))
+            decision, retry = await self._attempt(turn, candidate, attempt, held.shown)
+            if retry is not None:
+                chunks = await ctx.open_stream(retry)
+                held.next_attempt()
                 attempt += 1
                 continue
             final = decision.replacement or candidate
             finish = "tool_calls" if final.get("tool_calls") else "stop"
             await self._finish(turn, finish)
             break
-        envelope = envelope or Envelope({"id": "chatcmpl-fama", "object": "chat.completion.chunk", "created": 0})
-        if not role_sent:
-            yield envelope.chunk({"role": "assistant", "content": None})
-        if final is not candidate and final.get("content"):
-            text = str(final["content"])
-            yield envelope.chunk({"content": f"\n\n{text}" if shown else text})
-        if final.get("tool_calls"):
-            for delta in tool_call_deltas(final):
-                yield envelope.chunk(delta)
-        yield envelope.chunk({}, finish, **{TRAILER_KEY: self._trailer(turn)})
-        if wants_usage(ctx.body):
-            yield envelope.usage_chunk(usage)
+        trailer = {TRAILER_KEY: self._trailer(turn)}
+        for chunk in held.ending(final, final is not candidate, finish, trailer, wants_usage(ctx.body)):
+            yield chunk
 
     # -- judging --------------------------------------------------------------------------------------
+
+    async def _attempt(
+        self, turn: Turn, candidate: dict[str, Any], attempt: int, shown: str = ""
+    ) -> tuple[Decision, dict[str, Any] | None]:
+        """The decision on an attempt the client has not seen (beyond ``shown`` text), and the request body of the
+        next attempt when the decision is a retry."""
+        decision = await self._judge(turn, candidate, attempt, tool_bytes_sent=False)
+        if decision.action is not Action.RETRY or decision.feedback is None:
+            return decision, None
+        return decision, turn.retry_body(with_shown_text(decision.feedback, shown))
 
     async def _judge(self, turn: Turn, candidate: dict[str, Any], attempt: int, tool_bytes_sent: bool) -> Decision:
         # Every field is already known-good (messages checked by the chat pipeline, the candidate normalized):
@@ -270,7 +257,7 @@ class Supervisor(ChatHooks):
         else:
             result = Degraded("deadline" if outcome.reason is MissReason.DEADLINE else "outage")
         decision = decide(self.mode, self.profile, result, candidate, turn.tools, attempt, tool_bytes_sent)
-        self._account(turn, candidate, attempt, outcome, decision)
+        self._account(turn, attempt, decision)
         self._record(event, outcome, decision)
         return decision
 
@@ -297,10 +284,9 @@ class Supervisor(ChatHooks):
                 )
             )
 
-    def _account(
-        self, turn: Turn, candidate: dict[str, Any], attempt: int, outcome: VerdictOutcome, decision: Decision
-    ) -> None:
-        """Metrics, labels, guidance and the attempt's record, for one decision."""
+    def _account(self, turn: Turn, attempt: int, decision: Decision) -> None:
+        """One decision into the turn and the session (:meth:`Turn.apply`), and into the metrics and the log."""
+        settled = turn.apply(decision)
         mode = self.mode.value
         declared = {str((t.get("function") or {}).get("name")) for t in turn.tools[:MAX_TOOL_LABELS]}
         for f in decision.findings:
@@ -310,19 +296,15 @@ class Supervisor(ChatHooks):
                 else (self.metrics.tool_label(f.tool_name) if f.tool_name in declared else OTHER)
             )
             self.metrics.findings.labels(category=f.category.value, detector=f.detector, tool=tool).inc()
-        if turn.retrying:
+        if settled:
             outcome_label = (
                 "fixed" if not decision.changes_answer else ("exhausted" if decision.exhausted else "failed")
             )
-            for c in turn.retrying:
+            for c in settled:
                 self.metrics.retries.labels(category=c.value, outcome=outcome_label).inc()
-            turn.retrying = ()
-        if decision.action is Action.RETRY:
-            turn.retrying = decision.categories
         if decision.changes_answer:
             for category in [c.value for c in decision.categories] or ["none"]:
                 self.metrics.interventions.labels(action=decision.action.value, category=category, mode=mode).inc()
-            turn.labels.extend(label for label in decision.labels if label not in turn.labels)
             log.info(
                 "session %s/%s attempt %d: %s (%s)",
                 turn.ref.tenant,
@@ -334,9 +316,6 @@ class Supervisor(ChatHooks):
         if decision.degraded is not None:
             policy = "closed" if decision.action is Action.BLOCK else "open"
             self.metrics.degraded.labels(reason=decision.degraded, policy=policy).inc()
-            turn.degraded = decision.degraded
-        turn.state.add_guidance(decision.guidance)
-        turn.state.activate(triggered_agents(f.category for f in decision.findings))
 
     async def _finish(self, turn: Turn, finish_reason: str) -> None:
         if turn.labels:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from detector_service.contract.wire import Category
+from detector_service.contract.wire import Action, Category
+from proxy.supervision.decisions import Decision
 from proxy.supervision.sessions import SessionRef, SessionState
 from proxy.upstream import normalize
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionSystemMessageParam as SystemMessage
 
 
 @dataclass
@@ -24,13 +29,26 @@ class Turn:
     degraded: str | None = None
     retrying: tuple[Category, ...] = ()  # categories of the retry in flight, to count its outcome
 
-    def retry_body(self, feedback: dict[str, Any]) -> dict[str, Any]:
+    def retry_body(self, feedback: SystemMessage) -> dict[str, Any]:
         # Fresh message dicts: the upstream adapter edits messages in place.
         messages = [dict(m) for m in self.body["messages"]]
         return normalize.adapt_for_upstream({**self.body, "messages": [*messages, feedback]})
 
+    def apply(self, decision: Decision) -> tuple[Category, ...]:
+        """Take an attempt's decision into the turn (labels, degraded, the retry in flight) and the session (guidance,
+        agents switched on); the categories of the earlier retry this attempt settles."""
+        settled = self.retrying
+        self.retrying = decision.categories if decision.action is Action.RETRY else ()
+        if decision.changes_answer:
+            self.labels.extend(label for label in decision.labels if label not in self.labels)
+        if decision.degraded is not None:
+            self.degraded = decision.degraded
+        self.state.add_guidance(decision.guidance)
+        self.state.activate(decision.activate)
+        return settled
 
-def replace_message(choice: dict[str, Any], message: dict[str, Any]) -> None:
+
+def replace_message(choice: dict[str, Any], message: Mapping[str, Any]) -> None:
     """Put ``message`` (a retry's or a block's answer) in place of the choice's message, keeping its other fields."""
     original = choice.get("message") or {}
     replaced = {k: v for k, v in original.items() if k not in ("content", "tool_calls")}

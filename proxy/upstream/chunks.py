@@ -19,7 +19,7 @@ import orjson
 
 from proxy.errors import UpstreamStreamError
 from proxy.upstream import normalize, textcalls
-from proxy.upstream.client import Response, TransportError
+from proxy.upstream.client import Reply, TransportError
 
 logger = logging.getLogger("fama.proxy.streaming")
 
@@ -59,7 +59,7 @@ def _line_event(line: bytes, data: list[bytes]) -> None:
 
 
 async def upstream_frames(
-    response: Response, max_event_bytes: int = MAX_EVENT_BYTES
+    reply: Reply, max_event_bytes: int = MAX_EVENT_BYTES
 ) -> AsyncGenerator[tuple[object, bytes], None]:
     """Each ``data:`` payload, parsed, with the upstream's own bytes of it."""
     buffer = bytearray()
@@ -67,7 +67,7 @@ async def upstream_frames(
     finished = False
     sent = False
     try:
-        async for part in response.content.iter_any():
+        async for part in reply.parts():
             if finished:
                 # Read what follows [DONE] (normally just the end of the chunked body) so the upstream
                 # connection goes back to the pool instead of being closed.

@@ -1,5 +1,9 @@
 """The model server behind the proxy: one pooled ``aiohttp.ClientSession``, opened and closed by the lifespan.
 
+No aiohttp object leaves this package: a call answers with a :class:`Reply`, whose ``close`` is the one place
+the upstream time of a successful call is added to the request's :class:`~proxy.tracing.Trace`. A test may hand
+:class:`Upstream` its own session.
+
 aiohttp rather than httpx2 because the upstream call is most of the proxy's own CPU per request: its
 C-accelerated parser and connection pool cost a fraction of httpx2's per call (measured with ``fama bench``).
 
@@ -12,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from proxy.metrics import ProxyMetrics
@@ -25,8 +30,6 @@ from proxy.tracing import Trace
 from proxy.upstream import normalize
 
 logger = logging.getLogger("fama.proxy.upstream")
-
-Response = aiohttp.ClientResponse
 
 # Headers of an upstream error that a client needs to back off properly.
 _PASSED_HEADERS = ("retry-after", "retry-after-ms")
@@ -37,14 +40,63 @@ MAX_BODY_BYTES = 64 * 1024 * 1024  # a non-streamed answer held in memory at onc
 TransportError = aiohttp.ClientError
 
 
+class Reply:
+    """A successful upstream response whose body is not read yet. :meth:`close` gives the connection back to the
+    pool when the body was read to its end, otherwise closes it, which is what cancels the request on the upstream
+    (client disconnect, or an answer cut short), and adds the time since the request was sent to the trace."""
+
+    __slots__ = ("_response", "_started", "_trace", "closed")
+
+    def __init__(self, response: aiohttp.ClientResponse, trace: Trace, started: float) -> None:
+        self._response = response
+        self._trace = trace
+        self._started = started
+        self.closed = False
+
+    @property
+    def content_type(self) -> str:
+        return self._response.headers.get("content-type", "application/json")
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    def header_items(self) -> list[tuple[str, str]]:
+        """Every header as sent, repeated ones (``set-cookie``) included."""
+        return list(self._response.headers.items())
+
+    def parts(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; transport failures raise :data:`TransportError` or ``TimeoutError``."""
+        return self._response.content.iter_any()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        _release(self._response)
+        _count(self._trace, self._started)
+
+
+def _count(trace: Trace, started: float) -> None:
+    trace.upstream_s += time.perf_counter() - started
+
+
 class Upstream:
-    def __init__(self, settings: ProxySettings, metrics: ProxyMetrics) -> None:
-        """Build inside the running event loop (the app's lifespan): the session belongs to it."""
+    def __init__(
+        self, settings: ProxySettings, metrics: ProxyMetrics, session: aiohttp.ClientSession | None = None
+    ) -> None:
+        """Build inside the running event loop (the app's lifespan): the session belongs to it. A given
+        ``session`` (tests) is used as it is and left open by :meth:`aclose`."""
         self.base_url = settings.upstream_url
         self._key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
         self._auth = f"Bearer {self._key}" if self._key is not None else None
         self._metrics = metrics
         self._errors = {kind: metrics.upstream_errors.labels(kind) for kind in _ERROR_KINDS}
+        self._owns_session = session is None
+        if session is not None:
+            self.session = session
+            self._urls: dict[str, str] = {}
+            return
         connector = aiohttp.TCPConnector(
             limit=settings.max_upstream_connections,
             limit_per_host=settings.max_upstream_connections,
@@ -60,10 +112,11 @@ class Upstream:
         self.session = aiohttp.ClientSession(
             connector=connector, timeout=timeout, trust_env=False, raise_for_status=False
         )
-        self._urls: dict[str, str] = {}
+        self._urls = {}
 
     async def aclose(self) -> None:
-        await self.session.close()
+        if self._owns_session:
+            await self.session.close()
 
     def headers(self, client_authorization: str | None, request_id: str) -> dict[str, str]:
         headers = {"content-type": "application/json", "x-request-id": request_id}
@@ -83,23 +136,56 @@ class Upstream:
 
     async def open(
         self, method: str, path: str, headers: Mapping[str, str], trace: Trace, content: bytes | None = None
-    ) -> Response:
-        """Send a request and return the response with its body not yet read; the caller closes it
-        (and accounts the upstream time from here to the close).
+    ) -> Reply:
+        """Send a request and return the response with its body not yet read; the caller closes it.
 
         An error status is read (bounded), closed and raised as :class:`UpstreamError`; the time spent
         until then is added to ``trace.upstream_s``.
         """
         started = time.perf_counter()
         try:
-            return await self._open(method, path, headers, content)
+            return Reply(await self._open(method, self._url(path), headers, content), trace, started)
         except BaseException:
-            trace.upstream_s += time.perf_counter() - started
+            _count(trace, started)
             raise
 
-    async def _open(self, method: str, path: str, headers: Mapping[str, str], content: bytes | None) -> Response:
+    async def relay(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        trace: Trace,
+        body: AsyncIterable[bytes] | None,
+    ) -> Reply:
+        """:meth:`open` for a request relayed as it came (:mod:`proxy.upstream.passthrough`): ``target`` is the path
+        and query below the base URL, percent-encoded as the client sent them; the body is streamed; a redirect
+        is the client's to follow; the answer's bytes stay as they are (no decompression)."""
+        started = time.perf_counter()
+        url = URL(self.base_url + target, encoded=True)
         try:
-            response = await self.session.request(method, self._url(path), headers=headers, data=content)
+            response = await self._open(method, url, headers, body, as_is=True)
+            return Reply(response, trace, started)
+        except BaseException:
+            _count(trace, started)
+            raise
+
+    async def _open(
+        self,
+        method: str,
+        url: str | URL,
+        headers: Mapping[str, str] | list[tuple[str, str]],
+        content: bytes | AsyncIterable[bytes] | None,
+        as_is: bool = False,
+    ) -> aiohttp.ClientResponse:
+        try:
+            response = await self.session.request(
+                method,
+                url,
+                headers=headers,
+                data=content,
+                allow_redirects=not as_is,
+                auto_decompress=False if as_is else None,
+            )
         except TimeoutError as exc:
             self._errors["timeout"].inc()
             raise UpstreamTimeout(f"the upstream model server did not answer in time ({type(exc).__name__})") from exc
@@ -110,15 +196,20 @@ class Upstream:
             await self._raise_status(response)
         return response
 
-    async def _raise_status(self, response: Response) -> None:
+    def count_error(self, kind: str) -> None:
+        """One more ``fama_upstream_errors_total{kind}`` (``timeout``, ``connect``, ``status_4xx``, ``status_5xx``,
+        ``stream``)."""
+        self._errors[kind].inc()
+
+    async def _raise_status(self, response: aiohttp.ClientResponse) -> None:
         status = response.status
         self._errors["status_5xx" if status >= 500 else "status_4xx"].inc()
         try:
-            raw = await read_bounded(response, _MAX_ERROR_BYTES)
+            raw = await read_bounded(response.content.iter_any(), _MAX_ERROR_BYTES)
         except (TransportError, TimeoutError):
             raw = b""
         finally:
-            close(response)
+            _release(response)
         payload: Any
         try:
             payload = orjson.loads(raw) if raw else None
@@ -135,25 +226,23 @@ class Upstream:
 
     async def request_json(
         self, method: str, path: str, headers: Mapping[str, str], trace: Trace, content: bytes | None = None
-    ) -> tuple[object, Response]:
+    ) -> object:
         """A whole JSON request/response exchange; a body that is not JSON is a 502."""
-        started = time.perf_counter()
-        response = await self.open(method, path, headers, trace, content)
+        reply = await self.open(method, path, headers, trace, content)
         try:
-            raw = await self.read(response)
+            raw = await self.read(reply)
         finally:
-            close(response)
-            trace.upstream_s += time.perf_counter() - started
+            reply.close()
         try:
-            return orjson.loads(raw), response
+            return orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             self._errors["stream"].inc()
             raise UpstreamUnreachable("the upstream model server answered with a body that is not JSON") from exc
 
-    async def read(self, response: Response) -> bytes:
+    async def read(self, reply: Reply) -> bytes:
         """The whole body of a successful response, up to ``MAX_BODY_BYTES`` (more is a 502)."""
         try:
-            raw = await read_bounded(response, MAX_BODY_BYTES + 1)
+            raw = await read_bounded(reply.parts(), MAX_BODY_BYTES + 1)
         except TimeoutError as exc:
             self._errors["timeout"].inc()
             raise UpstreamTimeout("the upstream model server stopped answering mid-response") from exc
@@ -182,10 +271,10 @@ class Upstream:
 _ERROR_KINDS = ("timeout", "connect", "status_4xx", "status_5xx", "stream")
 
 
-async def read_bounded(response: Response, limit: int) -> bytes:
+async def read_bounded(body: AsyncIterator[bytes], limit: int) -> bytes:
     parts: list[bytes] = []
     size = 0
-    async for part in response.content.iter_any():
+    async for part in body:
         parts.append(part)
         size += len(part)
         if size >= limit:
@@ -193,7 +282,7 @@ async def read_bounded(response: Response, limit: int) -> bytes:
     return b"".join(parts)[:limit]
 
 
-def close(response: Response) -> None:
+def _release(response: aiohttp.ClientResponse) -> None:
     """Give the connection back to the pool when the body was read to its end; otherwise close it, which
     is what cancels the request on the upstream (client disconnect, or an answer cut short)."""
     if response.content.is_eof():
