@@ -23,6 +23,8 @@ from detector_service.contract.toolkinds import ToolKinds
 
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.@]*[A-Za-z0-9]|[A-Za-z0-9]")
 _NUMBER = re.compile(r"(?<![A-Za-z0-9_])\$?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?![A-Za-z0-9_])")
+# A call written as text: a ReAct "Action:" / "Action Input:" line, or a JSON object naming a function.
+_TEXT_CALL = re.compile(r'^\s*Action( Input)?\s*:|"name"\s*:\s*"[^"]+"\s*,\s*"(arguments|parameters)"\s*:', re.M)
 _ERROR_PREFIX = re.compile(r"^\s*(error\b|exception\b|traceback\b)", re.IGNORECASE)
 
 
@@ -236,6 +238,7 @@ class ConversationIndex:
     last_error_tool: str | None = None
     failed_keys: set[str] = field(default_factory=set)  # calls (name + arguments) that returned an error
     device: UserDeviceCalls = field(default_factory=UserDeviceCalls)  # dual control: not the agent's
+    text_calls: bool = False  # the agent wrote calls as text (ReAct "Action:" lines, call objects): unseen calls
 
     @classmethod
     def build(cls, messages: Iterable[Mapping[str, Any]], kinds: ToolKinds) -> ConversationIndex:
@@ -267,6 +270,7 @@ class ConversationIndex:
             text = text_of(message.get("content"))
             if text.strip():
                 self.last_assistant_text = text
+                self.text_calls = self.text_calls or bool(_TEXT_CALL.search(text))
                 self.told_values |= text_values(text)
                 self.told_since_write |= text_values(text)
             for raw in tool_calls_of(message):
