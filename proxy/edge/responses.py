@@ -60,8 +60,9 @@ class _Request:
 
 
 def parse_request(raw: bytes) -> dict[str, Any]:
+    """The fields' types, where given. Which are needed depends on who answers: see :func:`require_own_turn`."""
     body = json_object(raw)
-    require(body, "model", (str,), "a string")
+    require(body, "model", (str,), "a string", optional=True)
     require(body, "input", (str, list), "a string or an array of input items", optional=True)
     for name in ("instructions", "previous_response_id"):
         require(body, name, (str,), "a string", optional=True)
@@ -72,9 +73,15 @@ def parse_request(raw: bytes) -> dict[str, Any]:
     for name in ("text", "metadata"):
         require(body, name, (dict,), "an object", optional=True)
     require(body, "max_output_tokens", (int,), "an integer", optional=True)
+    return body
+
+
+def require_own_turn(body: dict[str, Any]) -> None:
+    """What the proxy needs to run a turn itself (bridged, or supervised): a model and some input. The API has no
+    required field, so a request forwarded to an upstream serving the Responses API is that server's to judge."""
+    require(body, "model", (str,), "a string")
     if body.get("input") is None and body.get("previous_response_id") is None:
         raise InvalidRequest("you must provide the 'input' parameter", param="input", code="missing_required_parameter")
-    return body
 
 
 def _supervisable(body: dict[str, Any]) -> bool:
@@ -95,7 +102,7 @@ async def create_response(request: Request) -> Response:
     r = _Request(request)
     raw = await read_body(request, r.settings.max_request_bytes, r.settings.request_body_timeout_s)
     body = parse_request(raw)
-    r.trace.model = body["model"]
+    r.trace.model = body.get("model") or ""
     return await cancel_on_disconnect(request, lambda: _create(r, body, raw))
 
 
@@ -108,6 +115,7 @@ async def _create(r: _Request, body: dict[str, Any], raw: bytes) -> Response:
         previous = await r.responses.store.get(tenant, body["previous_response_id"])
     if path == "native" and previous is None and not _supervisable(body):
         return await _forward(r, "POST", PATH, raw, stream=bool(body.get("stream")))
+    require_own_turn(body)
     if path == "bridge":
         if previous is None and body.get("previous_response_id"):
             raise RouteNotFound(
