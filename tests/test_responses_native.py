@@ -174,3 +174,14 @@ def test_a_turn_the_proxy_runs_itself_needs_a_model_and_input(tmp_path: Path) ->
     assert no_model.value.param == "model"
     assert no_input.value.param == "input"
     assert chat.bodies() == []
+
+
+def test_a_native_stream_that_fails_is_an_error_the_sdk_raises(tmp_path: Path) -> None:
+    model = NativeModel(lambda body: {"fail": True})
+    with (
+        proxy(model.app, tmp_path, mode="enforce", upstream_responses="native") as client,
+        pytest.raises(openai.APIError, match="the GPU fell over"),
+        client.responses.stream(model="m", input="Hi", tools=RESPONSES_TOOLS) as stream,
+    ):
+        for _ in stream:
+            pass
