@@ -64,6 +64,19 @@ LOOKED_UP: list[Any] = [
     {"role": "tool", "tool_call_id": "call_0", "content": json.dumps(RESERVATION)},
 ]
 QUESTION = "Reservation ZFA04Y (flight HAT136) will be cancelled. Do you confirm? (yes/no)"
+
+# The same conversation in the Responses API's input items: a cancellation asked for, the reservation looked up.
+RESPONSES_TOOLS: list[Any] = [{"type": "function", **t["function"]} for t in TOOLS]
+LOOKED_UP_ITEMS: list[Any] = [
+    {"role": "user", "content": "Please cancel my reservation ZFA04Y."},
+    {
+        "type": "function_call",
+        "call_id": "call_0",
+        "name": "get_reservation_details",
+        "arguments": '{"reservation_id": "ZFA04Y"}',
+    },
+    {"type": "function_call_output", "call_id": "call_0", "output": json.dumps(RESERVATION)},
+]
 CANCEL = call("cancel_reservation", '{"reservation_id": "ZFA04Y"}')
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import openai
 import pytest
@@ -20,21 +19,9 @@ from proxy.local_model.model import MODEL_ALIAS, LocalModel
 from proxy.settings import ProxySettings
 from tests.openapi_schemas import openapi_errors
 from tests.servers import serve_in_thread
-from tests.supervision_harness import RESERVATION, SYSTEM, TOOLS, sdk
+from tests.supervision_harness import LOOKED_UP_ITEMS, RESERVATION, RESPONSES_TOOLS, SYSTEM, sdk
 
 pytestmark = pytest.mark.llama
-
-RESPONSES_TOOLS: list[Any] = [{"type": "function", **t["function"]} for t in TOOLS]
-LOOKED_UP: list[Any] = [
-    {"role": "user", "content": "Please cancel my reservation ZFA04Y."},
-    {
-        "type": "function_call",
-        "call_id": "call_0",
-        "name": "get_reservation_details",
-        "arguments": '{"reservation_id": "ZFA04Y"}',
-    },
-    {"type": "function_call_output", "call_id": "call_0", "output": json.dumps(RESERVATION)},
-]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +69,7 @@ def test_forced_unconfirmed_write_is_retried_then_blocked(client: openai.OpenAI)
     raw = client.responses.with_raw_response.create(
         model=MODEL_ALIAS,
         instructions=SYSTEM,
-        input=LOOKED_UP,
+        input=LOOKED_UP_ITEMS,
         tools=RESPONSES_TOOLS,
         tool_choice={"type": "function", "name": "cancel_reservation"},
         temperature=0,

@@ -4,7 +4,6 @@ responses are forwarded as they are; turns with function tools are supervised (h
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,19 +21,8 @@ from proxy.settings import ProxySettings
 from tests.native_upstream import NativeModel, feedback_in
 from tests.servers import serve_in_thread
 from tests.supervised_upstream import ScriptedModel
-from tests.supervision_harness import QUESTION, RESERVATION, SYSTEM, TOOLS, sdk
+from tests.supervision_harness import LOOKED_UP_ITEMS, QUESTION, RESPONSES_TOOLS, SYSTEM, sdk
 
-RESPONSES_TOOLS: list[Any] = [{"type": "function", **t["function"]} for t in TOOLS]
-LOOKED_UP: list[Any] = [
-    {"role": "user", "content": "Please cancel my reservation ZFA04Y."},
-    {
-        "type": "function_call",
-        "call_id": "call_0",
-        "name": "get_reservation_details",
-        "arguments": '{"reservation_id": "ZFA04Y"}',
-    },
-    {"type": "function_call_output", "call_id": "call_0", "output": json.dumps(RESERVATION)},
-]
 CANCEL = ("cancel_reservation", '{"reservation_id": "ZFA04Y"}')
 
 
@@ -84,7 +72,7 @@ def test_native_turn_with_tools_is_supervised(tmp_path: Path) -> None:
     model = NativeModel(cancels_until_told)
     with proxy(model.app, tmp_path, mode="enforce", upstream_responses="native") as client:
         raw = client.responses.with_raw_response.create(
-            model="m", instructions=SYSTEM, input=LOOKED_UP, tools=RESPONSES_TOOLS
+            model="m", instructions=SYSTEM, input=LOOKED_UP_ITEMS, tools=RESPONSES_TOOLS
         )
         asked = raw.parse()
         assert raw.headers["x-fama-intervention"] == "retry:DCV"

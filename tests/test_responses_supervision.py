@@ -13,27 +13,16 @@ from detector_service.contract.wire import Action, Category
 from tests.supervised_upstream import ScriptedModel, context_in, feedback_in
 from tests.supervision_harness import (
     CANCEL,
+    LOOKED_UP_ITEMS,
     QUESTION,
-    RESERVATION,
+    RESPONSES_TOOLS,
     SYSTEM,
-    TOOLS,
     Proxied,
     cancels_until_told,
     interventions,
     proxy_for,
 )
 
-RESPONSES_TOOLS: list[Any] = [{"type": "function", **t["function"]} for t in TOOLS]
-LOOKED_UP: list[Any] = [
-    {"role": "user", "content": "Please cancel my reservation ZFA04Y."},
-    {
-        "type": "function_call",
-        "call_id": "call_0",
-        "name": "get_reservation_details",
-        "arguments": '{"reservation_id": "ZFA04Y"}',
-    },
-    {"type": "function_call_output", "call_id": "call_0", "output": json.dumps(RESERVATION)},
-]
 YES: list[Any] = [{"role": "user", "content": "Yes, please go ahead and cancel it."}]
 
 
@@ -50,7 +39,7 @@ def test_unconfirmed_write_is_corrected_and_the_confirmed_one_goes_through(tmp_p
     model = ScriptedModel(cancels_until_told)
     with proxy_for(model, tmp_path, mode="enforce") as (client, app):
         first = client.responses.with_raw_response.create(
-            model="m", instructions=SYSTEM, input=LOOKED_UP, tools=RESPONSES_TOOLS
+            model="m", instructions=SYSTEM, input=LOOKED_UP_ITEMS, tools=RESPONSES_TOOLS
         )
         asked = first.parse()
         assert first.headers["x-fama-intervention"] == "retry:DCV"
@@ -96,7 +85,9 @@ def test_unconfirmed_write_is_corrected_and_the_confirmed_one_goes_through(tmp_p
 def test_streamed_unconfirmed_write_never_reaches_the_client_and_the_confirmed_one_does(tmp_path: Path) -> None:
     model = ScriptedModel(cancels_until_told)
     with proxy_for(model, tmp_path, mode="enforce") as (client, app):
-        with client.responses.stream(model="m", instructions=SYSTEM, input=LOOKED_UP, tools=RESPONSES_TOOLS) as stream:
+        with client.responses.stream(
+            model="m", instructions=SYSTEM, input=LOOKED_UP_ITEMS, tools=RESPONSES_TOOLS
+        ) as stream:
             events = list(stream)
             asked = stream.get_final_response()
         kinds = [e.type for e in events]
@@ -129,7 +120,13 @@ def test_function_call_is_held_until_the_verdict_while_text_flows(tmp_path: Path
     model = ScriptedModel(talks_then_cancels, gap_s=0.5)
     with proxy_for(model, tmp_path, mode="enforce") as (client, _):
         base = str(client.base_url).rstrip("/")
-        body = {"model": "m", "instructions": SYSTEM, "input": LOOKED_UP, "tools": RESPONSES_TOOLS, "stream": True}
+        body = {
+            "model": "m",
+            "instructions": SYSTEM,
+            "input": LOOKED_UP_ITEMS,
+            "tools": RESPONSES_TOOLS,
+            "stream": True,
+        }
         with httpx2.stream("POST", base + "/responses", json=body, timeout=20) as raw:
             lines = raw.iter_lines()
             seen: list[str] = []
@@ -159,7 +156,7 @@ def test_observe_guidance_reaches_the_next_turn_of_the_chain_and_its_outcome_is_
     model = ScriptedModel(cancels)
     with proxy_for(model, tmp_path, mode="observe") as (client, _):
         first = client.responses.with_raw_response.create(
-            model="m", instructions=SYSTEM, input=LOOKED_UP, tools=RESPONSES_TOOLS
+            model="m", instructions=SYSTEM, input=LOOKED_UP_ITEMS, tools=RESPONSES_TOOLS
         )
         hasty = first.parse()
         assert "x-fama-intervention" not in first.headers  # observe: untouched
