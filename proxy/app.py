@@ -13,6 +13,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from detector_service.bus import client as bus_client
+from detector_service.bus.client import redis_client
 from detector_service.contract.profile import Profile, load_profile
 from detector_service.engine import Engine
 from detector_service.llm.judge import Judge, judge_key, make_client
@@ -27,7 +29,7 @@ from proxy.supervision.extractions import ExtractionReader
 from proxy.supervision.recorder import RedisRecorder, recorder_for
 from proxy.supervision.sessions import MemorySessionStore, RedisSessionStore
 from proxy.supervision.supervisor import Supervisor
-from proxy.supervision.verdicts import EmbeddedVerdicts, RedisVerdicts, process_instance_id, redis_client
+from proxy.supervision.verdicts import REPLY_BLOCK_MS, EmbeddedVerdicts, RedisVerdicts, process_instance_id
 from proxy.tracing import TracingMiddleware
 from proxy.upstream.client import Upstream
 from proxy.upstream.readiness import Readiness
@@ -56,7 +58,7 @@ def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervis
             recorder_for(None, metrics, session_ttl_s=settings.session_ttl_s),
         )
     # Short connect timeout and one quick retry: an outage must surface as ``outage``, not a slow ``deadline``.
-    redis = redis_client(settings.redis_url)
+    redis = redis_client(settings.redis_url, bus_client.PROXY, block_ms=REPLY_BLOCK_MS)
     recorder = RedisRecorder(redis, metrics, session_ttl_s=settings.session_ttl_s)
     return Supervisor(
         settings.mode,
