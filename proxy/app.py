@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from detector_service.bus import client as bus_client
 from detector_service.bus.client import redis_client
+from detector_service.bus.writer import BatchWriter
 from detector_service.contract.profile import Profile, load_profile
 from detector_service.engine import Engine
 from detector_service.llm.judge import Judge, judge_key, make_client
@@ -59,13 +60,14 @@ def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervis
         )
     # Short connect timeout and one quick retry: an outage must surface as ``outage``, not a slow ``deadline``.
     redis = redis_client(settings.redis_url, bus_client.PROXY, block_ms=REPLY_BLOCK_MS)
-    recorder = RedisRecorder(redis, metrics, session_ttl_s=settings.session_ttl_s)
+    # One batched writer: a turn's records and its session state in one round trip (the recorder starts and stops it).
+    writer = BatchWriter(redis)
+    recorder = RedisRecorder(redis, metrics, writer=writer, session_ttl_s=settings.session_ttl_s)
     return Supervisor(
         settings.mode,
         profile,
         RedisVerdicts(redis, process_instance_id(settings.instance_id), metrics),
-        # Session state rides in the recorder's pipeline: the turn's records and its state in one round trip.
-        RedisSessionStore(redis, settings.session_ttl_s, metrics, timeout_s=profile.deadline_ms / 1000, batch=recorder),
+        RedisSessionStore(redis, settings.session_ttl_s, metrics, timeout_s=profile.deadline_ms / 1000, writer=writer),
         metrics,
         recorder,
         closing=redis,
