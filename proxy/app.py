@@ -13,8 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from detector_service.bus import client as bus_client
-from detector_service.bus.client import redis_client
+from detector_service.bus.client import PROXY, redis_client
 from detector_service.bus.writer import BatchWriter
 from detector_service.contract.profile import Profile, load_profile
 from detector_service.engine import Engine
@@ -59,7 +58,7 @@ def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervis
             recorder_for(None, metrics, session_ttl_s=settings.session_ttl_s),
         )
     # Short connect timeout and one quick retry: an outage must surface as ``outage``, not a slow ``deadline``.
-    redis = redis_client(settings.redis_url, bus_client.PROXY, block_ms=REPLY_BLOCK_MS)
+    redis = redis_client(settings.redis_url, PROXY, block_ms=REPLY_BLOCK_MS)
     # One batched writer: a turn's records and its session state in one round trip (the recorder starts and stops it).
     writer = BatchWriter(redis)
     recorder = RedisRecorder(redis, metrics, writer=writer, session_ttl_s=settings.session_ttl_s)
