@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from detector_service import stakes
 from detector_service.contract.profile import Profile
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import ACTION_STRENGTH, Action, Category, Finding, TurnEvent, Verdict
@@ -136,31 +137,32 @@ class Engine:
             out.extend(detect(view))
         return out
 
-    def decide(self, candidate: Mapping[str, Any], found: list[Finding]) -> tuple[Action, dict[str, Any] | None]:
-        """The strongest per-category action, and the repaired candidate when only repairs were found."""
+    def decide(
+        self, candidate: Mapping[str, Any], found: list[Finding], kinds: ToolKinds | None = None
+    ) -> tuple[Action, dict[str, Any] | None]:
+        """The strongest action the findings ask for (each set on its finding from the decision table in
+        ``stakes``), and the repaired candidate when only repairs were found."""
+        kinds = kinds or ToolKinds(self.profile)
+        calls = [
+            {"id": c.get("id"), "name": (c.get("function") or {}).get("name")}
+            for c in tool_calls_of(candidate)
+            if isinstance(c.get("function") or {}, Mapping)
+        ]
         action = Action.PASS
         repairs = {
             f.tool_call_id: f.evidence["repaired_arguments"] for f in found if "repaired_arguments" in f.evidence
         }
-        rewritten = None
         for f in found:
-            if "repaired_arguments" in f.evidence:
-                candidate_action = Action.REWRITE
-            else:
-                candidate_action = self.profile.action_for(f.category)
-                if candidate_action is Action.REWRITE:
-                    # Only a repair can be rewritten; anything else the model must redo itself.
-                    candidate_action = Action.RETRY
-            if ACTION_STRENGTH[candidate_action] > ACTION_STRENGTH[action]:
-                action = candidate_action
-        if repairs:
-            rewritten = _rewrite(candidate, repairs)
+            f.action = stakes.action_for(self.profile, f, stakes.stakes_of(f, calls, kinds))
+            if ACTION_STRENGTH[f.action] > ACTION_STRENGTH[action]:
+                action = f.action
+        rewritten = _rewrite(candidate, repairs) if repairs else None
         return action, rewritten
 
     def evaluate(self, turn: TurnEvent) -> Verdict:
         start = time.perf_counter()
         found = self.findings(turn)
-        action, rewritten = self.decide(turn.candidate, found)
+        action, rewritten = self.decide(turn.candidate, found, self.kinds(turn.tools))
         return Verdict(
             turn_id=turn.turn_id,
             session_id=turn.session_id,
@@ -173,12 +175,18 @@ class Engine:
         )
 
 
-def merge(engine: Engine, verdict: Verdict, candidate: Mapping[str, Any], extra: list[Finding]) -> Verdict:
+def merge(
+    engine: Engine,
+    verdict: Verdict,
+    candidate: Mapping[str, Any],
+    extra: list[Finding],
+    tools: list[dict[str, Any]] | None = None,
+) -> Verdict:
     """The verdict with more findings (e.g. the LLM judge's) folded in; the action is recomputed."""
     if not extra:
         return verdict
     found = [*verdict.findings, *extra]
-    action, rewritten = engine.decide(candidate, found)
+    action, rewritten = engine.decide(candidate, found, engine.kinds(tools) if tools is not None else None)
     return verdict.model_copy(update={"findings": found, "action": action, "rewritten": rewritten})
 
 

@@ -36,10 +36,19 @@ def demands_confirmation(policy: str) -> bool:
     return any(_CONFIRM.search(s) and _WRITE_SCOPE.search(s) for s in sentences(policy))
 
 
+@lru_cache(maxsize=256)
+def one_call_rule(policy: str) -> OneToolCallPerTurn | None:
+    """The policy's "one tool call at a time" as a rule, or None. Cached per policy text."""
+    if any(_ONE_CALL.search(s) for s in sentences(policy)):
+        return OneToolCallPerTurn(no_text_with_tool_call=bool(_NO_TEXT.search(policy)))
+    return None
+
+
 def extract_rules(policy: str, write_tools: Iterable[str]) -> list[Rule]:
     rules: list[Rule] = []
     if demands_confirmation(policy):
         rules.extend(RequiresConfirmation(tool=name) for name in sorted(write_tools))
-    if any(_ONE_CALL.search(s) for s in sentences(policy)):
-        rules.append(OneToolCallPerTurn(no_text_with_tool_call=bool(_NO_TEXT.search(policy))))
+    one_call = one_call_rule(policy)
+    if one_call is not None:
+        rules.append(one_call)
     return rules

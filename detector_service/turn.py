@@ -117,7 +117,10 @@ def output_digest(text: str) -> tuple[frozenset[str], EntityPairs]:
     parsed = parse_json(text)
     if parsed is None or isinstance(parsed, str):
         return text_values(text if parsed is None else parsed), ()
-    values = frozenset(norm(v) for _, v in leaves(parsed))
+    # Ids can be the keys of an object ({"credit_card_123": {...}} in a user's payment methods): grounded too.
+    values = frozenset(norm(v) for _, v in leaves(parsed)) | frozenset(
+        norm(k) for obj in dicts(parsed) for k in obj if is_id_value(k)
+    )
     pairs = tuple(
         ((k, norm(v)), obj)
         for obj in dicts(parsed)

@@ -18,12 +18,13 @@ from detector_service.bus.writer import BatchWriter
 from detector_service.contract.profile import Profile, load_profile
 from detector_service.engine import Engine
 from detector_service.llm.judge import Judge, judge_key, make_client
-from proxy.edge import admin, health, outcomes, routes
+from proxy.edge import admin, health, outcomes, passthrough, responses, routes
 from proxy.edge.auth import Authenticator
 from proxy.edge.deps import ProxyState, Supervision
 from proxy.errors import InvalidRequest, ProxyError, RouteNotFound, error_response
 from proxy.hooks import ChatHooks
 from proxy.metrics import ProxyMetrics
+from proxy.responses.service import build_responses
 from proxy.settings import ProxySettings
 from proxy.supervision.extractions import ExtractionReader
 from proxy.supervision.recorder import RedisRecorder, recorder_for
@@ -124,6 +125,7 @@ def create_app(
     Everything the handlers use is opened by the lifespan and handed to them as one :class:`ProxyState`."""
     metrics = metrics if metrics is not None else ProxyMetrics()
     chat_hooks = hooks if hooks is not None else build_supervisor(settings, metrics)
+    responses_api = build_responses(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[ProxyState]:
@@ -138,9 +140,11 @@ def create_app(
                 readiness=Readiness(),
                 hooks=chat_hooks,
                 supervision=_supervision(chat_hooks),
+                responses=responses_api,
             )
         finally:
             await chat_hooks.stop()
+            await responses_api.aclose()
             await upstream.aclose()
 
     app = FastAPI(title="FAMA proxy", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
@@ -150,7 +154,9 @@ def create_app(
     app.add_middleware(TracingMiddleware, metrics=metrics)
     app.include_router(health.router)
     routes.add_chat_route(app)
+    app.include_router(responses.router)  # before any catch-all /v1 relay
     app.include_router(routes.router)
     app.include_router(outcomes.router)
     app.include_router(admin.router)
+    passthrough.add_relay_route(app)
     return app

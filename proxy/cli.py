@@ -30,6 +30,13 @@ def serve(
     local_model: Annotated[
         bool | None, typer.Option("--local-model/--no-local-model", help="Start the bundled llama.cpp model.")
     ] = None,
+    upstream_responses: Annotated[
+        str | None,
+        typer.Option(
+            help="/v1/responses: auto (probe the upstream once), native (forward) or bridge (to chat completions) "
+            "[env FAMA_UPSTREAM_RESPONSES]."
+        ),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="Log level [env FAMA_LOG_LEVEL].")] = None,
 ) -> None:
     """Run the proxy."""
@@ -48,6 +55,7 @@ def serve(
             mode=mode,
             profile=profile,
             local_model=local_model,
+            upstream_responses=upstream_responses,
             log_level=log_level,
         )
     )
@@ -99,11 +107,33 @@ def analyze(
     files: Annotated[list[Path], typer.Argument(help="Trajectory files with outcomes.")],
     out: Annotated[Path, typer.Option(help="Where to write the profile YAML.")],
     tools: Annotated[Path | None, typer.Option(help="OpenAI tools array for records that carry none.")] = None,
+    profile: Annotated[
+        Path | None, typer.Option(help="Profile to calibrate (default: one built from the runs' policy).")
+    ] = None,
+    leave_out: Annotated[
+        list[str] | None, typer.Option(help="Leave this agent model's runs out of the calibration (repeatable).")
+    ] = None,
 ) -> None:
-    """Stage 1: failure analysis over trajectories; writes a profile."""
+    """Stage 1: failure analysis over trajectories; writes a profile whose findings are calibrated on outcomes."""
     from detector_service.offline.analyze import analyze_command
 
-    raise typer.Exit(analyze_command(files, tools=tools, out=out))
+    raise typer.Exit(analyze_command(files, tools=tools, out=out, profile=profile, leave_out=leave_out or []))
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Argument(help="Folder with trajectories/*.jsonl and domains/<name>/tools*.json.")],
+    profiles: Annotated[Path, typer.Option(help="Folder of <domain>.yaml profiles.")] = Path("profiles"),
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write all tables here.")] = None,
+    calibrate: Annotated[
+        bool, typer.Option(help="First recalibrate the findings of each <domain>.yaml on all runs of its domain.")
+    ] = False,
+) -> None:
+    """Detection quality per file, model and domain (acting and all flags), zero-config, with the profiles,
+    and with profiles calibrated leaving each model out."""
+    from detector_service.offline.evaluate import evaluate_command
+
+    raise typer.Exit(evaluate_command(data, profiles=profiles, json_out=json_out, recalibrate=calibrate))
 
 
 @app.command()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -32,6 +32,9 @@ class ProxySettings(BaseSettings):
     admin_key: SecretStr | None = None
     judge_api_key: SecretStr | None = None  # the LLM judge's key in embedded mode; else profile judge.api_key_env
     instance_id: str = Field(default_factory=_default_instance)
+    # /v1/responses: forwarded to an upstream that serves it (native), translated to chat completions (bridge),
+    # or whichever the upstream turns out to support (auto: probed once).
+    upstream_responses: Literal["auto", "native", "bridge"] = "auto"
 
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=600.0, gt=0)  # between bytes from upstream

@@ -10,7 +10,20 @@ from detector_service.offline.trajectories import Trajectory, load, load_tools
 
 V1 = "tau-bench__airline__gpt-4o__tool-calling__main.jsonl"
 QWEN = "tau2-bench__airline__qwen2.5-7b__base50__gym.jsonl"
-DOMAIN = {V1: "tau1-airline", QWEN: "tau2-airline"}
+CLAUDE = "tau2-bench__airline__claude-sonnet-4-5__dev30__pr80.jsonl"
+GPT4O_2411 = "tau2-bench__airline__gpt-4o-2024-11-20__dev30__pr103.jsonl"
+GPT_OSS = "tau2-bench__airline__gpt-oss-120b__dev30__pr133.jsonl"
+GROK = "tau-bench__retail__grok-4-fast-non-reasoning__dev73__grok-tau-bench.jsonl"
+TELECOM = "tau2-bench__telecom__gpt-4o__dev20__pr17.jsonl"
+DOMAIN = {
+    V1: "tau1-airline",
+    QWEN: "tau2-airline",
+    CLAUDE: "tau2-airline",
+    GPT4O_2411: "tau2-airline",
+    GPT_OSS: "tau2-airline",
+    GROK: "tau1-retail",
+    TELECOM: "tau2-telecom",
+}
 
 
 def trajectory(tau_dir: Path, file: str, trajectory_id: str) -> Trajectory:

@@ -47,3 +47,46 @@ def test_analyze_refuses_unreadable_input(tmp_path: Path) -> None:
     bad = tmp_path / "x.jsonl"
     bad.write_text("not json\n")
     assert analyze_command([bad], tools=None, out=tmp_path / "p.yaml") == 2
+
+
+def test_calibration_demotes_findings_that_fire_on_passed_runs() -> None:
+    from detector_service.contract.wire import Action
+    from detector_service.offline.calibrate import Tally, decide
+
+    # A policy rule firing on 3 of 100 passed and 5 of 100 failed runs: no better than chance -> guide.
+    rule = decide("DCV/entity_condition/cancel_order", Tally(failed=5, passed=3, strongest=Action.RETRY), 100, 100)
+    assert rule is not None
+    assert rule.action is Action.GUIDE
+    assert (rule.failed, rule.passed) == (5, 3)
+    # The same counts the other way round for a detector: it keeps acting, with the counts beside it.
+    kept = decide("WRCO/ungrounded_value", Tally(failed=9, passed=1, strongest=Action.BLOCK), 100, 100)
+    assert kept is not None
+    assert kept.action is Action.BLOCK
+    assert kept.why is None
+    # A rule needs a wider margin than a detector (3x against 2x).
+    rule_margin = decide("DCV/forbidden/x", Tally(failed=5, passed=2, strongest=Action.RETRY), 100, 100)
+    detector_margin = decide("IFU/deferred_request", Tally(failed=5, passed=2, strongest=Action.RETRY), 100, 100)
+    assert rule_margin is not None
+    assert rule_margin.action is Action.GUIDE
+    assert detector_margin is not None
+    assert detector_margin.action is Action.RETRY
+    assert decide("IFU/empty_reply", Tally(failed=1, passed=0), 100, 100) is None  # too few runs: the table decides
+
+
+@pytest.mark.tau
+def test_analyze_calibrates_a_profile_leaving_a_model_out(tau_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "calibrated.yaml"
+    base = Path(__file__).resolve().parents[1] / "profiles" / "airline.yaml"
+    tools = tau_dir / "domains" / DOMAIN[QWEN] / "tools_openai.json"
+    runs = [tau_dir / "trajectories" / QWEN]
+    assert analyze_command(runs, tools=tools, out=out, profile=base) == 0
+    profile = load_profile(out)
+    assert profile.calibration is not None
+    assert (profile.calibration.failed, profile.calibration.passed) == (24, 6)
+    assert profile.findings["IFU/empty_reply"].failed == 6
+    assert profile.findings["IFU/empty_reply"].passed == 0
+    assert analyze_command(runs, tools=tools, out=out, profile=base, leave_out=["ollama_chat/qwen2.5:7b"]) == 0
+    left = load_profile(out)
+    assert left.findings == {}
+    assert left.calibration is not None
+    assert left.calibration.failed == 0

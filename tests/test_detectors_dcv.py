@@ -41,10 +41,15 @@ def test_write_after_listed_details_and_yes_passes(tau_dir: Path) -> None:
     assert not [f for f in verdict.findings if f.category is Category.DCV]
 
 
-def test_one_call_per_turn_only_when_the_profile_says_so(tau_dir: Path) -> None:
+def test_one_call_per_turn_follows_the_policy_and_only_guides_on_reads(tau_dir: Path) -> None:
+    # qwen looks up three reservations at once; the airline policy says "one tool call at a time".
     event = turn(tau_dir, QWEN, "9#0", 5)
     assert len(event.candidate["tool_calls"]) > 1
-    assert "one_tool_call_per_turn" not in detectors(Engine().evaluate(event).findings)
+    found = [f for f in Engine().evaluate(event).findings if f.detector == "one_tool_call_per_turn"]
+    assert found
+    assert {f.action for f in found} == {Action.GUIDE}  # a batch of reads never acts
+    off = Profile(detectors={"dcv": DetectorConfig(settings={"one_call_per_turn": False})})
+    assert "one_tool_call_per_turn" not in detectors(Engine(off).evaluate(event).findings)
     ruled = Engine(Profile(rules=[OneToolCallPerTurn()])).evaluate(event)
     assert "one_tool_call_per_turn" in detectors(ruled.findings)
 

@@ -23,7 +23,11 @@ def test_verdict_action_is_the_strongest_per_category_action(tau_dir: Path) -> N
     assert verdict.action is Action.BLOCK
     assert verdict.turn_id == event.turn_id
     assert verdict.session_id == event.session_id
-    assert Engine(profile).findings(event) == verdict.findings
+    # The same findings, each with the action the decision table gives it (ungrounded value on a write: block).
+    assert [f.model_copy(update={"action": None}) for f in verdict.findings] == Engine(profile).findings(event)
+    by_detector = {f.detector: f.action for f in verdict.findings}
+    assert by_detector["ungrounded_value"] is Action.BLOCK
+    assert by_detector["write_without_confirmation"] is Action.GUIDE  # capped by the profile's DCV action
 
 
 def test_disabled_detectors_do_not_run(tau_dir: Path) -> None:
@@ -93,8 +97,12 @@ def test_odd_client_shapes_do_not_break_the_engine(candidate: dict[str, object])
 
 
 def test_a_rewrite_action_without_a_repair_becomes_retry() -> None:
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    candidate = {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{oops"}}]}
+    # A write that cannot run (the table allows acting on it), under a profile that says "rewrite" for MTC.
+    tools = [{"type": "function", "function": {"name": "update_f", "parameters": {"type": "object"}}}]
+    candidate = {
+        "role": "assistant",
+        "tool_calls": [{"id": "c", "function": {"name": "update_f", "arguments": "{oops"}}],
+    }
     verdict = Engine(Profile(actions={Category.MTC: Action.REWRITE})).evaluate(
         TurnEvent(session_id="s", messages=[], tools=tools, candidate=candidate)
     )

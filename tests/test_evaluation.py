@@ -1,7 +1,7 @@
-"""The done-when numbers on the dev corpus, per file and per category, with and without the airline profile.
+"""Detection quality on the dev corpus as enforce mode is judged (``fama evaluate``): acting flags pooled and
+per file, zero-config, with the shipped profiles and leaving each model out of the calibration.
 
-Floors sit a little under the measured values so that a regression fails the test; the printed table
-is the report.
+Floors and ceilings sit just at the measured values so that a regression fails the test.
 """
 
 from __future__ import annotations
@@ -12,41 +12,77 @@ from typing import Any
 
 import pytest
 
-from detector_service.contract.profile import Profile, ToolKind, load_profile
+from detector_service.contract.profile import Profile, ToolKind
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.engine import Engine
-from detector_service.offline.evaluation import first_deviating_write, ground_truth_keys, score
+from detector_service.offline.evaluate import evaluate
+from detector_service.offline.evaluation import first_deviating_write, ground_truth_keys, harm_index, score
 from detector_service.offline.replay import replay
 from detector_service.offline.trajectories import load
 from tests.tau_turns import QWEN, V1, tools, trajectory
 
 pytestmark = pytest.mark.tau
-AIRLINE = Path(__file__).resolve().parents[1] / "profiles" / "airline.yaml"
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
-# file, profile -> (failed flagged >=, passed flagged <=, failed flagged early >=)
-FLOORS = {
-    (V1, None): (0.46, 0.06, 0.35),
-    (QWEN, None): (0.62, 0.17, 0.54),
-    (V1, "airline"): (0.52, 0.10, 0.41),
-    (QWEN, "airline"): (0.79, 0.17, 0.79),
+# Acting flags (retry / rewrite / block: what enforce mode changes), pooled over ../shared/data/tau:
+# setting -> (failed flagged >=, passed flagged <=, prevention >=). Floors sit just under the measured values
+# (docs/detection.md) so a regression fails; the done-when bounds the corpus does not reach yet are not
+# pretended here (failed flagged 60% / prevention 60% with profiles, 45% / 35% zero-config).
+POOLED = {
+    "zero-config": (0.32, 0.04, 0.25),
+    "profiles": (0.41, 0.05, 0.36),
+    "lomo": (0.40, 0.05, 0.33),
 }
+PER_FILE_PASSED_MAX = 0.15  # every file with at least 10 passed runs, every setting
 
 
-@pytest.mark.parametrize(("file", "profile_name"), list(FLOORS))
-def test_done_when_numbers(tau_dir: Path, file: str, profile_name: str | None) -> None:
-    profile = load_profile(AIRLINE) if profile_name else Profile()
-    schema = tools(tau_dir, file)
-    results = replay(Engine(profile), load(tau_dir / "trajectories" / file), schema)
-    s = score(results, ToolKinds(profile, schema))
-    rates = s.rates()
-    print(f"\n{file} profile={profile_name}: {s.failed} failed, {s.passed} passed, {rates}")
-    for category, row in sorted(s.by_category.items()):
-        print(f"  {category}: {row}")
-    flagged_min, passed_max, early_min = FLOORS[(file, profile_name)]
-    assert rates["failed_flagged"] >= flagged_min
-    assert rates["passed_flagged"] <= passed_max
-    assert rates["failed_early"] >= early_min
-    assert sum(row["failed"] for row in s.by_category.values()) >= s.failed_flagged
+@pytest.fixture(scope="module")
+def tables(tau_dir: Path) -> dict[str, Any]:
+    return evaluate(tau_dir, PROFILES)
+
+
+@pytest.mark.parametrize("setting", list(POOLED))
+def test_acting_flags_pooled(tables: dict[str, Any], setting: str) -> None:
+    row = tables[setting]["pooled"]["acting"]
+    print(f"\n{setting}: {row}")
+    failed_min, passed_max, prevention_min = POOLED[setting]
+    assert (row["n_failed"], row["n_passed"], row["n_harm"]) == (197, 208, 127)
+    assert row["failed_flagged"] >= failed_min
+    assert row["passed_flagged"] <= passed_max
+    assert row["prevention"] >= prevention_min
+
+
+@pytest.mark.parametrize("setting", list(POOLED))
+def test_acting_flags_on_passed_runs_per_file(tables: dict[str, Any], setting: str) -> None:
+    for name, views in tables[setting]["per_file"].items():
+        row = views["acting"]
+        if row["n_passed"] >= 10:
+            assert row["passed_flagged"] <= PER_FILE_PASSED_MAX, (setting, name, row)
+
+
+def test_leave_one_model_out_stays_within_ten_points(tables: dict[str, Any]) -> None:
+    inside, lomo = tables["profiles"]["pooled"]["acting"], tables["lomo"]["pooled"]["acting"]
+    for key in ("failed_flagged", "passed_flagged", "prevention"):
+        assert abs(inside[key] - lomo[key]) <= 0.10, key
+    for name, views in tables["lomo"]["per_model"].items():
+        assert views["acting"]["passed_flagged"] <= PER_FILE_PASSED_MAX or views["acting"]["n_passed"] < 10, name
+
+
+def test_acting_is_a_subset_of_all_flags(tables: dict[str, Any]) -> None:
+    for setting in POOLED:
+        acting, every = tables[setting]["pooled"]["acting"], tables[setting]["pooled"]["all"]
+        assert acting["failed_flagged"] <= every["failed_flagged"]
+        assert acting["passed_flagged"] <= every["passed_flagged"]
+
+
+def test_harm_index_follows_the_exact_definition(tau_dir: Path) -> None:
+    # 31#1 cancels D1EW9B where the ground truth cancels 9HBUV8: the first harmful write.
+    t = trajectory(tau_dir, V1, "31#1")
+    kinds = ToolKinds(Profile(), tools(tau_dir, V1))
+    at = harm_index(t.messages, kinds, t.extra["ground_truth"])
+    assert at is not None
+    assert "D1EW9B" in t.messages[at]["tool_calls"][0]["function"]["arguments"]
+    assert at == first_deviating_write(t.messages, kinds, ground_truth_keys(t.extra["ground_truth"]))
 
 
 def test_first_deviating_write(tau_dir: Path) -> None:

@@ -172,13 +172,23 @@ def test_429_passes_retry_after_through(client: openai.OpenAI) -> None:
 
 
 def test_unknown_route_and_wrong_method(proxy_url: str, openai_schemas: Path) -> None:
-    missing = httpx2.post(proxy_url + "/v1/assistants", json={})
+    missing = httpx2.post(proxy_url + "/nothing/here", json={})
     assert missing.status_code == 404
     assert assert_openai_shaped(openai_schemas, missing)["code"] == "unknown_url"
     assert missing.headers["x-request-id"]
-    wrong = httpx2.get(proxy_url + "/v1/chat/completions")
+    own = httpx2.delete(proxy_url + "/v1/fama/sessions/s1/outcome")  # the proxy's own: never relayed
+    assert own.status_code == 404
+    assert assert_openai_shaped(openai_schemas, own)["code"] == "unknown_url"
+    wrong = httpx2.post(proxy_url + "/healthz")
     assert wrong.status_code == 405
     assert assert_openai_shaped(openai_schemas, wrong)["code"] == "method_not_allowed"
+
+
+def test_other_v1_routes_answer_with_the_upstreams_status(proxy_url: str, openai_schemas: Path) -> None:
+    """Relayed (see tests/test_proxy_relay.py): the scripted upstream has no such routes."""
+    missing = httpx2.post(proxy_url + "/v1/assistants", json={})
+    assert missing.status_code == 404
+    assert_openai_shaped(openai_schemas, missing)
     with sdk(proxy_url) as client, pytest.raises(openai.NotFoundError):
         client.files.list()
 

@@ -222,3 +222,27 @@ def test_a_judge_without_endpoint_is_a_clear_error(tau_dir: Path, tmp_path: Path
     profile.write_text("version: 1\njudge: {enabled: true}\n")
     source = _one_run(tau_dir, tmp_path, "10#0")
     assert replay_command([source], tools=None, profile=profile, json_out=None) == 2
+
+
+@pytest.mark.tau
+def test_json_summary_reports_acting_and_all_flags_per_file_model_and_domain(tau_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    profile = Path(__file__).resolve().parents[1] / "profiles" / "airline.yaml"
+    schema = tau_dir / "domains" / DOMAIN[QWEN] / "tools_openai.json"
+    assert replay_command([tau_dir / "trajectories" / QWEN], tools=schema, profile=profile, json_out=out) == 0
+    doc = json.loads(out.read_text())
+    outcomes = doc["summary"]["outcomes"]
+    for group in (outcomes["per_file"][QWEN], outcomes["per_model"]["ollama_chat/qwen2.5:7b"]):
+        assert group == outcomes["pooled"]
+    assert outcomes["per_domain"]["airline"] == outcomes["pooled"]
+    acting, every = outcomes["pooled"]["acting"], outcomes["pooled"]["all"]
+    assert (acting["n_failed"], acting["n_passed"]) == (24, 6)
+    assert acting["failed_flagged"] <= every["failed_flagged"]
+    # every flag names the action the decision table gave it; acting ones are what the acting view counts
+    flagged = [
+        r
+        for r in doc["records"]
+        if r["reward"] < 1 and any(f["action"] in {"retry", "rewrite", "block"} for f in r["flags"])
+    ]
+    assert round(len(flagged) / 24, 3) == acting["failed_flagged"]
+    assert {f["action"] for r in doc["records"] for f in r["flags"]} <= {"guide", "retry", "rewrite", "block"}

@@ -35,3 +35,10 @@ def session_state_key(tenant: str, session_id: str) -> str:
 
 def session_outcome_key(tenant: str, session_id: str) -> str:
     return f"{SESSION_OUTCOME_PREFIX}{tenant}:{session_id}"
+
+
+RESPONSE_PREFIX = "fama:response:"  # a Responses API response, its input and its conversation, with a TTL
+
+
+def response_key(tenant: str, response_id: str) -> str:
+    return f"{RESPONSE_PREFIX}{tenant}:{response_id}"

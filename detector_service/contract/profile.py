@@ -163,6 +163,29 @@ DEFAULT_ACTIONS: dict[Category, Action] = {
 }
 
 
+class FindingEntry(_Strict):
+    """A calibrated decision for one kind of finding (``CATEGORY/detector``, per tool for rule findings).
+
+    ``action`` caps what the decision table allows (it never raises it): ``guide`` or ``pass`` demotes a
+    finding that fires on runs that went well. ``failed`` / ``passed`` are the runs it fired on, as
+    counted by ``fama analyze`` (out of the profile's ``calibration`` totals).
+    """
+
+    action: Action
+    failed: int = Field(default=0, ge=0)
+    passed: int = Field(default=0, ge=0)
+    why: str | None = None
+
+
+class Calibration(_Strict):
+    """Where a profile's ``findings:`` entries come from: the runs ``fama analyze`` counted."""
+
+    failed: int = Field(default=0, ge=0)
+    passed: int = Field(default=0, ge=0)
+    models: list[str] = Field(default_factory=list)
+    rule: str | None = None
+
+
 FailPolicy = Literal["open", "closed"]
 
 
@@ -179,6 +202,8 @@ class Profile(_Strict):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     llm_agents: LLMAgentsConfig = Field(default_factory=LLMAgentsConfig)
     actions: dict[Category, Action] = Field(default_factory=lambda: dict(DEFAULT_ACTIONS))
+    findings: dict[str, FindingEntry] = Field(default_factory=dict)  # calibrated caps, per kind of finding
+    calibration: Calibration | None = None
     max_retries: int = Field(default=2, ge=0, le=5)
     deadline_ms: int = Field(default=250, ge=1, le=120_000)
     on_timeout: dict[str, FailPolicy] = Field(default_factory=_default_on_timeout)

@@ -70,6 +70,9 @@ class Finding(_Wire):
     evidence: dict[str, Any] = Field(default_factory=dict)
     tool_call_id: str | None = None
     tool_name: str | None = None
+    # What this finding alone asks for, from the engine's decision table (stakes x evidence, capped by the
+    # profile); None until the engine decided.
+    action: Action | None = None
 
 
 class TurnEvent(_Wire):

@@ -16,7 +16,7 @@ import re
 from detector_service.confirmation import says_yes
 from detector_service.contract.profile import OneToolCallPerTurn, RequiresConfirmation, ToolKind
 from detector_service.contract.wire import Category, Finding, Severity
-from detector_service.policytext import demands_confirmation
+from detector_service.policytext import demands_confirmation, one_call_rule
 from detector_service.turn import Call, TurnView, is_amount_key, is_id_key, is_id_value, leaves, norm, text_values
 
 _VERB = re.compile(r"^[a-z]+", re.IGNORECASE)
@@ -135,10 +135,30 @@ def detect(view: TurnView) -> list[Finding]:
 
 def _one_call_per_turn(view: TurnView) -> list[Finding]:
     rule = next((r for r in view.profile.rules if isinstance(r, OneToolCallPerTurn)), None)
+    if rule is None and view.profile.detector_settings("dcv").get("one_call_per_turn", "auto") == "auto":
+        # Without a profile rule, follow the request's policy: "one tool call at a time" there is the rule.
+        rule = one_call_rule(view.index.system_text) if view.index.system_text.strip() else None
     if rule is None or not view.calls:
         return []
     if len(view.calls) > 1:
         names = ", ".join(c.name for c in view.calls)
+        write = next((c for c in view.calls if c.kind is ToolKind.WRITE), None)
+        if write is not None and any(c.kind is not ToolKind.WRITE for c in view.calls):
+            # The write goes out before the look-ups (or hand-off) beside it return: it cannot have used their
+            # results. A batch of writes only (each stated and confirmed) stays a matter of style.
+            return [
+                Finding(
+                    category=Category.DCV,
+                    detector="write_in_batch",
+                    severity=Severity.ERROR,
+                    message=f"Rule: make one tool call at a time. This turn makes {len(view.calls)} calls ({names}), "
+                    f"among them '{write.name}', which changes data before the results of the other calls are seen; "
+                    "make the look-ups first, check their results, then make the write on its own.",
+                    evidence={"calls": len(view.calls)},
+                    tool_call_id=write.call_id,
+                    tool_name=write.name,
+                )
+            ]
         return [
             Finding(
                 category=Category.DCV,

@@ -119,13 +119,38 @@ def _claim(view: TurnView) -> str | None:
     return None
 
 
+# Policies that allow a hand-off for what the agent cannot do ("transfer ... if and only if the request cannot
+# be handled within the scope of your actions"), and a hand-off that says why the request is outside that scope.
+_POLICY_ALLOWS = re.compile(r"transfer\w*\b[^.\n]{0,80}\b(if|when|cannot|can ?not|unable|outside|beyond)", re.I)
+_OUT_OF_SCOPE = re.compile(
+    r"\b(not (allowed|permitted|eligible|possible|supported|able)|cannot|can ?not|unable|outside|beyond|"
+    r"per (the )?policy|policy (does not|doesn'?t|prohibits|forbids))\b",
+    re.IGNORECASE,
+)
+
+
+def _allowed_handoff(view: TurnView, args: dict[str, object]) -> bool:
+    """The policy allows a hand-off for requests outside the agent's scope, and this one says why it is."""
+    if not _POLICY_ALLOWS.search(view.index.system_text):
+        return False
+    reason = " ".join(str(v) for v in args.values() if isinstance(v, str))
+    return bool(_OUT_OF_SCOPE.search(reason))
+
+
 def detect(view: TurnView) -> list[Finding]:
     index = view.index
     out: list[Finding] = []
-    tried = index.reads + index.writes
     handoff = next((c for c in view.calls if is_handoff(c.name)), None)
+    # Look-ups in the same batch as the hand-off are tries too: the agent read the request, then handed off.
+    tried = index.reads + index.writes + sum(1 for c in view.calls if c.kind is not ToolKind.GENERIC)
     asked_for_human = bool(_ASKED_HUMAN.search(index.latest_user_text))
-    if handoff is not None and tried == 0 and index.user_count > 0 and not asked_for_human:
+    if (
+        handoff is not None
+        and tried == 0
+        and index.user_count > 0
+        and not asked_for_human
+        and not _allowed_handoff(view, handoff.args or {})
+    ):
         what = f"calls '{handoff.name}'"
         out.append(
             Finding(

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from detector_service.contract.toolkinds import is_handoff
 from detector_service.contract.wire import Category, Finding, Severity
 from detector_service.turn import TurnView
 
@@ -18,11 +19,18 @@ def detect(view: TurnView) -> list[Finding]:
     max_errors = int(settings.get("max_errors", 2))
     out: list[Finding] = []
     last = index.calls[-1] if index.calls else None
+    handoffs = sum(1 for c in index.calls if is_handoff(c.name))
     for call in view.calls:
         # Repeats the user asked for (a new user message in between) are not loops.
         seen = index.recent_calls.get(call.key, 0)
         back_to_back = last is not None and last.key == call.key and seen > 0 and not last.error
-        if seen >= max_repeats or back_to_back:
+        if is_handoff(call.name):
+            # Handing off again is one finding at most: the second hand-off of the conversation, whatever it says.
+            seen = handoffs
+            back_to_back = False
+            if handoffs != 1:
+                continue
+        if seen >= max_repeats or back_to_back or (is_handoff(call.name) and seen == 1):
             out.append(
                 Finding(
                     category=Category.LOOP,

@@ -18,7 +18,7 @@ from detector_service.contract.profile import (
 )
 from detector_service.contract.wire import Category, Finding, Severity
 from detector_service.detectors import call_finding
-from detector_service.detectors.dcv import unconfirmed
+from detector_service.detectors.dcv import unconfirmed, unlisted
 from detector_service.turn import Call, TurnView, leaves, norm
 
 
@@ -161,7 +161,7 @@ def detect(view: TurnView) -> list[Finding]:
             if getattr(rule, "tool", None) != call.name:
                 continue
             if isinstance(rule, RequiresConfirmation):
-                found = unconfirmed(view, call, "requires_confirmation")
+                found = unconfirmed(view, call, "requires_confirmation") or unlisted(view, call)
             elif isinstance(rule, RequiresPriorRead):
                 found = _prior_read(view, rule, call)
             elif isinstance(rule, ArgumentConstraint):

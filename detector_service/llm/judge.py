@@ -255,4 +255,4 @@ async def judged(
         log.exception("judge crashed on %s; the deterministic verdict stands", where)
         return verdict
     count("ok")
-    return merge(engine, verdict, turn.candidate, extra)
+    return merge(engine, verdict, turn.candidate, extra, turn.tools)

@@ -43,6 +43,7 @@ from detector_service.contract.profile import (
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import Action, Category, Severity
 from detector_service.engine import Engine
+from detector_service.offline.calibrate import calibrate
 from detector_service.offline.replay import replay
 from detector_service.offline.trajectories import Replayed, Trajectory, TrajectoryError, load, load_tools
 from detector_service.policytext import extract_rules
@@ -153,16 +154,28 @@ def _tool_names(t: Trajectory) -> set[str]:
     return out
 
 
-def analyze_command(files: Sequence[Path], *, tools: Path | None = None, out: Path) -> int:
+def analyze_command(
+    files: Sequence[Path],
+    *,
+    tools: Path | None = None,
+    out: Path,
+    profile: Path | None = None,
+    leave_out: Sequence[str] = (),
+) -> int:
+    """Write a calibrated profile: ``profile`` (or one built from the runs' policy) with ``findings:`` entries
+    counted on the runs of ``files``, leaving out the runs of the models in ``leave_out``."""
     console = Console(stderr=True)
     try:
         default_tools = load_tools(tools)
         trajectories = [t for path in files for t in load(Path(path))]
-    except (TrajectoryError, OSError, orjson.JSONDecodeError) as exc:
+        base = load_profile(profile) if profile is not None else None
+    except (TrajectoryError, ProfileError, OSError, orjson.JSONDecodeError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    profile, report = build_profile(trajectories, default_tools)
-    out.write_text(dump_profile(profile), encoding="utf-8")
+    kept = [t for t in trajectories if str(t.extra.get("agent_model")) not in set(leave_out)]
+    built, report = build_profile(kept, default_tools)
+    calibrated = calibrate(base if base is not None else built, kept, default_tools)
+    out.write_text(dump_profile(calibrated), encoding="utf-8")
     try:
         load_profile(out)  # what we write must be what serve and replay accept
     except ProfileError as exc:
@@ -175,8 +188,17 @@ def analyze_command(files: Sequence[Path], *, tools: Path | None = None, out: Pa
     for cat, n in report["primary"].items():
         table.add_row(cat, str(n), ", ".join(a.value for a in AGENTS_FOR[Category(cat)]) or "-")
     Console().print(table)
+    findings = Table(title="fama analyze: acting findings on failed / passed runs")
+    findings.add_column("finding")
+    findings.add_column("failed", justify="right")
+    findings.add_column("passed", justify="right")
+    findings.add_column("action")
+    for key, entry in calibrated.findings.items():
+        findings.add_row(key, str(entry.failed), str(entry.passed), entry.action.value)
+    Console().print(findings)
     Console().print(
         f"{report['failed']} failed, {report['passed']} passed; agents: "
-        f"{', '.join(a.value for a in profile.agents) or 'none'}; rules: {len(profile.rules)}; written to {out}"
+        f"{', '.join(a.value for a in calibrated.agents) or 'none'}; rules: {len(calibrated.rules)}; "
+        f"findings calibrated: {len(calibrated.findings)}; written to {out}"
     )
     return 0

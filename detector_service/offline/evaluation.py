@@ -1,5 +1,10 @@
 """How well replay flags match recorded outcomes: the numbers the detectors are judged by.
 
+``outcomes`` / ``grouped`` give the view enforce mode is judged by, on *acting* flags (retry, rewrite, block)
+and on all flags: failed runs flagged, passed runs flagged, and prevention (among failed runs with a harmful
+write, a write-tool call matching no ground-truth action exactly, the share whose first flag comes at or
+before it). ``score`` below counts acting flags too, with the finer notes that follow.
+
 For each trajectory with a reward and ground-truth actions:
 - flagged: at least one flag;
 - early: the first flag comes at or before the first *deviating write*, the first write call whose
@@ -26,6 +31,9 @@ from detector_service.contract.profile import ToolKind
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.offline.trajectories import Replayed
 from detector_service.turn import is_error_output, norm, parse_json, tool_calls_of
+
+# What enforce mode changes: the flags the supervisor is judged by (``outcomes`` also reports every flag).
+ACTING = frozenset({"retry", "rewrite", "block"})
 
 
 def _canonical(value: Any) -> Any:
@@ -109,13 +117,15 @@ class Score:
 
 
 def score(results: Iterable[Replayed], kinds: ToolKinds) -> Score:
-    """Only trajectories with a reward count; ``early`` needs ``ground_truth.actions`` in the record."""
+    """Acting flags only (retry / rewrite / block); only trajectories with a reward count; ``early`` needs
+    ``ground_truth.actions`` in the record."""
     out = Score()
     for r in results:
         reward = r.trajectory.reward
         if reward is None:
             continue
         failed = reward < 1.0
+        r = Replayed(r.trajectory, [f for f in r.flags if f.action in ACTING], r.turns)  # what enforce mode changes
         flagged = bool(r.flags)
         if failed:
             out.failed += 1
@@ -144,3 +154,104 @@ def score(results: Iterable[Replayed], kinds: ToolKinds) -> Score:
                 if limit is None or first_cat <= limit:
                     out.by_category[cat]["failed_early"] += 1
     return out
+
+
+def _exact(value: Any) -> str:
+    if isinstance(value, str):
+        parsed = parse_json(value)
+        if parsed is None and value.strip() not in ("null",):
+            return value
+        value = parsed
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def harm_index(messages: Sequence[Mapping[str, Any]], kinds: ToolKinds, ground_truth: Mapping[str, Any]) -> int | None:
+    """Index of the first assistant message holding a *harmful write*: a call of a write tool whose (name,
+    arguments as parsed JSON) matches no ground-truth action exactly."""
+    truth = {
+        (str(a.get("name")), _exact(a.get("kwargs", a.get("arguments", {})))) for a in ground_truth.get("actions") or []
+    }
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        for call in tool_calls_of(m):
+            fn = call.get("function") or {}
+            name = str(fn.get("name"))
+            if kinds.kind(name) is ToolKind.WRITE and (name, _exact(fn.get("arguments", {}))) not in truth:
+                return i
+    return None
+
+
+@dataclass
+class Outcomes:
+    """Failed / passed runs flagged and prevention, as shares (``prevention``: among failed runs with a harmful
+    write, those whose first flag comes at or before the first harmful write)."""
+
+    failed: int = 0
+    passed: int = 0
+    failed_flagged: int = 0
+    passed_flagged: int = 0
+    failed_with_harm: int = 0
+    prevented: int = 0
+
+    def add(self, failed: bool, turns: Sequence[int], harm: int | None) -> None:
+        if failed:
+            self.failed += 1
+            self.failed_flagged += bool(turns)
+            if harm is not None:
+                self.failed_with_harm += 1
+                self.prevented += bool(turns) and min(turns) <= harm
+        else:
+            self.passed += 1
+            self.passed_flagged += bool(turns)
+
+    def shares(self) -> dict[str, Any]:
+        def r(n: int, d: int) -> float | None:
+            return round(n / d, 3) if d else None
+
+        return {
+            "failed_flagged": r(self.failed_flagged, self.failed),
+            "passed_flagged": r(self.passed_flagged, self.passed),
+            "prevention": r(self.prevented, self.failed_with_harm),
+            "n_failed": self.failed,
+            "n_passed": self.passed,
+            "n_harm": self.failed_with_harm,
+        }
+
+
+def outcomes(rows: Iterable[tuple[Replayed, ToolKinds]]) -> dict[str, Outcomes]:
+    """``acting`` and ``all`` outcome counts over the runs with a reward; ``rows`` pairs each run with the
+    tool kinds of its domain (what is a write)."""
+    views = {"acting": Outcomes(), "all": Outcomes()}
+    for r, kinds in rows:
+        reward = r.trajectory.reward
+        if reward is None:
+            continue
+        failed = reward < 1.0
+        gt = r.trajectory.extra.get("ground_truth") or {}
+        harm = harm_index(r.trajectory.messages, kinds, gt) if failed and isinstance(gt, dict) else None
+        views["acting"].add(failed, [f.turn for f in r.flags if f.action in ACTING], harm)
+        views["all"].add(failed, [f.turn for f in r.flags], harm)
+    return views
+
+
+def grouped(rows: Iterable[tuple[str, Replayed, ToolKinds]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Outcome shares per group (a file, a model, a domain): ``{group: {"acting": ..., "all": ...}}``."""
+    groups: dict[str, list[tuple[Replayed, ToolKinds]]] = {}
+    for name, r, kinds in rows:
+        groups.setdefault(name, []).append((r, kinds))
+    return {name: {view: o.shares() for view, o in outcomes(rs).items()} for name, rs in groups.items()}
+
+
+def outcome_tables(rows: Sequence[tuple[str, Replayed, ToolKinds]]) -> dict[str, Any]:
+    """Pooled, per file, per model and per domain outcome shares of ``(file name, run, kinds)`` rows."""
+
+    def by(attr: str) -> list[tuple[str, Replayed, ToolKinds]]:
+        return [(str(r.trajectory.extra.get(attr, "?")), r, k) for _, r, k in rows]
+
+    return {
+        "pooled": {view: o.shares() for view, o in outcomes((r, k) for _, r, k in rows).items()},
+        "per_file": grouped(rows),
+        "per_model": grouped(by("agent_model")),
+        "per_domain": grouped(by("domain")),
+    }

@@ -32,7 +32,7 @@ from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import TurnEvent
 from detector_service.engine import Engine
 from detector_service.llm.judge import Judge, JudgeError, make_client, worth_judging
-from detector_service.offline.evaluation import score
+from detector_service.offline.evaluation import outcome_tables, score
 from detector_service.offline.trajectories import Flag, Replayed, Trajectory, TrajectoryError, load, load_tools
 from detector_service.turn import ConversationIndex, agent_messages, tools_by_name
 
@@ -40,15 +40,16 @@ from detector_service.turn import ConversationIndex, agent_messages, tools_by_na
 def replay_one(engine: Engine, trajectory: Trajectory, default_tools: list[dict[str, Any]]) -> Replayed:
     tools = trajectory.tools if trajectory.tools is not None else default_tools
     by_name = tools_by_name(tools)
-    index = ConversationIndex(kinds=ToolKinds(engine.profile, tools))
+    kinds = ToolKinds(engine.profile, tools)
+    index = ConversationIndex(kinds=kinds)
     out = Replayed(trajectory)
     for i, message in enumerate(trajectory.messages):
         if message.get("role") == "assistant":
             out.turns += 1
             found = engine.findings_for(engine.view(index, message, by_name))
+            engine.decide(message, found, kinds)  # sets each finding's action from the decision table
             for f in found:
-                action = "rewrite" if "repaired_arguments" in f.evidence else engine.profile.action_for(f.category)
-                out.flags.append(Flag(turn=i, finding=f, action=str(action)))
+                out.flags.append(Flag(turn=i, finding=f, action=str(f.action)))
         index.add(message)
     return out
 
@@ -101,6 +102,8 @@ async def judge_results(
     slots = asyncio.Semaphore(max(1, concurrency))
     task = progress.add_task("judge", total=len(turns)) if progress is not None else None
 
+    engine = Engine(profile)
+
     async def one(r: Replayed, event: TurnEvent) -> None:
         async with slots:
             stats.calls += 1
@@ -110,8 +113,9 @@ async def judge_results(
                 stats.errors += 1
                 stats.first_error = stats.first_error or str(exc)
                 found = []
+        engine.decide(event.candidate, found, engine.kinds(event.tools))
         for f in found:
-            r.flags.append(Flag(turn=len(event.messages), finding=f, action=str(profile.action_for(f.category))))
+            r.flags.append(Flag(turn=len(event.messages), finding=f, action=str(f.action)))
         stats.findings += len(found)
         if progress is not None and task is not None:
             progress.advance(task)
@@ -189,7 +193,8 @@ def replay_command(
     try:
         prof: Profile = load_profile(profile)
         default_tools = load_tools(tools)
-        trajectories = [t for path in files for t in load(Path(path))]
+        sources = [(Path(path).name, t) for path in files for t in load(Path(path))]
+        trajectories = [t for _, t in sources]
     except (ProfileError, TrajectoryError, OSError, orjson.JSONDecodeError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
@@ -217,7 +222,9 @@ def replay_command(
             console.print(f"[yellow]judge:[/yellow] {stats.errors} of {stats.calls} calls failed ({stats.first_error})")
     if any("ground_truth" in r.trajectory.extra for r in results):
         # Records with ground-truth actions (tau-bench runs) also get the detection-quality numbers.
-        summary["evaluation"] = score(results, ToolKinds(prof, default_tools)).report()
+        kinds = ToolKinds(prof, default_tools)
+        summary["evaluation"] = score(results, kinds).report()
+        summary["outcomes"] = outcome_tables([(name, r, kinds) for (name, _), r in zip(sources, results, strict=True)])
     Console(file=sys.stdout).print(_table(summary))
     if "evaluation" in summary:
         ev = summary["evaluation"]

@@ -12,6 +12,7 @@ from detector_service.contract.profile import Mode, Profile
 from proxy.edge.auth import Authenticator
 from proxy.hooks import ChatHooks
 from proxy.metrics import ProxyMetrics
+from proxy.responses.service import Responses
 from proxy.settings import ProxySettings
 from proxy.supervision.recorder import Recorder
 from proxy.supervision.sessions import SessionStore
@@ -39,6 +40,7 @@ class ProxyState(TypedDict):
     readiness: Readiness
     hooks: ChatHooks[Any]
     supervision: Supervision | None  # None when the hooks are not the supervisor
+    responses: Responses  # the Responses API's store and path choice
 
 
 def state_of(request: Request) -> ProxyState:

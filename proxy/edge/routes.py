@@ -2,7 +2,9 @@
 
 Chat goes through :mod:`proxy.edge.chat`. Completions and embeddings are relayed as bytes (their bodies need
 no fixing; only errors are normalized, by :mod:`proxy.upstream.client`). Model lists are small and get
-normalized (TGI answers a single object; llama.cpp and TGI have no ``/models/{id}``).
+normalized (TGI answers a single object); a model is the upstream's answer, or an entry of its list where the
+upstream has no ``/models/{id}`` (llama.cpp, TGI). Every other ``/v1`` request is relayed by
+:mod:`proxy.edge.passthrough`.
 """
 
 from __future__ import annotations
@@ -132,6 +134,14 @@ async def list_models(request: Request, tenant: Tenant, state: State, trace: Tra
     return _json(await _models(request, state["upstream"], trace))
 
 
+def _about_the_model(error: UpstreamError, model_id: str) -> bool:
+    """A 404 that is the upstream's answer about this model (OpenAI's ``model_not_found``), not a server without
+    the route (a framework's ``{"detail": "Not Found"}``, llama.cpp's "File Not Found")."""
+    if error.code == "model_not_found" or error.param == "model":
+        return True
+    return "model" in error.message.lower() and model_id in error.message
+
+
 @router.get("/models/{model_id:path}")
 async def get_model(model_id: str, request: Request, tenant: Tenant, state: State, trace: TraceDep) -> Response:
     upstream = state["upstream"]
@@ -139,10 +149,11 @@ async def get_model(model_id: str, request: Request, tenant: Tenant, state: Stat
     try:
         payload = await upstream.request_json("GET", f"/models/{model_id}", headers, trace)
     except UpstreamError as exc:
-        if exc.status not in (404, 405):
+        if exc.status == 405 or (exc.status == 404 and not _about_the_model(exc, model_id)):
+            payload = None  # llama.cpp and TGI only list models; look it up in the list
+        else:
             raise
-        payload = None  # llama.cpp and TGI only list models; look it up in the list
-    if isinstance(payload, dict) and payload.get("id") == model_id:
+    if isinstance(payload, dict):
         return _json(normalize.model(payload))
     for entry in (await _models(request, upstream, trace))["data"]:
         if isinstance(entry, dict) and entry.get("id") == model_id:

@@ -135,8 +135,12 @@ def at_stake(candidate: dict[str, Any], tools: Sequence[dict[str, Any]], profile
 
 
 def _driving(verdict: Verdict, profile: Profile) -> tuple[Category, ...]:
-    """Categories whose configured action is the verdict's action (all found categories if none match)."""
-    matching = [f.category for f in verdict.findings if profile.action_for(f.category) == verdict.action]
+    """Categories of the findings that ask for the verdict's action (all found categories if none match)."""
+    matching = [
+        f.category
+        for f in verdict.findings
+        if (f.action if f.action is not None else profile.action_for(f.category)) == verdict.action
+    ]
     return tuple(dict.fromkeys(matching or [f.category for f in verdict.findings]))
 
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from proxy.metrics import ProxyMetrics
@@ -55,6 +56,14 @@ class Reply:
     @property
     def content_type(self) -> str:
         return self._response.headers.get("content-type", "application/json")
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    def header_items(self) -> list[tuple[str, str]]:
+        """Every header as sent, repeated ones (``set-cookie``) included."""
+        return list(self._response.headers.items())
 
     def parts(self) -> AsyncIterator[bytes]:
         """The body as it arrives; transport failures raise :data:`TransportError` or ``TimeoutError``."""
@@ -135,16 +144,48 @@ class Upstream:
         """
         started = time.perf_counter()
         try:
-            return Reply(await self._open(method, path, headers, content), trace, started)
+            return Reply(await self._open(method, self._url(path), headers, content), trace, started)
+        except BaseException:
+            _count(trace, started)
+            raise
+
+    async def relay(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        trace: Trace,
+        body: AsyncIterable[bytes] | None,
+    ) -> Reply:
+        """:meth:`open` for a request relayed as it came (:mod:`proxy.upstream.passthrough`): ``target`` is the path
+        and query below the base URL, percent-encoded as the client sent them; the body is streamed; a redirect
+        is the client's to follow; the answer's bytes stay as they are (no decompression)."""
+        started = time.perf_counter()
+        url = URL(self.base_url + target, encoded=True)
+        try:
+            response = await self._open(method, url, headers, body, as_is=True)
+            return Reply(response, trace, started)
         except BaseException:
             _count(trace, started)
             raise
 
     async def _open(
-        self, method: str, path: str, headers: Mapping[str, str], content: bytes | None
+        self,
+        method: str,
+        url: str | URL,
+        headers: Mapping[str, str] | list[tuple[str, str]],
+        content: bytes | AsyncIterable[bytes] | None,
+        as_is: bool = False,
     ) -> aiohttp.ClientResponse:
         try:
-            response = await self.session.request(method, self._url(path), headers=headers, data=content)
+            response = await self.session.request(
+                method,
+                url,
+                headers=headers,
+                data=content,
+                allow_redirects=not as_is,
+                auto_decompress=False if as_is else None,
+            )
         except TimeoutError as exc:
             self._errors["timeout"].inc()
             raise UpstreamTimeout(f"the upstream model server did not answer in time ({type(exc).__name__})") from exc
@@ -154,6 +195,11 @@ class Upstream:
         if response.status >= 400:
             await self._raise_status(response)
         return response
+
+    def count_error(self, kind: str) -> None:
+        """One more ``fama_upstream_errors_total{kind}`` (``timeout``, ``connect``, ``status_4xx``, ``status_5xx``,
+        ``stream``)."""
+        self._errors[kind].inc()
 
     async def _raise_status(self, response: aiohttp.ClientResponse) -> None:
         status = response.status
