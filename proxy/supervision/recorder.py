@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
 
-from detector_service.bus import keys, streams
+from detector_service.bus import keys, streams, values
 from detector_service.bus.writer import Add, Append, BatchWriter, WriteFailure
 from detector_service.contract.wire import Action, Category, TurnEvent, Verdict, now_ms
 from proxy.metrics import ProxyMetrics
@@ -220,19 +220,17 @@ class RedisRecorder:
         )
 
     async def session(self, tenant: str, session_id: str) -> list[SessionEntry]:
-        raw = await self.redis.lrange(keys.session_key(tenant, session_id), 0, -1)
+        raw = await values.read_list(self.redis, keys.session_key(tenant, session_id))
         return [SessionEntry.model_validate_json(item) for item in raw]
 
     async def interventions(self, limit: int = 100) -> list[Intervention]:
         """The most recent interventions, newest first."""
-        rows = await self.redis.xrevrange(keys.INTERVENTIONS_STREAM, count=limit)
         out: list[Intervention] = []
-        for entry_id, fields in rows or []:
-            data = (fields or {}).get(streams.DATA_FIELD) or (fields or {}).get(streams.DATA_FIELD.encode())
+        for entry in await streams.latest(self.redis, keys.INTERVENTIONS_STREAM, limit):
             try:
-                out.append(Intervention.model_validate_json(data or b""))
+                out.append(Intervention.model_validate_json(entry.data or b""))
             except ValidationError as exc:
-                log.warning("unreadable intervention entry %r: %s", entry_id, exc)
+                log.warning("unreadable intervention entry %r: %s", entry.id, exc)
         return out
 
 

@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from detector_service.bus import streams
+from detector_service.bus import streams, values
 from detector_service.bus.keys import session_outcome_key, session_state_key
 from detector_service.bus.writer import BatchWriter
 from detector_service.contract.profile import AgentName
@@ -219,7 +219,7 @@ class RedisSessionStore:
         await self._written(ref)
         try:
             async with asyncio.timeout(self._timeout):
-                raw = await streams.call(self._lanes, "GET", session_state_key(ref.tenant, ref.session_id))
+                raw = await values.get(self._lanes, session_state_key(ref.tenant, ref.session_id))
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("load", ref, exc)
             return SessionState()
@@ -268,9 +268,9 @@ class RedisSessionStore:
         Redis errors and timeouts reach the caller: an outcome is not to be dropped silently."""
         key = session_outcome_key(ref.tenant, ref.session_id)
         async with asyncio.timeout(self._timeout * 4):
-            if await streams.call(self._lanes, "SET", key, outcome, "NX", "EX", self._ttl):
+            if await values.claim(self._lanes, key, outcome, ttl_ms=self._ttl * 1000):
                 return None
-            first = await streams.call(self._lanes, "GET", key)
+            first = await values.get(self._lanes, key)
         return first.decode() if isinstance(first, bytes) else str(first or outcome)
 
     async def _write_after(self, earlier: asyncio.Future[None] | None, ref: SessionRef, raw: str) -> None:
@@ -281,8 +281,6 @@ class RedisSessionStore:
     async def _write(self, ref: SessionRef, raw: str) -> None:
         try:
             async with asyncio.timeout(self._timeout):
-                await streams.call(
-                    self._lanes, "SET", session_state_key(ref.tenant, ref.session_id), raw, "EX", self._ttl
-                )
+                await values.put(self._lanes, session_state_key(ref.tenant, ref.session_id), raw, ttl_s=self._ttl)
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("save", ref, exc)

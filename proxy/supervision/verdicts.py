@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from detector_service.bus import keys, streams
+from detector_service.bus import keys, streams, values
 from detector_service.contract.wire import SchemaVersionError, TurnEvent, Verdict, check_version, dumps, now_ms
 from detector_service.engine import Engine
 from detector_service.llm.judge import Judge, judged, worth_judging
@@ -253,7 +253,7 @@ class RedisVerdicts:
         while not self._stopping:
             try:
                 if not self._reader_ok:
-                    await self.redis.ping()
+                    await values.ping(self.redis)
                     self._reader_ok = True
                     log.info("verdict reader for %s reconnected", self.reply_stream)
                 entries = await streams.read_replies(
@@ -310,15 +310,9 @@ class RedisVerdicts:
 
     async def _record_late(self, payloads: list[str]) -> None:
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for payload in payloads:
-                    pipe.xadd(
-                        keys.LATE_VERDICTS_STREAM,
-                        {streams.DATA_FIELD: payload, "instance": self.instance_id},
-                        maxlen=LATE_MAXLEN,
-                        approximate=True,
-                    )
-                await pipe.execute()
+            await streams.publish_all(
+                self.redis, keys.LATE_VERDICTS_STREAM, payloads, maxlen=LATE_MAXLEN, instance=self.instance_id
+            )
         except (RedisError, OSError) as exc:
             self.metrics.redis_errors.labels(op="record_late").inc()
             log.warning("could not record %d late verdicts: %s", len(payloads), exc)
