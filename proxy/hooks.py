@@ -47,6 +47,7 @@ class ChatContext(Generic[S]):
     request_headers: Mapping[str, str] = field(default_factory=dict)  # the client's (e.g. x-fama-session)
     response_headers: dict[str, str] = field(default_factory=dict)  # hooks add theirs; sent with the response
     hook_state: S | None = None  # the hooks' per-turn state, from request to answer
+    api: str = "chat"  # the API the client called (chat, responses): a label on the supervision metrics
 
     @property
     def model(self) -> str:

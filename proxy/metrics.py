@@ -50,6 +50,7 @@ RETRY_OUTCOMES = ("fixed", "failed", "exhausted")
 SESSION_OUTCOMES = ("success", "failure")
 INTERVENED = ("yes", "no")
 JUDGE_OUTCOMES = ("ok", "timeout", "error", "skipped")
+APIS = ("chat", "responses")  # the API a supervised turn came in through
 
 
 class ProxyMetrics:
@@ -106,8 +107,8 @@ class ProxyMetrics:
         )
         self.interventions = Counter(
             "fama_interventions_total",
-            "Interventions applied to responses, by action and category.",
-            ["action", "category", "mode"],
+            "Interventions applied to responses, by action, category, mode and API (chat, responses).",
+            ["action", "category", "mode", "api"],
             registry=r,
         )
         self.verdict_wait = Histogram(
@@ -139,8 +140,9 @@ class ProxyMetrics:
         )
         self.sessions = Counter(
             "fama_session_turns_total",
-            "Chat turns by whether the session has had an intervention so far and the turn's finish reason.",
-            ["intervened", "finish_reason"],
+            "Supervised turns by whether the session has had an intervention so far, the turn's finish reason and "
+            "the API (chat, responses).",
+            ["intervened", "finish_reason", "api"],
             registry=r,
         )
         self.session_outcomes = Counter(
@@ -166,8 +168,9 @@ class ProxyMetrics:
         self._create_known_series()
 
     def _create_known_series(self) -> None:
-        for action, category, mode in product(CHANGING_ACTIONS, INTERVENTION_CATEGORIES, (m.value for m in Mode)):
-            self.interventions.labels(action=action, category=category, mode=mode)
+        modes = [m.value for m in Mode]
+        for action, category, mode, api in product(CHANGING_ACTIONS, INTERVENTION_CATEGORIES, modes, APIS):
+            self.interventions.labels(action=action, category=category, mode=mode, api=api)
         for reason, policy in product(DEGRADED_REASONS, FAIL_POLICIES):
             self.degraded.labels(reason=reason, policy=policy)
         for transport in TRANSPORTS:

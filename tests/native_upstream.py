@@ -3,7 +3,7 @@
 ``NativeModel(reply)`` serves ``POST /v1/responses`` (JSON or an SSE stream of Responses events),
 ``GET|DELETE /v1/responses/{id}``, ``POST /v1/responses/{id}/cancel`` and ``GET /v1/responses/{id}/input_items``
 on a real uvicorn (``serve_in_thread(model.app)``). ``reply(body)`` returns ``{"text": ..., "calls": [(name,
-arguments), ...]}`` for a Responses request body. Every request is kept in :attr:`NativeModel.requests`
+arguments), ...]}`` for a Responses request body (``{"fail": True}``: a stream that ends in ``response.failed``). Every request is kept in :attr:`NativeModel.requests`
 (method, path with query, parsed body).
 """
 
@@ -107,6 +107,7 @@ class NativeModel:
             "metadata": {},
             "temperature": 1.0,
             "top_p": 1.0,
+            **({"fail": True} if answer.get("fail") else {}),
         }
         self.stored[rid] = response
         if not body.get("stream"):
@@ -122,6 +123,10 @@ class NativeModel:
 
         skeleton = {**response, "status": "in_progress", "output": []}
         yield event("response.created", response=skeleton)
+        if response.get("fail"):
+            failed = {**skeleton, "status": "failed", "error": {"code": "server_error", "message": "the GPU fell over"}}
+            yield event("response.failed", response=failed)
+            return
         for index, item in enumerate(response["output"]):
             if item["type"] == "message":
                 text = item["content"][0]["text"]

@@ -26,8 +26,9 @@ def test_proxy_counters_start_with_every_known_label_set_at_zero() -> None:
     for action in ("retry", "rewrite", "block"):
         for category in [*(c.value for c in Category), "none"]:
             for mode in Mode:
-                labels = {"action": action, "category": category, "mode": mode.value}
-                assert _zero(r, "fama_interventions_total", labels)
+                for api in ("chat", "responses"):
+                    labels = {"action": action, "category": category, "mode": mode.value, "api": api}
+                    assert _zero(r, "fama_interventions_total", labels)
     for reason in ("deadline", "outage"):
         for policy in ("open", "closed"):
             assert _zero(r, "fama_degraded_responses_total", {"reason": reason, "policy": policy})
@@ -40,7 +41,9 @@ def test_proxy_counters_start_with_every_known_label_set_at_zero() -> None:
         assert _zero(r, "fama_injections_total", {"agent": agent})
     # A pass is not an intervention: no series for it.
     assert (
-        r.get_sample_value("fama_interventions_total", {"action": "pass", "category": "none", "mode": "enforce"})
+        r.get_sample_value(
+            "fama_interventions_total", {"action": "pass", "category": "none", "mode": "enforce", "api": "chat"}
+        )
         is None
     )
 

@@ -224,3 +224,20 @@ def test_a_stored_response_streams_again_on_retrieve(proxied: Any, openai_schema
         assert openapi_errors(openai_schemas, "ResponseStreamEvent", event.model_dump(exclude_unset=True)) == []
     later = list(client.responses.retrieve(created.id, stream=True, starting_after=len(events) - 2))
     assert [e.sequence_number for e in later] == [len(events) - 1]
+
+
+def test_a_tenant_sees_only_its_own_responses(tmp_path: Path) -> None:
+    model = ScriptedModel(weather_then_answer)
+    with proxy_for(model, tmp_path, api_keys="key-a,key-b") as (client, _):
+        alice = client.with_options(api_key="key-a")
+        bob = client.with_options(api_key="key-b")
+        created = alice.responses.create(model="m", input="Hi!")
+        assert alice.responses.retrieve(created.id).id == created.id
+        with pytest.raises(openai.NotFoundError):
+            bob.responses.retrieve(created.id)
+        with pytest.raises(openai.NotFoundError):
+            bob.responses.create(model="m", input="more", previous_response_id=created.id)
+        with pytest.raises(openai.NotFoundError):
+            bob.responses.delete(created.id)
+        with pytest.raises(openai.AuthenticationError):
+            client.with_options(api_key="nobody").responses.retrieve(created.id)

@@ -150,3 +150,14 @@ def test_a_probe_answered_by_an_overloaded_upstream_decides_nothing(tmp_path: Pa
         with pytest.raises(openai.InternalServerError):
             client.responses.create(model="m", input="Hi")
         assert client.responses.create(model="m", input="Hi").output_text == "Hello from the native server."
+
+
+def test_a_native_stream_that_fails_is_an_error_the_sdk_raises(tmp_path: Path) -> None:
+    model = NativeModel(lambda body: {"fail": True})
+    with (
+        proxy(model.app, tmp_path, mode="enforce", upstream_responses="native") as client,
+        pytest.raises(openai.APIError, match="the GPU fell over"),
+        client.responses.stream(model="m", input="Hi", tools=RESPONSES_TOOLS) as stream,
+    ):
+        for _ in stream:
+            pass

@@ -85,6 +85,12 @@ def test_unconfirmed_write_is_corrected_and_the_confirmed_one_goes_through(tmp_p
         assert recorded.action is Action.RETRY
         assert recorded.categories == [Category.DCV]
         assert _retries(app, "fixed") == 1
+        registry = app.metrics.registry
+        labels = {"action": "retry", "category": "DCV", "mode": "enforce"}
+        assert registry.get_sample_value("fama_interventions_total", {**labels, "api": "responses"}) == 1
+        assert registry.get_sample_value("fama_interventions_total", {**labels, "api": "chat"}) == 0
+        turns = {"intervened": "yes", "finish_reason": "tool_calls", "api": "responses"}
+        assert registry.get_sample_value("fama_session_turns_total", turns) == 1  # the confirmed write
 
 
 def test_streamed_unconfirmed_write_never_reaches_the_client_and_the_confirmed_one_does(tmp_path: Path) -> None:

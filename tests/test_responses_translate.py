@@ -249,3 +249,34 @@ def test_a_chat_stream_becomes_the_event_sequence_openai_sends(openai_schemas: P
 def test_chat_messages_round_trip_through_native_input() -> None:
     messages = chat_messages(input_items(INPUT))
     assert chat_messages(input_items(input_from_chat(messages))) == messages
+
+
+def test_a_refusal_is_a_refusal_part_streamed_and_not(openai_schemas: Path) -> None:
+    writer = EventWriter(response_object({"model": "m"}, "resp_r", 1, status="in_progress"))
+    events = writer.start()
+    for delta in ({"role": "assistant", "refusal": "I can"}, {"refusal": "not help."}):
+        events += writer.chunk(_chunk(delta))
+    events += writer.chunk(_chunk({}, "stop"))
+    events += writer.close_items()
+    events += writer.finish(writer.final())
+    assert [e["type"] for e in events][2:] == [
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.refusal.delta",
+        "response.refusal.delta",
+        "response.refusal.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    for event in events:
+        assert openapi_errors(openai_schemas, "ResponseStreamEvent", event) == [], event
+        EVENTS.validate_python(event)
+    assert events[-1]["response"]["output"][0]["content"] == [{"type": "refusal", "refusal": "I cannot help."}]
+
+    message = {"role": "assistant", "content": None, "refusal": "I cannot help."}
+    response = response_object({"model": "m"}, "resp_r", 1, output=output_items(message))
+    assert openapi_errors(openai_schemas, "Response", response) == []
+    [item] = Response.model_validate(response).output
+    assert item.type == "message"
+    assert [part.type for part in item.content] == ["refusal"]

@@ -101,7 +101,7 @@ def test_enforce_retries_an_unconfirmed_write_and_the_client_gets_only_the_quest
         assert recorded.final is None
         metrics = app.metrics.registry
         assert metrics.get_sample_value("fama_retries_total", {"category": "DCV", "outcome": "fixed"}) == 1
-        labels = {"action": "retry", "category": "DCV", "mode": "enforce"}
+        labels = {"action": "retry", "category": "DCV", "mode": "enforce", "api": "chat"}
         assert metrics.get_sample_value("fama_interventions_total", labels) == 1
 
 

@@ -60,8 +60,9 @@ class _Request:
 
 
 def parse_request(raw: bytes) -> dict[str, Any]:
+    """The fields the proxy reads, type-checked; which are required depends on the path (:func:`_complete`)."""
     body = json_object(raw)
-    require(body, "model", (str,), "a string")
+    require(body, "model", (str,), "a string", optional=True)
     require(body, "input", (str, list), "a string or an array of input items", optional=True)
     for name in ("instructions", "previous_response_id"):
         require(body, name, (str,), "a string", optional=True)
@@ -72,9 +73,14 @@ def parse_request(raw: bytes) -> dict[str, Any]:
     for name in ("text", "metadata"):
         require(body, name, (dict,), "an object", optional=True)
     require(body, "max_output_tokens", (int,), "an integer", optional=True)
+    return body
+
+
+def _complete(body: dict[str, Any]) -> None:
+    """What the proxy needs to run a turn itself (an upstream that serves the API may take less, e.g. a prompt)."""
+    require(body, "model", (str,), "a string")
     if body.get("input") is None and body.get("previous_response_id") is None:
         raise InvalidRequest("you must provide the 'input' parameter", param="input", code="missing_required_parameter")
-    return body
 
 
 def _supervisable(body: dict[str, Any]) -> bool:
@@ -95,54 +101,24 @@ async def create_response(request: Request) -> Response:
     r = _Request(request)
     raw = await read_body(request, r.settings.max_request_bytes, r.settings.request_body_timeout_s)
     body = parse_request(raw)
-    r.trace.model = body["model"]
+    r.trace.model = body.get("model") or ""
     return await cancel_on_disconnect(request, lambda: _create(r, body, raw))
 
 
 async def _create(r: _Request, body: dict[str, Any], raw: bytes) -> Response:
-    tenant = r.trace.tenant
     headers = r.upstream_headers()
     path = await r.responses.path.of(r.upstream, headers, r.trace)
     previous: StoredResponse | None = None
     if body.get("previous_response_id"):
-        previous = await r.responses.store.get(tenant, body["previous_response_id"])
+        previous = await r.responses.store.get(r.trace.tenant, body["previous_response_id"])
     if path == "native" and previous is None and not _supervisable(body):
         return await _forward(r, "POST", PATH, raw, stream=bool(body.get("stream")))
+    _complete(body)
     if path == "bridge":
-        if previous is None and body.get("previous_response_id"):
-            raise RouteNotFound(
-                f"Previous response with id '{body['previous_response_id']}' not found.",
-                param="previous_response_id",
-                code="previous_response_not_found",
-            )
-        for unsupported in ("background", "conversation", "prompt"):
-            if body.get(unsupported):
-                raise InvalidRequest(
-                    f"'{unsupported}' needs a model server that serves the Responses API itself; this one speaks "
-                    "chat completions",
-                    param=unsupported,
-                    code="unsupported_parameter",
-                )
+        _bridgeable(body, previous)
     items = input_items(body.get("input") or [])
     history = previous.conversation if previous is not None else []
-    request_headers = dict(r.request.headers)
-    if previous is not None and previous.session_id and SESSION_HEADER not in request_headers:
-        request_headers[SESSION_HEADER] = previous.session_id  # the chain is one session
-    chat = chat_body(body, history, items)
-    if not chat["messages"]:
-        raise InvalidRequest("'input' must contain at least one item", param="input", code="empty_array")
-    fields: dict[str, Any] = {
-        "body": chat,
-        "tenant": tenant,
-        "trace": r.trace,
-        "upstream": r.upstream,
-        "metrics": r.metrics,
-        "upstream_headers": headers,
-        "request_headers": request_headers,
-    }
-    ctx: ChatContext[Any] = (
-        ChatContext(**fields) if path == "bridge" else NativeContext(**fields, request=body, chained=bool(previous))
-    )
+    ctx = _context(r, path, body, previous, chat_body(body, history, items))
     this = turn.ResponsesTurn.of(body, items, history)
     if not body.get("stream"):
         response = await turn.complete(ctx, r.hooks, this, r.responses.store)
@@ -155,6 +131,49 @@ async def _create(r: _Request, body: dict[str, Any], raw: bytes) -> Response:
         shutdown_grace_period=r.settings.sse_shutdown_grace_s,
         background=BackgroundTask(ctx.aclose),
     )
+
+
+def _bridgeable(body: dict[str, Any], previous: StoredResponse | None) -> None:
+    """What the bridge cannot serve is a 4xx naming the parameter."""
+    if previous is None and body.get("previous_response_id"):
+        raise RouteNotFound(
+            f"Previous response with id '{body['previous_response_id']}' not found.",
+            param="previous_response_id",
+            code="previous_response_not_found",
+        )
+    for unsupported in ("background", "conversation", "prompt"):
+        if body.get(unsupported):
+            raise InvalidRequest(
+                f"'{unsupported}' needs a model server that serves the Responses API itself; this one speaks "
+                "chat completions",
+                param=unsupported,
+                code="unsupported_parameter",
+            )
+
+
+def _context(
+    r: _Request, path: str, body: dict[str, Any], previous: StoredResponse | None, chat: dict[str, Any]
+) -> ChatContext[Any]:
+    """The chat pipeline's context for this turn: to the upstream's chat completions (bridge) or its own
+    ``/responses`` (native); a chain is one supervision session unless the client names one."""
+    if not chat["messages"]:
+        raise InvalidRequest("'input' must contain at least one item", param="input", code="empty_array")
+    request_headers = dict(r.request.headers)
+    if previous is not None and previous.session_id and SESSION_HEADER not in request_headers:
+        request_headers[SESSION_HEADER] = previous.session_id
+    common: dict[str, Any] = {
+        "body": chat,
+        "tenant": r.trace.tenant,
+        "trace": r.trace,
+        "upstream": r.upstream,
+        "metrics": r.metrics,
+        "upstream_headers": r.upstream_headers(),
+        "request_headers": request_headers,
+        "api": "responses",
+    }
+    if path == "bridge":
+        return ChatContext(**common)
+    return NativeContext(**common, request=body, chained=previous is not None)
 
 
 def _event(event: dict[str, Any]) -> ServerSentEvent:

@@ -53,10 +53,11 @@ class EventWriter:
 
     # -- items ----------------------------------------------------------------------------------------
 
-    def _open_text(self) -> list[dict[str, Any]]:
-        item = message_item("", new_id("msg"), "in_progress")
+    def _open_text(self, kind: str) -> list[dict[str, Any]]:
+        """Open a message item whose one content part is ``output_text`` or ``refusal``."""
+        item = message_item("", new_id("msg"), "in_progress", kind)
         part = item["content"][0]
-        self._text = {**item, "content": []}
+        self._text = {**item, "content": [], "_kind": kind, "_pieces": []}
         self.output.append(self._text)
         index = len(self.output) - 1
         return [
@@ -71,22 +72,19 @@ class EventWriter:
             return []
         item, self._text = self._text, None
         index = self.output.index(item)
-        text = "".join(item.pop("_pieces", []))
-        done = message_item(text, item["id"])
+        kind = item["_kind"]
+        text = "".join(item["_pieces"])
+        done = message_item(text, item["id"], kind=kind)
         self.output[index] = done
-        part = done["content"][0]
+        ids = {"item_id": done["id"], "output_index": index, "content_index": 0}
+        finished = (
+            self._event("response.refusal.done", **ids, refusal=text)
+            if kind == "refusal"
+            else self._event("response.output_text.done", **ids, text=text, logprobs=[])
+        )
         return [
-            self._event(
-                "response.output_text.done",
-                item_id=done["id"],
-                output_index=index,
-                content_index=0,
-                text=text,
-                logprobs=[],
-            ),
-            self._event(
-                "response.content_part.done", item_id=done["id"], output_index=index, content_index=0, part=part
-            ),
+            finished,
+            self._event("response.content_part.done", **ids, part=done["content"][0]),
             self._event("response.output_item.done", output_index=index, item=done),
         ]
 
@@ -128,23 +126,10 @@ class EventWriter:
             return events
         choice = choices[0]
         delta = choice.get("delta") or {}
-        text = delta.get("content") or delta.get("refusal")
-        if isinstance(text, str) and text:
-            if self._text is None:
-                events += self._close_call()
-                events += self._open_text()
-            assert self._text is not None
-            self._text.setdefault("_pieces", []).append(text)
-            events.append(
-                self._event(
-                    "response.output_text.delta",
-                    item_id=self._text["id"],
-                    output_index=self.output.index(self._text),
-                    content_index=0,
-                    delta=text,
-                    logprobs=[],
-                )
-            )
+        for kind, key in (("output_text", "content"), ("refusal", "refusal")):
+            text = delta.get(key)
+            if isinstance(text, str) and text:
+                events += self._text_delta(kind, text)
         for piece in delta.get("tool_calls") or ():
             index = int(piece.get("index", 0))
             if self._call is None or index != self._call_index:
@@ -167,6 +152,18 @@ class EventWriter:
         if choice.get("finish_reason") is not None:
             self.finish_reason = choice["finish_reason"]
         return events
+
+    def _text_delta(self, kind: str, text: str) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        if self._text is None or self._text["_kind"] != kind:
+            events += self._close_text() + self._close_call()
+            events += self._open_text(kind)
+        assert self._text is not None
+        self._text["_pieces"].append(text)
+        ids = {"item_id": self._text["id"], "output_index": self.output.index(self._text), "content_index": 0}
+        if kind == "refusal":
+            return [*events, self._event("response.refusal.delta", **ids, delta=text)]
+        return [*events, self._event("response.output_text.delta", **ids, delta=text, logprobs=[])]
 
     def final(self) -> dict[str, Any]:
         """The completed Response (closing any open item first is :meth:`finish`'s job)."""

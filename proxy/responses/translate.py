@@ -245,14 +245,14 @@ def chat_body(request: Mapping[str, Any], history: list[dict[str, Any]], items: 
 # -- answer side -----------------------------------------------------------------------------------------
 
 
-def message_item(text: str, item_id: str, status: str = "completed") -> dict[str, Any]:
-    return {
-        "id": item_id,
-        "type": "message",
-        "role": "assistant",
-        "status": status,
-        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
-    }
+def message_item(text: str, item_id: str, status: str = "completed", kind: str = "output_text") -> dict[str, Any]:
+    """An assistant message item with one content part: ``output_text``, or ``refusal`` (the model declined)."""
+    part: dict[str, Any] = (
+        {"type": "refusal", "refusal": text}
+        if kind == "refusal"
+        else {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    )
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": [part]}
 
 
 def function_call_item(call: Mapping[str, Any], item_id: str, status: str = "completed") -> dict[str, Any]:
@@ -273,6 +273,9 @@ def output_items(message: Mapping[str, Any]) -> list[dict[str, Any]]:
     content = message.get("content")
     if isinstance(content, str) and content:
         items.append(message_item(content, new_id("msg")))
+    refusal = message.get("refusal")
+    if isinstance(refusal, str) and refusal:
+        items.append(message_item(refusal, new_id("msg"), kind="refusal"))
     for call in message.get("tool_calls") or ():
         items.append(function_call_item(call, new_id("fc")))
     return items

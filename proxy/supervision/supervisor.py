@@ -127,7 +127,7 @@ class Supervisor(ChatHooks[Turn]):
             state.guidance.clear()  # delivered; findings of this turn may add new guidance
         state.turns += 1
         sent = {**body, "messages": injection.messages}
-        ctx.hook_state = Turn(ref, state, list(messages), tools, sent, injection.labels)
+        ctx.hook_state = Turn(ref, state, list(messages), tools, sent, injection.labels, api=ctx.api)
         return sent
 
     async def _extraction(self, messages: list[dict[str, Any]]) -> PolicyExtraction | None:
@@ -304,7 +304,8 @@ class Supervisor(ChatHooks[Turn]):
                 self.metrics.retries.labels(category=c.value, outcome=outcome_label).inc()
         if decision.changes_answer:
             for category in [c.value for c in decision.categories] or ["none"]:
-                self.metrics.interventions.labels(action=decision.action.value, category=category, mode=mode).inc()
+                labels = {"action": decision.action.value, "category": category, "mode": mode, "api": turn.api}
+                self.metrics.interventions.labels(**labels).inc()
             log.info(
                 "session %s/%s attempt %d: %s (%s)",
                 turn.ref.tenant,
@@ -321,7 +322,7 @@ class Supervisor(ChatHooks[Turn]):
         if turn.labels:
             turn.state.interventions += 1
         intervened = "yes" if turn.state.interventions else "no"
-        self.metrics.sessions.labels(intervened=intervened, finish_reason=finish_reason).inc()
+        self.metrics.sessions.labels(intervened=intervened, finish_reason=finish_reason, api=turn.api).inc()
         # The answer need not wait for the write; the session's next turn here does (see proxy.supervision.sessions).
         self.store.save_soon(turn.ref, turn.state)
 

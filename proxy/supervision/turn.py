@@ -28,6 +28,7 @@ class Turn:
     labels: list[str] = field(default_factory=list)
     degraded: str | None = None
     retrying: tuple[Category, ...] = ()  # categories of the retry in flight, to count its outcome
+    api: str = "chat"  # the API the client called (chat, responses)
 
     def retry_body(self, feedback: SystemMessage) -> dict[str, Any]:
         # Fresh message dicts: the upstream adapter edits messages in place.
