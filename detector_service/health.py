@@ -58,5 +58,8 @@ class HealthServer(uvicorn.Server):
 
 
 def health_server(app: Starlette, host: str, port: int) -> HealthServer:
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+    # log_config=None: the process's logging (and its redacting filter) stays as the service set it up.
+    config = uvicorn.Config(
+        app, host=host, port=port, log_config=None, log_level="warning", access_log=False, lifespan="off"
+    )
     return HealthServer(config)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import logging.config
 import signal
 import sys
 
 from detector_service.bus.client import DETECTOR, redis_client
 from detector_service.contract.profile import load_profile
+from detector_service.contract.redaction import logging_config, url_secrets
 from detector_service.engine import Engine
 from detector_service.health import create_health_app, health_server
 from detector_service.llm.extraction import ExtractionScheduler, Extractor
@@ -81,8 +83,15 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
     return code
 
 
+def secrets_of(settings: DetectorSettings) -> list[str]:
+    """Every secret the worker holds: the Redis password and the judge's key (from settings or the profile's
+    ``judge.api_key_env``)."""
+    judge = judge_key(settings.judge_api_key, load_profile(settings.profile).judge)
+    return [*url_secrets(settings.redis_url), *filter(None, [judge])]
+
+
 def run(settings: DetectorSettings, *, until_idle: bool = False) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.config.dictConfig(logging_config(settings.log_level, secrets_of(settings), quiet=["httpx", "httpx2"]))
 
     async def main() -> int:
         stop = asyncio.Event()

@@ -24,6 +24,8 @@ from detector_service.pairing import CallPairing
 
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.@]*[A-Za-z0-9]|[A-Za-z0-9]")
 _NUMBER = re.compile(r"(?<![A-Za-z0-9_])\$?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?![A-Za-z0-9_])")
+# A call written as text: a ReAct "Action:" / "Action Input:" line, or a JSON object naming a function.
+_TEXT_CALL = re.compile(r'^\s*Action( Input)?\s*:|"name"\s*:\s*"[^"]+"\s*,\s*"(arguments|parameters)"\s*:', re.M)
 _ERROR_PREFIX = re.compile(r"^\s*(error\b|exception\b|traceback\b)", re.IGNORECASE)
 
 
@@ -219,6 +221,7 @@ class ConversationIndex:
     last_assistant_text: str = ""
     user_values: set[str] = field(default_factory=set)
     told_values: set[str] = field(default_factory=set)  # values the assistant said to the user
+    told_since_write: set[str] = field(default_factory=set)  # the same, since the latest successful write
     recent_calls: Counter[str] = field(default_factory=Counter)  # calls since the latest user message
     tool_values: set[str] = field(default_factory=set)
     read_values: set[str] = field(default_factory=set)  # values read back from, or looked up with, read tools
@@ -236,6 +239,7 @@ class ConversationIndex:
     last_error_tool: str | None = None
     failed_keys: set[str] = field(default_factory=set)  # calls (name + arguments) that returned an error
     device: UserDeviceCalls = field(default_factory=UserDeviceCalls)  # dual control: not the agent's
+    text_calls: bool = False  # the agent wrote calls as text (ReAct "Action:" lines, call objects): unseen calls
 
     @classmethod
     def build(cls, messages: Iterable[Mapping[str, Any]], kinds: ToolKinds) -> ConversationIndex:
@@ -267,7 +271,9 @@ class ConversationIndex:
             text = text_of(message.get("content"))
             if text.strip():
                 self.last_assistant_text = text
+                self.text_calls = self.text_calls or bool(_TEXT_CALL.search(text))
                 self.told_values |= text_values(text)
+                self.told_since_write |= text_values(text)
             for raw in tool_calls_of(message):
                 call = parse_call(raw, i, self.kinds)
                 self.calls.append(call)
@@ -303,6 +309,7 @@ class ConversationIndex:
             # The data changed: earlier failures and read results may no longer hold, so neither retrying a
             # call that failed nor reading the same thing again is a loop from here on.
             self.failed_keys.clear()
+            self.told_since_write = set()
             for key in [k for k in self.recent_calls if self.kinds.kind(k.split(":", 1)[0]) is not ToolKind.WRITE]:
                 del self.recent_calls[key]
         values, pairs = output_digest(text)

@@ -24,6 +24,7 @@ from proxy.edge.deps import ProxyState, Supervision
 from proxy.errors import InvalidRequest, ProxyError, RouteNotFound, error_response
 from proxy.hooks import ChatHooks
 from proxy.metrics import ProxyMetrics
+from proxy.metrics_port import metrics_server
 from proxy.responses.service import build_responses
 from proxy.settings import ProxySettings
 from proxy.supervision.extractions import ExtractionReader
@@ -129,6 +130,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[ProxyState]:
+        separate_metrics = metrics_server(settings, metrics)
+        if separate_metrics is not None:
+            await separate_metrics.start()  # first: a port already in use fails the startup before anything opens
         upstream = Upstream(settings, metrics)
         await chat_hooks.start()
         try:
@@ -146,6 +150,8 @@ def create_app(
             await chat_hooks.stop()
             await responses_api.aclose()
             await upstream.aclose()
+            if separate_metrics is not None:
+                await separate_metrics.stop()
 
     app = FastAPI(title="FAMA proxy", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_exception_handler(ProxyError, _proxy_error)
@@ -153,6 +159,8 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(TracingMiddleware, metrics=metrics)
     app.include_router(health.router)
+    if settings.metrics_port is None:
+        app.include_router(health.metrics_router)
     routes.add_chat_route(app)
     app.include_router(responses.router)  # before any catch-all /v1 relay
     app.include_router(routes.router)

@@ -23,6 +23,9 @@ def serve(
     upstream_api_key: Annotated[str | None, typer.Option(help="Key sent upstream [env FAMA_UPSTREAM_API_KEY].")] = None,
     host: Annotated[str | None, typer.Option(help="Listen address [env FAMA_HOST].")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port [env FAMA_PORT].")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve /metrics on this port instead of --port [env FAMA_METRICS_PORT].")
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes [env FAMA_WORKERS].")] = None,
     redis_url: Annotated[str | None, typer.Option(help="Redis URL; empty = embedded [env FAMA_REDIS_URL].")] = None,
     mode: Annotated[Mode | None, typer.Option(help="observe or enforce [env FAMA_MODE].")] = None,
@@ -50,6 +53,7 @@ def serve(
             upstream_api_key=upstream_api_key,
             host=host,
             port=port,
+            metrics_port=metrics_port,
             workers=workers,
             redis_url=redis_url,
             mode=mode,
@@ -146,6 +150,32 @@ def bench(
     from proxy.bench.overhead import bench_command
 
     raise typer.Exit(bench_command(requests=requests, concurrency=concurrency, json_out=json_out))
+
+
+@app.command()
+def soak(
+    minutes: Annotated[float, typer.Option(min=0.1, help="How long the load runs.")] = 10.0,
+    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent SDK clients.")] = 4,
+    interval_s: Annotated[float, typer.Option(min=1.0, help="Seconds per reported interval.")] = 60.0,
+    redis_down_s: Annotated[float, typer.Option(min=0.0, help="How long Redis stays down half-way through.")] = 5.0,
+    seed: Annotated[int, typer.Option(help="Seed of the request mix.")] = 12,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    logs: Annotated[Path | None, typer.Option(help="Keep the services' logs in this folder.")] = None,
+) -> None:
+    """Bounded soak on 127.0.0.1: enforce mode, Redis, a detector, faults; RSS, errors and p99 per interval."""
+    from proxy.bench.soak import soak_command
+
+    raise typer.Exit(
+        soak_command(
+            minutes=minutes,
+            concurrency=concurrency,
+            interval_s=interval_s,
+            redis_down_s=redis_down_s,
+            seed=seed,
+            json_out=json_out,
+            logs=logs,
+        )
+    )
 
 
 def main() -> None:

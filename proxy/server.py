@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.config
 import os
 import signal
 import sys
@@ -16,6 +17,9 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import SecretStr
 
+from detector_service.contract.profile import load_profile
+from detector_service.contract.redaction import logging_config, url_secrets
+from detector_service.llm.judge import judge_key
 from proxy.app import create_app
 from proxy.settings import ProxySettings
 
@@ -75,11 +79,26 @@ def app_from_env() -> FastAPI:
     return create_app(settings_from_env(os.environ))
 
 
+def secrets_of(settings: ProxySettings) -> list[str]:
+    """Every secret the proxy's settings hold: what its logs must never show."""
+    keys = [settings.admin_key, settings.upstream_api_key, *settings.api_keys]
+    values = [k.get_secret_value() for k in keys if k is not None]
+    judge = judge_key(settings.judge_api_key, load_profile(settings.profile or None).judge)
+    return [*values, *filter(None, [judge]), *url_secrets(settings.redis_url)]
+
+
+def log_config(settings: ProxySettings) -> dict[str, Any]:
+    # httpx2 (the openai SDK of the judge, the local model's probes) logs every request at info.
+    return logging_config(settings.log_level, secrets_of(settings), quiet=["httpx", "httpx2"])
+
+
 def _serve(settings: ProxySettings) -> None:
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
+        # Applied again in every worker process: the root logger and uvicorn's, all behind the redacting filter.
+        "log_config": log_config(settings),
         "timeout_graceful_shutdown": max(1, round(settings.graceful_shutdown_s)),
         # The proxy sets x-request-id and its own headers; uvicorn's Server/Date add nothing clients need.
         "server_header": False,
@@ -109,12 +128,8 @@ def run(settings: ProxySettings) -> None:
     """Run ``fama serve`` until SIGTERM/SIGINT; with ``local_model`` the bundled model is the upstream."""
     from proxy.local_model.model import LocalModel, LocalModelOptions
 
-    if not logging.getLogger().handlers:
-        # uvicorn configures only its own loggers; ours (e.g. the local model's output at debug) need a handler.
-        level = logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.DEBUG)  # uvicorn has "trace"
-        logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
-        # httpx2 (the openai SDK, the local model's probes) logs every request at info: access-log volume.
-        logging.getLogger("httpx2").setLevel(max(level, logging.WARNING))
+    # Before uvicorn applies it too: the local model starts (and logs) first.
+    logging.config.dictConfig(log_config(settings))
     try:
         with _shutdown_on_signals():
             if not settings.local_model:

@@ -24,6 +24,9 @@ class ProxySettings(BaseSettings):
     upstream_api_key: SecretStr | None = None  # None: pass the client's key through
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # ``/metrics`` on its own port (then no longer on ``port``); unset: on ``port`` with the API.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = ""  # empty: the same address as ``host``
     workers: int = Field(default=1, ge=1)
     redis_url: str = ""  # empty: embedded detectors
     mode: Mode = Mode.OBSERVE
@@ -85,6 +88,19 @@ class ProxySettings(BaseSettings):
         if not v.startswith(("http://", "https://")):
             raise ValueError("upstream_url must be an http(s) URL such as http://vllm:8000/v1")
         return v.rstrip("/")
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _metrics_apart(self) -> ProxySettings:
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError(
+                f"metrics_port ({self.metrics_port}) must differ from port: leave it unset to serve /metrics there"
+            )
+        return self
 
     @model_validator(mode="after")
     def _grace_within_shutdown(self) -> ProxySettings:

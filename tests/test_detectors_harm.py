@@ -16,7 +16,7 @@ from detector_service.offline.replay import replay
 from detector_service.offline.trajectories import load
 from detector_service.stakes import Stakes, stakes_of
 from detector_service.turn import ConversationIndex, parse_json
-from tests.tau_turns import CLAUDE, DOMAIN, GPT4O_2411, GPT_OSS, GROK, TELECOM, tools, trajectory, turn
+from tests.tau_turns import CLAUDE, DOMAIN, GPT4O_2411, GPT_OSS, GROK, TELECOM, V1, tools, trajectory, turn
 
 pytestmark = pytest.mark.tau
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
@@ -166,3 +166,16 @@ def test_a_write_batched_with_a_lookup_acts_a_batch_of_confirmed_writes_guides(t
     writes = Engine(_profile(CLAUDE)).evaluate(turn(tau_dir, CLAUDE, "42#0", 19))
     assert {f.detector for f in writes.findings} == {"one_tool_call_per_turn"}
     assert writes.action is Action.GUIDE
+
+
+def test_write_details_must_be_in_the_listing_the_yes_answers(tau_dir: Path) -> None:
+    # gpt-4o books four flights the user was never shown (the listing before the yes gives only the prices):
+    # the confirmation does not cover them. It acts: a write with details the user did not see.
+    booked = Engine(_profile(V1)).evaluate(turn(tau_dir, V1, "8#1", 30))
+    hidden = [f for f in booked.findings if f.detector == "details_not_listed"]
+    assert hidden
+    assert "HAT134" in hidden[0].message
+    assert hidden[0].action is Action.RETRY
+    # claude listed the new return flights earlier and then asked only about the payment: still listed.
+    listed = Engine(_profile(CLAUDE)).evaluate(turn(tau_dir, CLAUDE, "21#0", 29))
+    assert "details_not_listed" not in {f.detector for f in listed.findings}

@@ -187,3 +187,23 @@ def test_asking_for_the_identifier_now_is_not_a_deferral(tau_dir: Path) -> None:
         "I can help with that. Could you please share the phone number of the line? Take your time.",
     )
     assert ifu(event) == []
+
+
+def test_a_claim_is_not_checked_where_the_agent_writes_its_calls_as_text(tau_dir: Path) -> None:
+    # The same opening claim, in a conversation where the agent wrote a ReAct-style call as text: the write
+    # may have happened where the detectors cannot see it, so the claim is no evidence of an unfulfilled request.
+    t = trajectory(tau_dir, V1, "39#1")
+    first_user = next(i for i, m in enumerate(t.messages) if m["role"] == "user")
+    react = {
+        "role": "assistant",
+        "content": 'Thought: cancel it.\nAction: cancel_reservation\nAction Input: {"reservation_id": "H8Q05L"}',
+    }
+    observation = {"role": "user", "content": "Observation: the reservation is cancelled."}
+    claim = {"role": "assistant", "content": "Your reservation has been successfully cancelled."}
+    event = TurnEvent(
+        session_id="react",
+        messages=[*t.messages[: first_user + 1], react, observation],
+        tools=tools(tau_dir, V1),
+        candidate=claim,
+    )
+    assert "claimed_without_action" not in ifu(event)

@@ -94,17 +94,27 @@ def _existing_values(view: TurnView, call: Call) -> set[str]:
 
 
 def unlisted(view: TurnView, call: Call) -> Finding | None:
-    """Write details (ids, amounts) that the assistant never told the user and the user never said."""
+    """Write details the user did not see before saying yes: an id that the assistant did not tell the user
+    since the latest write (the listing the confirmation covers) nor in the message the user answered, and
+    that the user never said; or an amount never told to the user at all. Values the entity already holds
+    need no listing."""
     index = view.index
     existing = _existing_values(view, call)
+    confirmed = index.told_since_write | text_values(index.stated_before_user) | index.user_values
     hidden = [
         f"{key}={value!r}"
         for key, value in leaves(call.args or {})
-        if (is_id_value(value) or (is_amount_key(key) and isinstance(value, int | float)))
-        and not _PAYMENT.search(key)
-        and norm(value) not in index.told_values
-        and norm(value) not in index.user_values
+        if not _PAYMENT.search(key)
         and norm(value) not in existing
+        and (
+            (is_id_value(value) and norm(value) not in confirmed)
+            or (
+                is_amount_key(key)
+                and isinstance(value, int | float)
+                and norm(value) not in index.told_values
+                and norm(value) not in index.user_values
+            )
+        )
     ]
     if not hidden:
         return None
@@ -114,7 +124,7 @@ def unlisted(view: TurnView, call: Call) -> Finding | None:
         severity=Severity.ERROR,
         message=(
             f"Rule: list the action details to the user before a database-changing action. '{call.name}' uses "
-            f"{', '.join(hidden)}, which the user was never shown. List these details and get a yes first."
+            f"{', '.join(hidden)}, which the user was not shown before saying yes. List these details and get a yes first."
         ),
         evidence={"values": hidden},
         tool_call_id=call.call_id,

@@ -9,7 +9,8 @@
   phone, let me know") is ordinary troubleshooting, not a deferral;
 - empty reply: no text and no tool call at all (small models do this, and the conversation stalls);
 - unfulfilled claim: the assistant tells the user an action is done while no write call in the
-  conversation succeeded, so the request is still open. Only actions one of the agent's own write tools
+  conversation succeeded, so the request is still open (not where the agent writes its calls as text,
+  ReAct style: there the absence of a write call shows nothing). Only actions one of the agent's own write tools
   performs count ("cancelled" with a cancel tool); a state the user or a third party changed ("your
   settings have been updated" in a conversation where the user works the device) is no claim of the agent's.
 """
@@ -191,7 +192,9 @@ def detect(view: TurnView) -> list[Finding]:
                 evidence={},
             )
         )
-    claim = _claim(view) if not view.calls and index.writes == 0 else None
+    # The absence of a write is evidence only where the agent's calls are visible: a harness that writes its
+    # calls as text (ReAct style) shows none, and its claims cannot be checked.
+    claim = _claim(view) if not view.calls and index.writes == 0 and not index.text_calls else None
     if claim is not None:
         out.append(
             Finding(

@@ -68,7 +68,7 @@ class JudgeStats:
 
 def _judge_turns(
     results: Sequence[Replayed], default_tools: list[dict[str, Any]], profile: Profile
-) -> list[tuple[Replayed, TurnEvent]]:
+) -> list[tuple[Replayed, int, TurnEvent]]:
     out = []
     for r in results:
         t = r.trajectory
@@ -83,7 +83,7 @@ def _judge_turns(
                     candidate=message,
                 )
                 if worth_judging(event, profile):
-                    out.append((r, event))
+                    out.append((r, i, event))
     return out
 
 
@@ -104,7 +104,7 @@ async def judge_results(
 
     engine = Engine(profile)
 
-    async def one(r: Replayed, event: TurnEvent) -> None:
+    async def one(r: Replayed, at: int, event: TurnEvent) -> None:
         async with slots:
             stats.calls += 1
             try:
@@ -115,12 +115,13 @@ async def judge_results(
                 found = []
         engine.decide(event.candidate, found, engine.kinds(event.tools))
         for f in found:
-            r.flags.append(Flag(turn=len(event.messages), finding=f, action=str(f.action)))
+            # ``at`` indexes the recorded messages; the event's own are fewer under dual control.
+            r.flags.append(Flag(turn=at, finding=f, action=str(f.action)))
         stats.findings += len(found)
         if progress is not None and task is not None:
             progress.advance(task)
 
-    await asyncio.gather(*(one(r, e) for r, e in turns))
+    await asyncio.gather(*(one(r, i, e) for r, i, e in turns))
     for r in results:
         r.flags.sort(key=lambda f: f.turn)  # stable: the deterministic flags of a turn stay first
     return stats

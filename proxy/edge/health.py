@@ -11,6 +11,7 @@ from proxy.edge.deps import State
 from proxy.errors import UpstreamNotReady
 
 router = APIRouter()
+metrics_router = APIRouter()  # on the API port unless FAMA_METRICS_PORT moves it (proxy.metrics_port)
 
 
 @router.get("/healthz")
@@ -26,6 +27,6 @@ async def readyz(state: State) -> Response:
     return Response(b'{"status":"ready"}', media_type="application/json")
 
 
-@router.get("/metrics")
+@metrics_router.get("/metrics")
 async def metrics(state: State) -> Response:
     return Response(generate_latest(state["metrics"].registry), media_type=CONTENT_TYPE_LATEST)

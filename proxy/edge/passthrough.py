@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from urllib.parse import unquote
 
 import orjson
 from starlette.applications import Starlette
@@ -126,6 +127,10 @@ async def relay_request(request: Request) -> Response:
     settings, upstream, trace = state["settings"], state["upstream"], trace_of(request)
     raw_path = request.scope.get("raw_path") or path.encode()
     target = raw_path.decode("latin-1")[len(PREFIX) :]
+    if any(segment in (".", "..") for segment in unquote(target).split("/")):
+        # Sent as is, a dot segment would leave the base URL's path wherever the upstream (or a proxy in front of
+        # it) resolves them, with the proxy's upstream key; no OpenAI route has one.
+        raise RouteNotFound(f"Unknown request URL: {request.method} {path}", code="unknown_url")
     if query := request.scope.get("query_string"):
         target += "?" + query.decode("latin-1")
     body = (

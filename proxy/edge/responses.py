@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import orjson
@@ -242,8 +243,13 @@ async def _stored_or_forward(
     if stored is not None:
         result = answer(r.responses, stored)
         return _json(await result if isinstance(result, Awaitable) else result)
-    if await r.responses.path.of(r.upstream, r.upstream_headers(), r.trace) == "native":
-        return await cancel_on_disconnect(request, lambda: _forward(r, method, f"{PATH}/{response_id}{suffix}", None))
+    if (
+        response_id not in (".", "..")
+        and await r.responses.path.of(r.upstream, r.upstream_headers(), r.trace) == "native"
+    ):
+        # Quoted: the id is one path segment of the upstream's URL, whatever it holds ('?', '#', '/').
+        path = f"{PATH}/{quote(response_id, safe='')}{suffix}"
+        return await cancel_on_disconnect(request, lambda: _forward(r, method, path, None))
     raise _not_found(response_id)
 
 

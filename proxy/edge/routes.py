@@ -10,6 +10,7 @@ upstream has no ``/models/{id}`` (llama.cpp, TGI). Every other ``/v1`` request i
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from fastapi import APIRouter
@@ -144,10 +145,14 @@ def _about_the_model(error: UpstreamError, model_id: str) -> bool:
 
 @router.get("/models/{model_id:path}")
 async def get_model(model_id: str, request: Request, tenant: Tenant, state: State, trace: TraceDep) -> Response:
+    if any(segment in (".", "..") for segment in model_id.split("/")):
+        # A dot segment would walk the upstream URL out of its models path; no model id has one.
+        raise RouteNotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
     upstream = state["upstream"]
     headers = upstream.headers(request.headers.get("authorization"), trace.request_id)
     try:
-        payload = await upstream.request_json("GET", f"/models/{model_id}", headers, trace)
+        # Quoted: a '?' or '#' in the id is part of the id, not a query or fragment of the upstream's URL.
+        payload = await upstream.request_json("GET", f"/models/{quote(model_id, safe='/')}", headers, trace)
     except UpstreamError as exc:
         if exc.status == 405 or (exc.status == 404 and not _about_the_model(exc, model_id)):
             payload = None  # llama.cpp and TGI only list models; look it up in the list

@@ -217,6 +217,9 @@ class Upstream:
             payload = raw.decode("utf-8", "replace")
         body = normalize.error_from_upstream(status, payload, response.reason or f"upstream error {status}")
         err = body["error"]
+        if self._key and self._key in err["message"]:
+            # Some servers quote the key they were sent; the operator's upstream key is not the client's to see.
+            err["message"] = err["message"].replace(self._key, "[redacted]")
         headers = {k: v for k in _PASSED_HEADERS if (v := response.headers.get(k)) is not None}
         headers.update({k.lower(): v for k, v in response.headers.items() if k.lower().startswith("x-ratelimit-")})
         logger.debug("upstream answered %s: %s", status, err["message"])
