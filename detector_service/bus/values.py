@@ -12,7 +12,7 @@ async def get(on: Sender, key: str) -> bytes | None:
     return value
 
 
-async def put(on: Sender, key: str, value: str, *, ttl_s: int) -> None:
+async def put(on: Sender, key: str, value: str | bytes, *, ttl_s: int) -> None:
     await call(on, "SET", key, value, "EX", ttl_s)
 
 
@@ -25,8 +25,9 @@ async def exists(on: Sender, key: str) -> bool:
     return bool(await call(on, "EXISTS", key))
 
 
-async def delete(on: Sender, key: str) -> None:
-    await call(on, "DEL", key)
+async def delete(on: Sender, key: str) -> bool:
+    """True when the key existed."""
+    return bool(await call(on, "DEL", key))
 
 
 async def read_list(on: Sender, key: str) -> list[bytes]:
