@@ -21,6 +21,7 @@ from detector_service.llm.judge import Judge, judge_key, make_client
 from proxy.edge import admin, health, outcomes, passthrough, responses, routes
 from proxy.edge.auth import Authenticator
 from proxy.edge.deps import ProxyState, Supervision
+from proxy.edge.limits import client_limits
 from proxy.errors import InvalidRequest, ProxyError, RouteNotFound, error_response
 from proxy.hooks import ChatHooks
 from proxy.metrics import ProxyMetrics
@@ -144,6 +145,7 @@ def create_app(
                 readiness=Readiness(),
                 hooks=chat_hooks,
                 supervision=_supervision(chat_hooks),
+                client_limits=client_limits(settings, metrics),
                 responses=responses_api,
             )
         finally:

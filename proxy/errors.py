@@ -4,7 +4,7 @@
 ProxyError                    base: HTTP status + the four OpenAI error fields
 ├── InvalidRequest            400 ``invalid_request_error``; ``param`` names the offending field
 ├── PayloadTooLarge           413 request body above ``max_request_bytes``
-├── RequestTimeout            408 request body not received within ``request_body_timeout_s``
+├── RequestTimeout            408 request not received within ``request_read_timeout_s``
 ├── AuthenticationFailed      401 ``invalid_api_key``
 ├── RouteNotFound             404 / 405 for paths and methods the proxy does not serve
 ├── UpstreamError             the upstream answered an error: its status kept, its body normalized,

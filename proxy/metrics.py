@@ -50,6 +50,7 @@ RETRY_OUTCOMES = ("fixed", "failed", "exhausted")
 SESSION_OUTCOMES = ("success", "failure")
 INTERVENED = ("yes", "no")
 JUDGE_OUTCOMES = ("ok", "timeout", "error", "skipped")
+CLIENT_CLOSURE_REASONS = ("read_deadline", "headers_too_large", "per_client_cap")  # proxy.edge.limits
 APIS = ("chat", "responses")  # the API a supervised turn came in through
 
 
@@ -165,6 +166,12 @@ class ProxyMetrics:
             ["outcome"],
             registry=r,
         )
+        self.client_closures = Counter(
+            "fama_client_closures_total",
+            "Client connections closed by the proxy's limits (read_deadline, headers_too_large, per_client_cap).",
+            ["reason"],
+            registry=r,
+        )
         self._create_known_series()
 
     def _create_known_series(self) -> None:
@@ -188,3 +195,5 @@ class ProxyMetrics:
             self.text_tool_calls.labels(stream=stream)
         for outcome in JUDGE_OUTCOMES:
             self.judge_calls.labels(outcome=outcome)
+        for reason in CLIENT_CLOSURE_REASONS:
+            self.client_closures.labels(reason=reason)

@@ -21,6 +21,7 @@ from detector_service.contract.profile import load_profile
 from detector_service.contract.redaction import logging_config, url_secrets
 from detector_service.llm.judge import judge_key
 from proxy.app import create_app
+from proxy.edge import limits
 from proxy.settings import ProxySettings
 
 logger = logging.getLogger("fama.server")
@@ -79,6 +80,19 @@ def app_from_env() -> FastAPI:
     return create_app(settings_from_env(os.environ))
 
 
+def connection_options(settings: ProxySettings) -> dict[str, Any]:
+    """uvicorn's connection handling for the proxy: the httptools parser guarded against slow and greedy
+    clients (:mod:`proxy.edge.limits`; the app supplies the limits), the idle keep-alive timeout and the
+    optional cap on a process's connections."""
+    return {
+        "http": limits.PROTOCOL,
+        # No WebSocket routes: an upgrade would hand the connection to a protocol without these limits.
+        "ws": "none",
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
+        "limit_concurrency": settings.max_connections or None,
+    }
+
+
 def secrets_of(settings: ProxySettings) -> list[str]:
     """Every secret the proxy's settings hold: what its logs must never show."""
     keys = [settings.admin_key, settings.upstream_api_key, *settings.api_keys]
@@ -107,7 +121,7 @@ def _serve(settings: ProxySettings) -> None:
         "access_log": settings.access_log,
         # uvloop and the httptools parser: a fraction of the per-request CPU of asyncio's loop and h11.
         "loop": "asyncio" if sys.platform == "win32" else "uvloop",  # uvloop has no Windows build
-        "http": "httptools",
+        **connection_options(settings),
     }
     if settings.workers > 1:
         if not settings.redis_url:

@@ -42,8 +42,15 @@ class ProxySettings(BaseSettings):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=600.0, gt=0)  # between bytes from upstream
     max_request_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
-    # A client must send its whole body within this long (a slow or stalled sender holds a connection).
-    request_body_timeout_s: float = Field(default=30.0, gt=0)
+    # Slow and greedy clients (proxy.edge.limits): a request's headers and body must arrive within this long of
+    # its first byte (408 after); an idle connection is closed after keep_alive_timeout_s.
+    request_read_timeout_s: float = Field(default=30.0, gt=0)
+    keep_alive_timeout_s: int = Field(default=5, ge=1)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    # Per client address (0: no cap). Behind a load balancer all clients share its address: raise it or set 0.
+    max_connections_per_client: int = Field(default=256, ge=0)
+    # All connections and requests of one process (uvicorn's limit_concurrency; beyond it 503); 0: no cap.
+    max_connections: int = Field(default=0, ge=0)
     max_upstream_connections: int = Field(default=512, ge=1)
     session_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     sse_ping_s: float = Field(default=15.0, gt=0)

@@ -12,6 +12,7 @@ import openai
 from jsonschema import Draft202012Validator
 
 from proxy.app import create_app
+from proxy.server import connection_options
 from proxy.settings import ProxySettings
 from tests.servers import serve_in_thread
 
@@ -36,15 +37,20 @@ TOOLS: list[Any] = [
 
 @contextlib.contextmanager
 def running_proxy(upstream_url: str, **settings: Any) -> Iterator[str]:
-    """The proxy app on a real uvicorn; yields its base URL (without ``/v1``)."""
-    app = create_app(ProxySettings(upstream_url=upstream_url, **settings))
-    with serve_in_thread(app) as url:
+    """The proxy app on a real uvicorn, with the connection handling of ``fama serve``; yields its base URL
+    (without ``/v1``)."""
+    config = ProxySettings(upstream_url=upstream_url, **settings)
+    with serve_in_thread(create_app(config), **connection_options(config)) as url:
         yield url
 
 
-def sdk(base_url: str, api_key: str = "client-key", **kwargs: Any) -> openai.OpenAI:
+def sdk(base_url: str, api_key: str = "client-key", max_retries: int = 0, **kwargs: Any) -> openai.OpenAI:
     return openai.OpenAI(
-        base_url=base_url + "/v1", api_key=api_key, max_retries=0, _strict_response_validation=True, **kwargs
+        base_url=base_url + "/v1",
+        api_key=api_key,
+        max_retries=max_retries,
+        _strict_response_validation=True,
+        **kwargs,
     )
 
 

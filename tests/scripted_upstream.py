@@ -20,8 +20,9 @@ Styles (wire formats as those servers really emit them, quirks included):
                tool call per turn.
 
 Scenarios: ``text``, ``tool`` (one call), ``tools`` (two calls; not ``tgi``), ``error-<status>`` (the
-style's error body; 429 carries ``retry-after: 7``), ``midstream-error``, ``drop`` (connection cut
-mid-stream), ``bad-json``, ``slow`` (long stream with delays; notes cancellation), ``hang`` (sleeps
+style's error body; 429 carries ``retry-after``, 7 s by default), ``midstream-error``, ``drop`` (connection cut
+mid-stream), ``bad-json``, ``slow`` (long stream with delays; notes cancellation), ``large`` (``large_chunks`` chunks
+of 1 KiB content as fast as the reader takes them; counted in ``produced``), ``hang`` (sleeps
 before answering).
 
 Every request is recorded in :attr:`ScriptedUpstream.requests` (path, headers, parsed body);
@@ -36,7 +37,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from starlette.applications import Starlette
@@ -70,6 +71,7 @@ class Recorded:
     headers: dict[str, str]
     body: Any
     peer: str  # the client's address: one per upstream connection
+    at: float = field(default_factory=time.monotonic)
 
 
 def _sse(payload: object) -> bytes:
@@ -402,8 +404,18 @@ STYLES = tuple(SCRIPTS)
 
 
 class ScriptedUpstream:
-    def __init__(self, models_style: str = "openai", chunk_delay_s: float = 0.0, slow_delay_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        models_style: str = "openai",
+        chunk_delay_s: float = 0.0,
+        slow_delay_s: float = 0.05,
+        retry_after: str = "7",
+        large_chunks: int = 50_000,
+    ) -> None:
+        self.large_chunks = large_chunks
+        self.produced = 0  # chunks the "large" scenario has handed to the server so far
         self.models_style = models_style
+        self.retry_after = retry_after
         self.chunk_delay_s = chunk_delay_s
         self.slow_delay_s = slow_delay_s
         self.requests: list[Recorded] = []
@@ -440,7 +452,7 @@ class ScriptedUpstream:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if scenario.startswith("error-"):
             status = int(scenario.removeprefix("error-"))
-            headers = {"retry-after": "7"} if status == 429 else {}
+            headers = {"retry-after": self.retry_after} if status == 429 else {}
             return JSONResponse(script.error(status, f"scripted {status} from {style}"), status, headers=headers)
         if scenario == "hang":
             await self._hang(request)
@@ -472,6 +484,11 @@ class ScriptedUpstream:
                 for i in range(400):
                     await asyncio.sleep(self.slow_delay_s)
                     yield _sse(script.chunk({"content": f"{i} "}))
+            if scenario == "large":
+                piece = "x" * 1024
+                for _ in range(self.large_chunks):
+                    self.produced += 1
+                    yield _sse(script.chunk({"content": piece}))
             for i, chunk in enumerate(chunks):
                 if self.chunk_delay_s:
                     await asyncio.sleep(self.chunk_delay_s)

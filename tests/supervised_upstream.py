@@ -4,13 +4,15 @@
 ``reply(body)`` returns the assistant message to give (``content`` and/or ``tool_calls``); it is sent as
 an OpenAI-style completion, or streamed the way OpenAI streams it: role first, content in pieces,
 then each tool call's header and its arguments in pieces, a ``finish_reason`` chunk, and usage when
-asked for. ``gap_s`` is a pause between content and tool calls, so that a test can tell what reached
+asked for. A reply ``{"fault": "500" | "429" | "hang" | "drop"}`` answers with that fault instead
+(:meth:`ScriptedModel._fault`). ``gap_s`` is a pause between content and tool calls, so that a test can tell what reached
 the client when. Every request body is kept in :attr:`ScriptedModel.requests`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -70,7 +72,10 @@ class ScriptedModel:
             self.requests.append(body)
             self._count += 1
             completion_id = f"chatcmpl-scripted-{self._count}"
-        message = {"role": "assistant", "content": None, **self.reply(body)}
+        reply = self.reply(body)
+        if "fault" in reply:
+            return await self._fault(request, str(reply["fault"]), bool(body.get("stream")))
+        message = {"role": "assistant", "content": None, **reply}
         finish = "tool_calls" if message.get("tool_calls") else "stop"
         if not body.get("stream"):
             return JSONResponse(
@@ -85,6 +90,27 @@ class ScriptedModel:
             )
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(self._stream(completion_id, body["model"], message, finish, usage))
+
+    async def _fault(self, request: Request, fault: str, stream: bool) -> Response:
+        """``500`` / ``429`` (``retry-after: 1``): an error answer; ``hang``: no answer for 5 s (ended early
+        when the caller leaves); ``drop``: the connection is cut after the first bytes of the answer."""
+        if fault in ("500", "429"):
+            status = int(fault)
+            error = {"message": f"scripted {status}", "type": "server_error", "param": None, "code": None}
+            return JSONResponse({"error": error}, status, headers={"retry-after": "1"} if status == 429 else None)
+        if fault == "hang":
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    while (await request.receive())["type"] != "http.disconnect":
+                        pass
+            return Response(status_code=204)
+        assert fault == "drop", fault
+
+        async def cut() -> AsyncIterator[bytes]:
+            yield b'data: {"id": "chatcmpl-cut", "object": "chat.completion.chunk", "choices": [' if stream else b"{"
+            raise ConnectionAbortedError("scripted connection drop")
+
+        return StreamingResponse(cut(), media_type="text/event-stream" if stream else "application/json")
 
     async def _stream(
         self, completion_id: str, model: str, message: dict[str, Any], finish: str, usage: bool

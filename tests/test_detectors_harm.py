@@ -179,3 +179,18 @@ def test_write_details_must_be_in_the_listing_the_yes_answers(tau_dir: Path) -> 
     # claude listed the new return flights earlier and then asked only about the payment: still listed.
     listed = Engine(_profile(CLAUDE)).evaluate(turn(tau_dir, CLAUDE, "21#0", 29))
     assert "details_not_listed" not in {f.detector for f in listed.findings}
+
+
+def test_a_payment_instrument_the_user_holds_two_of_must_be_named(tau_dir: Path) -> None:
+    # gpt-4o changes the flights and charges one of the user's two credit cards: the user said "yes, go ahead"
+    # to a cost, never to a card, and no card was named. Which card pays is a detail of the action the user did
+    # not see (the policy also has the user provide the card for a flight change). It acts, before the write.
+    picked = Engine(_profile(GPT4O_2411)).evaluate(turn(tau_dir, GPT4O_2411, "10#0", 20))
+    hidden = [f for f in picked.findings if f.detector == "details_not_listed"]
+    assert hidden
+    assert "credit_card_7434610" in hidden[0].message
+    assert hidden[0].action is Action.RETRY
+    # A user with two certificates and two Visa cards, told "certificate 7504069: $250" and "your Visa card
+    # ending in 7447": both named.
+    named = Engine(_profile(V1)).evaluate(turn(tau_dir, V1, "0#0", 20))
+    assert "details_not_listed" not in {f.detector for f in named.findings}

@@ -263,7 +263,7 @@ def test_a_stalled_request_body_is_408_and_nothing_reaches_upstream(openai_schem
     upstream = ScriptedUpstream()
     with (
         serve_in_thread(upstream.app) as upstream_url,
-        running_proxy(upstream_url + "/v1", request_body_timeout_s=0.5) as url,
+        running_proxy(upstream_url + "/v1", request_read_timeout_s=0.5) as url,
     ):
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as conn:
@@ -286,3 +286,16 @@ def test_a_stalled_request_body_is_408_and_nothing_reaches_upstream(openai_schem
     assert not schema_errors(openai_schemas, "ErrorResponse", body)
     assert 0.4 < waited < 5
     assert upstream.requests == []
+
+
+def test_a_body_over_the_cap_is_413_declared_or_streamed(upstream_url: str, openai_schemas: Path) -> None:
+    with running_proxy(upstream_url, max_request_bytes=4096) as url:
+        declared = httpx2.post(url + "/v1/chat/completions", content=b" " * 10_000)
+        streamed = httpx2.post(url + "/v1/chat/completions", content=iter([b" " * 3000] * 4))  # chunked
+        with sdk(url) as client, pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model="openai:text", messages=[{"role": "user", "content": "x" * 5000}])
+    for response in (declared, streamed):
+        assert response.status_code == 413
+        assert assert_openai_shaped(openai_schemas, response)["code"] == "request_too_large"
+    assert streamed.request.headers["transfer-encoding"] == "chunked"  # no length to refuse up front
+    assert caught.value.status_code == 413

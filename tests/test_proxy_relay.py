@@ -343,7 +343,7 @@ def test_a_stalled_request_body_is_408_and_the_upstream_request_is_abandoned(
     upstream: tuple[RelayUpstream, str],
 ) -> None:
     scripted, url = upstream
-    with running_proxy(url, request_body_timeout_s=0.5) as proxy:
+    with running_proxy(url, request_read_timeout_s=0.5) as proxy:
         host, port = proxy.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as conn:
             # Headers promise 200 bytes; 20 arrive, then nothing.

@@ -152,6 +152,30 @@ def test_a_probe_answered_by_an_overloaded_upstream_decides_nothing(tmp_path: Pa
         assert client.responses.create(model="m", input="Hi").output_text == "Hello from the native server."
 
 
+def test_a_forwarded_create_is_the_native_servers_to_judge(tmp_path: Path) -> None:
+    """The API requires no field: what a create lacks is for the server that answers it to say."""
+    model = NativeModel(cancels_until_told)
+    with (
+        proxy(model.app, tmp_path, upstream_responses="native") as client,
+        pytest.raises(openai.BadRequestError) as caught,
+    ):
+        client.responses.create(input="Hi")
+    assert caught.value.message.endswith("model is required")
+    assert model.creates() == [{"input": "Hi"}]
+
+
+def test_a_turn_the_proxy_runs_itself_needs_a_model_and_input(tmp_path: Path) -> None:
+    chat = ScriptedModel(lambda body: {"content": "from chat"})
+    with proxy(chat.app, tmp_path, upstream_responses="bridge") as client:
+        with pytest.raises(openai.BadRequestError) as no_model:
+            client.responses.create(input="Hi")
+        with pytest.raises(openai.BadRequestError) as no_input:
+            client.responses.create(model="m")
+    assert no_model.value.param == "model"
+    assert no_input.value.param == "input"
+    assert chat.bodies() == []
+
+
 def test_a_native_stream_that_fails_is_an_error_the_sdk_raises(tmp_path: Path) -> None:
     model = NativeModel(lambda body: {"fail": True})
     with (

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx2
 import pytest
@@ -17,9 +14,8 @@ from pydantic import ValidationError
 
 from proxy.settings import ProxySettings
 from tests.scripted_upstream import ScriptedUpstream
-from tests.servers import free_port, serve_in_thread, wait_for_port
+from tests.servers import free_port, serve_in_thread, start_fama_serve, wait_for_port
 
-ROOT = Path(__file__).resolve().parent.parent
 GRACE_S = 1.5
 GRACEFUL_SHUTDOWN_S = 15.0
 
@@ -50,21 +46,11 @@ def upstream() -> Iterator[tuple[ScriptedUpstream, str]]:
 
 
 def _start_proxy(upstream_url: str, port: int) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FAMA_")}
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        FAMA_UPSTREAM_URL=f"{upstream_url}/v1",
-        FAMA_HOST="127.0.0.1",
-        FAMA_PORT=str(port),
-        FAMA_SSE_SHUTDOWN_GRACE_S=str(GRACE_S),
-        FAMA_GRACEFUL_SHUTDOWN_S=str(GRACEFUL_SHUTDOWN_S),
-        FAMA_LOG_LEVEL="warning",
-    )
-    return subprocess.Popen(
-        [sys.executable, "-c", "from proxy.cli import main; main()", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    return start_fama_serve(
+        f"{upstream_url}/v1",
+        port,
+        SSE_SHUTDOWN_GRACE_S=str(GRACE_S),
+        GRACEFUL_SHUTDOWN_S=str(GRACEFUL_SHUTDOWN_S),
     )
 
 

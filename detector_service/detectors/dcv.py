@@ -22,6 +22,9 @@ from detector_service.turn import Call, TurnView, is_amount_key, is_id_key, is_i
 _VERB = re.compile(r"^[a-z]+", re.IGNORECASE)
 # Payment instruments are named to users by type ("your gift card"), not by their internal id.
 _PAYMENT = re.compile(r"payment|method|card|instrument", re.IGNORECASE)
+# The kind of an id: what comes before its number ("gift_card" of "gift_card_7480005").
+_ID_KIND = re.compile(r"^([A-Za-z][A-Za-z_\-]*?)[_\-]?\d+$")
+_WORDS = re.compile(r"[\s_\-]+")
 _ASKS = re.compile(r"\b(confirm|proceed|shall i|should i|would you like|do you want|go ahead)\b", re.IGNORECASE)
 
 
@@ -93,15 +96,56 @@ def _existing_values(view: TurnView, call: Call) -> set[str]:
     return out
 
 
+def _id_kind(value: str) -> str | None:
+    m = _ID_KIND.match(value)
+    return m.group(1).lower() if m else None
+
+
+def _unidentified_instrument(view: TurnView, value: object, confirmed: set[str]) -> bool:
+    """A payment instrument the user holds others of, that nobody named: neither the user nor the agent said
+    its kind ("gift card", "credit card", its brand) or anything that tells it from the others (its id, last
+    digits, balance). The agent picked which one to charge, a detail of the action the user never saw. Where
+    the kind was said ("use a gift card") the user left the choice among that kind to the agent."""
+    if not is_id_value(value):
+        return False
+    chosen = norm(value)
+    kind = _id_kind(chosen)
+    if kind is None:
+        return False
+    entities = view.index.entities
+    own = [obj for (_, v), objs in entities.items() if v == chosen for obj in objs]
+    peers = [obj for (_, v), objs in entities.items() if v != chosen and _id_kind(v) == kind for obj in objs]
+    if not own or not peers:
+        return False
+    shared = {norm(v) for obj in peers for _, v in leaves(obj)}
+    marks = {chosen, chosen.rsplit("_", 1)[-1]} | {
+        norm(v) for obj in own for _, v in leaves(obj) if not isinstance(v, bool) and norm(v) not in shared
+    }
+    if marks & confirmed:
+        return False
+    kinds = {kind} | {norm(v) for obj in own for _, v in leaves(obj) if isinstance(v, str) and not is_id_value(v)}
+    return not any(all(w in confirmed or f"{w}s" in confirmed for w in _WORDS.split(k) if w) for k in kinds)
+
+
 def unlisted(view: TurnView, call: Call) -> Finding | None:
     """Write details the user did not see before saying yes: an id that the assistant did not tell the user
     since the latest write (the listing the confirmation covers) nor in the message the user answered, and
     that the user never said; or an amount never told to the user at all. Values the entity already holds
-    need no listing."""
+    need no listing. A payment instrument needs naming where the user holds others of it and nobody said which
+    (``_unidentified_instrument``); "the original payment" in the yes or the message it answers names the one
+    the changed record holds."""
     index = view.index
     existing = _existing_values(view, call)
     confirmed = index.told_since_write | text_values(index.stated_before_user) | index.user_values
+    named = index.told_values | index.user_values
+    answered = text_values(index.latest_user_text) | text_values(index.stated_before_user)
     hidden = [
+        f"{key}={value!r}"
+        for key, value in leaves(call.args or {})
+        if _PAYMENT.search(key)
+        and not (norm(value) in existing and "original" in answered)
+        and _unidentified_instrument(view, value, named)
+    ] + [
         f"{key}={value!r}"
         for key, value in leaves(call.args or {})
         if not _PAYMENT.search(key)

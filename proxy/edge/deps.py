@@ -10,6 +10,7 @@ from starlette.requests import Request
 
 from detector_service.contract.profile import Mode, Profile
 from proxy.edge.auth import Authenticator
+from proxy.edge.limits import ClientLimits
 from proxy.hooks import ChatHooks
 from proxy.metrics import ProxyMetrics
 from proxy.responses.service import Responses
@@ -40,6 +41,7 @@ class ProxyState(TypedDict):
     readiness: Readiness
     hooks: ChatHooks[Any]
     supervision: Supervision | None  # None when the hooks are not the supervisor
+    client_limits: ClientLimits  # read by the HTTP protocol (proxy.edge.limits), not by handlers
     responses: Responses  # the Responses API's store and path choice
 
 

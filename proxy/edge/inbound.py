@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from proxy.errors import InvalidRequest, PayloadTooLarge, ProxyError, RequestTimeout
 
@@ -26,7 +26,10 @@ DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 async def read_body(request: Request, limit: int, timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> bytes:
-    """The request body: at most ``limit`` bytes (413 beyond), all of it within ``timeout_s`` (408 after)."""
+    """The request body: at most ``limit`` bytes (413 beyond), all of it within ``timeout_s`` (408 after).
+
+    Under ``fama serve`` the HTTP protocol's read deadline (:mod:`proxy.edge.limits`, the same setting, counted
+    from the request's first byte) passes first; this one bounds the body under any other ASGI server."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes")
@@ -41,6 +44,9 @@ async def read_body(request: Request, limit: int, timeout_s: float = DEFAULT_BOD
                 parts.append(part)
     except TimeoutError as exc:
         raise RequestTimeout(f"the request body was not received within {timeout_s:g}s") from exc
+    except ClientDisconnect:
+        # Gone mid-body (or cut by the read deadline of proxy.edge.limits): nobody reads an answer.
+        raise ClientDisconnected("the client closed the connection before sending the whole body") from None
     return b"".join(parts)
 
 

@@ -134,7 +134,7 @@ async def relay_request(request: Request) -> Response:
     if query := request.scope.get("query_string"):
         target += "?" + query.decode("latin-1")
     body = (
-        ClientBody(request, settings.max_request_bytes, settings.request_body_timeout_s) if _has_body(request) else None
+        ClientBody(request, settings.max_request_bytes, settings.request_read_timeout_s) if _has_body(request) else None
     )
 
     async def call() -> Relayed:

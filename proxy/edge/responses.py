@@ -100,7 +100,7 @@ def _json(payload: object, headers: dict[str, str] | None = None) -> Response:
 async def create_response(request: Request) -> Response:
     await require_tenant(request)
     r = _Request(request)
-    raw = await read_body(request, r.settings.max_request_bytes, r.settings.request_body_timeout_s)
+    raw = await read_body(request, r.settings.max_request_bytes, r.settings.request_read_timeout_s)
     body = parse_request(raw)
     r.trace.model = body.get("model") or ""
     return await cancel_on_disconnect(request, lambda: _create(r, body, raw))

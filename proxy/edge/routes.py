@@ -45,7 +45,7 @@ async def chat_completions(request: Request) -> Response:
     tenant = await require_tenant(request)
     state = state_of(request)
     upstream, settings, trace = state["upstream"], state["settings"], trace_of(request)
-    body = chat.parse_request(await read_body(request, settings.max_request_bytes, settings.request_body_timeout_s))
+    body = chat.parse_request(await read_body(request, settings.max_request_bytes, settings.request_read_timeout_s))
     trace.model = body["model"]
     ctx: ChatContext[Any] = ChatContext(
         body=body,
@@ -108,7 +108,7 @@ async def _relay(request: Request, path: str, body: dict[str, Any], state: Proxy
 @router.post("/completions")
 async def completions(request: Request, tenant: Tenant, state: State, trace: TraceDep) -> Response:
     settings = state["settings"]
-    body = json_object(await read_body(request, settings.max_request_bytes, settings.request_body_timeout_s))
+    body = json_object(await read_body(request, settings.max_request_bytes, settings.request_read_timeout_s))
     require(body, "model", (str,), "a string")
     require(body, "prompt", (str, list), "a string or an array")
     require(body, "stream", (bool,), "a boolean", optional=True)
@@ -118,7 +118,7 @@ async def completions(request: Request, tenant: Tenant, state: State, trace: Tra
 @router.post("/embeddings")
 async def embeddings(request: Request, tenant: Tenant, state: State, trace: TraceDep) -> Response:
     settings = state["settings"]
-    body = json_object(await read_body(request, settings.max_request_bytes, settings.request_body_timeout_s))
+    body = json_object(await read_body(request, settings.max_request_bytes, settings.request_read_timeout_s))
     require(body, "model", (str,), "a string")
     require(body, "input", (str, list), "a string or an array")
     return await _relay(request, "/embeddings", body, state, trace)

@@ -10,6 +10,11 @@ C-accelerated parser and connection pool cost a fraction of httpx2's per call (m
 Every call has bounded waits (connect/read timeouts from settings). Transport failures become
 :class:`~proxy.errors.UpstreamUnreachable` (502) or :class:`~proxy.errors.UpstreamTimeout` (504); an
 error status becomes :class:`~proxy.errors.UpstreamError` with the upstream's status and a normalized body.
+
+No call is retried here: each attempt of a client is exactly one upstream attempt. The official SDK already retries
+connection errors, 408/409/429 and 5xx (twice by default, after ``retry-after``, which is passed through), so a
+retry here would multiply its attempts. The only model calls the proxy makes by itself are supervision's
+corrective retries, made before any byte of a tool call reached the client (:mod:`proxy.supervision.supervisor`).
 """
 
 from __future__ import annotations
