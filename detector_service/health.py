@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from detector_service.bus import values
 from detector_service.metrics import DetectorMetrics
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def create_health_app(redis: Redis, metrics: DetectorMetrics) -> Starlette:
     async def readyz(request: Request) -> Response:
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
-                await redis.ping()
+                await values.ping(redis)
         except (RedisError, OSError, TimeoutError) as exc:
             metrics.redis_errors.labels(op="ping").inc()
             return JSONResponse({"status": "unavailable", "error": f"redis: {exc}"}, status_code=503)

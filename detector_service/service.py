@@ -12,8 +12,7 @@ import logging.config
 import signal
 import sys
 
-from redis.asyncio import Redis
-
+from detector_service.bus.client import DETECTOR, redis_client
 from detector_service.contract.profile import load_profile
 from detector_service.contract.redaction import logging_config, url_secrets
 from detector_service.engine import Engine
@@ -29,16 +28,11 @@ log = logging.getLogger("detector_service.worker")
 EXTRACTION_STOP_S = 1.0  # how long a stopping worker lets LLM extractions in flight finish
 
 
-def redis_client(settings: DetectorSettings) -> Redis:
-    # The read timeout must outlast the XREADGROUP block, or every idle read would look like a failure.
-    return Redis.from_url(settings.redis_url, socket_timeout=settings.block_ms / 1000 + 5.0, socket_connect_timeout=5.0)
-
-
 async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> int:
     """Run one worker with its health/metrics server until stopped; returns the process exit code."""
     stop = stop or asyncio.Event()
     metrics = DetectorMetrics()
-    redis = redis_client(settings)
+    redis = redis_client(settings.redis_url, DETECTOR, block_ms=settings.block_ms)
     profile = load_profile(settings.profile)
     judge = None
     if profile.judge.enabled:

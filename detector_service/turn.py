@@ -20,6 +20,7 @@ import orjson
 
 from detector_service.contract.profile import Profile, ToolKind
 from detector_service.contract.toolkinds import ToolKinds
+from detector_service.pairing import CallPairing
 
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.@]*[A-Za-z0-9]|[A-Za-z0-9]")
 _NUMBER = re.compile(r"(?<![A-Za-z0-9_])\$?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?![A-Za-z0-9_])")
@@ -229,7 +230,7 @@ class ConversationIndex:
     # (id-like key, value) -> objects of tool outputs holding that pair, for contradiction checks
     entities: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
-    pending: dict[str, Call] = field(default_factory=dict)
+    pairing: CallPairing = field(default_factory=CallPairing)
     call_counts: Counter[str] = field(default_factory=Counter)
     writes: int = 0
     reads: int = 0
@@ -276,11 +277,10 @@ class ConversationIndex:
             for raw in tool_calls_of(message):
                 call = parse_call(raw, i, self.kinds)
                 self.calls.append(call)
+                self.pairing.call(call.call_id)
                 self.call_counts[call.key] += 1
                 self.recent_calls[call.key] += 1
                 self.calls_since_user += 1
-                if call.call_id:
-                    self.pending[call.call_id] = call
                 if call.kind is ToolKind.WRITE:
                     self.writes += 1
                 elif call.kind is ToolKind.READ:
@@ -292,9 +292,8 @@ class ConversationIndex:
 
     def _add_tool_output(self, message: Mapping[str, Any]) -> None:
         text = text_of(message.get("content"))
-        call = self.pending.pop(str(message.get("tool_call_id")), None)
-        if call is None and self.calls and self.calls[-1].result is None:
-            call = self.calls[-1]
+        at = self.pairing.output(message.get("tool_call_id"))
+        call = None if at is None else self.calls[at]
         error = is_error_output(message, text)
         if call is not None:
             call.result = text

@@ -1,11 +1,10 @@
-"""One member of the ``detectors`` consumer group on ``fama:turns`` (the process around it: :mod:`detector_service.service`).
+"""The turn handler of one member of the ``detectors`` consumer group on ``fama:turns`` (the loop around it:
+:class:`detector_service.bus.consumer.GroupConsumer`; the process around both: :mod:`detector_service.service`).
 
-The loop blocks on ``XREADGROUP``, evaluates each turn with the engine, publishes the verdict to the
-turn's ``reply_to`` stream and only then acknowledges the entry (the ``XACK`` is pipelined with the next
-``XREADGROUP``: one round trip per batch instead of two). Now and then it reclaims entries
-left idle by crashed consumers. On SIGTERM/SIGINT it stops reading, finishes the batch in hand and
-exits within ``drain_timeout_s``. ``until_idle`` ("burst") exits once nothing is pending and nothing
-new arrives, so tests need no sleeps.
+Each turn of a batch is evaluated with the engine, its verdict published to the turn's ``reply_to`` stream and
+only then the entry acknowledged. An entry that cannot be parsed, or keeps failing, is dead-lettered. On
+SIGTERM/SIGINT the loop stops reading, the batch in hand is finished and the process exits within
+``drain_timeout_s``.
 
 With ``profile.judge.enabled`` the LLM judge runs after the deterministic verdict, concurrently for
 the turns of a batch that it is asked about (``judge.worth_judging``; the verdicts of pure look-ups go out
@@ -24,7 +23,6 @@ hand-off cost without freeing the GIL.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -32,9 +30,9 @@ from dataclasses import dataclass
 import orjson
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
 
 from detector_service.bus import keys, streams
+from detector_service.bus.consumer import GroupConsumer
 from detector_service.contract.wire import SchemaVersionError, TurnEvent, Verdict, check_version, dumps, now_ms
 from detector_service.engine import Engine
 from detector_service.llm.extraction import ExtractionScheduler
@@ -44,11 +42,8 @@ from detector_service.settings import DetectorSettings
 
 log = logging.getLogger(__name__)
 
-STATS_INTERVAL_S = 2.0
-MAX_BACKOFF_S = 2.0
 PUBLISH_MARGIN_MS = 20  # kept free before a turn's deadline to publish its verdict
 MAX_REPLY_STREAMS = 1024  # reply streams whose expiry refresh is tracked before quiet ones are forgotten
-ACK_FLUSH_TIMEOUT_S = 1.0  # bounds the last acknowledgement of a stopping worker
 
 
 class MalformedEntry(ValueError):
@@ -106,122 +101,29 @@ class Worker:
         self.judge = judge
         self.extractions = extractions
         self.consumer = settings.consumer_name
-        # The consume loop's own connection: its reads, acknowledgements and replies skip the client's
-        # per-command machinery (they are most of what a turn costs this process besides the detectors).
-        self._lane = streams.Lane(redis)
+        self.group = GroupConsumer(
+            redis,
+            keys.TURNS_STREAM,
+            keys.DETECTOR_GROUP,
+            self.consumer,
+            metrics,
+            batch_size=settings.batch_size,
+            block_ms=settings.block_ms,
+            claim_idle_ms=settings.claim_idle_ms,
+        )
         self.processed = 0
         self._judge_slots = asyncio.Semaphore(settings.judge_concurrency)
-        # Published but not yet acknowledged: the acknowledgement rides with the next read (one round trip less
-        # per batch); ``flush_acks`` sends it on its own before anything that must see it (stats, exit).
-        self._unacked: list[str] = []
         # When each reply stream's expiry is next due for a refresh: a quarter of its TTL after the last one,
         # not after every verdict (each refresh is one more command on the verdict's round trip).
         self._refresh_at: dict[str, float] = {}
 
     async def run(self, stop: asyncio.Event, *, until_idle: bool = False) -> None:
         """Consume until ``stop`` is set (or, with ``until_idle``, until the group has no work left)."""
-        s = self.settings
-        claim_every = max(s.claim_idle_ms / 2000, 0.05)
-        next_claim = 0.0
-        next_stats = 0.0
-        backoff = 0.1
-        await self._ensure_group(stop)
-        self.metrics.up.set(1)
-        try:
-            while not stop.is_set():
-                try:
-                    now = time.monotonic()
-                    if now >= next_claim:
-                        next_claim = now + claim_every
-                        await self._reclaim()
-                    acking = self._unacked
-                    entries = await streams.ack_and_read_group(
-                        self._lane,
-                        keys.TURNS_STREAM,
-                        keys.DETECTOR_GROUP,
-                        self.consumer,
-                        acking,
-                        count=s.batch_size,
-                        block_ms=s.block_ms,
-                    )
-                    # Only once the pipeline went through: after a failure XACK is simply sent again (idempotent).
-                    self._unacked = self._unacked[len(acking) :]
-                    if entries:
-                        await self.handle(entries)
-                    if time.monotonic() >= next_stats or (until_idle and not entries):
-                        await self.flush_acks()
-                        next_stats = time.monotonic() + STATS_INTERVAL_S
-                        stats = await self._stats()
-                        if until_idle and not entries and stats.pending == 0:
-                            log.info("no work left; exiting (until-idle)")
-                            return
-                    backoff = 0.1
-                except (RedisError, OSError) as exc:
-                    if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
-                        # The stream or group vanished (Redis restarted without persistence, or a flush).
-                        self.metrics.redis_errors.labels(op="nogroup").inc()
-                        log.warning("consumer group is gone; creating it again: %s", exc)
-                        await self._ensure_group(stop)
-                        continue
-                    self.metrics.redis_errors.labels(op="loop").inc()
-                    log.warning("redis error in the consume loop, retrying in %.1fs: %s", backoff, exc)
-                    await _wait(stop, backoff)
-                    backoff = min(backoff * 2, MAX_BACKOFF_S)
-        finally:
-            self.metrics.up.set(0)
-            await self._final_acks()
-            await self._lane.aclose()
+        await self.group.run(self.handle, stop, until_idle=until_idle)
 
     async def flush_acks(self) -> None:
         """Acknowledge every published turn now."""
-        acking = self._unacked
-        await streams.ack(self._lane, keys.TURNS_STREAM, keys.DETECTOR_GROUP, acking)
-        self._unacked = self._unacked[len(acking) :]
-
-    async def _final_acks(self) -> None:
-        # On the way out: an entry left unacknowledged is evaluated again by whoever reclaims it.
-        if not self._unacked:
-            return
-        try:
-            async with asyncio.timeout(ACK_FLUSH_TIMEOUT_S):
-                await self.flush_acks()
-        except (RedisError, OSError, TimeoutError) as exc:
-            self.metrics.redis_errors.labels(op="ack").inc()
-            log.warning("could not acknowledge %d published turns on exit: %s", len(self._unacked), exc)
-
-    async def _ensure_group(self, stop: asyncio.Event) -> None:
-        backoff = 0.1
-        while not stop.is_set():
-            try:
-                await streams.ensure_group(self.redis, keys.TURNS_STREAM, keys.DETECTOR_GROUP)
-                return
-            except (RedisError, OSError) as exc:
-                self.metrics.redis_errors.labels(op="group_create").inc()
-                log.warning("cannot create consumer group yet, retrying in %.1fs: %s", backoff, exc)
-                await _wait(stop, backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
-
-    async def _reclaim(self) -> None:
-        s = self.settings
-        entries = await streams.reclaim(
-            self.redis,
-            keys.TURNS_STREAM,
-            keys.DETECTOR_GROUP,
-            self.consumer,
-            min_idle_ms=s.claim_idle_ms,
-            count=s.batch_size,
-        )
-        if entries:
-            self.metrics.reclaimed.inc(len(entries))
-            log.info("reclaimed %d idle entries", len(entries))
-            await self.handle(entries)
-
-    async def _stats(self) -> streams.GroupStats:
-        stats = await streams.group_stats(self.redis, keys.TURNS_STREAM, keys.DETECTOR_GROUP)
-        if stats.lag is not None:
-            self.metrics.stream_lag.set(stats.lag)
-        self.metrics.pending.set(stats.pending)
-        return stats
+        await self.group.flush_acks()
 
     async def handle(self, entries: list[streams.Entry]) -> None:
         """Evaluate a batch and publish its verdicts (one round trip; in waves with the judge).
@@ -300,8 +202,9 @@ class Worker:
         replies = [(d.turn.reply_to, dumps(d.verdict)) for d in done if d.turn.reply_to]
         now = time.monotonic()
         refresh = {stream for stream, _ in replies if self._refresh_at.get(stream, 0.0) <= now}
+        # On the consume loop's own connection: the verdicts ride the lane the turns came in on.
         results = await streams.publish_replies(
-            self._lane, replies, maxlen=s.reply_maxlen, ttl_s=s.reply_ttl_s, expire=refresh
+            self.group.lane, replies, maxlen=s.reply_maxlen, ttl_s=s.reply_ttl_s, expire=refresh
         )
         self._refreshed(refresh, now)
         published = iter(results)
@@ -319,7 +222,7 @@ class Worker:
             self.metrics.verdicts.labels(action=d.verdict.action.value).inc()
             for f in d.verdict.findings:
                 self.metrics.findings.labels(category=f.category.value, detector=f.detector).inc()
-        self._unacked.extend(to_ack)
+        self.group.ack_soon(to_ack)
         self.processed += len(to_ack)
 
     def _refreshed(self, streams_: set[str], now: float) -> None:
@@ -340,21 +243,7 @@ class Worker:
         )
 
     async def _dead(self, entry: streams.Entry, reason: str, error: str) -> None:
-        await streams.dead_letter(
-            self.redis,
-            keys.TURNS_STREAM,
-            keys.DETECTOR_GROUP,
-            entry,
-            reason=reason,
-            error=error,
-            consumer=self.consumer,
-        )
+        await self.group.dead_letter(entry, reason=reason, error=error, dead_stream=keys.TURNS_DEAD_STREAM)
         self.metrics.turns.labels(outcome="dead").inc()
         self.metrics.dead_letters.labels(reason=reason).inc()
         log.warning("entry %s moved to %s (%s): %s", entry.id, keys.TURNS_DEAD_STREAM, reason, error)
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    # A back-off that a stop request cuts short.
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)

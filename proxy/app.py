@@ -13,6 +13,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from detector_service.bus.client import PROXY, redis_client
+from detector_service.bus.writer import BatchWriter
 from detector_service.contract.profile import Profile, load_profile
 from detector_service.engine import Engine
 from detector_service.llm.judge import Judge, judge_key, make_client
@@ -30,7 +32,7 @@ from proxy.supervision.extractions import ExtractionReader
 from proxy.supervision.recorder import RedisRecorder, recorder_for
 from proxy.supervision.sessions import MemorySessionStore, RedisSessionStore
 from proxy.supervision.supervisor import Supervisor
-from proxy.supervision.verdicts import EmbeddedVerdicts, RedisVerdicts, process_instance_id, redis_client
+from proxy.supervision.verdicts import REPLY_BLOCK_MS, EmbeddedVerdicts, RedisVerdicts, process_instance_id
 from proxy.tracing import TracingMiddleware
 from proxy.upstream.client import Upstream
 from proxy.upstream.readiness import Readiness
@@ -59,14 +61,15 @@ def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervis
             recorder_for(None, metrics, session_ttl_s=settings.session_ttl_s),
         )
     # Short connect timeout and one quick retry: an outage must surface as ``outage``, not a slow ``deadline``.
-    redis = redis_client(settings.redis_url)
-    recorder = RedisRecorder(redis, metrics, session_ttl_s=settings.session_ttl_s)
+    redis = redis_client(settings.redis_url, PROXY, block_ms=REPLY_BLOCK_MS)
+    # One batched writer: a turn's records and its session state in one round trip (the recorder starts and stops it).
+    writer = BatchWriter(redis)
+    recorder = RedisRecorder(redis, metrics, writer=writer, session_ttl_s=settings.session_ttl_s)
     return Supervisor(
         settings.mode,
         profile,
         RedisVerdicts(redis, process_instance_id(settings.instance_id), metrics),
-        # Session state rides in the recorder's pipeline: the turn's records and its state in one round trip.
-        RedisSessionStore(redis, settings.session_ttl_s, metrics, timeout_s=profile.deadline_ms / 1000, batch=recorder),
+        RedisSessionStore(redis, settings.session_ttl_s, metrics, timeout_s=profile.deadline_ms / 1000, writer=writer),
         metrics,
         recorder,
         closing=redis,

@@ -13,6 +13,8 @@ from detector_service.agents.note import Note
 from detector_service.agents.view import ConversationView, is_confirmation, tool_kind
 from detector_service.contract.extraction import policy_hash
 from detector_service.contract.profile import AgentName, Profile, ToolKind
+from detector_service.contract.toolkinds import ToolKinds
+from detector_service.turn import ConversationIndex
 
 pytestmark = pytest.mark.tau
 
@@ -181,3 +183,19 @@ def test_confirmation_phrases() -> None:
     assert is_confirmation("Oui, please proceed with canceling this reservation.")
     assert not is_confirmation("No, don't do that yet.")
     assert not is_confirmation("I would like to cancel all of these reservations.")
+
+
+def test_the_agents_view_pairs_outputs_with_calls_as_the_detectors_index_does() -> None:
+    def call(call_id: str, name: str) -> dict[str, Any]:
+        return {"id": call_id, "type": "function", "function": {"name": name, "arguments": "{}"}}
+
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": "Look up my order and my profile"},
+        {"role": "assistant", "content": None, "tool_calls": [call("a", "get_order"), call("b", "get_user")]},
+        {"role": "tool", "tool_call_id": "b", "content": "user U1"},
+        {"role": "tool", "content": "an output that names no call"},  # the latest call is answered: it pairs nowhere
+    ]
+    view = ConversationView.build(messages, [], Profile())
+    index = ConversationIndex.build(messages, ToolKinds(Profile(), []))
+    assert [(c.name, c.output) for c in view.calls] == [(c.name, c.result) for c in index.calls]
+    assert [c.output for c in view.calls] == [None, "user U1"]

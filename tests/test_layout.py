@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,17 @@ def test_every_room_says_what_it_holds() -> None:
         for init in (ROOT / package).rglob("__init__.py"):
             doc = ast.get_docstring(ast.parse(init.read_text()))
             assert doc, f"{init.relative_to(ROOT)} has no module docstring"
+
+
+def test_every_redis_command_goes_through_the_bus() -> None:
+    # A client is passed around as ``redis``/``_redis``; outside the bus only the bus's verbs may use it.
+    command = re.compile(r"\b_?redis\.(?!aclose\b)[a-z_]+\(")
+    bus = ROOT / "detector_service" / "bus"
+    found = {
+        f"{p.relative_to(ROOT)}:{n}": line.strip()
+        for p in _modules().values()
+        if bus not in p.parents
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if command.search(line)
+    }
+    assert not found, f"Redis commands outside detector_service/bus/: {found}"

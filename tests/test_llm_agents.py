@@ -22,6 +22,7 @@ import yaml
 from redis.asyncio import Redis
 
 from detector_service.bus import keys, streams
+from detector_service.bus.client import PROXY, redis_client
 from detector_service.contract.extraction import PolicyExtraction, policy_hash
 from detector_service.contract.profile import Profile
 from detector_service.contract.wire import TurnEvent, dumps
@@ -33,7 +34,7 @@ from detector_service.settings import DetectorSettings
 from detector_service.worker import Worker
 from proxy.metrics import ProxyMetrics
 from proxy.supervision.extractions import ExtractionReader
-from proxy.supervision.verdicts import redis_client
+from proxy.supervision.verdicts import REPLY_BLOCK_MS
 from tests.scripted_llm import ScriptedLLM
 from tests.servers import free_port, stop_process
 from tests.supervised_upstream import ScriptedModel, context_in
@@ -201,8 +202,8 @@ async def test_a_stopping_replica_cuts_its_extraction_short_and_frees_the_lock(
 
 async def test_the_proxy_reader_answers_none_on_a_miss_and_on_a_redis_outage(redis_url: str, aredis: Redis) -> None:
     metrics = ProxyMetrics()
-    up = redis_client(redis_url)
-    down = redis_client(f"redis://127.0.0.1:{free_port()}/0")
+    up = redis_client(redis_url, PROXY, block_ms=REPLY_BLOCK_MS)
+    down = redis_client(f"redis://127.0.0.1:{free_port()}/0", PROXY, block_ms=REPLY_BLOCK_MS)
     try:
         assert await ExtractionReader(up, metrics).get(SYSTEM) is None
         stored = PolicyExtraction(policy_hash=policy_hash(SYSTEM), model="m", rules=[{"rule": RULE, "tools": []}])

@@ -9,10 +9,11 @@ import pytest
 from redis.asyncio import Redis
 
 from detector_service.bus import keys
+from detector_service.bus.client import PROXY, redis_client
 from detector_service.contract.wire import Action, Category, Finding, TurnEvent, Verdict
 from proxy.metrics import ProxyMetrics
 from proxy.supervision.recorder import Intervention, MemoryRecorder, Recorder, RedisRecorder, recorder_for
-from proxy.supervision.verdicts import redis_client
+from proxy.supervision.verdicts import REPLY_BLOCK_MS
 from tests.servers import RedisServer
 from tests.turns import turn
 
@@ -97,7 +98,7 @@ async def check_the_session(recorder: Recorder, first: TurnEvent, second: TurnEv
 
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = redis_client(redis_url)
+    client = redis_client(redis_url, PROXY, block_ms=REPLY_BLOCK_MS)
     try:
         yield client
     finally:
@@ -176,7 +177,7 @@ async def test_a_full_queue_drops_and_counts_never_blocks() -> None:
 @pytest.mark.redis
 async def test_redis_failures_are_counted_never_raised() -> None:
     server = RedisServer()
-    client = redis_client(server.url)
+    client = redis_client(server.url, PROXY, block_ms=REPLY_BLOCK_MS)
     metrics = ProxyMetrics()
     rec = RedisRecorder(client, metrics)
     await rec.start()

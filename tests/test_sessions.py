@@ -11,6 +11,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from detector_service.bus.keys import session_outcome_key, session_state_key
+from detector_service.bus.writer import BatchWriter
 from detector_service.contract.profile import AgentName
 from proxy.metrics import ProxyMetrics
 from proxy.supervision.recorder import RedisRecorder
@@ -165,12 +166,13 @@ async def test_redis_store_save_soon_outage_is_counted_not_raised() -> None:
 
 async def test_redis_store_save_soon_rides_in_the_recorders_batch(redis_url: str) -> None:
     client = aioredis.Redis.from_url(redis_url)
-    recorder = RedisRecorder(client)
+    writer = BatchWriter(client)
+    recorder = RedisRecorder(client, writer=writer)
     try:
         key = session_state_key("acme", "batched")
-        assert recorder.write_state("acme", "batched", key, "{}", 60) is None  # no writer running: caller writes
+        assert writer.set_soon(key, "{}", 60) is None  # no writer running: the caller writes
         await recorder.start()
-        store = RedisSessionStore(client, ttl_s=120, batch=recorder)
+        store = RedisSessionStore(client, ttl_s=120, writer=writer)
         ref = SessionRef("acme", "batched", False)
         store.save_soon(ref, SessionState(turns=1))
         store.save_soon(ref, SessionState(turns=2, guidance=["ask for the order id"]))
@@ -190,10 +192,11 @@ async def test_redis_store_batched_save_outage_is_counted_not_raised() -> None:
     metrics = ProxyMetrics()
     # No retries, like the proxy's own client: the batch has no deadline of its own, the connect timeout bounds it.
     client = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.05, retry=Retry(NoBackoff(), 0))
-    recorder = RedisRecorder(client, metrics)
+    writer = BatchWriter(client)
+    recorder = RedisRecorder(client, metrics, writer=writer)
     try:
         await recorder.start()
-        store = RedisSessionStore(client, ttl_s=60, metrics=metrics, timeout_s=0.5, batch=recorder)
+        store = RedisSessionStore(client, ttl_s=60, metrics=metrics, timeout_s=0.5, writer=writer)
         store.save_soon(SessionRef("t", "s", False), SessionState(turns=1))
         await store.drain()
         assert metrics.registry.get_sample_value("fama_redis_errors_total", {"op": "session_state_save"}) == 1

@@ -11,6 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from detector_service.bus import keys, streams
+from detector_service.bus.client import PROXY, redis_client
 from detector_service.contract.profile import JudgeConfig
 from detector_service.contract.wire import Finding, TurnEvent, Verdict, dumps, now_ms
 from detector_service.engine import Engine
@@ -19,11 +20,11 @@ from detector_service.service import serve
 from detector_service.settings import DetectorSettings
 from proxy.metrics import ProxyMetrics
 from proxy.supervision.verdicts import (
+    REPLY_BLOCK_MS,
     EmbeddedVerdicts,
     MissReason,
     RedisVerdicts,
     process_instance_id,
-    redis_client,
     verdict_source,
 )
 from tests.scripted_llm import ScriptedLLM
@@ -95,7 +96,7 @@ async def test_an_embedded_judge_failure_leaves_the_deterministic_verdict(failur
 
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = redis_client(redis_url)
+    client = redis_client(redis_url, PROXY, block_ms=REPLY_BLOCK_MS)
     try:
         yield client
     finally:
@@ -227,7 +228,7 @@ async def test_stop_releases_waiting_turns(redis: Redis) -> None:
 @pytest.mark.redis
 async def test_redis_outage_gives_a_quick_outage_outcome_never_an_exception() -> None:
     server = RedisServer()
-    client = redis_client(server.url)
+    client = redis_client(server.url, PROXY, block_ms=REPLY_BLOCK_MS)
     src = RedisVerdicts(client, process_instance_id("proxy"), ProxyMetrics())
     await src.start()
     try:

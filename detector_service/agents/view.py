@@ -11,6 +11,7 @@ from typing import Any
 from detector_service.confirmation import says_yes
 from detector_service.contract.profile import Profile, ToolKind
 from detector_service.contract.toolkinds import ToolKinds
+from detector_service.pairing import CallPairing
 from detector_service.turn import UserDeviceCalls, tool_calls_of
 
 
@@ -111,7 +112,7 @@ class ConversationView:
             )
         system: list[str] = []
         view = cls(messages=messages, tools=declared, system_text="", kinds=kinds)
-        pending: dict[str, int] = {}  # tool_call_id -> position in view.calls
+        pairing = CallPairing()  # the detectors' rule (turn.ConversationIndex)
         device = UserDeviceCalls()  # dual control: the user's own device calls, which the agent never sees
         for i, m in enumerate(messages):
             if device.hides(m):
@@ -134,14 +135,10 @@ class ConversationView:
                     call_id = call.get("id")
                     call_id = call_id if isinstance(call_id, str) else None  # anything else pairs by position
                     tc = ToolCall(i, call_id, str(fn.get("name") or ""), raw, args if isinstance(args, dict) else None)
-                    if tc.id:
-                        pending[tc.id] = len(view.calls)
+                    pairing.call(tc.id)
                     view.calls.append(tc)
-            elif role == "tool":
-                pos = pending.pop(str(m.get("tool_call_id")), None)
-                if pos is None:  # unpaired output: attach to the latest call still waiting, if any
-                    waiting = [k for k, c in enumerate(view.calls) if c.output is None]
-                    pos = waiting[-1] if waiting else None
+            elif role in ("tool", "function"):
+                pos = pairing.output(m.get("tool_call_id"))
                 if pos is not None:
                     c = view.calls[pos]
                     view.calls[pos] = ToolCall(c.index, c.id, c.name, c.raw_arguments, c.arguments, text, i)

@@ -1,1 +1,3 @@
-"""Redis: every key and stream name (``keys``) and every Streams command (``streams``)."""
+"""Every Redis access of both services: key and stream names (``keys``), the client factory (``client``), Streams
+commands (``streams``), plain values, claims and lists (``values``), the batched writer (``writer``) and the
+consumer-group loop (``consumer``)."""

@@ -198,8 +198,8 @@ def _read_reply(reply: Any) -> list[Entry]:
     return out
 
 
-def _xadd(stream: str, payload: str, maxlen: int) -> Command:
-    return ("XADD", stream, "MAXLEN", "~", maxlen, "*", DATA_FIELD, payload)
+def _xadd(stream: str, payload: str, maxlen: int, *fields: str) -> Command:
+    return ("XADD", stream, "MAXLEN", "~", maxlen, "*", DATA_FIELD, payload, *fields)
 
 
 def _xreadgroup(stream: str, group: str, consumer: str, count: int, block_ms: int) -> Command:
@@ -209,6 +209,20 @@ def _xreadgroup(stream: str, group: str, consumer: str, count: int, block_ms: in
 async def publish(redis: Sender, stream: str, payload: str, *, maxlen: int) -> str:
     """Append one payload, trimming the stream to roughly ``maxlen`` entries."""
     return _text(await call(redis, *_xadd(stream, payload, maxlen)))
+
+
+async def publish_all(on: Sender, stream: str, payloads: list[str], *, maxlen: int, **fields: str) -> None:
+    """Append several payloads (each with ``fields`` beside its ``data``) in one round trip; the first error
+    reply is raised."""
+    tagged = [part for pair in fields.items() for part in pair]
+    for reply in await send(on, *(_xadd(stream, payload, maxlen, *tagged) for payload in payloads)):
+        if isinstance(reply, ResponseError):
+            raise reply
+
+
+async def latest(on: Sender, stream: str, count: int) -> list[Entry]:
+    """The newest ``count`` entries, newest first."""
+    return [_entry(item[0], item[1]) for item in await call(on, "XREVRANGE", stream, "+", "-", "COUNT", count) or []]
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> bool:

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from detector_service.agents.view import policy_text
-from detector_service.bus import keys
+from detector_service.bus import keys, values
 from detector_service.contract.extraction import ExtractedRule, PolicyExtraction, policy_hash
 from detector_service.contract.profile import JudgeConfig, Profile
 from detector_service.contract.wire import TurnEvent
@@ -169,10 +169,10 @@ class ExtractionScheduler:
         key = keys.extraction_key(digest)
         lock = keys.extraction_lock_key(digest)
         try:
-            if await self.redis.exists(key):
+            if await values.exists(self.redis, key):
                 self._cached_until[digest] = time.monotonic() + RECHECK_S
                 return
-            if not await self.redis.set(lock, self.owner, nx=True, px=self.lock_ms):
+            if not await values.claim(self.redis, lock, self.owner, ttl_ms=self.lock_ms):
                 self.metrics.extractions.labels(outcome="locked").inc()
                 return
             try:
@@ -181,15 +181,15 @@ class ExtractionScheduler:
                 # Stopped mid-call (shutdown): free the lock so another replica need not wait for it to expire.
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
                     async with asyncio.timeout(0.5):
-                        await self.redis.delete(lock)
+                        await values.delete(self.redis, lock)
                 raise
             except ExtractionError as exc:
                 # The lock stays until it expires: the back-off before any replica asks again.
                 self.metrics.extractions.labels(outcome="error").inc()
                 log.warning("policy extraction failed for policy %s (%d chars): %s", digest[:12], len(policy), exc)
                 return
-            await self.redis.set(key, extraction.model_dump_json(), ex=self.ttl_s)
-            await self.redis.delete(lock)
+            await values.put(self.redis, key, extraction.model_dump_json(), ttl_s=self.ttl_s)
+            await values.delete(self.redis, lock)
         except (RedisError, OSError) as exc:
             self.metrics.redis_errors.labels(op="extraction").inc()
             log.warning("redis error while caching the extraction for policy %s: %s", digest[:12], exc)

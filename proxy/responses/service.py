@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from detector_service.bus.client import PROXY, redis_client
 from proxy.metrics import ProxyMetrics
 from proxy.responses.native import ResponsesPath
 from proxy.responses.store import MemoryResponseStore, RedisResponseStore, ResponseStore
 from proxy.settings import ProxySettings
-from proxy.supervision.verdicts import redis_client
+from proxy.supervision.verdicts import REPLY_BLOCK_MS
 
 
 @dataclass
@@ -25,7 +26,9 @@ def build_responses(settings: ProxySettings, metrics: ProxyMetrics) -> Responses
     Nothing connects here."""
     store: ResponseStore
     if settings.redis_url:
-        store = RedisResponseStore(redis_client(settings.redis_url), settings.session_ttl_s, metrics)
+        store = RedisResponseStore(
+            redis_client(settings.redis_url, PROXY, block_ms=REPLY_BLOCK_MS), settings.session_ttl_s, metrics
+        )
     else:
         store = MemoryResponseStore(ttl_s=settings.session_ttl_s)
     return Responses(store, ResponsesPath(settings.upstream_responses))

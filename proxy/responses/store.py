@@ -21,6 +21,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from detector_service.bus import values
 from detector_service.bus.keys import response_key
 from proxy.errors import ProxyError
 from proxy.metrics import ProxyMetrics
@@ -118,7 +119,7 @@ class RedisResponseStore:
 
     async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
         try:
-            raw = await self.redis.get(response_key(tenant, response_id))
+            raw = await values.get(self.redis, response_key(tenant, response_id))
         except RedisError as exc:
             self._failed("response_get", exc)
             raise StoreUnavailable("the response store is unavailable; try again") from exc
@@ -126,13 +127,13 @@ class RedisResponseStore:
 
     async def put(self, tenant: str, stored: StoredResponse) -> None:
         try:
-            await self.redis.set(response_key(tenant, stored.id), stored.dumps(), ex=self.ttl_s)
+            await values.put(self.redis, response_key(tenant, stored.id), stored.dumps(), ttl_s=self.ttl_s)
         except RedisError as exc:
             self._failed("response_put", exc)
 
     async def delete(self, tenant: str, response_id: str) -> bool:
         try:
-            return bool(await self.redis.delete(response_key(tenant, response_id)))
+            return await values.delete(self.redis, response_key(tenant, response_id))
         except RedisError as exc:
             self._failed("response_delete", exc)
             raise StoreUnavailable("the response store is unavailable; try again") from exc

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from detector_service.bus import keys
+from detector_service.bus import keys, values
 from detector_service.contract.extraction import EXTRACTION_VERSION, PolicyExtraction, policy_hash
 from proxy.metrics import ProxyMetrics
 
@@ -52,7 +52,7 @@ class ExtractionReader:
             return hit[1]
         try:
             async with asyncio.timeout(self._timeout):
-                raw = await self._redis.get(keys.extraction_key(digest))
+                raw = await values.get(self._redis, keys.extraction_key(digest))
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("extraction_read", digest, exc)
             return None

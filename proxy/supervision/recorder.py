@@ -5,8 +5,8 @@ interventions) whose TTL is refreshed on every write; ``fama:interventions`` is 
 intervention (original vs final message). ``MemoryRecorder`` keeps the same records, bounded, for the
 embedded mode.
 
-Writes never add latency to a turn and never raise: ``record_*`` only enqueue; a background task
-serializes and writes in batches (one pipeline per batch). A full queue drops the record; failures are
+Writes never add latency to a turn and never raise: ``record_*`` only enqueue; the batched writer of
+:mod:`detector_service.bus.writer` sends them (one round trip per batch). A full queue drops the record; failures are
 logged with context and counted in ``fama_redis_errors_total``. Callers hand over the objects they
 record and must not mutate them afterwards. The read API (``session``, ``interventions``) serves admin
 endpoints and tests, and does raise ``RedisError`` when Redis is unreachable.
@@ -18,19 +18,17 @@ conversation; concatenating the entries rebuilds the trajectory.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from detector_service.bus import keys, streams
+from detector_service.bus import keys, streams, values
+from detector_service.bus.writer import Add, Append, BatchWriter, WriteFailure
 from detector_service.contract.wire import Action, Category, TurnEvent, Verdict, now_ms
 from proxy.metrics import ProxyMetrics
 
@@ -125,28 +123,16 @@ def outcome_entry(outcome: Outcome) -> SessionEntry:
     return SessionEntry(kind="outcome", turn_id="", ts_ms=outcome.ts_ms, data=data)
 
 
-@dataclass(frozen=True)
-class StateWrite:
-    """A value SET with a TTL, sent in the recorder's next pipeline (one round trip fewer per turn).
-
-    ``done`` is resolved once the pipeline answered: with ``None``, or with the exception that failed it.
-    """
-
-    key: str
-    raw: str
-    ttl_s: int
-    done: asyncio.Future[None]
-
-
-_Write = tuple[str, str, TurnEvent | Verdict | Intervention | Outcome | StateWrite]  # (tenant, session_id, object)
-
-
 class RedisRecorder:
+    """Records through a :class:`~detector_service.bus.writer.BatchWriter`: its own, or one it shares (the session
+    store's state writes ride in the same batches). The recorder starts and stops the writer."""
+
     def __init__(
         self,
         redis: Redis,
         metrics: ProxyMetrics | None = None,
         *,
+        writer: BatchWriter | None = None,
         session_ttl_s: int = 7 * 24 * 3600,
         max_session_entries: int = 5_000,
         interventions_maxlen: int = 100_000,
@@ -159,149 +145,92 @@ class RedisRecorder:
         self.session_ttl_s = session_ttl_s
         self.max_session_entries = max_session_entries
         self.interventions_maxlen = interventions_maxlen
-        self.batch_size = batch_size
-        self.drain_timeout_s = drain_timeout_s
-        self._queue: asyncio.Queue[_Write] = asyncio.Queue(maxsize=queue_size)
-        self._lane = streams.Lane(redis)  # the writer task's own connection (see detector_service.bus.streams.Lane)
-        self._writer: asyncio.Task[None] | None = None
+        if writer is None:
+            writer = BatchWriter(redis, queue_size=queue_size, batch_size=batch_size, drain_timeout_s=drain_timeout_s)
+        writer.on_failure = self._failed
+        self.writer = writer
         self._last_drop_log = 0.0
         self.dropped = 0
 
     async def start(self) -> None:
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_loop(), name="session-recorder")
+        await self.writer.start()
 
     async def stop(self) -> None:
-        """Write what is queued (within ``drain_timeout_s``), then stop the writer."""
-        if self._writer is None:
-            return
-        try:
-            async with asyncio.timeout(self.drain_timeout_s):
-                await self._queue.join()
-        except TimeoutError:
-            log.warning("recorder stopped with %d records unwritten", self._queue.qsize())
-        writer, self._writer = self._writer, None
-        writer.cancel()
-        # Bounded: a cancelled Redis call must not hold up the app's shutdown.
-        done, _ = await asyncio.wait({writer}, timeout=1.0)
-        if done:
-            await self._lane.aclose()
+        """Write what is queued (within the writer's drain timeout), then stop the writer."""
+        await self.writer.stop()
 
     async def flush(self) -> None:
         """Wait until everything recorded so far has been written (or failed)."""
-        await self._queue.join()
+        await self.writer.flush()
 
     def record_turn(self, turn: TurnEvent) -> None:
-        self._enqueue((turn.tenant, turn.session_id, turn))
+        self._record(turn.tenant, turn.session_id, turn)
 
     def record_verdict(self, verdict: Verdict) -> None:
-        self._enqueue((verdict.tenant, verdict.session_id, verdict))
+        self._record(verdict.tenant, verdict.session_id, verdict)
 
     def record_intervention(self, intervention: Intervention) -> None:
-        self._enqueue((intervention.tenant, intervention.session_id, intervention))
+        self._record(intervention.tenant, intervention.session_id, intervention)
 
     def record_outcome(self, outcome: Outcome) -> None:
-        self._enqueue((outcome.tenant, outcome.session_id, outcome))
+        self._record(outcome.tenant, outcome.session_id, outcome)
 
-    def write_state(self, tenant: str, session_id: str, key: str, raw: str, ttl_s: int) -> asyncio.Future[None] | None:
-        """Queue a SET for the next batch; ``None`` when it cannot be queued (writer not running, queue full)."""
-        if self._writer is None or self._writer.done() or self._queue.full():
-            return None
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((tenant, session_id, StateWrite(key, raw, ttl_s, done)))
-        return done
-
-    def _enqueue(self, item: _Write) -> None:
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            self.dropped += 1
-            self.metrics.redis_errors.labels(op="record_queue_full").inc()
-            now = time.monotonic()
-            if now - self._last_drop_log > 1.0:  # one line per second at most while Redis lags
-                self._last_drop_log = now
-                log.warning(
-                    "recorder queue full (%d): dropped a record of session %s/%s (%d dropped so far)",
-                    self._queue.maxsize,
-                    item[0],
-                    item[1],
-                    self.dropped,
-                )
-
-    async def _write_loop(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self.batch_size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                await self._write(batch)
-            finally:
-                for _, _, obj in batch:
-                    if isinstance(obj, StateWrite) and not obj.done.done():  # cancelled mid-write
-                        obj.done.set_exception(RedisError("recorder stopped before the write was answered"))
-                    self._queue.task_done()
-
-    async def _write(self, batch: list[_Write]) -> None:
-        # A turn records several entries at once (turn, verdict, maybe an intervention): one RPUSH per session key
-        # carries them all, in order, so a batch costs three commands per session, not per entry.
-        by_key: dict[str, list[str]] = {}
-        commands: list[streams.Command] = []
-        states: list[tuple[int, StateWrite]] = []  # (position in the batch's replies, write)
-        for tenant, session_id, obj in batch:
-            if isinstance(obj, StateWrite):
-                states.append((len(commands), obj))
-                commands.append(("SET", obj.key, obj.raw, "EX", obj.ttl_s))
-                continue
-            by_key.setdefault(keys.session_key(tenant, session_id), []).append(_entry(obj).model_dump_json())
-            if isinstance(obj, Intervention):
-                payload = obj.model_dump_json(exclude_none=True)
-                maxlen = self.interventions_maxlen
-                commands.append(
-                    ("XADD", keys.INTERVENTIONS_STREAM, "MAXLEN", "~", maxlen, "*", streams.DATA_FIELD, payload)
-                )
-        for key, entries in by_key.items():
-            commands.append(("RPUSH", key, *entries))
-            commands.append(("LTRIM", key, -self.max_session_entries, -1))
-            commands.append(("EXPIRE", key, self.session_ttl_s))
-        try:
-            results = await self._lane.send(*commands)
-        except (RedisError, OSError) as exc:
-            for _, state in states:
-                state.done.set_exception(exc)
-            if len(states) == len(batch):
-                return  # the state writes' owner counts and logs its own failures
-            self.metrics.redis_errors.labels(op="record").inc()
-            first = batch[0]
-            log.warning("could not record %d entries (first: session %s/%s): %s", len(batch), first[0], first[1], exc)
+    def _record(self, tenant: str, session_id: str, obj: TurnEvent | Verdict | Intervention | Outcome) -> None:
+        # A turn records several entries at once (turn, verdict, maybe an intervention): the writer sends one RPUSH
+        # per session key for them all, in order.
+        entry = Append(
+            keys.session_key(tenant, session_id),
+            _entry(obj).model_dump_json(),
+            self.max_session_entries,
+            self.session_ttl_s,
+        )
+        ops: list[Append | Add] = [entry]
+        if isinstance(obj, Intervention):
+            ops.append(
+                Add(keys.INTERVENTIONS_STREAM, obj.model_dump_json(exclude_none=True), self.interventions_maxlen)
+            )
+        if self.writer.write_soon(ops, f"{tenant}/{session_id}"):
             return
-        for at, state in states:
-            answer = results[at]
-            if isinstance(answer, Exception):
-                state.done.set_exception(answer)
-            else:
-                state.done.set_result(None)
-        if states:
-            written = {at for at, _ in states}
-            results = [r for i, r in enumerate(results) if i not in written]
-        failed = [r for r in results if isinstance(r, Exception)]
-        if failed:
-            self.metrics.redis_errors.labels(op="record").inc(len(failed))
-            log.warning("%d of %d recording commands failed; first error: %s", len(failed), len(results), failed[0])
+        self.dropped += 1
+        self.metrics.redis_errors.labels(op="record_queue_full").inc()
+        now = time.monotonic()
+        if now - self._last_drop_log > 1.0:  # one line per second at most while Redis lags
+            self._last_drop_log = now
+            log.warning(
+                "recorder queue full (%d): dropped a record of session %s/%s (%d dropped so far)",
+                self.writer.queue_size,
+                tenant,
+                session_id,
+                self.dropped,
+            )
+
+    def _failed(self, failure: WriteFailure) -> None:
+        if failure.failed_commands is None:
+            self.metrics.redis_errors.labels(op="record").inc()
+            log.warning(
+                "could not record %d entries (first: session %s): %s", failure.writes, failure.first, failure.error
+            )
+            return
+        self.metrics.redis_errors.labels(op="record").inc(failure.failed_commands)
+        log.warning(
+            "%d of %d recording commands failed; first error: %s",
+            failure.failed_commands,
+            failure.commands,
+            failure.error,
+        )
 
     async def session(self, tenant: str, session_id: str) -> list[SessionEntry]:
-        raw = await self.redis.lrange(keys.session_key(tenant, session_id), 0, -1)
+        raw = await values.read_list(self.redis, keys.session_key(tenant, session_id))
         return [SessionEntry.model_validate_json(item) for item in raw]
 
     async def interventions(self, limit: int = 100) -> list[Intervention]:
         """The most recent interventions, newest first."""
-        rows = await self.redis.xrevrange(keys.INTERVENTIONS_STREAM, count=limit)
         out: list[Intervention] = []
-        for entry_id, fields in rows or []:
-            data = (fields or {}).get(streams.DATA_FIELD) or (fields or {}).get(streams.DATA_FIELD.encode())
+        for entry in await streams.latest(self.redis, keys.INTERVENTIONS_STREAM, limit):
             try:
-                out.append(Intervention.model_validate_json(data or b""))
+                out.append(Intervention.model_validate_json(entry.data or b""))
             except ValidationError as exc:
-                log.warning("unreadable intervention entry %r: %s", entry_id, exc)
+                log.warning("unreadable intervention entry %r: %s", entry.id, exc)
         return out
 
 

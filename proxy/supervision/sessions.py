@@ -13,8 +13,8 @@ with empty state, the failure is logged and counted in ``fama_redis_errors_total
 A supervised turn saves with ``save_soon``: the answer does not wait for the write. Within the process
 the next ``load`` or ``save`` of the same session waits for it (bounded), so a session never reads its own
 state stale here; another replica sees it once the write lands (it is sent before the answer reaches the
-client). Given a :class:`StateBatch` (the recorder), the write rides in the pipeline that records the
-same turn instead of costing a round trip of its own.
+client). Given the :class:`~detector_service.bus.writer.BatchWriter` the recorder writes with, the write rides in
+the batch that records the same turn instead of costing a round trip of its own.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from detector_service.bus import streams
+from detector_service.bus import streams, values
 from detector_service.bus.keys import session_outcome_key, session_state_key
+from detector_service.bus.writer import BatchWriter
 from detector_service.contract.profile import AgentName
 from proxy.metrics import ProxyMetrics
 
@@ -107,12 +108,6 @@ class SessionState(BaseModel):
         for agent in agents:
             if agent not in self.agents:
                 self.agents.append(agent)
-
-
-class StateBatch(Protocol):
-    def write_state(self, tenant: str, session_id: str, key: str, raw: str, ttl_s: int) -> asyncio.Future[None] | None:
-        """Queue a SET with a TTL in a shared batch; ``None`` when it cannot take it now."""
-        ...
 
 
 class SessionStore(Protocol):
@@ -195,17 +190,17 @@ class RedisSessionStore:
         ttl_s: int,
         metrics: ProxyMetrics | None = None,
         timeout_s: float = 0.05,
-        batch: StateBatch | None = None,
+        writer: BatchWriter | None = None,
     ) -> None:
         self._redis = redis
         self._ttl = ttl_s
         self._metrics = metrics
         self._timeout = timeout_s
-        self._batch = batch
+        self._writer = writer  # shared with the recorder: a turn's records and its state in one round trip
         self._lanes = streams.Lanes(redis)  # a state read is on every supervised turn's path
         # Writes started by ``save_soon`` and not finished yet, by session: a later read or write of the same
         # session waits for its write first, so this process never reads its own state stale. A task is a
-        # write of our own; a plain future is one queued in ``batch``.
+        # write of our own; a plain future is one queued in ``writer``.
         self._writing: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     def _failed(self, op: str, ref: SessionRef, exc: BaseException) -> None:
@@ -224,7 +219,7 @@ class RedisSessionStore:
         await self._written(ref)
         try:
             async with asyncio.timeout(self._timeout):
-                raw = await streams.call(self._lanes, "GET", session_state_key(ref.tenant, ref.session_id))
+                raw = await values.get(self._lanes, session_state_key(ref.tenant, ref.session_id))
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("load", ref, exc)
             return SessionState()
@@ -249,10 +244,8 @@ class RedisSessionStore:
         written: asyncio.Future[None] | None = None
         # Batched writes land in the order they were queued; one queued after a write of our own still
         # running could overtake it, so that one is chained instead.
-        if self._batch is not None and (earlier is None or earlier.done() or not isinstance(earlier, asyncio.Task)):
-            written = self._batch.write_state(
-                ref.tenant, ref.session_id, session_state_key(ref.tenant, ref.session_id), raw, self._ttl
-            )
+        if self._writer is not None and (earlier is None or earlier.done() or not isinstance(earlier, asyncio.Task)):
+            written = self._writer.set_soon(session_state_key(ref.tenant, ref.session_id), raw, self._ttl)
             if written is not None:
                 written.add_done_callback(lambda f: self._batched(ref, f))
         if written is None:
@@ -275,9 +268,9 @@ class RedisSessionStore:
         Redis errors and timeouts reach the caller: an outcome is not to be dropped silently."""
         key = session_outcome_key(ref.tenant, ref.session_id)
         async with asyncio.timeout(self._timeout * 4):
-            if await streams.call(self._lanes, "SET", key, outcome, "NX", "EX", self._ttl):
+            if await values.claim(self._lanes, key, outcome, ttl_ms=self._ttl * 1000):
                 return None
-            first = await streams.call(self._lanes, "GET", key)
+            first = await values.get(self._lanes, key)
         return first.decode() if isinstance(first, bytes) else str(first or outcome)
 
     async def _write_after(self, earlier: asyncio.Future[None] | None, ref: SessionRef, raw: str) -> None:
@@ -288,8 +281,6 @@ class RedisSessionStore:
     async def _write(self, ref: SessionRef, raw: str) -> None:
         try:
             async with asyncio.timeout(self._timeout):
-                await streams.call(
-                    self._lanes, "SET", session_state_key(ref.tenant, ref.session_id), raw, "EX", self._ttl
-                )
+                await values.put(self._lanes, session_state_key(ref.tenant, ref.session_id), raw, ttl_s=self._ttl)
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("save", ref, exc)

@@ -33,16 +33,15 @@ from typing import Protocol, TypeVar
 import orjson
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from detector_service.bus import keys, streams
+from detector_service.bus import keys, streams, values
 from detector_service.contract.wire import SchemaVersionError, TurnEvent, Verdict, check_version, dumps, now_ms
 from detector_service.engine import Engine
 from detector_service.llm.judge import Judge, judged, worth_judging
 from proxy.metrics import ProxyMetrics
 
+REPLY_BLOCK_MS = 1000  # the reply reader's XREAD block
 log = logging.getLogger(__name__)
 
 TURNS_MAXLEN = 100_000
@@ -81,22 +80,6 @@ class VerdictSource(Protocol):
     async def stop(self) -> None: ...
 
     async def evaluate(self, turn: TurnEvent, timeout_s: float) -> VerdictOutcome: ...
-
-
-def redis_client(url: str, *, block_ms: int = 1000) -> Redis:
-    """The proxy's Redis client, shared by the verdict source and the recorder.
-
-    Short connect timeout and a single immediate retry (a pooled connection may be stale after a Redis
-    restart): hidden back-off retries would outlast every verdict deadline. The read timeout outlasts
-    the reply reader's ``XREAD`` block.
-    """
-    return Redis.from_url(
-        url,
-        socket_connect_timeout=1.0,
-        socket_timeout=block_ms / 1000 + 2.0,
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
-    )
 
 
 def verdict_source(redis: Redis | None, engine: Engine, instance_id: str, metrics: ProxyMetrics) -> VerdictSource:
@@ -176,7 +159,7 @@ class RedisVerdicts:
         instance_id: str,
         metrics: ProxyMetrics | None = None,
         *,
-        block_ms: int = 1000,
+        block_ms: int = REPLY_BLOCK_MS,
         turns_maxlen: int = TURNS_MAXLEN,
     ) -> None:
         """``redis`` must not have a read timeout shorter than ``block_ms``; ``instance_id`` must be unique
@@ -270,7 +253,7 @@ class RedisVerdicts:
         while not self._stopping:
             try:
                 if not self._reader_ok:
-                    await self.redis.ping()
+                    await values.ping(self.redis)
                     self._reader_ok = True
                     log.info("verdict reader for %s reconnected", self.reply_stream)
                 entries = await streams.read_replies(
@@ -327,15 +310,9 @@ class RedisVerdicts:
 
     async def _record_late(self, payloads: list[str]) -> None:
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for payload in payloads:
-                    pipe.xadd(
-                        keys.LATE_VERDICTS_STREAM,
-                        {streams.DATA_FIELD: payload, "instance": self.instance_id},
-                        maxlen=LATE_MAXLEN,
-                        approximate=True,
-                    )
-                await pipe.execute()
+            await streams.publish_all(
+                self.redis, keys.LATE_VERDICTS_STREAM, payloads, maxlen=LATE_MAXLEN, instance=self.instance_id
+            )
         except (RedisError, OSError) as exc:
             self.metrics.redis_errors.labels(op="record_late").inc()
             log.warning("could not record %d late verdicts: %s", len(payloads), exc)
