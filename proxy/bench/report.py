@@ -10,7 +10,7 @@ from rich.table import Table
 BUDGETS: dict[str, tuple[float, float | None]] = {
     "latency": (1.0, 3.0),
     "ttft": (2.0, None),
-    "enforce_tool_call": (3.0, None),
+    "enforce_tool_call": (1.5, None),  # DESIGN §8: enforce mode, deterministic detectors over Redis
 }
 THROUGHPUT_BUDGET_RPS = 570.0  # 3x the ~190 req/s of LiteLLM's proxy with one worker
 
