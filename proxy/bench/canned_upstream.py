@@ -58,7 +58,17 @@ def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif msg["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def read_body(receive: Receive) -> bytes:
     parts: list[bytes] = []
     while True:
         msg = await receive()
@@ -69,27 +79,22 @@ async def _read_body(receive: Receive) -> bytes:
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            msg = await receive()
-            if msg["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif msg["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await lifespan(receive, send)
+        return
     path = scope["path"]
-    raw = await _read_body(receive)
+    raw = await read_body(receive)
     if path.endswith("/models"):
         body = orjson.dumps(
             {"object": "list", "data": [{"id": "bench", "object": "model", "created": 0, "owned_by": "bench"}]}
         )
-        await _respond(send, 200, body)
+        await respond(send, 200, body)
         return
     if not path.endswith("/chat/completions"):
-        await _respond(send, 404, b'{"error":{"message":"not found","type":"invalid_request_error"}}')
+        await respond(send, 404, b'{"error":{"message":"not found","type":"invalid_request_error"}}')
         return
     req = orjson.loads(raw) if raw else {}
     if not req.get("stream"):
-        await _respond(send, 200, orjson.dumps(_completion(req)))
+        await respond(send, 200, orjson.dumps(_completion(req)))
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
     await send({"type": "http.response.body", "body": _chunk({"role": "assistant", "content": ""}), "more_body": True})
@@ -99,7 +104,7 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
 
-async def _respond(send: Send, status: int, body: bytes) -> None:
+async def respond(send: Send, status: int, body: bytes) -> None:
     await send(
         {
             "type": "http.response.start",

@@ -10,15 +10,11 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+from proxy.bench.canned_upstream import Receive, Scope, Send, lifespan, read_body, respond
 
 CHUNK_DELAY_S = 0.01  # between stream chunks: a small model's token pace
 ANSWER_DELAY_S = 0.05  # before a non-streamed answer
@@ -75,53 +71,28 @@ def _deltas(scenario: str) -> list[tuple[dict[str, Any], str | None]]:
     return [({"role": "assistant", "content": ""}, None), *(({"content": t}, None) for t in TEXT), ({}, "stop")]
 
 
-async def _read_body(receive: Receive) -> bytes:
-    parts: list[bytes] = []
-    while True:
-        msg = await receive()
-        parts.append(msg.get("body", b""))
-        if not msg.get("more_body"):
-            return b"".join(parts)
-
-
-async def _respond(send: Send, status: int, body: bytes) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        msg = await receive()
-        if msg["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif msg["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        await _lifespan(receive, send)
+        await lifespan(receive, send)
         return
-    raw = await _read_body(receive)
+    raw = await read_body(receive)
     if scope["path"].endswith("/models"):
         listed = {"object": "list", "data": [{"id": "soak", "object": "model", "created": 0, "owned_by": "soak"}]}
-        await _respond(send, 200, orjson.dumps(listed))
+        await respond(send, 200, orjson.dumps(listed))
         return
     if not scope["path"].endswith("/chat/completions"):
-        await _respond(send, 404, b'{"error":{"message":"not found","type":"invalid_request_error"}}')
+        await respond(send, 404, b'{"error":{"message":"not found","type":"invalid_request_error"}}')
         return
     req = orjson.loads(raw) if raw else {}
     model = str(req.get("model", "soak:text"))
     scenario = model.partition(":")[2] or "text"
     if scenario == "error-500":
         error = {"message": "scripted upstream failure", "type": "server_error", "param": None, "code": None}
-        await _respond(send, 500, orjson.dumps({"error": error}))
+        await respond(send, 500, orjson.dumps({"error": error}))
         return
     if not req.get("stream"):
         await asyncio.sleep(ANSWER_DELAY_S)
-        await _respond(send, 200, _completion(model, scenario))
+        await respond(send, 200, _completion(model, scenario))
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
     for i, (delta, finish) in enumerate(_deltas("text" if scenario == "drop" else scenario)):
