@@ -8,6 +8,9 @@ messages, so its index is extended with those instead of built again (DESIGN §8
 conversation, not quadratic over a session). The cached index is reused only when the new turn's
 messages start with exactly the messages it was built from (same JSON bytes) under the same tool kinds;
 anything else builds from scratch, so the result is always the one a full build gives.
+
+With a ``monitor:`` in the profile, the session's monitor features (``detector_service.monitor``) are kept and
+extended the same way, and each verdict carries the turn's risk; ``stakes.apply_risk`` decides what it changes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from detector_service.contract.profile import Profile
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import ACTION_STRENGTH, Action, Category, Finding, TurnEvent, Verdict
 from detector_service.detectors import dcv, ifu, loop, mtc, rules, wrco
+from detector_service.monitor import features as monitor_features
+from detector_service.monitor.model import domain_key, unusable
+from detector_service.monitor.score import Risk, score
 from detector_service.turn import ConversationIndex, TurnView, tool_calls_of, tools_by_name
 
 DETECTOR_VERSION = "0.2.0"
@@ -49,6 +55,7 @@ DETECTORS: dict[str, Detector] = {
 class _Cached:
     index: ConversationIndex
     digest: bytes  # of the messages the index was built from
+    features: monitor_features.FeatureState | None  # the monitor's, over the same messages
 
 
 def _digests(messages: list[dict[str, Any]], at: int) -> tuple[bytes, bytes] | None:
@@ -76,6 +83,8 @@ class Engine:
         # same session (another thread) builds its own instead of sharing one being extended.
         self._indexes: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
         self._indexes_lock = threading.Lock()
+        monitor = self.profile.monitor
+        self.monitor = monitor if monitor is not None and unusable(monitor) is None else None
 
     def index(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> ConversationIndex:
         """An index of ``messages``; extend it with ``add`` to follow a conversation incrementally."""
@@ -101,35 +110,51 @@ class Engine:
         return TurnView.of(index, candidate, tools, self.profile)
 
     def findings(self, turn: TurnEvent) -> list[Finding]:
+        return self.findings_for(self._scan(turn)[0])
+
+    def _scan(self, turn: TurnEvent) -> tuple[TurnView, monitor_features.FeatureState | None]:
+        """The turn's view and the session's monitor features (None without a monitor), both kept for its next turn."""
         key = (turn.tenant, turn.session_id)
-        index, digest = self._session_index(key, turn.messages, self.kinds(turn.tools))
-        found = self.findings_for(self.view(index, turn.candidate, tools_by_name(turn.tools)))
+        index, state, digest = self._session_index(key, turn.messages, self.kinds(turn.tools))
+        view = self.view(index, turn.candidate, tools_by_name(turn.tools))
         if digest is not None:
             with self._indexes_lock:
-                self._indexes[key] = _Cached(index, digest)
+                self._indexes[key] = _Cached(index, digest, state)
                 self._indexes.move_to_end(key)
                 while len(self._indexes) > MAX_CACHED_INDEXES:
                     self._indexes.popitem(last=False)  # least recently used first
-        return found
+        return view, state
 
     def _session_index(
         self, key: tuple[str, str], messages: list[dict[str, Any]], kinds: ToolKinds
-    ) -> tuple[ConversationIndex, bytes | None]:
+    ) -> tuple[ConversationIndex, monitor_features.FeatureState | None, bytes | None]:
         """The index of ``messages`` (extended from the session's previous one when that is a prefix of
-        them), and the digest to cache it under (None: not cacheable)."""
+        them), the monitor's features over the same messages, and the digest to cache them under (None: not
+        cacheable)."""
         with self._indexes_lock:
             cached = self._indexes.pop(key, None)
         at = cached.index.size if cached is not None else 0
         digests = _digests(messages, at)
-        if digests is None:
-            return ConversationIndex.build(messages, kinds), None
-        prefix, full = digests
-        if cached is not None and cached.index.kinds is kinds and at <= len(messages) and cached.digest == prefix:
-            index = cached.index
-            for m in messages[at:]:
-                index.add(m)
-            return index, full
-        return ConversationIndex.build(messages, kinds), full
+        if digests is not None and cached is not None:
+            prefix, full = digests
+            fresh = self.monitor is not None and cached.features is None
+            if cached.index.kinds is kinds and at <= len(messages) and cached.digest == prefix and not fresh:
+                index, state = cached.index, cached.features
+                for m in messages[at:]:
+                    index.add(m)
+                    if state is not None:
+                        state.add(m)
+                return index, state, full
+        index = ConversationIndex.build(messages, kinds)
+        state = monitor_features.FeatureState.build(messages, kinds) if self.monitor is not None else None
+        return index, state, None if digests is None else digests[1]
+
+    def risk(self, view: TurnView, state: monitor_features.FeatureState | None) -> Risk | None:
+        """The monitor's risk for the view's candidate turn (None without a monitor)."""
+        if self.monitor is None or state is None:
+            return None
+        x = monitor_features.vector(state, view.index, view.calls)
+        return score(self.monitor, x, [c.name for c in view.calls], domain_key(view.index.kinds.declared))
 
     def findings_for(self, view: TurnView) -> list[Finding]:
         out: list[Finding] = []
@@ -138,10 +163,16 @@ class Engine:
         return out
 
     def decide(
-        self, candidate: Mapping[str, Any], found: list[Finding], kinds: ToolKinds | None = None
+        self,
+        candidate: Mapping[str, Any],
+        found: list[Finding],
+        kinds: ToolKinds | None = None,
+        risk: Risk | None = None,
+        attempt: int = 0,
     ) -> tuple[Action, dict[str, Any] | None]:
         """The strongest action the findings ask for (each set on its finding from the decision table in
-        ``stakes``), and the repaired candidate when only repairs were found."""
+        ``stakes``, raised by the monitor's ``risk`` where ``stakes.apply_risk`` says so; a ``monitor_risk``
+        finding may be appended to ``found``), and the repaired candidate when only repairs were found."""
         kinds = kinds or ToolKinds(self.profile)
         calls = [
             {"id": c.get("id"), "name": (c.get("function") or {}).get("name")}
@@ -154,15 +185,19 @@ class Engine:
         }
         for f in found:
             f.action = stakes.action_for(self.profile, f, stakes.stakes_of(f, calls, kinds))
-            if ACTION_STRENGTH[f.action] > ACTION_STRENGTH[action]:
+        stakes.apply_risk(found, calls, kinds, risk, attempt)
+        for f in found:
+            if f.action is not None and ACTION_STRENGTH[f.action] > ACTION_STRENGTH[action]:
                 action = f.action
         rewritten = _rewrite(candidate, repairs) if repairs else None
         return action, rewritten
 
     def evaluate(self, turn: TurnEvent) -> Verdict:
         start = time.perf_counter()
-        found = self.findings(turn)
-        action, rewritten = self.decide(turn.candidate, found, self.kinds(turn.tools))
+        view, state = self._scan(turn)
+        found = self.findings_for(view)
+        risk = self.risk(view, state)
+        action, rewritten = self.decide(turn.candidate, found, view.index.kinds, risk, turn.attempt)
         return Verdict(
             turn_id=turn.turn_id,
             session_id=turn.session_id,
@@ -172,6 +207,9 @@ class Engine:
             rewritten=rewritten,
             detector_version=DETECTOR_VERSION,
             elapsed_ms=(time.perf_counter() - start) * 1000,
+            risk=None if risk is None else risk.value,
+            risk_features=[] if risk is None else list(risk.top),
+            risk_acting=risk is not None and risk.acting and turn.attempt == 0,
         )
 
 
@@ -185,8 +223,12 @@ def merge(
     """The verdict with more findings (e.g. the LLM judge's) folded in; the action is recomputed."""
     if not extra:
         return verdict
-    found = [*verdict.findings, *extra]
-    action, rewritten = engine.decide(candidate, found, engine.kinds(tools) if tools is not None else None)
+    # The monitor's own finding is decided again with the rest (the extra findings may already act).
+    found = [*(f for f in verdict.findings if f.detector != stakes.MONITOR_DETECTOR), *extra]
+    risk = None
+    if verdict.risk is not None and verdict.risk_acting:
+        risk = Risk(verdict.risk, verdict.risk, True, tuple(verdict.risk_features))
+    action, rewritten = engine.decide(candidate, found, engine.kinds(tools) if tools is not None else None, risk)
     return verdict.model_copy(update={"findings": found, "action": action, "rewritten": rewritten})
 
 

@@ -26,6 +26,13 @@ TEXT     guide      guide        guide
 The cell is a ceiling: the profile's action for the category and a calibrated entry for the finding
 (``findings:`` in the profile, written by ``fama analyze`` from outcomes) can only lower it. A repair of a
 malformed call (``arguments_repaired``) is no verdict on the agent and is always a rewrite.
+
+A learned monitor (``detector_service.monitor``) can raise a turn, never beyond a retry and only where harm is
+likely: at a WRITE or END turn whose risk is at or over the monitor's threshold, on the first attempt, the turn's
+guide-level findings about that action act (a retry with their feedback); with none, one ``monitor_risk``
+finding asks for a pre-write verification (check the call against the policy, the tool outputs and the user's
+words; the same call sent again then passes, since a retry is never checked by the monitor). Reads and plain
+text are never acted on; a monitor that abstains or is off changes nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ from enum import IntEnum
 
 from detector_service.contract.profile import Profile, ToolKind
 from detector_service.contract.toolkinds import ToolKinds, is_handoff
-from detector_service.contract.wire import ACTION_STRENGTH, Action, Finding
+from detector_service.contract.wire import ACTION_STRENGTH, Action, Category, Finding
+from detector_service.monitor.score import Risk
 
 
 class Stakes(IntEnum):
@@ -57,6 +65,8 @@ CEILING: dict[Stakes, dict[Evidence, Action]] = {
     Stakes.READ: {Evidence.STRONG: Action.GUIDE, Evidence.WEAK: Action.GUIDE, Evidence.STYLE: Action.GUIDE},
     Stakes.TEXT: {Evidence.STRONG: Action.GUIDE, Evidence.WEAK: Action.GUIDE, Evidence.STYLE: Action.GUIDE},
 }
+
+MONITOR_DETECTOR = "monitor_risk"
 
 # detector -> (evidence, whether the finding is about how the request ends rather than about a call)
 DETECTORS: dict[str, tuple[Evidence, bool]] = {
@@ -90,6 +100,8 @@ DETECTORS: dict[str, tuple[Evidence, bool]] = {
     "repeated_errors": (Evidence.WEAK, False),
     # the LLM judge: an opinion, never proof
     "llm_judge": (Evidence.WEAK, False),
+    # the learned monitor: a risk, never proof
+    MONITOR_DETECTOR: (Evidence.WEAK, False),
 }
 
 # Findings of the rules a profile (or the policy text) declares; those of rules about one tool are counted per tool.
@@ -153,4 +165,66 @@ def action_for(profile: Profile, finding: Finding, stakes: Stakes) -> Action:
     return action
 
 
-__all__ = ["CEILING", "DETECTORS", "Evidence", "Stakes", "action_for", "entry_key", "evidence_of", "stakes_of"]
+def turn_stakes(found: Sequence[Finding], calls: Sequence[Mapping[str, str | None]], kinds: ToolKinds) -> Stakes:
+    """What the whole turn can do: its strongest call, or END when a finding is about how the request ends."""
+    out = max((_call_stakes(str(c.get("name") or ""), kinds) for c in calls), default=Stakes.TEXT)
+    if out < Stakes.END and any(DETECTORS.get(f.detector, (Evidence.WEAK, False))[1] for f in found):
+        return Stakes.END
+    return out
+
+
+def _verification(risk: Risk, write: bool) -> Finding:
+    raised = ", ".join(risk.top) or "the run so far"
+    return Finding(
+        category=Category.DCV if write else Category.IFU,
+        detector=MONITOR_DETECTOR,
+        message=(
+            f"Runs like this one often go wrong at this step (risk {risk.value:.2f}; raised by {raised}). Before "
+            "making this call, check it against the policy, the tool outputs and the user's own words: every "
+            "argument must come from a tool output or from the user, and the user must have explicitly confirmed "
+            "exactly this action. If it holds, make the same call again unchanged; otherwise correct it or ask "
+            "the user."
+        ),
+        evidence={"risk": risk.value, "threshold": risk.threshold, "features": list(risk.top)},
+    )
+
+
+def apply_risk(
+    found: list[Finding],
+    calls: Sequence[Mapping[str, str | None]],
+    kinds: ToolKinds,
+    risk: Risk | None,
+    attempt: int = 0,
+) -> None:
+    """Raise a risky WRITE/END turn (see the module's docstring): the guide-level findings about that action become
+    retries, or a ``monitor_risk`` verification finding is added. ``found``'s actions must already be decided."""
+    if risk is None or not risk.acting or attempt > 0:
+        return
+    stakes = turn_stakes(found, calls, kinds)
+    if stakes < Stakes.END:
+        return
+    guiding = [f for f in found if f.action is Action.GUIDE and stakes_of(f, calls, kinds) >= Stakes.END]
+    for f in guiding:
+        f.action = Action.RETRY
+        f.evidence = {**f.evidence, "risk": risk.value, "risk_features": list(risk.top)}
+    if not guiding and not any(
+        f.action is not None and ACTION_STRENGTH[f.action] >= ACTION_STRENGTH[Action.RETRY] for f in found
+    ):
+        finding = _verification(risk, stakes is Stakes.WRITE)
+        finding.action = Action.RETRY
+        found.append(finding)
+
+
+__all__ = [
+    "CEILING",
+    "DETECTORS",
+    "MONITOR_DETECTOR",
+    "Evidence",
+    "Stakes",
+    "action_for",
+    "apply_risk",
+    "entry_key",
+    "evidence_of",
+    "stakes_of",
+    "turn_stakes",
+]

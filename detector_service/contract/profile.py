@@ -186,6 +186,45 @@ class Calibration(_Strict):
     rule: str | None = None
 
 
+class MonitorFigures(_Strict):
+    """What grouped cross-validation measured on the training runs, table alone and table + monitor."""
+
+    folds: int = Field(default=0, ge=0)
+    groups: int = Field(default=0, ge=0)
+    failed: int = Field(default=0, ge=0)
+    passed: int = Field(default=0, ge=0)
+    table_failed_flagged: float = 0.0
+    table_passed_flagged: float = 0.0
+    monitor_failed_flagged: float = 0.0
+    monitor_passed_flagged: float = 0.0
+    auprc: float | None = None  # prefix warning: each turn's risk against its run's outcome
+
+
+class MonitorConfig(_Strict):
+    """A risk monitor learned from outcomes by ``fama analyze`` (``detector_service.monitor``): a logistic
+    regression over the versioned features, stored as numbers (no pickle). ``enabled`` only when grouped
+    cross-validation showed it catches more failed runs within ``budget`` (the share of passed runs the table
+    and the monitor together may act on); otherwise ``why`` says what it showed. ``min_turns``: a pending tool
+    or a tool set (``domains``, by ``monitor.model.domain_key``) seen on fewer training turns makes it abstain.
+    """
+
+    enabled: bool = False
+    why: str | None = None
+    budget: float = Field(default=0.08, ge=0.0, le=1.0)
+    feature_version: str = ""
+    features: list[str] = Field(default_factory=list)
+    center: list[float] = Field(default_factory=list)
+    scale: list[float] = Field(default_factory=list)
+    coefficients: list[float] = Field(default_factory=list)
+    intercept: float = 0.0
+    threshold: float = Field(default=1.0, ge=0.0, le=1.0)
+    min_turns: int = Field(default=20, ge=0)
+    tools: dict[str, int] = Field(default_factory=dict)  # pending tool -> training turns
+    domains: dict[str, int] = Field(default_factory=dict)  # tool-set key -> training turns
+    fingerprint: str = ""  # sha256 of the training runs (ids, rewards) and the feature version
+    cv: MonitorFigures | None = None
+
+
 FailPolicy = Literal["open", "closed"]
 
 
@@ -204,6 +243,7 @@ class Profile(_Strict):
     actions: dict[Category, Action] = Field(default_factory=lambda: dict(DEFAULT_ACTIONS))
     findings: dict[str, FindingEntry] = Field(default_factory=dict)  # calibrated caps, per kind of finding
     calibration: Calibration | None = None
+    monitor: MonitorConfig | None = None  # learned by ``fama analyze``; absent (zero-config) = no monitor
     max_retries: int = Field(default=2, ge=0, le=5)
     deadline_ms: int = Field(default=250, ge=1, le=120_000)
     on_timeout: dict[str, FailPolicy] = Field(default_factory=_default_on_timeout)

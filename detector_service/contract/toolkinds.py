@@ -66,6 +66,7 @@ class ToolKinds:
             name = fn.get("name") if isinstance(fn, Mapping) else None
             if isinstance(name, str):
                 self._cache[name] = self._resolve(name, annotations_of(tool))
+        self.declared = tuple(sorted(self._cache))  # the tools array's names: which deployment this is
 
     def _resolve(self, name: str, annotations: Mapping[str, Any]) -> ToolKind:
         if name in self._profile:

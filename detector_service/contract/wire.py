@@ -105,6 +105,11 @@ class Verdict(_Wire):
     detector_version: str = "0"
     elapsed_ms: float = 0.0
     worker: str | None = None
+    # The learned monitor's risk for this turn (None: no monitor), the features that raised it, and whether it
+    # acted (on, not abstaining, at or over its threshold, first attempt).
+    risk: float | None = None
+    risk_features: list[str] = Field(default_factory=list)
+    risk_acting: bool = False
 
     @property
     def categories(self) -> list[Category]:

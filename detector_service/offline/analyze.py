@@ -45,6 +45,7 @@ from detector_service.contract.wire import Action, Category, Severity
 from detector_service.engine import Engine
 from detector_service.offline.calibrate import calibrate
 from detector_service.offline.replay import replay
+from detector_service.offline.training import train_monitor
 from detector_service.offline.trajectories import Replayed, Trajectory, TrajectoryError, load, load_tools
 from detector_service.policytext import extract_rules
 from detector_service.turn import text_of, tool_calls_of
@@ -175,6 +176,8 @@ def analyze_command(
     kept = [t for t in trajectories if str(t.extra.get("agent_model")) not in set(leave_out)]
     built, report = build_profile(kept, default_tools)
     calibrated = calibrate(base if base is not None else built, kept, default_tools)
+    monitor = train_monitor(calibrated, kept, default_tools)
+    calibrated = calibrated.model_copy(update={"monitor": monitor})
     out.write_text(dump_profile(calibrated), encoding="utf-8")
     try:
         load_profile(out)  # what we write must be what serve and replay accept
@@ -196,6 +199,17 @@ def analyze_command(
     for key, entry in calibrated.findings.items():
         findings.add_row(key, str(entry.failed), str(entry.passed), entry.action.value)
     Console().print(findings)
+    cv = monitor.cv
+    Console().print(
+        f"monitor {monitor.why or ''}"
+        + (
+            f"; cross-validated failed / passed flagged: table {cv.table_failed_flagged:.1%} / "
+            f"{cv.table_passed_flagged:.1%}, with the monitor {cv.monitor_failed_flagged:.1%} / "
+            f"{cv.monitor_passed_flagged:.1%}; prefix-warning AUPRC {cv.auprc}; threshold {monitor.threshold}"
+            if cv is not None
+            else ""
+        )
+    )
     Console().print(
         f"{report['failed']} failed, {report['passed']} passed; agents: "
         f"{', '.join(a.value for a in calibrated.agents) or 'none'}; rules: {len(calibrated.rules)}; "

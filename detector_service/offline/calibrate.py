@@ -94,7 +94,10 @@ def decide(key: str, t: Tally, failed_runs: int, passed_runs: int) -> FindingEnt
 def calibrate(profile: Profile, trajectories: Sequence[Trajectory], tools: list[dict[str, Any]]) -> Profile:
     """``profile`` with its ``findings:`` entries and ``calibration`` recomputed from ``trajectories``."""
     base = profile.model_copy(update={"findings": {}, "calibration": None})
-    tallies, failed_runs, passed_runs = tally(replay(Engine(base), trajectories, tools))
+    # The table alone is counted: a monitor the profile carries is trained afterwards, on top of these entries.
+    tallies, failed_runs, passed_runs = tally(
+        replay(Engine(base.model_copy(update={"monitor": None})), trajectories, tools)
+    )
     entries = {}
     for key in sorted(tallies):
         entry = decide(key, tallies[key], failed_runs, passed_runs)

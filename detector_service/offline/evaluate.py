@@ -2,12 +2,15 @@
 
 For every ``trajectories/*.jsonl`` file (each record names its ``domain`` and ``source_format``; tools come
 from ``domains/<tau1|tau2>-<domain>/tools_openai.json``, write tools from that folder's ``tools.json``
-``kind``) three settings are replayed:
+``kind``) these settings are replayed:
 
 - ``zero-config``: no profile;
 - ``profiles``: ``<profiles>/<domain>.yaml`` as shipped (its ``findings:`` entries calibrated on all runs);
-- ``leave-one-model-out``: the same profile with its ``findings:`` recalibrated on the runs of the *other*
-  models of that domain only, so no entry is tuned to the model it is scored on.
+- ``lomo`` (leave one model out): the same profile with its ``findings:`` recalibrated on the runs of the
+  *other* models of that domain only, so no entry is tuned to the model it is scored on;
+- ``lto`` (leave the task out) and ``deployment`` (each file learned on half its tasks): see
+  ``offline.protocols``; each of ``lto``, ``lomo`` and ``deployment`` also as ``<name>+monitor``, with the risk
+  monitor trained on the same runs as the table.
 
 Each is reported per file, per model, per domain and pooled, on acting flags and on all flags: failed runs
 flagged, passed runs flagged, prevention (``evaluation.outcomes``). Output: markdown tables on stdout,
@@ -25,10 +28,11 @@ import orjson
 from detector_service.contract.profile import Profile, ProfileError, ToolKind, load_profile
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.engine import Engine
+from detector_service.offline import protocols
 from detector_service.offline.calibrate import calibrate, with_calibration
 from detector_service.offline.evaluation import outcome_tables
 from detector_service.offline.replay import replay
-from detector_service.offline.trajectories import Replayed, Trajectory, TrajectoryError, load, load_tools
+from detector_service.offline.trajectories import Replayed, TrajectoryError, load, load_tools
 
 
 class _File:
@@ -57,22 +61,24 @@ def _profile(profiles: Path, domain: str) -> Profile:
     return load_profile(path) if path.exists() else Profile()
 
 
-def lomo_profile(base: Profile, held_out: _File, files: Sequence[_File]) -> Profile:
-    """``base`` recalibrated on the runs of the other models of ``held_out``'s domain."""
-    training: list[Trajectory] = [
-        t for f in files if f.domain == held_out.domain and f.model != held_out.model for t in f.trajectories
-    ]
-    return calibrate(base, training, held_out.tools)
-
-
 def evaluate(data: Path, profiles: Path) -> dict[str, Any]:
+    """Every setting's outcome tables (``tables[setting]["pooled" | "per_file" | ...]``), and under ``"monitor"`` the
+    prefix-warning AUPRC of each protocol and which trainings switched the monitor on."""
     files = [_File(p, data) for p in sorted((data / "trajectories").glob("*.jsonl"))]
     zero = [replay(Engine(Profile()), f.trajectories, f.tools) for f in files]
     shipped = [replay(Engine(_profile(profiles, f.domain)), f.trajectories, f.tools) for f in files]
-    lomo = [
-        replay(Engine(lomo_profile(_profile(profiles, f.domain), f, files)), f.trajectories, f.tools) for f in files
-    ]
-    return {"zero-config": _rows(files, zero), "profiles": _rows(files, shipped), "lomo": _rows(files, lomo)}
+    out = {"zero-config": _rows(files, zero), "profiles": _rows(files, shipped)}
+    monitor: dict[str, Any] = {}
+    for name, protocol in (
+        ("lto", protocols.leave_task_out),
+        ("lomo", protocols.leave_model_out),
+        ("deployment", protocols.deployment),
+    ):
+        scored = protocol(files, lambda domain: _profile(profiles, domain))
+        out[name] = _rows(files, scored.table)
+        out[f"{name}+monitor"] = _rows(files, scored.monitor)
+        monitor[name] = {"auprc": protocols.auprc(scored.risks), "switched_on": scored.switched_on}
+    return {**out, "monitor": monitor}
 
 
 def _cell(row: dict[str, Any]) -> str:
@@ -85,7 +91,7 @@ def _cell(row: dict[str, Any]) -> str:
 def markdown(tables: dict[str, Any], view: str = "acting") -> str:
     """One table per grouping: rows = files (models, domains, pooled), columns = the three settings, each cell
     failed flagged / passed flagged / prevention."""
-    settings = list(tables)
+    settings = [name for name, table in tables.items() if "pooled" in table]
     lines = []
     for group in ("per_file", "per_model", "per_domain"):
         lines.append(f"\n{view} flags, {group.replace('_', ' ')}: failed flagged / passed flagged / prevention\n")
@@ -130,6 +136,11 @@ def evaluate_command(data: Path, *, profiles: Path, json_out: Path | None = None
         return 2
     print(markdown(tables, "acting"))
     print(markdown(tables, "all"))
+    print("\nmonitor: prefix-warning AUPRC (turn risks against run outcomes) and trainings that switched it on\n")
+    for name, row in tables["monitor"].items():
+        print(
+            f"- {name}: AUPRC {row['auprc']}; on in {len(row['switched_on'])}: {', '.join(row['switched_on']) or '-'}"
+        )
     if json_out is not None:
         json_out.write_bytes(orjson.dumps(tables, option=orjson.OPT_INDENT_2))
     return 0

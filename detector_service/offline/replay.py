@@ -27,35 +27,63 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from detector_service import stakes
 from detector_service.contract.profile import Profile, ProfileError, load_profile
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import TurnEvent
 from detector_service.engine import Engine
 from detector_service.llm.judge import Judge, JudgeError, make_client, worth_judging
+from detector_service.monitor.features import FeatureState, vector
+from detector_service.monitor.model import domain_key
 from detector_service.offline.evaluation import outcome_tables, score
-from detector_service.offline.trajectories import Flag, Replayed, Trajectory, TrajectoryError, load, load_tools
+from detector_service.offline.trajectories import (
+    Flag,
+    Replayed,
+    Trajectory,
+    TrajectoryError,
+    TurnFeatures,
+    load,
+    load_tools,
+)
 from detector_service.turn import ConversationIndex, agent_messages, tools_by_name
 
 
-def replay_one(engine: Engine, trajectory: Trajectory, default_tools: list[dict[str, Any]]) -> Replayed:
+def replay_one(
+    engine: Engine, trajectory: Trajectory, default_tools: list[dict[str, Any]], collect: bool = False
+) -> Replayed:
+    """One trajectory, turn by turn; with ``collect`` each assistant turn's monitor features are kept too."""
     tools = trajectory.tools if trajectory.tools is not None else default_tools
     by_name = tools_by_name(tools)
     kinds = ToolKinds(engine.profile, tools)
     index = ConversationIndex(kinds=kinds)
+    state = FeatureState(kinds) if collect or engine.monitor is not None else None
+    domain = domain_key(kinds.declared)
     out = Replayed(trajectory)
     for i, message in enumerate(trajectory.messages):
         if message.get("role") == "assistant":
             out.turns += 1
-            found = engine.findings_for(engine.view(index, message, by_name))
-            engine.decide(message, found, kinds)  # sets each finding's action from the decision table
+            view = engine.view(index, message, by_name)
+            found = engine.findings_for(view)
+            risk = engine.risk(view, state)
+            engine.decide(message, found, kinds, risk)  # sets each finding's action from the decision table
+            value, top = (None, ()) if risk is None else (risk.value, risk.top)
             for f in found:
-                out.flags.append(Flag(turn=i, finding=f, action=str(f.action)))
+                out.flags.append(Flag(turn=i, finding=f, action=str(f.action), risk=value, risk_features=top))
+            if collect and state is not None:
+                calls = [{"id": c.call_id, "name": c.name} for c in view.calls]
+                eligible = stakes.turn_stakes(found, calls, kinds) >= stakes.Stakes.END
+                pending = tuple(c.name for c in view.calls)
+                out.features.append(TurnFeatures(i, vector(state, index, view.calls), pending, domain, eligible))
         index.add(message)
+        if state is not None:
+            state.add(message)
     return out
 
 
-def replay(engine: Engine, trajectories: Iterable[Trajectory], tools: list[dict[str, Any]]) -> list[Replayed]:
-    return [replay_one(engine, t, tools) for t in trajectories]
+def replay(
+    engine: Engine, trajectories: Iterable[Trajectory], tools: list[dict[str, Any]], collect: bool = False
+) -> list[Replayed]:
+    return [replay_one(engine, t, tools, collect) for t in trajectories]
 
 
 @dataclass(slots=True)

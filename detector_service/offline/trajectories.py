@@ -180,15 +180,32 @@ class Flag:
     turn: int
     finding: Finding
     action: str
+    risk: float | None = None  # the learned monitor's risk for the turn (None: no monitor)
+    risk_features: tuple[str, ...] = ()  # the features that raised it most
 
     def record(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "turn": self.turn,
             "category": self.finding.category.value,
             "detector": self.finding.detector,
             "action": self.action,
             "message": self.finding.message,
         }
+        if self.risk is not None:
+            out["risk"] = self.risk
+            out["risk_features"] = list(self.risk_features)
+        return out
+
+
+@dataclass(slots=True)
+class TurnFeatures:
+    """One assistant turn as the monitor sees it, collected by replay for training."""
+
+    turn: int
+    x: list[float]
+    pending: tuple[str, ...]  # the names of the turn's calls
+    domain: str  # ``monitor.model.domain_key`` of the tools array
+    eligible: bool  # a WRITE or END turn: where the monitor may act
 
 
 @dataclass(slots=True)
@@ -196,6 +213,7 @@ class Replayed:
     trajectory: Trajectory
     flags: list[Flag] = field(default_factory=list)
     turns: int = 0
+    features: list[TurnFeatures] = field(default_factory=list)  # filled only when replay is asked to collect
 
     def record(self) -> dict[str, Any]:
         return {"id": self.trajectory.id, "reward": self.trajectory.reward, "flags": [f.record() for f in self.flags]}

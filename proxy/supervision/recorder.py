@@ -50,6 +50,8 @@ class Intervention(BaseModel):
     final: dict[str, Any] | None = None  # what the client received; None when nothing was sent
     message: str = ""  # the corrective feedback or reason
     attempt: int = 0
+    risk: float | None = None  # the learned monitor's risk for the turn, when the profile has a monitor
+    risk_features: list[str] = Field(default_factory=list)  # the features that raised it most
     ts_ms: int = Field(default_factory=now_ms)
 
 

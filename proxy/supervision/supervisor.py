@@ -281,6 +281,8 @@ class Supervisor(ChatHooks[Turn]):
                     final=decision.replacement,  # None for a retry: the rejected attempt is never sent
                     message=why or f"no verdict ({decision.degraded})",
                     attempt=event.attempt,
+                    risk=outcome.verdict.risk if outcome.verdict is not None else None,
+                    risk_features=outcome.verdict.risk_features if outcome.verdict is not None else [],
                 )
             )
 
