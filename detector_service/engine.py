@@ -31,7 +31,7 @@ from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import ACTION_STRENGTH, Action, Category, Finding, TurnEvent, Verdict
 from detector_service.detectors import dcv, ifu, loop, mtc, rules, wrco
 from detector_service.monitor import features as monitor_features
-from detector_service.monitor.model import domain_key, unusable
+from detector_service.monitor.model import unusable
 from detector_service.monitor.score import Risk, score
 from detector_service.turn import ConversationIndex, TurnView, tool_calls_of, tools_by_name
 
@@ -154,7 +154,7 @@ class Engine:
         if self.monitor is None or state is None:
             return None
         x = monitor_features.vector(state, view.index, view.calls)
-        return score(self.monitor, x, [c.name for c in view.calls], domain_key(view.index.kinds.declared))
+        return score(self.monitor, x, [c.name for c in view.calls], view.index.kinds.declared)
 
     def findings_for(self, view: TurnView) -> list[Finding]:
         out: list[Finding] = []

@@ -15,7 +15,6 @@ from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import Action, Category, Finding, TurnEvent
 from detector_service.engine import Engine
 from detector_service.monitor.features import FEATURE_VERSION, FEATURES, FeatureState, vector
-from detector_service.monitor.model import domain_key
 from detector_service.monitor.score import Risk, score
 from detector_service.offline.training import train_monitor
 from detector_service.offline.trajectories import Trajectory, load
@@ -119,7 +118,13 @@ def test_features_say_what_the_turn_is() -> None:
 
 
 def test_a_monitor_round_trips_through_the_profile_file_as_plain_numbers(tmp_path: Path) -> None:
-    profile = Profile(monitor=_monitor(tools={"cancel_reservation": 40}, domains={"abc": 40}, fingerprint="f" * 64))
+    profile = Profile(
+        monitor=_monitor(
+            tools={"cancel_reservation": 40},
+            declared={"cancel_reservation": 40, "get_reservation_details": 40},
+            fingerprint="f" * 64,
+        )
+    )
     path = tmp_path / "p.yaml"
     path.write_text(dump_profile(profile))
     text = path.read_text()
@@ -131,24 +136,28 @@ def test_a_monitor_round_trips_through_the_profile_file_as_plain_numbers(tmp_pat
     assert loaded == written
     view, state = _view(CONFIRMED, {"role": "assistant", "tool_calls": [CANCEL]})
     x = vector(state, view.index, view.calls)
-    assert score(loaded, x, ["cancel_reservation"], "abc") == score(written, x, ["cancel_reservation"], "abc")
+    assert score(loaded, x, ["cancel_reservation"], KINDS.declared) == score(
+        written, x, ["cancel_reservation"], KINDS.declared
+    )
 
 
 def test_a_monitor_of_another_feature_version_never_scores() -> None:
     old = _monitor(feature_version="0")
     assert Engine(Profile(monitor=old)).monitor is None
-    assert score(old, [1.0] * len(FEATURES), [], "x").abstained is not None
+    assert score(old, [1.0] * len(FEATURES), [], ()).abstained is not None
 
 
 def test_it_abstains_on_a_tool_or_a_tool_set_it_was_not_trained_on() -> None:
-    monitor = _monitor(min_turns=20, tools={"cancel_reservation": 40}, domains={domain_key(KINDS.declared): 40})
+    declared = KINDS.declared
+    monitor = _monitor(min_turns=20, tools={"cancel_reservation": 40}, declared=dict.fromkeys(declared, 40))
     view, state = _view(CONFIRMED, {"role": "assistant", "tool_calls": [CANCEL]})
     x = vector(state, view.index, view.calls)
-    assert score(monitor, x, ["cancel_reservation"], domain_key(KINDS.declared)).acting
-    unknown_tool = score(monitor, x, ["book_reservation"], domain_key(KINDS.declared))
+    assert score(monitor, x, ["cancel_reservation"], declared).acting
+    unknown_tool = score(monitor, x, ["book_reservation"], declared)
     assert not unknown_tool.acting
     assert "book_reservation" in (unknown_tool.abstained or "")
-    assert not score(monitor, x, ["cancel_reservation"], "other").acting
+    other_domain = ("get_order_details", "return_delivered_order_items", "cancel_reservation")
+    assert not score(monitor, x, ["cancel_reservation"], other_domain).acting
 
 
 # -- the decision -----------------------------------------------------------------------------------------------

@@ -205,7 +205,8 @@ class MonitorConfig(_Strict):
     regression over the versioned features, stored as numbers (no pickle). ``enabled`` only when grouped
     cross-validation showed it catches more failed runs within ``budget`` (the share of passed runs the table
     and the monitor together may act on); otherwise ``why`` says what it showed. ``min_turns``: a pending tool
-    or a tool set (``domains``, by ``monitor.model.domain_key``) seen on fewer training turns makes it abstain.
+    seen on fewer training turns, or a request most of whose declared tools were (another domain), makes it
+    abstain.
     """
 
     enabled: bool = False
@@ -220,7 +221,7 @@ class MonitorConfig(_Strict):
     threshold: float = Field(default=1.0, ge=0.0, le=1.0)
     min_turns: int = Field(default=20, ge=0)
     tools: dict[str, int] = Field(default_factory=dict)  # pending tool -> training turns
-    domains: dict[str, int] = Field(default_factory=dict)  # tool-set key -> training turns
+    declared: dict[str, int] = Field(default_factory=dict)  # tool declared in training requests -> training turns
     fingerprint: str = ""  # sha256 of the training runs (ids, rewards) and the feature version
     cv: MonitorFigures | None = None
 

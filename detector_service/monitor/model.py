@@ -10,11 +10,6 @@ from detector_service.contract.profile import MonitorConfig
 from detector_service.monitor.features import FEATURE_VERSION, FEATURES
 
 
-def domain_key(tool_names: Iterable[str]) -> str:
-    """Which deployment a tools array belongs to: a short digest of its sorted tool names."""
-    return hashlib.sha256("\n".join(sorted(set(tool_names))).encode()).hexdigest()[:12]
-
-
 def fingerprint(runs: Iterable[tuple[str, float | None]]) -> str:
     """The training data's identity: the feature version and every (run id, reward), in order."""
     h = hashlib.sha256(FEATURE_VERSION.encode())
@@ -35,4 +30,4 @@ def unusable(monitor: MonitorConfig) -> str | None:
     return None
 
 
-__all__ = ["domain_key", "fingerprint", "unusable"]
+__all__ = ["fingerprint", "unusable"]

@@ -35,24 +35,27 @@ def probability(monitor: MonitorConfig, x: Sequence[float]) -> tuple[float, list
     return e / (1.0 + e), parts
 
 
-def abstains(monitor: MonitorConfig, pending: Sequence[str], domain: str) -> str | None:
-    """Why the monitor stays out of this turn: a tool set or a pending tool too rarely seen in training."""
-    if monitor.domains.get(domain, 0) < monitor.min_turns:
-        return f"tool set {domain} had {monitor.domains.get(domain, 0)} training turns"
+def abstains(monitor: MonitorConfig, pending: Sequence[str], declared: Sequence[str]) -> str | None:
+    """Why the monitor stays out of this turn: a request whose declared tools are mostly unknown to its training
+    (another domain), or a pending tool too rarely seen there."""
+    known = sum(monitor.declared.get(name, 0) >= monitor.min_turns for name in declared)
+    if 2 * known <= len(declared):
+        return f"{known} of the request's {len(declared)} tools were declared in {monitor.min_turns}+ training turns"
     for name in pending:
         if monitor.tools.get(name, 0) < monitor.min_turns:
             return f"tool {name} had {monitor.tools.get(name, 0)} training turns"
     return None
 
 
-def score(monitor: MonitorConfig, x: Sequence[float], pending: Sequence[str], domain: str) -> Risk:
+def score(monitor: MonitorConfig, x: Sequence[float], pending: Sequence[str], declared: Sequence[str]) -> Risk:
+    """The risk of a turn with features ``x`` calling ``pending`` in a request declaring the tools ``declared``."""
     why = unusable(monitor)
     if why is not None:
         return Risk(0.0, monitor.threshold, False, (), why)
     value, parts = probability(monitor, x)
     ranked = sorted(range(len(parts)), key=lambda i: -parts[i])
     top = tuple(monitor.features[i] for i in ranked[:TOP] if parts[i] > 0)
-    why = abstains(monitor, pending, domain)
+    why = abstains(monitor, pending, declared)
     acting = monitor.enabled and why is None and value >= monitor.threshold
     return Risk(round(value, 4), monitor.threshold, acting, top, why)
 

@@ -34,7 +34,6 @@ from detector_service.contract.wire import TurnEvent
 from detector_service.engine import Engine
 from detector_service.llm.judge import Judge, JudgeError, make_client, worth_judging
 from detector_service.monitor.features import FeatureState, vector
-from detector_service.monitor.model import domain_key
 from detector_service.offline.evaluation import outcome_tables, score
 from detector_service.offline.trajectories import (
     Flag,
@@ -57,7 +56,6 @@ def replay_one(
     kinds = ToolKinds(engine.profile, tools)
     index = ConversationIndex(kinds=kinds)
     state = FeatureState(kinds) if collect or engine.monitor is not None else None
-    domain = domain_key(kinds.declared)
     out = Replayed(trajectory)
     for i, message in enumerate(trajectory.messages):
         if message.get("role") == "assistant":
@@ -73,7 +71,9 @@ def replay_one(
                 calls = [{"id": c.call_id, "name": c.name} for c in view.calls]
                 eligible = stakes.turn_stakes(found, calls, kinds) >= stakes.Stakes.END
                 pending = tuple(c.name for c in view.calls)
-                out.features.append(TurnFeatures(i, vector(state, index, view.calls), pending, domain, eligible))
+                out.features.append(
+                    TurnFeatures(i, vector(state, index, view.calls), pending, kinds.declared, eligible)
+                )
         index.add(message)
         if state is not None:
             state.add(message)

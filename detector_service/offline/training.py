@@ -11,7 +11,8 @@ On those out-of-fold risks a run is flagged by the table (its acting flags) or b
 or over the threshold where the monitor does not abstain). The threshold is the lowest one that keeps the share of
 passed runs flagged within the budget (the profile's ``monitor.budget``, default 8%). The monitor is switched on
 only when, at that threshold, cross-validation catches at least ``MIN_GAIN`` more failed runs than the table
-alone; otherwise it is written off, with the reason. Fewer than ``MIN_PASSED`` passed runs cannot measure a budget
+alone, and adds at least ``MIN_LIFT`` times as large a share of failed runs as of passed ones (the rule
+``calibrate`` holds a finding to); otherwise it is written off, with the reason. Fewer than ``MIN_PASSED`` passed runs cannot measure a budget
 of a few percent: no monitor is trained from them.
 """
 
@@ -38,6 +39,7 @@ from detector_service.turn import text_of
 
 FOLDS = 5
 MIN_GAIN = 2  # failed runs cross-validation must catch beyond the table before the monitor acts
+MIN_LIFT = 2.0  # and as a share of failed runs, at least this many times the share of passed runs it adds
 MIN_TURNS = 20  # training turns a pending tool or a tool set needs before the monitor judges it
 MIN_PASSED = 20  # passed training runs before a budget of a few percent can be measured at all
 MODEL_MIN_PASSED = 10  # passed runs of one agent model before the budget is also held for that model alone
@@ -95,13 +97,13 @@ def _fit(rows: Sequence[list[float]], labels: Sequence[int]) -> MonitorConfig | 
 
 def _support(runs: Sequence[_Run]) -> tuple[dict[str, int], dict[str, int]]:
     tools: Counter[str] = Counter()
-    domains: Counter[str] = Counter()
+    declared: Counter[str] = Counter()
     for r in runs:
         for f in r.replayed.features:
             if f.eligible:
                 tools.update(set(f.pending))
-                domains[f.domain] += 1
-    return dict(sorted(tools.items())), dict(sorted(domains.items()))
+                declared.update(f.declared)
+    return dict(sorted(tools.items())), dict(sorted(declared.items()))
 
 
 def _train(runs: Sequence[_Run], min_turns: int) -> MonitorConfig | None:
@@ -111,8 +113,8 @@ def _train(runs: Sequence[_Run], min_turns: int) -> MonitorConfig | None:
     fitted = _fit(rows, labels)
     if fitted is None:
         return None
-    tools, domains = _support(runs)
-    return fitted.model_copy(update={"tools": tools, "domains": domains, "min_turns": min_turns})
+    tools, declared = _support(runs)
+    return fitted.model_copy(update={"tools": tools, "declared": declared, "min_turns": min_turns})
 
 
 def _folds(runs: Sequence[_Run], folds: int) -> list[list[int]]:
@@ -138,7 +140,7 @@ def out_of_fold(runs: Sequence[_Run], folds: int, min_turns: int) -> list[list[t
                     out[i].append((0.0, False))
                     continue
                 risk, _ = probability(model, f.x)
-                out[i].append((risk, f.eligible and abstains(model, f.pending, f.domain) is None))
+                out[i].append((risk, f.eligible and abstains(model, f.pending, f.declared) is None))
     return out
 
 
@@ -252,11 +254,16 @@ def train_monitor(
     if model is None:
         return off.model_copy(update={"why": "one outcome only", "cv": cv})
     gain = round((shares["monitor_failed_flagged"] - shares["table_failed_flagged"]) * failed)
-    enabled = threshold is not None and gain >= MIN_GAIN
+    added_failed = shares["monitor_failed_flagged"] - shares["table_failed_flagged"]
+    added_passed = shares["monitor_passed_flagged"] - shares["table_passed_flagged"]
+    enabled = threshold is not None and gain >= MIN_GAIN and added_failed >= MIN_LIFT * added_passed
     if threshold is None:
         why = f"off: {reason}, over the budget of {budget:.0%}"
     elif not enabled:
-        why = f"off: within the budget of {budget:.0%} it caught {gain} more failed runs in cross-validation"
+        why = (
+            f"off: within the budget of {budget:.0%} it caught {gain} more failed runs ({added_failed:.1%}) for "
+            f"{added_passed:.1%} more passed runs in cross-validation"
+        )
     else:
         why = f"on: {gain} more failed runs caught in cross-validation within the budget of {budget:.0%}"
     return model.model_copy(

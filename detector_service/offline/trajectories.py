@@ -204,7 +204,7 @@ class TurnFeatures:
     turn: int
     x: list[float]
     pending: tuple[str, ...]  # the names of the turn's calls
-    domain: str  # ``monitor.model.domain_key`` of the tools array
+    declared: tuple[str, ...]  # the tools the request declared
     eligible: bool  # a WRITE or END turn: where the monitor may act
 
 
