@@ -12,6 +12,7 @@ from detector_service.contract.profile import (
     load_profile,
 )
 from detector_service.contract.wire import Category
+from detector_service.monitor.features import FEATURE_VERSION, FEATURES
 from detector_service.offline.analyze import AGENTS_FOR, analyze_command, select_agents
 from tests.tau_turns import DOMAIN, QWEN, V1
 
@@ -90,3 +91,28 @@ def test_analyze_calibrates_a_profile_leaving_a_model_out(tau_dir: Path, tmp_pat
     assert left.findings == {}
     assert left.calibration is not None
     assert left.calibration.failed == 0
+
+
+@pytest.mark.tau
+def test_analyze_writes_the_monitor_it_trained_with_its_figures(tau_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "monitored.yaml"
+    base = Path(__file__).resolve().parents[1] / "profiles" / "airline.yaml"
+    tools = tau_dir / "domains" / DOMAIN[V1] / "tools_openai.json"
+    assert analyze_command([tau_dir / "trajectories" / V1], tools=tools, out=out, profile=base) == 0
+    monitor = load_profile(out).monitor
+    assert monitor is not None
+    assert monitor.feature_version == FEATURE_VERSION
+    assert len(monitor.coefficients) == len(monitor.features) == len(FEATURES)
+    assert len(monitor.fingerprint) == 64
+    assert monitor.cv is not None
+    assert (monitor.cv.failed, monitor.cv.passed) == (67, 53)
+    assert monitor.cv.groups == 30  # tasks: the runs of one task are never split between training and scoring
+    assert monitor.why is not None
+    # On or off, cross-validation kept table + monitor within the budget, and on only with more failed runs caught.
+    assert monitor.cv.monitor_passed_flagged <= monitor.budget
+    if monitor.enabled:
+        assert monitor.cv.monitor_failed_flagged > monitor.cv.table_failed_flagged
+    # Trained twice on the same runs, it is the same numbers (training is deterministic).
+    again = tmp_path / "again.yaml"
+    assert analyze_command([tau_dir / "trajectories" / V1], tools=tools, out=again, profile=base) == 0
+    assert load_profile(again).monitor == monitor
