@@ -37,7 +37,7 @@ from redis.asyncio import Redis
 from detector_service.agents.policy import policy_text
 from detector_service.contract.extraction import PolicyExtraction
 from detector_service.contract.profile import Dialect, Mode, Profile
-from detector_service.contract.textactions import native_message, resolve
+from detector_service.contract.textactions import native_message, native_turn, resolve
 from detector_service.contract.wire import SCHEMA_VERSION, Action, TurnEvent, Verdict, new_id, now_ms
 from detector_service.turn import tools_by_name
 from proxy.hooks import ChatContext, ChatHooks, wants_usage
@@ -128,7 +128,9 @@ class Supervisor(ChatHooks[Turn]):
         else:
             # Both reads are bounded; done together, the cached extraction adds no round trip of its own.
             state, extraction = await asyncio.gather(self.store.load(ref), self._extraction(messages))
-        injection = self.injector.inject(messages, tools, state, extraction)
+        # The agents read a ReAct conversation as the detectors do: its text actions as native calls.
+        read = native_turn(dialect, messages, None, names)[1] if ctx.text_actions else None
+        injection = self.injector.inject(messages, tools, state, extraction, read)
         if GUIDANCE_LABEL in injection.labels:
             state.guidance.clear()  # delivered; findings of this turn may add new guidance
         state.turns += 1
