@@ -120,3 +120,18 @@ def test_observe_passes_the_text_action_unchanged(tmp_path: Path) -> None:
             assert completion.choices[0].finish_reason == "stop"
         assert len(model.bodies()) == 2  # no retries in observe mode
         assert interventions(app) == []
+
+
+def test_a_declared_react_dialect_is_supervised_from_the_first_turn(tmp_path: Path) -> None:
+    first = LOOKED_UP[:2]  # no action of the agent yet: only the profile says how it writes them
+    model = ScriptedModel(cancels_until_told)
+    with proxy_for(model, tmp_path, profile={"dialect": "react"}, **ENFORCE) as (client, _):
+        raw = client.chat.completions.with_raw_response.create(model="m", messages=first)
+        # unconfirmed, and on a reservation never looked up
+        assert raw.headers["x-fama-intervention"].split(",") == ["retry:DCV", "retry:WRCO"]
+        assert raw.parse().choices[0].message.content == ASK
+    model = ScriptedModel(cancels_until_told)
+    with proxy_for(model, tmp_path, **ENFORCE) as (client, _):  # auto: not yet recognizable, passed through
+        raw = client.chat.completions.with_raw_response.create(model="m", messages=first)
+        assert "x-fama-intervention" not in raw.headers
+        assert raw.parse().choices[0].message.content == CANCEL
