@@ -64,12 +64,11 @@ def at_port(text: str, port: int) -> str:
 def shell_env(bin_dir: Path, **variables: str) -> dict[str, str]:
     """This environment without ``FAMA_*`` variables, with ``fama`` and ``python`` from this checkout first on PATH."""
     bin_dir.mkdir(parents=True, exist_ok=True)
-    fama = bin_dir / "fama"
-    if not fama.exists():
-        entry = "import sys; from proxy.cli import main; sys.argv[0] = 'fama'; main()"
-        fama.write_text(f'#!/bin/sh\nexec "{sys.executable}" -c "{entry}" "$@"\n')
-        fama.chmod(0o755)
-        (bin_dir / "python").symlink_to(sys.executable)
+    entry = "import sys; from proxy.cli import main; sys.argv[0] = 'fama'; main()"
+    for name, args in (("fama", f'-c "{entry}" '), ("python", "")):
+        script = bin_dir / name
+        script.write_text(f'#!/bin/sh\nexec "{sys.executable}" {args}"$@"\n')  # a venv's python, also from elsewhere
+        script.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAMA_")}
     env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])

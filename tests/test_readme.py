@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from importlib import metadata
@@ -143,7 +144,7 @@ def bin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def _served_block(text: str, env: dict[str, str], log: Path) -> Iterator[None]:
+def _served_block(text: str, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A block that starts a server, run in the background (its own process group) until the ``with`` ends."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -155,7 +156,7 @@ def _served_block(text: str, env: dict[str, str], log: Path) -> Iterator[None]:
             start_new_session=True,
         )
     try:
-        yield
+        yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -166,16 +167,14 @@ def _served_block(text: str, env: dict[str, str], log: Path) -> Iterator[None]:
             proc.wait()
 
 
-def _wait_healthy(port: int, log: Path, timeout: float) -> None:
-    import time
-
+def _wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         with contextlib.suppress(httpx2.TransportError):
             if httpx2.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
                 return
         time.sleep(0.2)
-    pytest.fail(f"the quick start's fama serve did not answer within {timeout}s:\n{log.read_text()[-3000:]}")
+    pytest.fail(f"the quick start's fama serve is not serving (exit code {proc.poll()}):\n{log.read_text()[-3000:]}")
 
 
 def test_quick_start_streams_through_the_local_model(tmp_path: Path, bin_dir: Path) -> None:
@@ -184,8 +183,8 @@ def test_quick_start_streams_through_the_local_model(tmp_path: Path, bin_dir: Pa
     port = free_port()
     env = shell_env(bin_dir, FAMA_PORT=str(port), FAMA_LOCAL_MODEL_PORT="0")
     log = tmp_path / "serve.log"
-    with _served_block(block(QUICK_START_SERVE).text, env, log):
-        _wait_healthy(port, log, timeout=180)
+    with _served_block(block(QUICK_START_SERVE).text, env, log) as serve:
+        _wait_healthy(port, serve, log, timeout=180)
         done = run_bash(at_port(block(QUICK_START_CURL).text, port), tmp_path, env, timeout=180)
     assert done.returncode == 0, done.stderr
     events = [line for line in done.stdout.splitlines() if line]
