@@ -187,7 +187,10 @@ def test_quick_start_streams_through_the_local_model(tmp_path: Path, bin_dir: Pa
         _wait_healthy(port, serve, log, timeout=180)
         done = run_bash(at_port(block(QUICK_START_CURL).text, port), tmp_path, env, timeout=180)
     assert done.returncode == 0, done.stderr
-    events = [line for line in done.stdout.splitlines() if line]
+    lines = [line for line in done.stdout.splitlines() if line]
+    # Server-sent events; a slow model gets keep-alive comments (": ping") between them.
+    assert all(line.startswith(("data: ", ":")) for line in lines), done.stdout[-2000:]
+    events = [line for line in lines if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]", done.stdout[-2000:]
     chunks = [json.loads(line.removeprefix("data: ")) for line in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks), done.stdout[:2000]
