@@ -26,7 +26,8 @@ from typing import Any
 import orjson
 
 from detector_service import stakes
-from detector_service.contract.profile import Profile
+from detector_service.contract.profile import Dialect, Profile
+from detector_service.contract.textactions import native_turn
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import ACTION_STRENGTH, Action, Category, Finding, TurnEvent, Verdict
 from detector_service.detectors import dcv, ifu, loop, mtc, rules, wrco
@@ -109,13 +110,26 @@ class Engine:
     ) -> TurnView:
         return TurnView.of(index, candidate, tools, self.profile)
 
-    def findings(self, turn: TurnEvent) -> list[Finding]:
-        return self.findings_for(self._scan(turn)[0])
+    def native(self, turn: TurnEvent) -> tuple[Dialect, TurnEvent]:
+        """The turn as the detectors read it: actions the harness wrote as text become native calls and tool
+        messages (:func:`detector_service.contract.textactions.native_turn`; the profile's ``dialect``), and the
+        dialect it was written in. A native turn is returned as it is."""
+        dialect, messages, candidate = native_turn(
+            self.profile.dialect, turn.messages, turn.candidate, tools_by_name(turn.tools).keys()
+        )
+        if dialect is not Dialect.REACT:
+            return dialect, turn
+        return dialect, turn.model_copy(update={"messages": messages, "candidate": candidate})
 
-    def _scan(self, turn: TurnEvent) -> tuple[TurnView, monitor_features.FeatureState | None]:
-        """The turn's view and the session's monitor features (None without a monitor), both kept for its next turn."""
+    def findings(self, turn: TurnEvent) -> list[Finding]:
+        dialect, native = self.native(turn)
+        return self.findings_for(self._scan(native, dialect is Dialect.REACT)[0])
+
+    def _scan(self, turn: TurnEvent, text_actions: bool) -> tuple[TurnView, monitor_features.FeatureState | None]:
+        """The view of a native-shaped turn (see ``native``) and the session's monitor features (None without a
+        monitor), both kept for its next turn."""
         key = (turn.tenant, turn.session_id)
-        index, state, digest = self._session_index(key, turn.messages, self.kinds(turn.tools))
+        index, state, digest = self._session_index(key, turn.messages, self.kinds(turn.tools), text_actions)
         view = self.view(index, turn.candidate, tools_by_name(turn.tools))
         if digest is not None:
             with self._indexes_lock:
@@ -126,7 +140,7 @@ class Engine:
         return view, state
 
     def _session_index(
-        self, key: tuple[str, str], messages: list[dict[str, Any]], kinds: ToolKinds
+        self, key: tuple[str, str], messages: list[dict[str, Any]], kinds: ToolKinds, text_actions: bool
     ) -> tuple[ConversationIndex, monitor_features.FeatureState | None, bytes | None]:
         """The index of ``messages`` (extended from the session's previous one when that is a prefix of
         them), the monitor's features over the same messages, and the digest to cache them under (None: not
@@ -138,14 +152,20 @@ class Engine:
         if digests is not None and cached is not None:
             prefix, full = digests
             fresh = self.monitor is not None and cached.features is None
-            if cached.index.kinds is kinds and at <= len(messages) and cached.digest == prefix and not fresh:
+            if (
+                cached.index.kinds is kinds
+                and cached.index.text_actions == text_actions
+                and at <= len(messages)
+                and cached.digest == prefix
+                and not fresh
+            ):
                 index, state = cached.index, cached.features
                 for m in messages[at:]:
                     index.add(m)
                     if state is not None:
                         state.add(m)
                 return index, state, full
-        index = ConversationIndex.build(messages, kinds)
+        index = ConversationIndex.build(messages, kinds, text_actions=text_actions)
         state = monitor_features.FeatureState.build(messages, kinds) if self.monitor is not None else None
         return index, state, None if digests is None else digests[1]
 
@@ -194,10 +214,13 @@ class Engine:
 
     def evaluate(self, turn: TurnEvent) -> Verdict:
         start = time.perf_counter()
-        view, state = self._scan(turn)
+        dialect, native = self.native(turn)
+        view, state = self._scan(native, dialect is Dialect.REACT)
         found = self.findings_for(view)
         risk = self.risk(view, state)
-        action, rewritten = self.decide(turn.candidate, found, view.index.kinds, risk, turn.attempt)
+        action, rewritten = self.decide(native.candidate, found, view.index.kinds, risk, turn.attempt)
+        if dialect is Dialect.REACT:
+            rewritten = None  # a repaired native call is no answer for a harness that reads text: retried instead
         return Verdict(
             turn_id=turn.turn_id,
             session_id=turn.session_id,

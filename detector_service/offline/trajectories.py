@@ -213,6 +213,8 @@ class Replayed:
     trajectory: Trajectory
     flags: list[Flag] = field(default_factory=list)
     turns: int = 0
+    # The conversation as the detectors read it (text actions as native calls), message for message.
+    messages: list[dict[str, Any]] = field(default_factory=list)
     features: list[TurnFeatures] = field(default_factory=list)  # filled only when replay is asked to collect
 
     def record(self) -> dict[str, Any]:
