@@ -174,7 +174,8 @@ class Engine:
         if self.monitor is None or state is None:
             return None
         x = monitor_features.vector(state, view.index, view.calls)
-        return score(self.monitor, x, [c.name for c in view.calls], view.index.kinds.declared)
+        calls = [c.name for c in view.calls]
+        return score(self.monitor, x, calls, view.index.kinds.declared, monitor_features.dialect_of(view.index))
 
     def findings_for(self, view: TurnView) -> list[Finding]:
         out: list[Finding] = []

@@ -147,9 +147,11 @@ def test_a_monitor_of_another_feature_version_never_scores() -> None:
     assert score(old, [1.0] * len(FEATURES), [], ()).abstained is not None
 
 
-def test_it_abstains_on_a_tool_or_a_tool_set_it_was_not_trained_on() -> None:
+def test_it_abstains_on_a_tool_a_domain_or_a_harness_it_was_not_trained_on() -> None:
     declared = KINDS.declared
-    monitor = _monitor(min_turns=20, tools={"cancel_reservation": 40}, declared=dict.fromkeys(declared, 40))
+    monitor = _monitor(
+        min_turns=20, tools={"cancel_reservation": 40}, declared=dict.fromkeys(declared, 40), dialects={"native": 40}
+    )
     view, state = _view(CONFIRMED, {"role": "assistant", "tool_calls": [CANCEL]})
     x = vector(state, view.index, view.calls)
     assert score(monitor, x, ["cancel_reservation"], declared).acting
@@ -158,6 +160,10 @@ def test_it_abstains_on_a_tool_or_a_tool_set_it_was_not_trained_on() -> None:
     assert "book_reservation" in (unknown_tool.abstained or "")
     other_domain = ("get_order_details", "return_delivered_order_items", "cancel_reservation")
     assert not score(monitor, x, ["cancel_reservation"], other_domain).acting
+    # A harness writing its actions as text (ReAct) was never in training: its turns are not judged.
+    react = score(monitor, x, ["cancel_reservation"], declared, "react")
+    assert not react.acting
+    assert "react" in (react.abstained or "")
 
 
 # -- the decision -----------------------------------------------------------------------------------------------

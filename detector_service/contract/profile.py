@@ -213,8 +213,8 @@ class MonitorConfig(_Strict):
     regression over the versioned features, stored as numbers (no pickle). ``enabled`` only when grouped
     cross-validation showed it catches more failed runs within ``budget`` (the share of passed runs the table
     and the monitor together may act on); otherwise ``why`` says what it showed. ``min_turns``: a pending tool
-    seen on fewer training turns, or a request most of whose declared tools were (another domain), makes it
-    abstain.
+    seen on fewer training turns, a request most of whose declared tools were (another domain), or a harness
+    writing its actions another way (``dialects``: ``native`` or ``react``), makes it abstain.
     """
 
     enabled: bool = False
@@ -230,6 +230,7 @@ class MonitorConfig(_Strict):
     min_turns: int = Field(default=20, ge=0)
     tools: dict[str, int] = Field(default_factory=dict)  # pending tool -> training turns
     declared: dict[str, int] = Field(default_factory=dict)  # tool declared in training requests -> training turns
+    dialects: dict[str, int] = Field(default_factory=dict)  # how the harness wrote its actions -> training turns
     fingerprint: str = ""  # sha256 of the training runs (ids, rewards) and the feature version
     cv: MonitorFigures | None = None
 

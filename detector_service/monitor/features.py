@@ -132,4 +132,9 @@ def vector(state: FeatureState, index: ConversationIndex, calls: Sequence[Call])
     ]
 
 
-__all__ = ["FEATURES", "FEATURE_VERSION", "FeatureState", "vector"]
+def dialect_of(index: ConversationIndex) -> str:
+    """How the conversation's harness writes its actions, as the monitor counts its training turns."""
+    return "react" if index.text_actions else "native"
+
+
+__all__ = ["FEATURES", "FEATURE_VERSION", "FeatureState", "dialect_of", "vector"]

@@ -35,9 +35,14 @@ def probability(monitor: MonitorConfig, x: Sequence[float]) -> tuple[float, list
     return e / (1.0 + e), parts
 
 
-def abstains(monitor: MonitorConfig, pending: Sequence[str], declared: Sequence[str]) -> str | None:
+def abstains(
+    monitor: MonitorConfig, pending: Sequence[str], declared: Sequence[str], dialect: str = "native"
+) -> str | None:
     """Why the monitor stays out of this turn: a request whose declared tools are mostly unknown to its training
-    (another domain), or a pending tool too rarely seen there."""
+    (another domain), a harness that writes its actions in a way training saw too little of (``native`` calls
+    or ``react`` text), or a pending tool too rarely seen there."""
+    if monitor.dialects.get(dialect, 0) < monitor.min_turns:
+        return f"{dialect} actions had {monitor.dialects.get(dialect, 0)} training turns"
     known = sum(monitor.declared.get(name, 0) >= monitor.min_turns for name in declared)
     if 2 * known <= len(declared):
         return f"{known} of the request's {len(declared)} tools were declared in {monitor.min_turns}+ training turns"
@@ -47,15 +52,22 @@ def abstains(monitor: MonitorConfig, pending: Sequence[str], declared: Sequence[
     return None
 
 
-def score(monitor: MonitorConfig, x: Sequence[float], pending: Sequence[str], declared: Sequence[str]) -> Risk:
-    """The risk of a turn with features ``x`` calling ``pending`` in a request declaring the tools ``declared``."""
+def score(
+    monitor: MonitorConfig,
+    x: Sequence[float],
+    pending: Sequence[str],
+    declared: Sequence[str],
+    dialect: str = "native",
+) -> Risk:
+    """The risk of a turn with features ``x`` calling ``pending`` in a request declaring the tools ``declared``,
+    from a harness writing its actions in ``dialect``."""
     why = unusable(monitor)
     if why is not None:
         return Risk(0.0, monitor.threshold, False, (), why)
     value, parts = probability(monitor, x)
     ranked = sorted(range(len(parts)), key=lambda i: -parts[i])
     top = tuple(monitor.features[i] for i in ranked[:TOP] if parts[i] > 0)
-    why = abstains(monitor, pending, declared)
+    why = abstains(monitor, pending, declared, dialect)
     acting = monitor.enabled and why is None and value >= monitor.threshold
     return Risk(round(value, 4), monitor.threshold, acting, top, why)
 

@@ -34,7 +34,7 @@ from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import TurnEvent
 from detector_service.engine import Engine
 from detector_service.llm.judge import Judge, JudgeError, make_client, worth_judging
-from detector_service.monitor.features import FeatureState, vector
+from detector_service.monitor.features import FeatureState, dialect_of, vector
 from detector_service.offline.evaluation import outcome_tables, score
 from detector_service.offline.trajectories import (
     Flag,
@@ -84,7 +84,9 @@ def replay_one(
                 eligible = stakes.turn_stakes(found, calls, kinds) >= stakes.Stakes.END
                 pending = tuple(c.name for c in view.calls)
                 out.features.append(
-                    TurnFeatures(i, vector(state, index, view.calls), pending, kinds.declared, eligible)
+                    TurnFeatures(
+                        i, vector(state, index, view.calls), pending, kinds.declared, dialect_of(index), eligible
+                    )
                 )
         index.add(message)
         if state is not None:

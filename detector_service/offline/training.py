@@ -95,15 +95,17 @@ def _fit(rows: Sequence[list[float]], labels: Sequence[int]) -> MonitorConfig | 
     )
 
 
-def _support(runs: Sequence[_Run]) -> tuple[dict[str, int], dict[str, int]]:
+def _support(runs: Sequence[_Run]) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
     tools: Counter[str] = Counter()
     declared: Counter[str] = Counter()
+    dialects: Counter[str] = Counter()
     for r in runs:
         for f in r.replayed.features:
             if f.eligible:
                 tools.update(set(f.pending))
                 declared.update(f.declared)
-    return dict(sorted(tools.items())), dict(sorted(declared.items()))
+                dialects[f.dialect] += 1
+    return dict(sorted(tools.items())), dict(sorted(declared.items())), dict(sorted(dialects.items()))
 
 
 def _train(runs: Sequence[_Run], min_turns: int) -> MonitorConfig | None:
@@ -113,8 +115,9 @@ def _train(runs: Sequence[_Run], min_turns: int) -> MonitorConfig | None:
     fitted = _fit(rows, labels)
     if fitted is None:
         return None
-    tools, declared = _support(runs)
-    return fitted.model_copy(update={"tools": tools, "declared": declared, "min_turns": min_turns})
+    tools, declared, dialects = _support(runs)
+    update = {"tools": tools, "declared": declared, "dialects": dialects, "min_turns": min_turns}
+    return fitted.model_copy(update=update)
 
 
 def _folds(runs: Sequence[_Run], folds: int) -> list[list[int]]:
@@ -140,7 +143,7 @@ def out_of_fold(runs: Sequence[_Run], folds: int, min_turns: int) -> list[list[t
                     out[i].append((0.0, False))
                     continue
                 risk, _ = probability(model, f.x)
-                out[i].append((risk, f.eligible and abstains(model, f.pending, f.declared) is None))
+                out[i].append((risk, f.eligible and abstains(model, f.pending, f.declared, f.dialect) is None))
     return out
 
 

@@ -205,6 +205,7 @@ class TurnFeatures:
     x: list[float]
     pending: tuple[str, ...]  # the names of the turn's calls
     declared: tuple[str, ...]  # the tools the request declared
+    dialect: str  # how the harness wrote its actions: native or react
     eligible: bool  # a WRITE or END turn: where the monitor may act
 
 
