@@ -14,8 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from detector_service.contract.profile import AgentName, Mode
 from detector_service.contract.wire import Action, Category
+from detector_service.monitor.features import FEATURES
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+RISK_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 MAX_TOOL_LABELS = 500
 MAX_MODEL_LABELS = 64
@@ -172,6 +174,19 @@ class ProxyMetrics:
             ["reason"],
             registry=r,
         )
+        self.risk = Histogram(
+            "fama_turn_risk",
+            "The learned monitor's risk of the judged turns, by whether it acted (acted: true, false).",
+            ["acted"],
+            buckets=RISK_BUCKETS,
+            registry=r,
+        )
+        self.risk_features = Counter(
+            "fama_risk_features_total",
+            "Monitor features that raised the risk of the turns it acted on.",
+            ["feature"],
+            registry=r,
+        )
         self._create_known_series()
 
     def _create_known_series(self) -> None:
@@ -197,3 +212,7 @@ class ProxyMetrics:
             self.judge_calls.labels(outcome=outcome)
         for reason in CLIENT_CLOSURE_REASONS:
             self.client_closures.labels(reason=reason)
+        for acted in ("true", "false"):
+            self.risk.labels(acted=acted)
+        for feature in FEATURES:
+            self.risk_features.labels(feature=feature)

@@ -294,7 +294,7 @@ def _profile(**update: Any) -> dict[str, Any]:
 
 def test_a_risky_confirmed_write_is_verified_once_and_the_same_call_then_passes(tmp_path: Path) -> None:
     model = ScriptedModel(lambda body: {"tool_calls": [CANCEL]})  # the agent stands by its call
-    with proxy_for(model, tmp_path, mode="enforce", profile=_profile()) as (client, _):
+    with proxy_for(model, tmp_path, mode="enforce", profile=_profile()) as (client, app):
         raw = client.chat.completions.with_raw_response.create(model="m", messages=CONFIRMED, tools=TOOLS)
         completion = raw.parse()
         assert raw.headers["x-fama-intervention"] == "retry:DCV"
@@ -305,6 +305,11 @@ def test_a_risky_confirmed_write_is_verified_once_and_the_same_call_then_passes(
         feedback = feedback_in(retry) or ""
         assert "make the same call again unchanged" in feedback
         assert "pending_write" in feedback
+        # The first attempt's risk acted; the re-emission's was measured and did not.
+        registry = app.metrics.registry
+        assert registry.get_sample_value("fama_turn_risk_count", {"acted": "true"}) == 1
+        assert registry.get_sample_value("fama_turn_risk_count", {"acted": "false"}) == 1
+        assert registry.get_sample_value("fama_risk_features_total", {"feature": "pending_write"}) == 1
 
 
 def test_a_risky_read_is_never_acted_on(tmp_path: Path) -> None:

@@ -269,6 +269,10 @@ class Supervisor(ChatHooks[Turn]):
         dialect = resolve(self.profile.dialect, turn.messages, candidate, names)
         native = native_message(candidate, len(turn.messages), names) if dialect is Dialect.REACT else candidate
         decision = decide(self.mode, self.profile, result, native, turn.tools, attempt, tool_bytes_sent, dialect)
+        if isinstance(result, Verdict) and result.risk is not None:
+            self.metrics.risk.labels(acted=str(result.risk_acting).lower()).observe(result.risk)
+            for feature in result.risk_features if result.risk_acting else ():
+                self.metrics.risk_features.labels(feature=feature).inc()
         self._account(turn, attempt, decision)
         self._record(event, outcome, decision)
         return decision
