@@ -33,7 +33,7 @@ POOLED = {
     "zero-config": (0.33, 0.045, 0.29),
     "profiles": (0.42, 0.05, 0.40),
     "lto": (0.42, 0.05, 0.40),
-    "lto+monitor": (0.44, 0.06, 0.43),
+    "lto+monitor": (0.46, 0.065, 0.46),
     "lomo": (0.41, 0.05, 0.38),
     "lomo+monitor": (0.41, 0.05, 0.38),
     "deployment": (0.40, 0.05, 0.38),
@@ -86,7 +86,7 @@ def test_the_deployment_monitor_keeps_every_files_passed_runs(tables: dict[str, 
 
 def test_leave_task_out_monitor_catches_more_failed_runs(tables: dict[str, Any]) -> None:
     table, monitored = tables["lto"]["pooled"]["acting"], tables["lto+monitor"]["pooled"]["acting"]
-    assert monitored["failed_flagged"] - table["failed_flagged"] >= 0.02
+    assert monitored["failed_flagged"] - table["failed_flagged"] >= 0.04
     assert tables["monitor"]["lto"]["auprc"] >= 0.68
     assert tables["monitor"]["lto"]["switched_on"]
 

@@ -47,10 +47,11 @@ C = 1.0  # inverse regularization strength of the logistic regression
 
 
 def group_of(t: Trajectory) -> str:
-    """The cross-validation group of a run: its task, else its ground truth, else its first user request."""
+    """The cross-validation group of a run: its task (task ids are per benchmark and domain), else its ground truth,
+    else its first user request."""
     task = t.extra.get("task_id")
     if task is not None:
-        return f"task:{t.extra.get('domain', '')}:{task}"
+        return f"task:{t.extra.get('source_format', '')}:{t.extra.get('domain', '')}:{task}"
     truth = t.extra.get("ground_truth")
     if truth:
         return "truth:" + hashlib.sha256(orjson.dumps(truth, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
