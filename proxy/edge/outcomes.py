@@ -9,7 +9,9 @@ record, and claimed once in the session store (its own key, set only if absent, 
 in-flight turns cannot make it count twice): a second report answers 409.
 
 A session is known once the proxy has supervised one of its turns (a request that declared tools); any
-other session answers 404.
+other session answers 404. It is known from the moment its turn's answer leaves, in every mode: observe mode judges
+the turn after answering, but saves the session state before (queued, so the answer does not wait), and an outcome
+that arrives while this process is still judging the turn waits (bounded by the verdict deadline) for that verdict.
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ async def report_outcome(session_id: str, request: Request, tenant: Tenant, stat
     sessions, recorder = supervision.sessions, supervision.recorder
     outcome, reward, note = parse_outcome(await read_body(request, MAX_BODY_BYTES))
     ref = SessionRef(tenant, session_from_header(session_id), derived=False)
+    # A turn answered by this process may still be being judged (observe mode): its verdict goes on record first.
+    await supervision.settled(ref)
     known = await sessions.load(ref)
     intervened = await _intervened(recorder, ref, known.turns, known.interventions)
     if intervened is None:

@@ -115,7 +115,7 @@ class Supervisor(ChatHooks[Turn]):
         ctx.response_headers[SESSION_HEADER] = ref.session_id
         if not tools or int(body.get("n") or 1) != 1:
             return body  # nothing to supervise: no tool use, or several answers the client will choose from
-        await self._settled(ref)
+        await self.settled(ref)
         extraction: PolicyExtraction | None = None
         if self.extractions is None:
             state = await self.store.load(ref)  # no tasks to spawn for a single read
@@ -339,6 +339,9 @@ class Supervisor(ChatHooks[Turn]):
     def _later(self, turn: Turn, candidate: dict[str, Any], attempt: int, choice: Mapping[str, Any]) -> None:
         key = (turn.ref.tenant, turn.ref.session_id)
         finish = str(choice.get("finish_reason") or "none")
+        # The session is known (its turn counted) before the answer leaves, not once the verdict is in: an outcome
+        # reported right after this answer must find it. Queued, so the answer does not wait for the write.
+        self.store.save_soon(turn.ref, turn.state)
 
         async def run() -> None:
             try:
@@ -353,8 +356,9 @@ class Supervisor(ChatHooks[Turn]):
         task = asyncio.get_running_loop().create_task(run(), name=f"evaluate:{key[1]}")
         self._pending[key] = task
 
-    async def _settled(self, ref: SessionRef) -> None:
-        """Wait (bounded) for the previous turn's background evaluation, so its guidance reaches this turn."""
+    async def settled(self, ref: SessionRef) -> None:
+        """Wait (bounded) for the session's background evaluation in this process, so its guidance reaches the next
+        turn and a reported outcome is recorded after the verdict of the turn before it."""
         task = self._pending.get((ref.tenant, ref.session_id))
         if task is not None and not task.done():
             await asyncio.wait({task}, timeout=self.deadline_s + 0.05)
