@@ -164,3 +164,20 @@ def start_fama_serve(upstream_url: str, port: int, **settings: str) -> subproces
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+
+
+def run_fama(*args: str, timeout: float = 120, **settings: str) -> subprocess.CompletedProcess[str]:
+    """``fama ARGS...`` run to its end as its own process (this checkout first on its path); ``settings`` are
+    ``FAMA_*`` variables without the prefix. Its exit code, stdout and stderr are in the result."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAMA_")}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        **{f"FAMA_{name}": value for name, value in settings.items()},
+    )
+    entry = "import sys; from proxy.cli import main; sys.argv[0] = 'fama'; main()"
+    return subprocess.run(
+        [sys.executable, "-c", entry, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )

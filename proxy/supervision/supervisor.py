@@ -258,13 +258,13 @@ class Supervisor(ChatHooks[Turn]):
             result = Degraded("deadline" if outcome.reason is MissReason.DEADLINE else "outage")
         decision = decide(self.mode, self.profile, result, candidate, turn.tools, attempt, tool_bytes_sent)
         self._account(turn, attempt, decision)
-        self._record(event, outcome, decision)
+        self._record(event, outcome, decision, whole=turn.state.turns == 1 and attempt == 0)
         return decision
 
-    def _record(self, event: TurnEvent, outcome: VerdictOutcome, decision: Decision) -> None:
+    def _record(self, event: TurnEvent, outcome: VerdictOutcome, decision: Decision, whole: bool) -> None:
         if self.recorder is None:
             return
-        self.recorder.record_turn(event)
+        self.recorder.record_turn(event, whole=whole)
         if outcome.verdict is not None:
             self.recorder.record_verdict(outcome.verdict)
         if decision.changes_answer:
