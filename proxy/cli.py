@@ -142,6 +142,21 @@ def evaluate(
 
 
 @app.command()
+def report(
+    files: Annotated[list[Path], typer.Argument(help="Sessions with outcomes (fama sessions export) or other runs.")],
+    profile: Annotated[Path | None, typer.Option(help="The profile in force (default: zero-config).")] = None,
+    candidate: Annotated[Path | None, typer.Option(help="A candidate profile to compare (fama analyze --out).")] = None,
+    tools: Annotated[Path | None, typer.Option(help="OpenAI tools array for records that carry none.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+) -> None:
+    """Shadow report: the share of failed and of successful sessions enforce mode would act on, per finding and per
+    tool, as recorded by observe mode and replayed with the current and a candidate profile."""
+    from detector_service.offline.report import report_command
+
+    raise typer.Exit(report_command(files, profile=profile, candidate=candidate, tools=tools, json_out=json_out))
+
+
+@app.command()
 def bench(
     requests: Annotated[int, typer.Option(help="Requests per measured series.")] = 2000,
     concurrency: Annotated[int, typer.Option(help="Concurrent clients for the throughput series.")] = 16,

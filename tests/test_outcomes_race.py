@@ -68,6 +68,20 @@ def test_outcomes_reported_right_after_the_last_turn_are_all_accepted(
             for i in ("yes", "no")
         )
         assert counted == SESSIONS
+        # The two-turn sessions (odd, reported successful) ended on an unconfirmed cancellation, which a verdict
+        # asked to retry or block: enforce mode acts on it, observe mode would have. The look-ups asked for nothing.
+        shadow = {
+            (o, w): registry.get_sample_value("fama_shadow_outcomes_total", {"outcome": o, "would_act": w})
+            for o in ("success", "failure")
+            for w in ("yes", "no")
+        }
+        half = SESSIONS // 2
+        assert shadow == {
+            ("success", "yes"): half,
+            ("success", "no"): 0,
+            ("failure", "yes"): 0,
+            ("failure", "no"): half,
+        }
 
     store = redis.Redis.from_url(redis_url)
     try:

@@ -4,7 +4,9 @@
 "note": <string>}`` (the last two optional), authenticated like the chat endpoints; the tenant comes from
 the client key. The session is the one named by ``x-fama-session`` on the chat responses. The outcome is
 counted in ``fama_session_outcomes_total{outcome, intervened}`` (``intervened``: whether the proxy changed
-any answer of the session, ``yes``/``no`` as in ``fama_session_turns_total``), recorded in the session's
+any answer of the session, ``yes``/``no`` as in ``fama_session_turns_total``) and in
+``fama_shadow_outcomes_total{outcome, would_act}`` (whether a verdict on any of its turns asked for a retry, rewrite
+or block: what enforce mode would have acted on, also in observe mode), recorded in the session's
 record, and claimed once in the session store (its own key, set only if absent, so concurrent reports and
 in-flight turns cannot make it count twice): a second report answers 409.
 
@@ -29,7 +31,8 @@ from proxy.edge.deps import ProxyState, State, Supervision, Tenant
 from proxy.edge.inbound import json_object, read_body, require
 from proxy.errors import InvalidRequest, ProxyError, RouteNotFound
 from proxy.supervision.recorder import Outcome, Recorder
-from proxy.supervision.sessions import SessionRef, session_from_header
+from proxy.supervision.sessions import SessionRef, SessionState, session_from_header
+from proxy.supervision.turn import ACTING
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_NOTE_CHARS = 2_000
@@ -81,10 +84,11 @@ def _supervision(state: ProxyState) -> Supervision:
     return supervision
 
 
-async def _intervened(recorder: Recorder | None, ref: SessionRef, turns: int, interventions: int) -> bool | None:
-    """Whether the session had an intervention; ``None`` for a session the proxy never supervised."""
-    if turns > 0:
-        return interventions > 0
+async def _intervened(recorder: Recorder | None, ref: SessionRef, known: SessionState) -> tuple[bool, bool] | None:
+    """Whether the session had an intervention, and whether a verdict asked for one (what enforce mode acts on);
+    ``None`` for a session the proxy never supervised."""
+    if known.turns > 0:
+        return known.interventions > 0, known.would_act > 0
     if recorder is None:
         return None
     # The state may have expired or been lost to a Redis failure while the record remains.
@@ -94,7 +98,8 @@ async def _intervened(recorder: Recorder | None, ref: SessionRef, turns: int, in
         raise StoreUnavailable("the session store is unavailable; report the outcome again later") from exc
     if not entries:
         return None
-    return any(entry.kind == "intervention" for entry in entries)
+    acting = [e for e in entries if e.kind == "verdict" and e.data.get("action") in ACTING]
+    return any(entry.kind == "intervention" for entry in entries), bool(acting)
 
 
 @router.post("/sessions/{session_id}/outcome")
@@ -106,8 +111,8 @@ async def report_outcome(session_id: str, request: Request, tenant: Tenant, stat
     # A turn answered by this process may still be being judged (observe mode): its verdict goes on record first.
     await supervision.settled(ref)
     known = await sessions.load(ref)
-    intervened = await _intervened(recorder, ref, known.turns, known.interventions)
-    if intervened is None:
+    found = await _intervened(recorder, ref, known)
+    if found is None:
         raise RouteNotFound(
             f"No session '{session_id}' is known to this proxy", param="session_id", code="unknown_session"
         )
@@ -117,7 +122,10 @@ async def report_outcome(session_id: str, request: Request, tenant: Tenant, stat
         raise StoreUnavailable("the session store is unavailable; report the outcome again later") from exc
     if first is not None:
         raise OutcomeConflict(f"The outcome of session '{session_id}' was already reported ({first})")
-    state["metrics"].session_outcomes.labels(outcome=outcome, intervened="yes" if intervened else "no").inc()
+    intervened, would_act = found
+    metrics = state["metrics"]
+    metrics.session_outcomes.labels(outcome=outcome, intervened="yes" if intervened else "no").inc()
+    metrics.shadow_outcomes.labels(outcome=outcome, would_act="yes" if would_act else "no").inc()
     if recorder is not None:
         recorder.record_outcome(
             Outcome(

@@ -11,6 +11,8 @@ from proxy.supervision.decisions import Decision
 from proxy.supervision.sessions import SessionRef, SessionState
 from proxy.upstream import normalize
 
+ACTING = frozenset({Action.RETRY, Action.REWRITE, Action.BLOCK})  # what enforce mode changes
+
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionSystemMessageParam as SystemMessage
 
@@ -44,6 +46,8 @@ class Turn:
             self.labels.extend(label for label in decision.labels if label not in self.labels)
         if decision.degraded is not None:
             self.degraded = decision.degraded
+        if decision.findings and decision.intended in ACTING:
+            self.state.would_act += 1
         self.state.add_guidance(decision.guidance)
         self.state.activate(decision.activate)
         return settled
