@@ -134,7 +134,7 @@ def _record_sessions(proxy: Proxy) -> dict[str, list[dict[str, Any]]]:
     return seen
 
 
-def _shape(message: dict[str, Any]) -> tuple[Any, ...]:
+def message_shape(message: dict[str, Any]) -> tuple[Any, ...]:
     """What a message says, whichever side wrote it (the SDK leaves out what the upstream sent as null)."""
     calls = tuple(
         (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message.get("tool_calls") or ()
@@ -171,7 +171,7 @@ def test_export_writes_each_session_as_a_trajectory_record(
     for session, conversation in seen.items():
         record = records[session]
         assert record["id"] == f"{TENANT}/{session}"
-        assert [_shape(m) for m in record["messages"]] == [_shape(m) for m in conversation]
+        assert [message_shape(m) for m in record["messages"]] == [message_shape(m) for m in conversation]
         assert record["tools"] == TOOLS
     assert {s: r["reward"] for s, r in records.items()} == {
         "s-cancel": 0.0,
@@ -256,7 +256,7 @@ def test_embedded_proxy_exports_through_the_admin_endpoint(tmp_path: Path) -> No
         assert set(records) == set(seen)
         # Enforce mode blocked the unconfirmed cancel: the record holds what the client got, and why.
         cancel = records["s-cancel"]
-        assert _shape(cancel["messages"][-1]) == _shape(seen["s-cancel"][-1])
+        assert message_shape(cancel["messages"][-1]) == message_shape(seen["s-cancel"][-1])
         assert "confirm" in cancel["messages"][-1]["content"]
         assert cancel["intervened"] is True
         assert [i["action"] for i in cancel["interventions"]][-1] == "block"

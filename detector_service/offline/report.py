@@ -180,7 +180,7 @@ def _print(report: Report, console: Console) -> None:
     )
     table = Table(title="sessions enforce mode would act on (retry, rewrite or block on any turn)")
     for column in ("source", "failed sessions", "successful sessions", "examples (successful first)"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for c in report.columns:
         examples = ", ".join([*c.acted.examples["succeeded"], *c.acted.examples["failed"]][:EXAMPLES])
         table.add_row(c.name, _pct(c.acted.failed, report.failed), _pct(c.acted.succeeded, report.succeeded), examples)
@@ -191,7 +191,7 @@ def _print(report: Report, console: Console) -> None:
                 continue
             detail = Table(title=f"{c.name}: by {title}")
             for column in (title, "failed", "successful", "successful sessions acted on", "failed sessions acted on"):
-                detail.add_column(column)
+                detail.add_column(column, overflow="fold")
             for key, n in sorted(rows.items(), key=lambda kv: (-kv[1].succeeded, -kv[1].failed, kv[0])):
                 detail.add_row(
                     key,
