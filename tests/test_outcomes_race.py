@@ -7,6 +7,7 @@ model. Observe mode judges a turn after its answer left; the outcome must not ra
 
 from __future__ import annotations
 
+import contextlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,9 +16,13 @@ from typing import Any
 import httpx2
 import pytest
 import redis
+import yaml
 
 from detector_service.bus import keys
-from tests.servers import detector_worker
+from proxy.app import build_supervisor, create_app
+from proxy.metrics import ProxyMetrics
+from proxy.settings import ProxySettings
+from tests.servers import detector_worker, serve_in_thread
 from tests.supervised_upstream import ScriptedModel, call
 from tests.supervision_harness import CANCEL, LOOKED_UP, TOOLS, proxy_for
 
@@ -98,3 +103,38 @@ def test_outcomes_reported_right_after_the_last_turn_are_all_accepted(
                 assert kinds[-1] == "outcome", (session, kinds)
     finally:
         store.close()
+
+
+def _across(urls: tuple[str, str], n: int) -> tuple[str, int, str]:
+    """One turn answered by the first replica, its outcome reported at once to the second."""
+    session = f"across-{n}"
+    with httpx2.Client(timeout=20) as http:
+        turn = http.post(
+            f"{urls[0]}/v1/chat/completions",
+            json={"model": "m", "messages": LOOKED_UP[:2], "tools": TOOLS},
+            headers={"x-fama-session": session},
+        )
+        assert turn.status_code == 200, turn.text
+        answer = http.post(f"{urls[1]}/v1/fama/sessions/{session}/outcome", json={"outcome": "success"})
+    return session, answer.status_code, answer.text
+
+
+def test_an_outcome_reported_to_another_replica_right_after_the_turn_is_accepted(
+    redis_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump({"deadline_ms": 2_000}))
+    model = ScriptedModel(looks_up_then_cancels)
+    with detector_worker(redis_url), serve_in_thread(model.app) as upstream, contextlib.ExitStack() as replicas:
+        urls = []
+        for _ in range(2):
+            settings = ProxySettings(
+                upstream_url=upstream + "/v1", profile=str(path), mode="observe", redis_url=redis_url
+            )
+            metrics = ProxyMetrics()
+            app = create_app(settings, build_supervisor(settings, metrics), metrics)
+            urls.append(replicas.enter_context(serve_in_thread(app)))
+        with ThreadPoolExecutor(max_workers=CLIENTS) as pool:
+            answers = list(pool.map(lambda n: _across((urls[0], urls[1]), n), range(SESSIONS)))
+    refused = [(s, status, text) for s, status, text in answers if status != 200]
+    assert not refused, f"{len(refused)} of {SESSIONS} outcomes refused: {refused[:3]}"

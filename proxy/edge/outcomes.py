@@ -14,10 +14,13 @@ A session is known once the proxy has supervised one of its turns (a request tha
 other session answers 404. It is known from the moment its turn's answer leaves, in every mode: observe mode judges
 the turn after answering, but saves the session state before (queued, so the answer does not wait), and an outcome
 that arrives while this process is still judging the turn waits (bounded by the verdict deadline) for that verdict.
+An unknown session is looked up again for ``UNKNOWN_GRACE_S`` before the answer is 404: the turn may have been
+answered by another replica, whose write of the session state may still be on its way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any, Literal
 
@@ -31,10 +34,12 @@ from proxy.edge.deps import ProxyState, State, Supervision, Tenant
 from proxy.edge.inbound import json_object, read_body, require
 from proxy.errors import InvalidRequest, ProxyError, RouteNotFound
 from proxy.supervision.recorder import Outcome, Recorder
-from proxy.supervision.sessions import SessionRef, SessionState, session_from_header
+from proxy.supervision.sessions import SessionRef, SessionState, SessionStore, session_from_header
 from proxy.supervision.turn import ACTING
 
 MAX_BODY_BYTES = 16 * 1024
+UNKNOWN_GRACE_S = 0.5  # how long an unknown session is looked up again before the answer is 404
+UNKNOWN_RECHECK_S = 0.05
 MAX_NOTE_CHARS = 2_000
 OutcomeName = Literal["success", "failure"]
 FIELDS = {"outcome", "reward", "note"}
@@ -102,6 +107,17 @@ async def _intervened(recorder: Recorder | None, ref: SessionRef, known: Session
     return any(entry.kind == "intervention" for entry in entries), bool(acting)
 
 
+async def _known(sessions: SessionStore, recorder: Recorder | None, ref: SessionRef) -> tuple[bool, bool] | None:
+    """What :func:`_intervened` says, looked up again for a while when the session is unknown: another replica
+    answered its turn and queued the session's state before answering, but that write may still be on its way."""
+    deadline = asyncio.get_running_loop().time() + UNKNOWN_GRACE_S
+    while True:
+        found = await _intervened(recorder, ref, await sessions.load(ref))
+        if found is not None or asyncio.get_running_loop().time() >= deadline:
+            return found
+        await asyncio.sleep(UNKNOWN_RECHECK_S)
+
+
 @router.post("/sessions/{session_id}/outcome")
 async def report_outcome(session_id: str, request: Request, tenant: Tenant, state: State) -> Response:
     supervision = _supervision(state)
@@ -110,8 +126,7 @@ async def report_outcome(session_id: str, request: Request, tenant: Tenant, stat
     ref = SessionRef(tenant, session_from_header(session_id), derived=False)
     # A turn answered by this process may still be being judged (observe mode): its verdict goes on record first.
     await supervision.settled(ref)
-    known = await sessions.load(ref)
-    found = await _intervened(recorder, ref, known)
+    found = await _known(sessions, recorder, ref)
     if found is None:
         raise RouteNotFound(
             f"No session '{session_id}' is known to this proxy", param="session_id", code="unknown_session"
