@@ -18,9 +18,11 @@ from typing import Any
 import httpx2
 import openai
 import pytest
+import redis
 import yaml
 from redis.asyncio import Redis
 
+from detector_service.bus import keys
 from detector_service.contract.profile import Mode, Profile
 from detector_service.contract.wire import TurnEvent, Verdict
 from detector_service.engine import Engine
@@ -35,7 +37,7 @@ from proxy.supervision.recorder import Outcome, RedisRecorder
 from proxy.supervision.sessions import RedisSessionStore
 from proxy.supervision.supervisor import Supervisor
 from proxy.supervision.verdicts import EmbeddedVerdicts
-from tests.servers import run_fama, serve_in_thread
+from tests.servers import free_port, run_fama, serve_in_thread
 from tests.supervised_upstream import ScriptedModel, call
 from tests.supervision_harness import CANCEL, LOOKED_UP, RESERVATION, TOOLS
 
@@ -332,3 +334,27 @@ def test_export_memory_stays_bounded_whatever_the_number_of_sessions(redis_url: 
     assert written > SESSIONS * TURNS * len(TEXT)  # every message went out
     # Memory holds one batch of sessions, not the export: a small fraction of what was written.
     assert peak < written / 5, f"peak {peak / 1e6:.1f} MB for {written / 1e6:.1f} MB exported"
+
+
+@pytest.mark.redis
+def test_an_unreadable_record_is_left_out_and_named(
+    observed: tuple[str, dict[str, list[dict[str, Any]]]], tmp_path: Path
+) -> None:
+    redis_url, seen = observed
+    client = redis.Redis.from_url(redis_url)
+    client.rpush(keys.session_key(TENANT, "s-corrupt"), b"{not json")
+    client.close()
+    out = tmp_path / "sessions.jsonl"
+    done = run_fama("sessions", "export", "--redis-url", redis_url, "--tenant", TENANT, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert set(_lines(out.read_text())) == set(seen)
+    assert f"1 sessions had unreadable records and were left out (e.g. {TENANT}/s-corrupt)" in done.stderr
+
+
+def test_an_unreachable_redis_is_a_clear_error(tmp_path: Path) -> None:
+    url = f"redis://:hunter2-password@127.0.0.1:{free_port()}/0"
+    done = run_fama("sessions", "export", "--redis-url", url, "--out", str(tmp_path / "sessions.jsonl"))
+    assert done.returncode == 1
+    assert "error: could not export the sessions" in done.stderr
+    assert "hunter2-password" not in done.stderr
+    assert "Traceback" not in done.stderr

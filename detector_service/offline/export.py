@@ -10,7 +10,7 @@ import asyncio
 import re
 import sys
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
@@ -32,6 +32,8 @@ class Exported:
     sessions: int = 0
     with_outcome: int = 0
     skipped: int = 0  # read but left out by the filter (or holding no turn)
+    unreadable: list[str] = field(default_factory=list)  # sessions whose record could not be read (kept: the first few)
+    unreadable_count: int = 0
 
 
 def since_ms(since: str | None, last: str | None, now: datetime | None = None) -> int | None:
@@ -62,7 +64,13 @@ async def jsonl_records(
     done = done if done is not None else Exported()
     async for s in sessions:
         claimed = s.outcome.decode() if s.outcome is not None else None
-        record = kept(session_record(s.tenant, s.session_id, s.entries, claimed), keep)
+        try:
+            record = kept(session_record(s.tenant, s.session_id, s.entries, claimed), keep)
+        except (ValueError, TypeError, AttributeError):  # a corrupt or foreign entry: the other sessions still go out
+            done.unreadable_count += 1
+            if len(done.unreadable) < 5:
+                done.unreadable.append(f"{s.tenant}/{s.session_id}")
+            continue
         if record is None:
             done.skipped += 1
             continue
@@ -119,4 +127,10 @@ def export_command(
         f"{done.skipped} left out by the filters",
         file=sys.stderr,
     )
+    if done.unreadable_count:
+        print(
+            f"warning: {done.unreadable_count} sessions had unreadable records and were left out "
+            f"(e.g. {', '.join(done.unreadable)})",
+            file=sys.stderr,
+        )
     return 0
