@@ -194,7 +194,8 @@ class ProxyMetrics:
             self.retries.labels(category=category, outcome=outcome)
         for outcome, intervened in product(SESSION_OUTCOMES, INTERVENED):
             self.session_outcomes.labels(outcome=outcome, intervened=intervened)
-            self.shadow_outcomes.labels(outcome=outcome, would_act=intervened)
+        for outcome, would_act in product(SESSION_OUTCOMES, ("yes", "no")):
+            self.shadow_outcomes.labels(outcome=outcome, would_act=would_act)
         for agent in (
             *(a.value for a in AgentName),
             "guidance",

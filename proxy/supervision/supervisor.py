@@ -14,7 +14,8 @@ profile's ``dialect: react``, or a conversation that shows it; plain chat passes
    (:mod:`proxy.supervision.held_stream`); a text-only streamed answer has already reached the client, so its
    verdict can only become guidance. ``observe``: the answer goes out untouched and is evaluated in the
    background; the next turn of the session waits for that evaluation (bounded by the deadline) so its
-   guidance is never lost.
+   guidance is never lost. The session state is saved (queued) before the answer leaves, so the session is known
+   to an outcome reported right after it.
 4. Guidance and agents triggered by findings are saved in the session state for the next turn.
 
 Transparency. Non-streaming responses carry ``x-fama-session``, ``x-fama-intervention`` (e.g.
