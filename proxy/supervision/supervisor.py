@@ -14,8 +14,8 @@ profile's ``dialect: react``, or a conversation that shows it; plain chat passes
    (:mod:`proxy.supervision.held_stream`); a text-only streamed answer has already reached the client, so its
    verdict can only become guidance. ``observe``: the answer goes out untouched and is evaluated in the
    background; the next turn of the session waits for that evaluation (bounded by the deadline) so its
-   guidance is never lost. The session state is saved (queued) before the answer leaves, so the session is known
-   to an outcome reported right after it.
+   guidance is never lost. A new session's state is saved (queued) before the answer leaves, so the session is
+   known to an outcome reported right after it.
 4. Guidance and agents triggered by findings are saved in the session state for the next turn.
 
 Transparency. Non-streaming responses carry ``x-fama-session``, ``x-fama-intervention`` (e.g.
@@ -352,9 +352,11 @@ class Supervisor(ChatHooks[Turn]):
     def _later(self, turn: Turn, candidate: dict[str, Any], attempt: int, choice: Mapping[str, Any]) -> None:
         key = (turn.ref.tenant, turn.ref.session_id)
         finish = str(choice.get("finish_reason") or "none")
-        # The session is known (its turn counted) before the answer leaves, not once the verdict is in: an outcome
-        # reported right after this answer must find it. Queued, so the answer does not wait for the write.
-        self.store.save_soon(turn.ref, turn.state)
+        # A new session is known (its turn counted) before the answer leaves, not once the verdict is in: an outcome
+        # reported right after this answer must find it. Queued, so the answer does not wait for the write; a later
+        # turn's session is known from the turns before.
+        if turn.state.turns == 1:
+            self.store.save_soon(turn.ref, turn.state)
 
         async def run() -> None:
             try:
