@@ -128,6 +128,7 @@ def test_observe_export_report_analyze(tau_dir: Path, redis_url: str, tmp_path: 
     report = json.loads(report_json.read_text())
     assert report["sessions"]["failed"] == failed
     assert report["sessions"]["succeeded"] == passed
+    assert report["sessions"]["recorded_profiles"] == ["airline"]
     live, replayed = report["sources"]["recorded"], report["sources"]["current"]
     assert (live["failed_acted"], live["succeeded_acted"]) == (replayed["failed_acted"], replayed["succeeded_acted"])
     assert live["failed_acted"] > 0

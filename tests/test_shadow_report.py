@@ -60,6 +60,7 @@ def test_the_shadow_report_shows_what_enforce_mode_would_act_on(exported: Path, 
         "succeeded": succeeded,
         "without_outcome": 0,
         "with_recorded_verdicts": FAILED + succeeded,
+        "recorded_profiles": ["default"],
     }
     recorded = report["sources"]["recorded"]
     assert (recorded["failed_acted"], recorded["succeeded_acted"]) == (FAILED, FALSE_ALARMS)

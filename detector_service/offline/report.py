@@ -80,6 +80,7 @@ class Report:
     succeeded: int = 0
     without_outcome: int = 0
     with_records: int = 0  # sessions that carry recorded verdicts
+    recorded_profiles: set[str] = field(default_factory=set)  # the profiles the recording proxy ran with
 
     def shares(self) -> dict[str, Any]:
         def share(n: int, of: int) -> float | None:
@@ -103,6 +104,7 @@ class Report:
                 "succeeded": self.succeeded,
                 "without_outcome": self.without_outcome,
                 "with_recorded_verdicts": self.with_records,
+                "recorded_profiles": sorted(self.recorded_profiles),
             },
             "sources": {
                 c.name: {
@@ -157,6 +159,8 @@ def shadow_report(
         if found is not None:
             report.with_records += 1
             recorded.add(outcome, t.id, found)
+            if isinstance(t.extra.get("profile"), str):
+                report.recorded_profiles.add(t.extra["profile"])
         for column, engine in engines:
             column.add(outcome, t.id, (f.finding for f in replay_one(engine, t, tools).flags))
     if not report.with_records:
@@ -177,6 +181,7 @@ def _print(report: Report, console: Console) -> None:
     console.print(
         f"fama report: {report.failed + report.succeeded} sessions with an outcome ({report.failed} failed, "
         f"{report.succeeded} succeeded), {report.without_outcome} without"
+        + (f"; recorded with profile {', '.join(sorted(report.recorded_profiles))}" if report.recorded_profiles else "")
     )
     table = Table(title="sessions enforce mode would act on (retry, rewrite or block on any turn)")
     for column in ("source", "failed sessions", "successful sessions", "examples (successful first)"):
