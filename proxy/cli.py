@@ -262,7 +262,7 @@ def _env_secrets() -> list[str]:
 @sessions_app.command("export")
 def sessions_export(
     out: Annotated[Path, typer.Option(help="Where to write the JSONL records.")],
-    redis_url: Annotated[str | None, typer.Option(help="Redis URL [env FAMA_REDIS_URL].")] = None,
+    redis_url: Annotated[str | None, _option(ProxySettings, "redis_url", "The proxy's Redis URL.")] = None,
     tenant: Annotated[str | None, typer.Option(help="Only this tenant's sessions (default: every tenant).")] = None,
     since: Annotated[str | None, typer.Option(help="Only sessions active since this ISO 8601 time (UTC).")] = None,
     last: Annotated[
@@ -275,7 +275,7 @@ def sessions_export(
     interventions), the format replay, analyze and report read."""
     from detector_service.offline.export import export_command
 
-    url = redis_url or os.environ.get("FAMA_REDIS_URL", "")
+    url = redis_url or ""
     if not url:
         typer.echo("fama sessions export: give --redis-url (or FAMA_REDIS_URL)", err=True)
         raise typer.Exit(2)

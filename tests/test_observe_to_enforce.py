@@ -16,11 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from detector_service.contract.profile import load_profile
 from detector_service.offline.trajectories import Trajectory, load, load_tools
+from tests.recorded_sessions import message_shape
 from tests.servers import ROOT, detector_worker, free_port, run_fama, serve_in_thread, start_fama_serve, stop_process
 from tests.servers import wait_for_port as wait_for_port
 from tests.supervised_upstream import ScriptedModel
 from tests.tau_turns import DOMAIN, QWEN
-from tests.test_sessions_export import message_shape
 
 pytestmark = [pytest.mark.redis, pytest.mark.tau]
 

@@ -12,14 +12,10 @@ import yaml
 
 from detector_service.contract.profile import Mode, load_profile
 from detector_service.contract.wire import Action, Category
+from tests.recorded_sessions import FAILED, FALSE_ALARMS, GOOD, TENANT, record_outcomes, running
 from tests.servers import run_fama
-from tests.supervision_harness import LOOKED_UP
-from tests.test_sessions_export import TENANT, Proxy, running
 
 pytestmark = pytest.mark.redis
-
-FAILED, FALSE_ALARMS, GOOD = 8, 2, 14
-HELLO: list[Any] = [LOOKED_UP[0], {"role": "user", "content": "Hello"}]
 
 
 @pytest.fixture
@@ -27,20 +23,11 @@ def exported(redis_url: str, tmp_path: Path) -> Path:
     """Sessions an observe-mode proxy recorded: unconfirmed cancellations that failed, two that went well anyway,
     and greetings that went well; exported with the CLI."""
     with running(tmp_path, Mode.OBSERVE, redis_url) as proxy:
-        _sessions(proxy)
+        record_outcomes(proxy)
     out = tmp_path / "sessions.jsonl"
     done = run_fama("sessions", "export", "--redis-url", redis_url, "--with-outcome-only", "--out", str(out))
     assert done.returncode == 0, done.stderr
     return out
-
-
-def _sessions(proxy: Proxy) -> None:
-    for n in range(FAILED + FALSE_ALARMS):
-        proxy.turn(f"cancel-{n}", LOOKED_UP)
-        proxy.report(f"cancel-{n}", {"outcome": "failure" if n < FAILED else "success"})
-    for n in range(GOOD):
-        proxy.turn(f"hello-{n}", HELLO)
-        proxy.report(f"hello-{n}", {"outcome": "success"})
 
 
 def _report(exported: Path, tmp_path: Path, *flags: str) -> dict[str, Any]:
