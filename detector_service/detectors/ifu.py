@@ -18,10 +18,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from detector_service.contract.profile import ToolKind
 from detector_service.contract.toolkinds import is_handoff
 from detector_service.contract.wire import Category, Finding, Severity
+from detector_service.detectors import function_of, schema_of
 from detector_service.turn import TurnView
 
 _ASKED_HUMAN = re.compile(
@@ -53,6 +56,15 @@ _INFO = re.compile(
     re.IGNORECASE,
 )
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+# The kind of record an identifier belongs to: "reservation" of "the reservation IDs", "user" of "your user id".
+_KIND_OF_ID = re.compile(
+    r"\b([a-z]+)[\s_\-]+(?:ids?|numbers?|codes?)\b|\b(reservation|booking|order|account|customer|user)\s+(?:details|info)",
+    re.IGNORECASE,
+)
+_NOT_A_KIND = frozenset(
+    {"the", "your", "my", "a", "an", "this", "that", "these", "those", "its", "their", "our", "any"}
+)
+_WORD_SPLIT = re.compile(r"[^a-z0-9]+")
 _DONE = re.compile(
     r"\b(has|have) been (successfully )?(cancel+ed|booked|updated|modified|changed|processed|refunded|"
     r"issued|added|exchanged|returned|upgraded|rebooked|sent)\b|\bsuccessfully (cancel+ed|booked|updated|"
@@ -78,8 +90,9 @@ _CLAIM_STEMS: dict[str, tuple[str, ...] | None] = {
 }
 
 
-def _sent_for_info(sentences: list[str], i: int, phrase: re.Match[str]) -> bool:
-    """Whether the deferral at ``phrase`` in sentence ``i`` sends the user off to find an identifier.
+def _sent_for_info(sentences: list[str], i: int, phrase: re.Match[str]) -> str | None:
+    """What the deferral at ``phrase`` in sentence ``i`` sends the user off to find (the words naming the
+    identifier), or None when it sends the user for no identifier.
 
     After "once you have" / "when you find" what follows is what the user must get: "once you have the
     reservation id" or "once you have it" (the id named just before) is a deferral, "once you have restarted
@@ -88,23 +101,51 @@ def _sent_for_info(sentences: list[str], i: int, phrase: re.Match[str]) -> bool:
     also sends the user to look for it ("take your time to find the reservation id").
     """
     sentence = sentences[i]
+    around = sentences[max(0, i - 1) : i + 1]
     if _WAITING.match(phrase.group(0)):
-        return any(_INFO.search(s) and _FIND.search(s) for s in sentences[max(0, i - 1) : i + 1])
+        return next((s for s in around if _INFO.search(s) and _FIND.search(s)), None)
     if not _POSSESSION.match(phrase.group(0)):
-        return any(_INFO.search(s) for s in sentences[max(0, i - 1) : i + 1])
+        return next((s for s in around if _INFO.search(s)), None)
     rest = sentence[phrase.end() :]
     if _PRONOUN.match(rest):
-        return any(_INFO.search(s) for s in [*sentences[max(0, i - 1) : i], sentence[: phrase.start()]])
-    clause = _CLAUSE_END.split(rest, maxsplit=1)[0]
-    return bool(_INFO.search(" ".join(clause.split()[:8])))
+        # the nearest words that name it: earlier in the sentence, else the sentence before
+        return next((s for s in [sentence[: phrase.start()], *sentences[max(0, i - 1) : i]] if _INFO.search(s)), None)
+    clause = " ".join(_CLAUSE_END.split(rest, maxsplit=1)[0].split()[:8])
+    return clause if _INFO.search(clause) else None
 
 
-def _deferral(text: str) -> str | None:
+def _findable(view: TurnView, named: str) -> bool:
+    """Whether the read tools could find what ``named`` sends the user for: some read tool speaks of that kind of
+    record ("Get the details of a user, including their reservations"; "Find user id by email") without needing
+    its identifier to start with. A user id that no tool can find from anything else is the user's to give (the
+    airline tools look users up by id only), and asking the user to come back with it puts nothing off that the
+    agent could do. An identifier named by no kind ("the ID") counts as findable."""
+    kinds = {(m.group(1) or m.group(2)).lower() for m in _KIND_OF_ID.finditer(named)} - _NOT_A_KIND
+    for kind in kinds:
+        stem = kind[:-1] if kind.endswith("s") and len(kind) > 4 else kind
+        if not any(_finds(view, name, spec, stem) for name, spec in view.tools.items()):
+            return False
+    return True
+
+
+def _finds(view: TurnView, name: str, spec: Mapping[str, Any], stem: str) -> bool:
+    if view.index.kinds.kind(name) is not ToolKind.READ:
+        return False
+    params = schema_of(spec) or {}
+    required = [r.lower() for r in params.get("required") or [] if isinstance(r, str)]
+    if any(r in ("id", "ids") or stem in _WORD_SPLIT.split(r) for r in required):
+        return False  # the tool needs that very identifier (or any identifier) to answer
+    words = _WORD_SPLIT.split(f"{name} {function_of(spec).get('description') or ''}".lower())
+    return any(w.startswith(stem) for w in words)
+
+
+def _deferral(view: TurnView) -> str | None:
     """The deferring phrase, when it sends the user off to find information the tools could look up."""
-    sentences = [s for s in _SENTENCE_END.split(text) if s.strip()]
+    sentences = [s for s in _SENTENCE_END.split(view.text) if s.strip()]
     for i, sentence in enumerate(sentences):
         for found in _DEFER.finditer(sentence):
-            if _sent_for_info(sentences, i, found):
+            named = _sent_for_info(sentences, i, found)
+            if named is not None and _findable(view, named):
                 return found.group(0)
     return None
 
@@ -166,7 +207,7 @@ def detect(view: TurnView) -> list[Finding]:
             )
         )
     max_reads = int(view.profile.detector_settings("ifu").get("max_reads_before_defer", 1))
-    phrase = _deferral(view.text) if not view.calls and index.writes == 0 and index.reads <= max_reads else None
+    phrase = _deferral(view) if not view.calls and index.writes == 0 and index.reads <= max_reads else None
     if phrase is not None:
         out.append(
             Finding(
