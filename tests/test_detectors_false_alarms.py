@@ -173,8 +173,14 @@ def test_a_pick_among_options_is_no_go_ahead(tau_dir: Path) -> None:
     offer = "Would you like me to add 1 GB or 2 GB?"
     assert not accepts("2 GB, thanks.", offer)
     assert not accepts("2 GB, thanks.", "Which amount would you like me to add?")
+    assert not accepts("I'll go with option 1, please.", "Would you like to proceed with one of these options?")
     assert accepts("Thanks, that would help.", "I can enable roaming on your line. Would you like me to do that?")
     assert accepts("Sure", "Let me know if you'd like me to enable roaming for you.")
+    assert accepts("Thanks, that would help!", "Roaming is off on your line. I can enable it for you.")
+    assert not accepts("Thanks!", "I can help you with that. Your line is active.")
+    # a wish of the user's own takes the offer up only when it names what was offered
+    assert accepts("I'd like to cancel it, please.", "Shall I cancel reservation ABC123?")
+    assert not accepts("I want a full refund to my card.", "Shall I cancel reservation ABC123?")
     assert not accepts("Sure", "I have enabled roaming. Your data should work now.")
 
 
