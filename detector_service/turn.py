@@ -156,9 +156,7 @@ class Call:
 def tool_calls_of(message: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The message's tool calls that are objects; anything else a client sent is not a call."""
     calls = message.get("tool_calls")
-    if not isinstance(calls, list):
-        return []
-    return [c for c in calls if isinstance(c, Mapping)]
+    return [c for c in calls if isinstance(c, Mapping)] if isinstance(calls, list) else []
 
 
 def parse_call(raw: Mapping[str, Any], index: int, kinds: ToolKinds) -> Call:
