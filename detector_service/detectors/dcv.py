@@ -3,7 +3,9 @@
 Confirmation means: the assistant stated the action to the user (its last message before the latest
 user message names the action or one of the call's argument values) and the latest user message gives an
 explicit go-ahead ("yes", "go ahead", "please proceed") without taking it back ("not yet", "before
-confirming"). The generic check covers every write tool when the request's policy (system
+confirming"), or takes up the action the assistant offered ("Thanks, that would help" to "Would you like me to
+enable it?", :func:`detector_service.confirmation.accepts`). A go-ahead one exchange earlier still stands when
+the assistant only asked for a detail in between ("yes" -> "which reason?" -> "change of plans"). The generic check covers every write tool when the request's policy (system
 message) asks for explicit confirmation, or when there is no policy at all (``confirm_all_writes:
 auto``, the default; ``true``/``false`` force it). A profile can instead name the tools with
 ``requires_confirmation`` rules and set ``confirm_all_writes: false``.
