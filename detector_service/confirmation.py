@@ -50,8 +50,9 @@ _OPEN_OFFER = re.compile(r"\blet me know if\b|\bif you('d| would) like\b", re.IG
 # Or as a statement of what the assistant can do for the user: "I can enable roaming for you."
 _FOR_YOU = re.compile(r"\bfor you\b", re.IGNORECASE)
 # Before the offer in its sentence, a question word makes it a question about a detail ("Which flight would you
-# like to book?", "How much data would you like me to add?"), not about whether to act.
-_DETAIL_QUESTION = re.compile(r"\b(which|what|how|when|where|who)\b", re.IGNORECASE)
+# like to book?", "How much data would you like me to add?") or an open one ("Is there anything else I can
+# do?"), not about whether to do a given action.
+_DETAIL_QUESTION = re.compile(r"\b(which|what|how|when|where|who|anything|something)\b", re.IGNORECASE)
 # An offer among alternatives ("... 1 GB or 2 GB?", "proceed with one of these options?") asks for a pick.
 _CHOICE = re.compile(r"\bor\b|\b(one|any|either|some|each) of (these|those|them|the)\b|\boptions\b", re.I)
 # Words that take an offer up: a wish for it or what it will do for the user, anywhere in the answer ("I'd like

@@ -178,6 +178,7 @@ def test_a_pick_among_options_is_no_go_ahead(tau_dir: Path) -> None:
     assert accepts("Sure", "Let me know if you'd like me to enable roaming for you.")
     assert accepts("Thanks, that would help!", "Roaming is off on your line. I can enable it for you.")
     assert not accepts("Thanks!", "I can help you with that. Your line is active.")
+    assert not accepts("Thanks!", "Your line is active. Is there anything else I can do for you?")
     # a wish of the user's own takes the offer up only when it names what was offered
     assert accepts("I'd like to cancel it, please.", "Shall I cancel reservation ABC123?")
     assert not accepts("I want a full refund to my card.", "Shall I cancel reservation ABC123?")
@@ -215,3 +216,22 @@ def test_sending_the_user_for_an_id_the_tools_find_by_email_is_a_deferral(tau_di
         candidate={"role": "assistant", "content": "Once you have your user ID, please reach out and I'll help."},
     )
     assert "deferred_request" in detectors(Engine().evaluate(event).findings)
+
+
+def test_an_id_of_a_kind_the_tools_never_speak_of_is_taken_as_findable(tau_dir: Path) -> None:
+    # Airline tools know users (looked up by id only) but no "confirmation number": that is the reservation id
+    # under another name, which the user's details list, so sending the user for it stays a deferral.
+    tools: list[dict[str, Any]] = load_tools(tau_dir / "domains" / "tau1-airline" / "tools_openai.json")
+
+    def deferral(text: str) -> bool:
+        event = TurnEvent(
+            session_id="airline-kinds",
+            messages=[{"role": "user", "content": "I need to change my flight; my user id is noah_muller_9847."}],
+            tools=tools,
+            candidate={"role": "assistant", "content": text},
+        )
+        return "deferred_request" in detectors(Engine().evaluate(event).findings)
+
+    assert deferral("Once you have your confirmation number, please reach out again.")
+    assert deferral("Once you have the reservation number, please reach out again.")
+    assert not deferral("Once you have your user ID, please reach out again.")

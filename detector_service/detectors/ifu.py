@@ -116,28 +116,38 @@ def _sent_for_info(sentences: list[str], i: int, phrase: re.Match[str]) -> str |
 
 
 def _findable(view: TurnView, named: str) -> bool:
-    """Whether the read tools could find what ``named`` sends the user for: some read tool speaks of that kind of
-    record ("Get the details of a user, including their reservations"; "Find user id by email") without needing
-    its identifier to start with. A user id that no tool can find from anything else is the user's to give (the
-    airline tools look users up by id only), and asking the user to come back with it puts nothing off that the
-    agent could do. An identifier named by no kind ("the ID") counts as findable."""
+    """Whether the read tools could find what ``named`` sends the user for. Not when the tools know that kind of
+    identifier (a tool takes or speaks of it) but no read tool finds it without it: a user id that the airline
+    tools look users up by, and by nothing else, is the user's to give, and asking the user to come back with it
+    puts nothing off that the agent could do. A read tool that speaks of the kind without needing its id finds
+    it ("Get the details of a user, including their reservations"; "Find user id by email"). An identifier of
+    no kind ("the ID") or of a kind the tools never speak of ("confirmation number") is taken as findable."""
     kinds = {(m.group(1) or m.group(2)).lower() for m in _KIND_OF_ID.finditer(named)} - _NOT_A_KIND
     for kind in kinds:
         stem = kind[:-1] if kind.endswith("s") and len(kind) > 4 else kind
-        if not any(_finds(view, name, spec, stem) for name, spec in view.tools.items()):
+        known = any(_speaks_of(name, spec, stem, parameters=True) for name, spec in view.tools.items())
+        if known and not any(_finds(view, name, spec, stem) for name, spec in view.tools.items()):
             return False
     return True
 
 
+def _speaks_of(name: str, spec: Mapping[str, Any], stem: str, *, parameters: bool) -> bool:
+    """The tool's name or description (and with ``parameters``, its parameters' names) speaks of the kind."""
+    params = schema_of(spec) or {}
+    names = " ".join(str(p) for p in params.get("properties") or {}) if parameters else ""
+    text = f"{name} {function_of(spec).get('description') or ''} {names}".lower()
+    return any(w.startswith(stem) for w in _WORD_SPLIT.split(text))
+
+
 def _finds(view: TurnView, name: str, spec: Mapping[str, Any], stem: str) -> bool:
+    """A read tool that speaks of the kind and does not need its identifier (or any bare id) to answer."""
     if view.index.kinds.kind(name) is not ToolKind.READ:
         return False
     params = schema_of(spec) or {}
     required = [r.lower() for r in params.get("required") or [] if isinstance(r, str)]
     if any(r in ("id", "ids") or stem in _WORD_SPLIT.split(r) for r in required):
-        return False  # the tool needs that very identifier (or any identifier) to answer
-    words = _WORD_SPLIT.split(f"{name} {function_of(spec).get('description') or ''}".lower())
-    return any(w.startswith(stem) for w in words)
+        return False
+    return _speaks_of(name, spec, stem, parameters=False)
 
 
 def _deferral(view: TurnView) -> str | None:
