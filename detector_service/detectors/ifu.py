@@ -6,7 +6,8 @@
 - deferred request: the assistant sends the user away to come back later with an identifier or other
   information ("once you have your reservation id, reach out") after next to no look-ups and no action:
   the request stays open. Asking the user to do something and report back ("once you have restarted the
-  phone, let me know") is ordinary troubleshooting, not a deferral;
+  phone, let me know") is ordinary troubleshooting, not a deferral; nor is asking for an id the read tools
+  cannot find without it (the airline tools look users up by user id only: that id is the user's to give);
 - empty reply: no text and no tool call at all (small models do this, and the conversation stalls);
 - unfulfilled claim: the assistant tells the user an action is done while no write call in the
   conversation succeeded, so the request is still open (not where calls leaked into the text of a native
