@@ -9,7 +9,8 @@ session's next turns, the ``x-fama-intervention`` labels):
   ``pass`` sends the answer; ``guide`` sends it and carries the findings into the next turn;
   ``rewrite`` sends ``Verdict.rewritten`` (a retry when there is none); ``retry`` re-asks the model with
   the findings as feedback while ``attempt < profile.max_retries`` and blocks once they are spent;
-  ``block`` answers with a safe assistant message that names the held action and asks the user.
+  ``block`` answers with a safe assistant message that names the held action in plain words and asks the user
+  (:mod:`proxy.supervision.replies`; the findings themselves go to the headers, the metadata and the record).
   Once any tool-call byte has reached the client the answer can no longer be replaced, so a verdict
   that wants a change becomes guidance.
 - Without a verdict (``deadline`` or ``outage``) the categories at stake for the candidate decide:
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from detector_service.contract.profile import AgentName, Mode, Profile, ToolKind
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import Action, Category, Finding, Verdict
+from proxy.supervision.replies import held_reply
 
 if TYPE_CHECKING:  # the OpenAI message shapes, checked statically and never at runtime
     from openai.types.chat import ChatCompletionAssistantMessageParam as AssistantMessage
@@ -174,21 +176,13 @@ def with_shown_text(feedback: SystemMessage, shown: str) -> SystemMessage:
 
 
 def block_message(
-    candidate: dict[str, Any], findings: Sequence[Finding], degraded: DegradedReason | None = None
+    candidate: dict[str, Any],
+    categories: Sequence[Category],
+    degraded: DegradedReason | None = None,
+    text_shown: bool = False,
 ) -> AssistantMessage:
-    calls = tool_calls(candidate)
-    if not calls:
-        text = "I can't give a reliable answer to that right now. Could you tell me how you'd like to proceed?"
-    elif degraded is not None:
-        held = " and ".join(describe_call(c) for c in calls)
-        text = f"I can't verify {held} right now, so I haven't done it. Do you want me to try again?"
-    elif any(f.category is Category.DCV for f in findings):
-        held = " and ".join(describe_call(c) for c in calls)
-        text = f"Before I go ahead with {held}, please confirm: do you want me to proceed? (yes/no)"
-    else:
-        held = " and ".join(describe_call(c) for c in calls)
-        reason = findings[0].message if findings else "it did not pass the checks"
-        text = f"I haven't done {held}: {reason} Could you confirm the details so I can try again?"
+    """The safe answer that replaces a held candidate, in the agent's voice (:mod:`proxy.supervision.replies`)."""
+    text = held_reply(tool_calls(candidate), categories, degraded is not None, text_shown)
     return {"role": "assistant", "content": text}
 
 
@@ -200,9 +194,12 @@ def decide(
     tools: Sequence[dict[str, Any]] = (),
     attempt: int = 0,
     tool_bytes_sent: bool = False,
+    text_shown: bool = False,
 ) -> Decision:
+    """``text_shown``: text of this turn already reached the client (a stream), so a block says first that the action
+    was not done."""
     if isinstance(outcome, Degraded):
-        return _degraded(mode, profile, outcome, candidate, tools, tool_bytes_sent)
+        return _degraded(mode, profile, outcome, candidate, tools, tool_bytes_sent, text_shown)
     verdict = outcome
     findings = tuple(verdict.findings)
     guidance = tuple(f"[{f.category.value}] {f.message}" for f in findings)
@@ -233,7 +230,7 @@ def decide(
         Action.BLOCK,
         wanted,
         cats,
-        replacement=block_message(candidate, findings),
+        replacement=block_message(candidate, [f.category for f in findings], text_shown=text_shown),
         guidance=guidance,
         activate=activate,
         exhausted=exhausted,
@@ -248,6 +245,7 @@ def _degraded(
     candidate: dict[str, Any],
     tools: Sequence[dict[str, Any]],
     tool_bytes_sent: bool,
+    text_shown: bool,
 ) -> Decision:
     closed = tuple(c for c in at_stake(candidate, tools, profile) if profile.fail_closed(c))
     if mode is Mode.OBSERVE or not closed or tool_bytes_sent:
@@ -256,6 +254,6 @@ def _degraded(
         Action.BLOCK,
         Action.BLOCK,
         closed,
-        replacement=block_message(candidate, (), degraded=outcome.reason),
+        replacement=block_message(candidate, closed, outcome.reason, text_shown),
         degraded=outcome.reason,
     )

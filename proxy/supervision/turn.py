@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from detector_service.contract.wire import Action, Category
 from proxy.supervision.decisions import Decision
+from proxy.supervision.quotes import Quoted
 from proxy.supervision.sessions import SessionRef, SessionState
 from proxy.upstream import normalize
 
@@ -29,8 +30,15 @@ class Turn:
     degraded: str | None = None
     retrying: tuple[Category, ...] = ()  # categories of the retry in flight, to count its outcome
     api: str = "chat"  # the API the client called (chat, responses)
+    added: list[str] = field(default_factory=list)  # what the proxy wrote into the conversation: context, feedback
+
+    def quoted(self) -> Quoted:
+        """What a reply of this turn must not quote back to the user."""
+        return Quoted.of(self.added)
 
     def retry_body(self, feedback: SystemMessage) -> dict[str, Any]:
+        """The next attempt's request: the conversation as sent, plus ``feedback`` (kept among what is added)."""
+        self.added.append(str(feedback["content"]))
         # Fresh message dicts: the upstream adapter edits messages in place.
         messages = [dict(m) for m in self.body["messages"]]
         return normalize.adapt_for_upstream({**self.body, "messages": [*messages, feedback]})
