@@ -77,7 +77,8 @@ def test_forced_unconfirmed_write_is_retried_then_blocked(proxies: dict[str, ope
     message = raw.parse().choices[0].message
     assert message.tool_calls is None
     assert message.content is not None
-    assert "`cancel_reservation`" in message.content
+    assert "cancel reservation" in message.content  # the held action in plain words, not the tool's name
+    assert "cancel_reservation" not in message.content
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -119,4 +120,4 @@ def test_enforced_lookup_reaches_the_client_well_formed(proxies: dict[str, opena
         assert len(names) == 1
         assert isinstance(json.loads(arguments), dict)
     else:
-        assert "`get_reservation_details`" in text
+        assert "get reservation details" in text
