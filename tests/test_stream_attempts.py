@@ -210,3 +210,16 @@ def test_the_last_chunk_carries_the_same_metadata_in_every_mode(tmp_path: Path, 
         assert fama == {"session": stream.headers["x-fama-session"]}
         finish = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
         assert finish.choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("mode", ["observe", "enforce"])
+def test_a_responses_stream_ends_with_the_same_metadata_in_every_mode(tmp_path: Path, mode: str) -> None:
+    model = ScriptedModel(lambda body: {"content": QUESTION})
+    with proxy_for(model, tmp_path, mode=mode) as (client, _):
+        raw = client.responses.with_raw_response.create(
+            model="m", instructions=SYSTEM, input=LOOKED_UP_ITEMS, tools=RESPONSES_TOOLS, stream=True
+        )
+        completed = list(raw.parse())[-1]
+        assert completed.type == "response.completed"
+        assert completed.model_extra is not None
+        assert completed.model_extra["fama"] == {"session": raw.headers["x-fama-session"]}

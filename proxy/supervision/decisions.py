@@ -171,7 +171,10 @@ def with_shown_text(feedback: SystemMessage, shown: str) -> SystemMessage:
     """Feedback for a streamed retry whose rejected attempt's text already reached the user."""
     if not shown:
         return feedback
-    note = f"The user has already seen this text from you: {json.dumps(shown[-500:], ensure_ascii=False)}. Continue from it; do not repeat it."
+    note = (
+        f"The user has already seen this text from you: {json.dumps(shown[-500:], ensure_ascii=False)}. "
+        "Continue from it; do not repeat it. If it announced the action, say plainly that it has not been done yet."
+    )
     return {**feedback, "content": f"{feedback['content']}\n{note}"}
 
 

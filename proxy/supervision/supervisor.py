@@ -12,17 +12,18 @@ Per turn (only requests that declare ``tools``; plain chat passes through untouc
    answer's text is relayed at once, tool-call deltas (with any text after the first, and retried attempts
    whole) are held until the verdict (:mod:`proxy.supervision.held_stream`); a text-only streamed answer has
    already reached the client, so its verdict can only become guidance. Quoted injected context is cut from
-   what the client gets (:mod:`proxy.supervision.quotes`); in ``observe`` it is only counted. ``observe``: the answer goes out untouched and is evaluated in the
-   background; the next turn of the session waits for that evaluation (bounded by the deadline) so its
-   guidance is never lost.
+   what the client gets (:mod:`proxy.supervision.quotes`). ``observe``: the answer goes out untouched (a quote
+   is only counted) and is evaluated in the background; the next turn of the session waits for that
+   evaluation (bounded by the deadline) so its guidance is never lost.
 4. Guidance and agents triggered by findings are saved in the session state for the next turn.
 
 Transparency. Non-streaming responses carry ``x-fama-session``, ``x-fama-intervention`` (e.g.
 ``retry:DCV``; comma-separated when several) when the answer was changed, and ``x-fama-degraded``
 (``deadline`` or ``outage``) when it was served without a verdict. A stream's headers leave before any
 verdict exists, so a supervised stream carries only ``x-fama-session`` as a header, and its final
-chunk (the one with ``finish_reason``) carries ``"fama": {"session", "intervention", "degraded"}`` in every mode
-(the last two only when they apply: never in ``observe``, which neither changes an answer nor waits for a verdict). Every change is also logged, and every turn is recorded.
+chunk (the one with ``finish_reason``) carries ``"fama": {"session", "intervention", "degraded"}`` in every
+mode (the last two only when they apply: never in ``observe``, which neither changes an answer nor waits for a
+verdict). Every change is also logged, and every turn is recorded.
 """
 
 from __future__ import annotations
