@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from agents import Agent, RunConfig, Runner, function_tool
+from agents.models.openai_responses import OpenAIResponsesModel
+from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionChunk
 
 from tests.supervised_upstream import ScriptedModel, context_in, feedback_in
@@ -17,6 +21,7 @@ from tests.supervision_harness import (
     LOOKED_UP,
     LOOKED_UP_ITEMS,
     QUESTION,
+    RESERVATION,
     RESPONSES_TOOLS,
     SYSTEM,
     TOOLS,
@@ -27,6 +32,7 @@ CLAIM = "Sure, cancelling reservation ZFA04Y now."
 ASK = "Before I cancel reservation ZFA04Y, can you confirm you want me to go ahead?"
 CORRECTED = f"{CLAIM}\n\nSorry, I haven't actually done that yet. {ASK}"
 CONTEXT_AGENTS = {"agents": ["Verifier", "Memory", "Planner"]}
+NO_TRACING = RunConfig(tracing_disabled=True)
 
 
 def _claims_and_cancels(body: dict[str, Any]) -> dict[str, Any]:
@@ -223,3 +229,36 @@ def test_a_responses_stream_ends_with_the_same_metadata_in_every_mode(tmp_path: 
         assert completed.type == "response.completed"
         assert completed.model_extra is not None
         assert completed.model_extra["fama"] == {"session": raw.headers["x-fama-session"]}
+
+
+@function_tool
+def get_reservation_details(reservation_id: str) -> str:
+    """Get the details of a reservation."""
+    return json.dumps(RESERVATION)
+
+
+async def test_an_agents_sdk_reply_that_quotes_the_context_reaches_the_app_without_it(tmp_path: Path) -> None:
+    model = ScriptedModel(_quotes_the_context)
+    with proxy_for(model, tmp_path, mode="enforce", profile=CONTEXT_AGENTS) as (sync_client, app):
+        async with AsyncOpenAI(base_url=str(sync_client.base_url), api_key="k", max_retries=0, timeout=20) as client:
+            agent = Agent(
+                name="airline",
+                instructions=SYSTEM,
+                tools=[get_reservation_details],
+                model=OpenAIResponsesModel(model="m", openai_client=client),
+            )
+            prompt = "Please cancel my reservation ZFA04Y."
+            done = await Runner.run(agent, prompt, run_config=NO_TRACING)
+            assert done.final_output == QUESTION
+            streaming = Runner.run_streamed(agent, prompt, run_config=NO_TRACING)
+            async for _ in streaming.stream_events():
+                pass
+            assert streaming.final_output == QUESTION
+    assert all("\n## " in str(context_in(b)) for b in model.bodies())  # each reply had a block to quote
+    assert (
+        float(
+            app.metrics.registry.get_sample_value("fama_quoted_context_total", {"mode": "enforce", "api": "responses"})
+            or 0
+        )
+        == 2
+    )
