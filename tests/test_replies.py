@@ -126,12 +126,15 @@ QUOTING = [
     ("- Reservation ZFA04Y, flight HAT136\nIt is booked.", "It is booked."),
     ("Ok.\n[FAMA feedback] Your previous answer was not sent.\n\n- [DCV] x\nDone.", "Ok.\nDone."),
     ("Hi\n## Correction from the previous turn\n- [DCV] Rule: confirm.", "Hi"),
+    ("Shall I cancel it? ## Verifier: Requests - [ ] confirmed [/FAMA context]", "Shall I cancel it?"),
+    ("Shall I? ## Memory: Facts so far\n- reservation_id: ZFA04Y\nThanks.", "Shall I? \nThanks."),
 ]
 CLEAN = [
     "- HAT170 at 10:00, $412\n- HAT045 at 15:00\nWhich one?",
     "## Your options\n[1] economy [2] business",
     "Has the user explicitly asked? No.",
     "  spaced \n\n text \n",
+    "Option #2 costs $12 [see fare rules] ## not a heading",
 ]
 
 

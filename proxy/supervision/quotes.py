@@ -4,7 +4,8 @@ Small models sometimes end an answer by quoting the context the proxy injected (
 context]``) or the feedback of a retry. What such a reply quotes (:class:`Quoted` knows it for one turn):
 
 - the markers: ``[FAMA context ...`` opens a quote, ``[/FAMA context]`` closes it; ``[FAMA feedback]`` opens one;
-- a section heading the injection writes (``## Verifier: ...``, ``## Correction from the previous turn``) opens one;
+- a section heading the injection writes (``## Verifier: ...``, ``## Correction from the previous turn``) opens one,
+  also in the middle of a line;
 - a line of the injected or feedback text, repeated whole (at least :data:`MIN_LINE` characters).
 
 An open quote runs to its closing marker or to the first line of prose after it: the bullet and blank lines that
@@ -15,6 +16,7 @@ may still turn out to be one (a line while it reads like a quoted one, a ``[`` t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -23,9 +25,11 @@ from proxy.supervision.decisions import FEEDBACK_PREFIX
 from proxy.supervision.injection import CLOSING, GUIDANCE_TITLE, MARKER
 
 MIN_LINE = 16  # shorter lines ("Yes.", "- none") say too little to call a repeat a quote
-OPENERS = (MARKER, FEEDBACK_PREFIX)
-MARKERS = (*OPENERS, CLOSING)
 _TITLES = (GUIDANCE_TITLE, *(f"{a.value}:" for a in AgentName))
+OPENERS = (MARKER, FEEDBACK_PREFIX, *(f"## {title}" for title in _TITLES))  # a heading also opens mid-line
+MARKERS = (*OPENERS, CLOSING)
+_LONGEST = max(len(m) for m in MARKERS)
+_MARK_START = re.compile(r"[\[#]")
 _BULLETS = "-*•"
 
 
@@ -67,22 +71,32 @@ def _marker_at(text: str, start: int = 0) -> tuple[int, str] | None:
     return min(found) if found else None
 
 
-def _may_open_marker(tail: str) -> bool:
-    return any(m.startswith(tail) for m in MARKERS)
+def _marker_start(text: str, start: int) -> int:
+    """The first place from ``start`` where the end of ``text`` may be the beginning of a marker (else its length)."""
+    for match in _MARK_START.finditer(text, max(start, len(text) - _LONGEST)):
+        if any(m.startswith(text[match.start() :]) for m in MARKERS):
+            return match.start()
+    return len(text)
 
 
 class QuoteFilter:
     """Cuts quotes from a reply fed piece by piece; :meth:`feed` returns what may be sent now, :meth:`end` the
-    rest. ``removed`` tells whether anything was cut."""
+    rest. ``removed`` tells whether anything was cut. Each piece costs in proportion to its own length."""
 
     def __init__(self, quoted: Quoted) -> None:
         self.quoted = quoted
-        self.open = False  # inside a quote
+        self.open = False  # inside a quote at the start of the line being read
         self.removed = False
-        self._line = ""  # the line being read, raw
-        self._sent = 0  # characters of its kept text already returned
-        self._prose = False  # the line is known not to be a quoted one from its start
         self._blank = ""  # whitespace kept back: it goes out with the next text, or not at all if a quote ends it
+        self._new_line()
+
+    def _new_line(self) -> None:
+        self._line = ""  # the line being read, raw
+        self._prose = False  # the line is known not to be a quoted one from its start, so it is scanned
+        self._pos = 0  # how much of the line is scanned for markers for good
+        self._inside = False  # inside a quote at ``_pos``
+        self._kept = ""  # what the scanned part keeps
+        self._sent = 0  # how much of ``_kept`` was returned
 
     def _out(self, text: str) -> str:
         text = self._blank + text
@@ -95,73 +109,71 @@ class QuoteFilter:
         while (newline := text.find("\n")) >= 0:
             self._line += text[:newline]
             text = text[newline + 1 :]
-            kept = self._cut(self._line, whole=True)
-            if kept is not None:
-                kept += "\n"
-            out.append((kept or "")[self._sent :])
-            self._line, self._sent, self._prose = "", 0, False
+            kept = self._finish()
+            out.append("" if kept is None else (kept + "\n")[self._sent :])
+            self._new_line()
         self._line += text
-        if self._line:
-            safe = self._cut(self._line, whole=False) or ""
-            out.append(safe[self._sent :])
-            self._sent = max(self._sent, len(safe))
+        if self._line and self._decided():
+            self._scan(whole=False)
+            out.append(self._kept[self._sent :])
+            self._sent = len(self._kept)
         return self._out("".join(out))
 
     def end(self) -> str:
-        kept = (self._cut(self._line, whole=True) or "") if self._line else ""
+        kept = (self._finish() or "") if self._line else ""
         rest = self._blank + kept[self._sent :]
-        self._line, self._sent, self._prose, self._blank = "", 0, False, ""
+        self._blank = ""
+        self._new_line()
         return rest.rstrip() if self.removed else rest
 
-    def _cut(self, line: str, whole: bool) -> str | None:
-        """What of ``line`` is kept (None: the whole line is dropped, newline included). A partial line
-        (``whole=False``) gives only what is kept whatever comes next, and leaves the state as it was."""
-        is_open = self.open and not self._prose
+    def _decided(self) -> bool:
+        """The line read so far is prose (not a heading, a repeated line, or a bullet of an open quote)."""
         if not self._prose:
-            undecided = not whole and (
-                self.quoted.may_repeat(line) or (is_open and line.strip()[:1] in ("", *_BULLETS))
-            )
-            if undecided:
-                return ""
-            quoted_line = self.quoted.heading(line) or self.quoted.repeated(line)
-            bullet_in_quote = is_open and line.strip()[:1] in ("", *_BULLETS)
-            if quoted_line or bullet_in_quote:
-                if whole:
-                    self.open = is_open or self.quoted.heading(line)
-                    self.removed = True
+            line = self._line
+            if self.quoted.may_repeat(line) or (self.open and line.strip()[:1] in ("", *_BULLETS)):
+                return False
+            self._prose = True  # a line of prose ends an open quote
+        return True
+
+    def _finish(self) -> str | None:
+        """What the whole line keeps (None: it is dropped, newline included); whether a quote is open after it."""
+        line = self._line
+        if not self._prose:
+            heading = self.quoted.heading(line)
+            if heading or self.quoted.repeated(line) or (self.open and line.strip()[:1] in ("", *_BULLETS)):
+                self.open = self.open or heading
+                self.removed = True
                 return None
-            if not whole:
-                self._prose = True
-            is_open = False  # a line of prose ends a quote
-        out: list[str] = []
-        pos = 0
+            self._prose = True
+        self._scan(whole=True)
+        self.open = self._inside
+        if self._kept != line:
+            self.removed = True
+            if not self._kept.strip():
+                return None
+        return self._kept
+
+    def _scan(self, whole: bool) -> None:
+        """Scan the line from ``_pos`` for markers; a partial line only up to where a marker may be beginning."""
+        line, pos, inside, kept = self._line, self._pos, self._inside, [self._kept]
         while True:
-            found = _marker_at(line, pos)
-            if is_open:
+            if inside:
                 close = line.find(CLOSING, pos)
-                if close < 0:
-                    break  # the rest of the line is quoted
-                pos, is_open = close + len(CLOSING), False
+                if close < 0:  # the rest is quoted, but for where the closing marker may be beginning
+                    pos = len(line) if whole else max(pos, len(line) - len(CLOSING) + 1)
+                    break
+                pos, inside = close + len(CLOSING), False
                 continue
+            found = _marker_at(line, pos) if _MARK_START.search(line, pos) else None  # most text has no [ or #
             if found is None:
-                tail = line[pos:]
-                if not whole and (bracket := tail.rfind("[")) >= 0 and _may_open_marker(tail[bracket:]):
-                    tail = tail[:bracket]
-                out.append(tail)
+                end = len(line) if whole else _marker_start(line, pos)
+                kept.append(line[pos:end])
+                pos = end
                 break
             at, marker = found
-            out.append(line[pos:at])
-            pos = at + len(marker)
-            is_open = marker != CLOSING
-        if whole:
-            kept = "".join(out)
-            if kept != line:
-                self.removed = True
-            self.open = is_open
-            if not kept.strip() and kept != line:
-                return None
-            return kept
-        return "".join(out)
+            kept.append(line[pos:at])
+            pos, inside = at + len(marker), marker != CLOSING
+        self._pos, self._inside, self._kept = pos, inside, "".join(kept)
 
 
 def strip_quotes(text: str, quoted: Quoted) -> tuple[str, bool]:
