@@ -115,6 +115,7 @@ CONTEXT = "\n".join(
         OPENING,
         "## Verifier: Before the pending write",
         "- Has the user explicitly confirmed this action (yes)?",
+        "- [ ] The latest user message explicitly confirms this action.",
         "## Memory: Key facts",
         "- Reservation ZFA04Y, flight HAT136",
         CLOSING,
@@ -122,9 +123,12 @@ CONTEXT = "\n".join(
 )
 QUOTING = [
     ("Do you confirm?\n\n## Verifier: Requests\n- Has the user confirmed?\n[/FAMA context]", "Do you confirm?"),
-    ("Sure. [FAMA context v1] Notes\n- a\nShall I go ahead?", "Sure. \nShall I go ahead?"),
+    ("Sure. [FAMA context v1] Notes\n- a\nShall I go ahead?", "Sure."),  # a marker's quote runs to its end
+    ("Sure. [FAMA context v1] Notes\nCancel: [x]ZFA04Y\n[/FAMA context]\nShall I?", "Sure. \nShall I?"),
+    ("[FAMA context v1]\nCancel: [x]ZFA04Y\n- [f]A: Failed.\n## DCE: Policy rules\n- Before any action", ""),
+    ("Sure.\n## [x] The latest user message explicitly confirms this action.\nOk?", "Sure.\nOk?"),
     ("- Reservation ZFA04Y, flight HAT136\nIt is booked.", "It is booked."),
-    ("Ok.\n[FAMA feedback] Your previous answer was not sent.\n\n- [DCV] x\nDone.", "Ok.\nDone."),
+    ("Ok.\n[FAMA feedback] Your previous answer was not sent.\n\n- [DCV] x\nDone.", "Ok."),
     ("Hi\n## Correction from the previous turn\n- [DCV] Rule: confirm.", "Hi"),
     ("Shall I cancel it? ## Verifier: Requests - [ ] confirmed [/FAMA context]", "Shall I cancel it?"),
     ("Shall I? ## Memory: Facts so far\n- reservation_id: ZFA04Y\nThanks.", "Shall I? \nThanks."),
@@ -135,6 +139,7 @@ CLEAN = [
     "Has the user explicitly asked? No.",
     "  spaced \n\n text \n",
     "Option #2 costs $12 [see fare rules] ## not a heading",
+    "- [x] Seat 12A\n- [ ] Seat 12B",
 ]
 
 

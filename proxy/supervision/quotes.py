@@ -3,15 +3,17 @@
 Small models sometimes end an answer by quoting the context the proxy injected (``## Verifier: ... [/FAMA
 context]``) or the feedback of a retry. What such a reply quotes (:class:`Quoted` knows it for one turn):
 
-- the markers: ``[FAMA context ...`` opens a quote, ``[/FAMA context]`` closes it; ``[FAMA feedback]`` opens one;
-- a section heading the injection writes (``## Verifier: ...``, ``## Correction from the previous turn``) opens one,
-  also in the middle of a line;
-- a line of the injected or feedback text, repeated whole (at least :data:`MIN_LINE` characters).
+- the markers: ``[FAMA context ...`` or ``[FAMA feedback]`` open a quote that runs to ``[/FAMA context]`` (or the
+  end of the reply);
+- a section heading the injection writes (``## Verifier: ...``, ``## Correction from the previous turn``), also in
+  the middle of a line, opens a quote that runs to ``[/FAMA context]`` or to the first line of prose: the bullet
+  and blank lines that follow it are part of it;
+- a line of the injected or feedback text, repeated whole (at least :data:`MIN_LINE` characters; its bullet,
+  heading marks or check box aside).
 
-An open quote runs to its closing marker or to the first line of prose after it: the bullet and blank lines that
-follow an opening are part of it. :class:`QuoteFilter` cuts quotes from text as it streams, holding back only what
-may still turn out to be one (a line while it reads like a quoted one, a ``[`` that may begin a marker);
-:func:`strip_quotes` is the same cut on a whole text, so both give the same answer.
+:class:`QuoteFilter` cuts quotes from text as it streams, holding back only what may still turn out to be one (a line
+while it reads like a quoted one, a ``[`` or ``#`` that may begin a marker); :func:`strip_quotes` is the same cut on
+a whole text, so both give the same answer.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from detector_service.contract.profile import AgentName
 from proxy.supervision.decisions import FEEDBACK_PREFIX
@@ -31,11 +34,19 @@ MARKERS = (*OPENERS, CLOSING)
 _LONGEST = max(len(m) for m in MARKERS)
 _MARK_START = re.compile(r"[\[#]")
 _BULLETS = "-*•"
+_LEAD = re.compile(r"[\s\-*•#>]*(?:\[[ xX]?\]\s*)?")  # indentation, bullet, heading marks, a check box
+_BOX_BEGINNING = re.compile(r"\[[ xX]?")
+Kind = Literal["marker", "heading"]  # what opened a quote: a marker runs to its closing, a heading to prose
 
 
 def _bare(line: str) -> str:
-    """A line without its indentation and bullet: how a quoted line compares with the original."""
-    return " ".join(line.strip().lstrip(_BULLETS).split())
+    """A line without what leads it (:data:`_LEAD`): how a quoted line compares with the original."""
+    lead = _LEAD.match(line)
+    return " ".join(line[lead.end() if lead else 0 :].split())
+
+
+def _bullet_or_blank(line: str) -> bool:
+    return line.strip()[:1] in ("", *_BULLETS)
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,11 @@ class Quoted:
         text = partial.strip()
         if not text or text.startswith("#"):
             return True
-        bare = _bare(partial)
+        lead = _LEAD.match(partial)
+        rest = partial[lead.end() if lead else 0 :].strip()
+        if not rest or _BOX_BEGINNING.fullmatch(rest):
+            return True  # only what may lead a line so far
+        bare = " ".join(rest.split())
         return any(line.startswith(bare) for line in self.lines)
 
 
@@ -85,7 +100,7 @@ class QuoteFilter:
 
     def __init__(self, quoted: Quoted) -> None:
         self.quoted = quoted
-        self.open = False  # inside a quote at the start of the line being read
+        self.open: Kind | None = None  # the quote open at the start of the line being read
         self.removed = False
         self._blank = ""  # whitespace kept back: it goes out with the next text, or not at all if a quote ends it
         self._new_line()
@@ -94,7 +109,7 @@ class QuoteFilter:
         self._line = ""  # the line being read, raw
         self._prose = False  # the line is known not to be a quoted one from its start, so it is scanned
         self._pos = 0  # how much of the line is scanned for markers for good
-        self._inside = False  # inside a quote at ``_pos``
+        self._inside: Kind | None = "marker" if self.open == "marker" else None  # the quote open at ``_pos``
         self._kept = ""  # what the scanned part keeps
         self._sent = 0  # how much of ``_kept`` was returned
 
@@ -123,28 +138,32 @@ class QuoteFilter:
         kept = (self._finish() or "") if self._line else ""
         rest = self._blank + kept[self._sent :]
         self._blank = ""
+        self.open = None
         self._new_line()
         return rest.rstrip() if self.removed else rest
 
     def _decided(self) -> bool:
-        """The line read so far is prose (not a heading, a repeated line, or a bullet of an open quote)."""
+        """The line read so far is to be scanned: prose (not a heading, a repeated line, or a bullet of a quote a
+        heading opened), or a line inside a quote a marker opened."""
         if not self._prose:
             line = self._line
-            if self.quoted.may_repeat(line) or (self.open and line.strip()[:1] in ("", *_BULLETS)):
+            if self.open != "marker" and (
+                self.quoted.may_repeat(line) or (self.open == "heading" and _bullet_or_blank(line))
+            ):
                 return False
-            self._prose = True  # a line of prose ends an open quote
+            self._prose = True  # a line of prose ends a quote a heading opened
         return True
 
     def _finish(self) -> str | None:
-        """What the whole line keeps (None: it is dropped, newline included); whether a quote is open after it."""
+        """What the whole line keeps (None: it is dropped, newline included); the quote open after it."""
         line = self._line
-        if not self._prose:
+        if not self._prose and self.open != "marker":
             heading = self.quoted.heading(line)
-            if heading or self.quoted.repeated(line) or (self.open and line.strip()[:1] in ("", *_BULLETS)):
-                self.open = self.open or heading
+            if heading or self.quoted.repeated(line) or (self.open == "heading" and _bullet_or_blank(line)):
+                self.open = "heading" if heading else self.open
                 self.removed = True
                 return None
-            self._prose = True
+        self._prose = True
         self._scan(whole=True)
         self.open = self._inside
         if self._kept != line:
@@ -157,12 +176,12 @@ class QuoteFilter:
         """Scan the line from ``_pos`` for markers; a partial line only up to where a marker may be beginning."""
         line, pos, inside, kept = self._line, self._pos, self._inside, [self._kept]
         while True:
-            if inside:
+            if inside is not None:
                 close = line.find(CLOSING, pos)
                 if close < 0:  # the rest is quoted, but for where the closing marker may be beginning
                     pos = len(line) if whole else max(pos, len(line) - len(CLOSING) + 1)
                     break
-                pos, inside = close + len(CLOSING), False
+                pos, inside = close + len(CLOSING), None
                 continue
             found = _marker_at(line, pos) if _MARK_START.search(line, pos) else None  # most text has no [ or #
             if found is None:
@@ -172,7 +191,8 @@ class QuoteFilter:
                 break
             at, marker = found
             kept.append(line[pos:at])
-            pos, inside = at + len(marker), marker != CLOSING
+            pos = at + len(marker)
+            inside = None if marker == CLOSING else ("heading" if marker.startswith("#") else "marker")
         self._pos, self._inside, self._kept = pos, inside, "".join(kept)
 
 
