@@ -177,7 +177,8 @@ class Worker:
         asked: list[_Done] = []
         not_asked: list[_Done] = []
         for d in done:
-            (asked if worth_judging(d.turn, self.engine.profile) else not_asked).append(d)
+            # Asked about the turn as the detectors read it (a ReAct look-up is a look-up, not text).
+            (asked if worth_judging(self.engine.native(d.turn)[1], self.engine.profile) else not_asked).append(d)
         if not_asked:
             await self._publish(not_asked)
         waiting: dict[asyncio.Task[Verdict], _Done] = {

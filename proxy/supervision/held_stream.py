@@ -2,7 +2,8 @@
 
 Under ``enforce`` a streamed answer is split (:class:`HeldStream`): the text of a plain answer goes to the client at
 once, tool-call deltas (and text that may belong to a rejected attempt) are held in a :class:`CandidateBuffer` until
-the verdict. What is then sent is built here so that the
+the verdict. For an agent whose harness reads its actions from the text (ReAct), the text is the action: it is held
+too, and sent after the verdict. What is then sent is built here so that the
 client sees one coherent stream whatever happened upstream (retries included): every chunk carries
 the first attempt's ``id``/``created``/``model``, the role is sent once, tool calls are numbered from
 0 in the order sent, and exactly one chunk carries a ``finish_reason``.
@@ -135,7 +136,8 @@ class HeldStream:
     Text goes to the client as it comes only while it cannot belong to an attempt that may be rejected: on the first
     attempt, until its first tool-call delta (a plain answer streams untouched). From there on, and for every retried
     attempt, text is held with the calls and sent after the verdict, less what the client already has
-    (:func:`~proxy.supervision.replies.unsaid`). Quoted injected context is cut from all of it (:mod:`quotes`).
+    (:func:`~proxy.supervision.replies.unsaid`). A ReAct harness's text is its action (``hold_text``): it is never
+    live. Quoted injected context is cut from all of it (:mod:`quotes`).
     """
 
     quoted: Quoted = field(default_factory=Quoted)
@@ -145,10 +147,12 @@ class HeldStream:
     usage: dict[str, Any] | None = None
     buffer: CandidateBuffer = field(default_factory=CandidateBuffer)  # the current attempt's candidate
     live: bool = True  # the current attempt's text goes to the client as it comes
+    hold_text: bool = False  # the text carries the actions (ReAct): held until the verdict like tool calls
     quotes: QuoteFilter = field(init=False)
 
     def __post_init__(self) -> None:
         self.quotes = QuoteFilter(self.quoted)
+        self.live = self.live and not self.hold_text
 
     def next_attempt(self, quoted: Quoted) -> None:
         self.buffer = CandidateBuffer()

@@ -124,12 +124,15 @@ class Injector:
         tools: Sequence[dict[str, Any]],
         state: SessionState,
         extraction: PolicyExtraction | None = None,
+        read: Sequence[dict[str, Any]] | None = None,
     ) -> Injection:
-        """The request's messages plus the context message; ``extraction`` (cached LLM DCE rules) is optional."""
+        """The request's messages plus the context message; ``extraction`` (cached LLM DCE rules) is optional.
+        ``read`` is the conversation as the agents read it (a ReAct harness's text actions as native calls, message
+        for message); by default the messages themselves."""
         budget = self.profile.injection_token_budget
         if budget <= 0:
             return Injection(list(messages), None, ())
-        kept = fit(self.sections(messages, tools, state, extraction), budget)
+        kept = fit(self.sections(messages if read is None else read, tools, state, extraction), budget)
         if not kept:
             return Injection(list(messages), None, ())
         text = render(kept)

@@ -1,6 +1,7 @@
 """The supervision loop on chat turns, plugged into the chat pipeline's seam (:class:`proxy.hooks.ChatHooks`).
 
-Per turn (only requests that declare ``tools``; plain chat passes through untouched):
+Per turn (only requests that declare ``tools``, or whose agent writes its actions as text, ReAct style: the
+profile's ``dialect: react``, or a conversation that shows it; plain chat passes through untouched):
 
 1. ``before_upstream``: name the session (:mod:`proxy.supervision.sessions`), load its state, add the one context
    message (:mod:`proxy.supervision.injection`), set ``x-fama-session``.
@@ -37,15 +38,16 @@ from redis.asyncio import Redis
 
 from detector_service.agents.policy import policy_text
 from detector_service.contract.extraction import PolicyExtraction
-from detector_service.contract.profile import Mode, Profile
+from detector_service.contract.profile import Dialect, Mode, Profile
+from detector_service.contract.textactions import native_message, native_turn, resolve
 from detector_service.contract.wire import SCHEMA_VERSION, Action, TurnEvent, Verdict, new_id, now_ms
+from detector_service.turn import tools_by_name
 from proxy.hooks import ChatContext, ChatHooks, wants_usage
 from proxy.metrics import MAX_TOOL_LABELS, OTHER, ProxyMetrics
 from proxy.supervision.decisions import Decision, Degraded, decide, with_shown_text
 from proxy.supervision.extractions import ExtractionReader
 from proxy.supervision.held_stream import CandidateBuffer, HeldStream, add_usage
 from proxy.supervision.injection import GUIDANCE_LABEL, Injector
-from proxy.supervision.quotes import strip_quotes
 from proxy.supervision.recorder import Intervention, Recorder
 from proxy.supervision.sessions import (
     SESSION_HEADER,
@@ -117,7 +119,10 @@ class Supervisor(ChatHooks[Turn]):
         tools: list[dict[str, Any]] = [t for t in body.get("tools") or () if isinstance(t, dict)]
         ref = identify(ctx.request_headers.get(SESSION_HEADER), ctx.tenant, messages, tools)
         ctx.response_headers[SESSION_HEADER] = ref.session_id
-        if not tools or int(body.get("n") or 1) != 1:
+        names = tools_by_name(tools).keys()
+        dialect = resolve(self.profile.dialect, messages, None, names)
+        ctx.text_actions = dialect is Dialect.REACT  # its harness reads calls written as text: they stay text
+        if not (tools or ctx.text_actions) or int(body.get("n") or 1) != 1:
             return body  # nothing to supervise: no tool use, or several answers the client will choose from
         await self._settled(ref)
         extraction: PolicyExtraction | None = None
@@ -126,7 +131,9 @@ class Supervisor(ChatHooks[Turn]):
         else:
             # Both reads are bounded; done together, the cached extraction adds no round trip of its own.
             state, extraction = await asyncio.gather(self.store.load(ref), self._extraction(messages))
-        injection = self.injector.inject(messages, tools, state, extraction)
+        # The agents read a ReAct conversation as the detectors do: its text actions as native calls.
+        read = native_turn(dialect, messages, None, names)[1] if ctx.text_actions else None
+        injection = self.injector.inject(messages, tools, state, extraction, read)
         if GUIDANCE_LABEL in injection.labels:
             state.guidance.clear()  # delivered; findings of this turn may add new guidance
         state.turns += 1
@@ -194,13 +201,13 @@ class Supervisor(ChatHooks[Turn]):
                     chunk[TRAILER_KEY] = self._trailer(turn)  # the same metadata as in enforce mode
             yield chunk
         # Only a stream that ran to its end is a decision worth judging.
-        message = buffer.message()
-        self._later(turn, self._unquoted(turn, {"message": message}), 0, {"finish_reason": buffer.finish_reason})
+        candidate = self._unquoted(turn, {"message": buffer.message()})
+        self._later(turn, candidate, 0, {"finish_reason": buffer.finish_reason})
 
     async def _enforced_stream(
         self, ctx: ChatContext[Turn], turn: Turn, chunks: AsyncIterator[dict[str, Any]]
     ) -> AsyncIterator[dict[str, Any]]:
-        held = HeldStream(turn.quoted())
+        held = HeldStream(turn.quoted(), hold_text=ctx.text_actions)
         attempt = 0
         while True:
             async for chunk in chunks:
@@ -267,7 +274,13 @@ class Supervisor(ChatHooks[Turn]):
             result = outcome.verdict
         else:
             result = Degraded("deadline" if outcome.reason is MissReason.DEADLINE else "outage")
-        decision = decide(self.mode, self.profile, result, candidate, turn.tools, attempt, tool_bytes_sent, text_shown)
+        # The decision reads the candidate as the detectors do; its feedback and its answer fit the harness.
+        names = turn.tool_names
+        dialect = resolve(self.profile.dialect, turn.messages, candidate, names)
+        native = native_message(candidate, len(turn.messages), names) if dialect is Dialect.REACT else candidate
+        decision = decide(
+            self.mode, self.profile, result, native, turn.tools, attempt, tool_bytes_sent, dialect, text_shown
+        )
         self._account(turn, attempt, decision)
         self._record(event, outcome, decision)
         return decision
@@ -330,18 +343,10 @@ class Supervisor(ChatHooks[Turn]):
             self.metrics.degraded.labels(reason=decision.degraded, policy=policy).inc()
 
     def _unquoted(self, turn: Turn, choice: dict[str, Any]) -> dict[str, Any]:
-        """The choice's message with quoted injected context cut from its text: in place in enforce mode (the
-        client gets the cut text), on a copy in observe mode (the client gets the answer untouched)."""
-        message: dict[str, Any] = choice.get("message") or {}
-        if not isinstance(message.get("content"), str) or not message["content"]:
-            return message
-        text, quoted = strip_quotes(message["content"], turn.quoted())
+        """The choice's message with quoted context cut: in place in enforce mode (the client gets the cut text), on a
+        copy in observe mode (the client gets the answer untouched)."""
+        message, quoted = turn.cut_quotes(choice.get("message") or {}, in_place=self.mode is Mode.ENFORCE)
         self._count_quote(turn, quoted)
-        if not quoted:
-            return message
-        if self.mode is Mode.OBSERVE:
-            return {**message, "content": text}
-        message["content"] = text
         return message
 
     def _count_quote(self, turn: Turn, quoted: bool) -> None:

@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from detector_service.contract.wire import Action, Category
+from detector_service.turn import tools_by_name
 from proxy.supervision.decisions import Decision
-from proxy.supervision.quotes import Quoted
+from proxy.supervision.quotes import Quoted, strip_quotes
 from proxy.supervision.sessions import SessionRef, SessionState
 from proxy.upstream import normalize
 
 if TYPE_CHECKING:
-    from openai.types.chat import ChatCompletionSystemMessageParam as SystemMessage
+    from proxy.supervision.decisions import Feedback
 
 
 @dataclass
@@ -36,7 +37,23 @@ class Turn:
         """What a reply of this turn must not quote back to the user."""
         return Quoted.of(self.added)
 
-    def retry_body(self, feedback: SystemMessage) -> dict[str, Any]:
+    def cut_quotes(self, message: dict[str, Any], in_place: bool) -> tuple[dict[str, Any], bool]:
+        """``message`` with what its text quotes of :meth:`quoted` cut (in place, or on a copy), and whether any was."""
+        if not isinstance(message.get("content"), str) or not message["content"]:
+            return message, False
+        text, quoted = strip_quotes(message["content"], self.quoted())
+        if not quoted:
+            return message, False
+        if not in_place:
+            return {**message, "content": text}, True
+        message["content"] = text
+        return message, True
+
+    @property
+    def tool_names(self) -> frozenset[str]:
+        return frozenset(tools_by_name(self.tools))
+
+    def retry_body(self, feedback: Feedback) -> dict[str, Any]:
         """The next attempt's request: the conversation as sent, plus ``feedback`` (kept among what is added)."""
         self.added.append(str(feedback["content"]))
         # Fresh message dicts: the upstream adapter edits messages in place.
