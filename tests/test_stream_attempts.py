@@ -25,6 +25,7 @@ from tests.supervision_harness import (
     RESPONSES_TOOLS,
     SYSTEM,
     TOOLS,
+    Proxied,
     proxy_for,
 )
 
@@ -147,8 +148,8 @@ def _quotes_the_context(body: dict[str, Any]) -> dict[str, Any]:
     return {"content": QUESTION + "\n\n" + "\n".join(context.splitlines()[1:])}
 
 
-def _quoted(app: Any, mode: str) -> float:
-    labels = {"mode": mode, "api": "chat"}
+def _quoted(app: Proxied, mode: str, api: str = "chat") -> float:
+    labels = {"mode": mode, "api": api}
     return float(app.metrics.registry.get_sample_value("fama_quoted_context_total", labels) or 0)
 
 
@@ -255,10 +256,4 @@ async def test_an_agents_sdk_reply_that_quotes_the_context_reaches_the_app_witho
                 pass
             assert streaming.final_output == QUESTION
     assert all("\n## " in str(context_in(b)) for b in model.bodies())  # each reply had a block to quote
-    assert (
-        float(
-            app.metrics.registry.get_sample_value("fama_quoted_context_total", {"mode": "enforce", "api": "responses"})
-            or 0
-        )
-        == 2
-    )
+    assert _quoted(app, "enforce", "responses") == 2
