@@ -233,3 +233,7 @@ def soak(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()
