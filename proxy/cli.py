@@ -295,3 +295,7 @@ def sessions_export(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()
