@@ -146,6 +146,7 @@ def test_observe_export_report_analyze(tau_dir: Path, redis_url: str, tmp_path: 
     compared = tmp_path / "compared.json"
     done = run_fama("report", str(export), "--profile", str(PROFILE), "--candidate", str(new), "--json", str(compared))
     assert done.returncode == 0, done.stderr
+    print(done.stdout)
     candidate = json.loads(compared.read_text())["sources"]["candidate"]
     assert candidate["succeeded_acted"] <= replayed["succeeded_acted"]
 
