@@ -114,7 +114,7 @@ def _supervision(hooks: ChatHooks[Any]) -> Supervision | None:
     # The one place that knows which hooks it plugged in; the operator endpoints get the parts, never the hooks.
     if not isinstance(hooks, Supervisor):
         return None
-    return Supervision(hooks.mode, hooks.profile, hooks.store, hooks.recorder)
+    return Supervision(hooks.mode, hooks.profile, hooks.store, hooks.recorder, hooks.settled)
 
 
 def create_app(

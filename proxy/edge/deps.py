@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, NamedTuple, TypedDict, cast
 
 from fastapi import Depends
@@ -16,19 +17,21 @@ from proxy.metrics import ProxyMetrics
 from proxy.responses.service import Responses
 from proxy.settings import ProxySettings
 from proxy.supervision.recorder import Recorder
-from proxy.supervision.sessions import SessionStore
+from proxy.supervision.sessions import SessionRef, SessionStore
 from proxy.tracing import Trace
 from proxy.upstream.client import Upstream
 from proxy.upstream.readiness import Readiness
 
 
 class Supervision(NamedTuple):
-    """The supervision in force, for the operator endpoints: its mode, profile, session store and records."""
+    """The supervision in force, for the operator endpoints: its mode, profile, session store and records, and a wait
+    (bounded) for a session's turn still being judged in this process."""
 
     mode: Mode
     profile: Profile
     sessions: SessionStore
     recorder: Recorder | None
+    settled: Callable[[SessionRef], Awaitable[None]]
 
 
 class ProxyState(TypedDict):

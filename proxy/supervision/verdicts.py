@@ -144,6 +144,7 @@ class EmbeddedVerdicts:
             )
         waited = time.perf_counter() - start
         self.metrics.verdict_wait.labels(transport=self.transport).observe(waited)
+        self.metrics.observe_risk(verdict)
         return VerdictOutcome(verdict, reason, waited, self.transport)
 
 
@@ -243,6 +244,7 @@ class RedisVerdicts:
             self._waiting.pop(turn.turn_id, None)
         waited = time.perf_counter() - start
         self.metrics.verdict_wait.labels(transport=self.transport).observe(waited)
+        self.metrics.observe_risk(verdict)
         return VerdictOutcome(verdict, None, waited, self.transport)
 
     def _miss(self, turn: TurnEvent, reason: MissReason, start: float, deadline_ms: int) -> VerdictOutcome:
