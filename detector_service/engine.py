@@ -206,7 +206,7 @@ class Engine:
         }
         for f in found:
             f.action = stakes.action_for(self.profile, f, stakes.stakes_of(f, calls, kinds))
-        stakes.apply_risk(found, calls, kinds, risk, attempt)
+        stakes.apply_risk(found, calls, kinds, risk, attempt, self.profile.max_retries)
         for f in found:
             if f.action is not None and ACTION_STRENGTH[f.action] > ACTION_STRENGTH[action]:
                 action = f.action
@@ -233,7 +233,7 @@ class Engine:
             elapsed_ms=(time.perf_counter() - start) * 1000,
             risk=None if risk is None else risk.value,
             risk_features=[] if risk is None else list(risk.top),
-            risk_acting=risk is not None and risk.acting and turn.attempt == 0,
+            risk_acting=risk is not None and risk.acting and turn.attempt == 0 and self.profile.max_retries > 0,
         )
 
 

@@ -198,10 +198,13 @@ def apply_risk(
     kinds: ToolKinds,
     risk: Risk | None,
     attempt: int = 0,
+    retries: int = 1,
 ) -> None:
     """Raise a risky WRITE/END turn (see the module's docstring): the guide-level findings about that action become
-    retries, or a ``monitor_risk`` verification finding is added. ``found``'s actions must already be decided."""
-    if risk is None or not risk.acting or attempt > 0:
+    retries, or a ``monitor_risk`` verification finding is added. ``found``'s actions must already be decided.
+    ``retries``: the profile's ``max_retries``; with none, a retry would become a block, which the monitor never
+    asks for."""
+    if risk is None or not risk.acting or attempt > 0 or retries < 1:
         return
     stakes = turn_stakes(found, calls, kinds)
     if stakes < Stakes.END:

@@ -216,6 +216,19 @@ def test_the_monitor_changes_nothing_elsewhere(
     assert guide.action is Action.GUIDE
 
 
+def test_without_retries_the_monitor_does_nothing_rather_than_block() -> None:
+    found: list[Finding] = []
+    stakes.apply_risk(found, _calls("cancel_reservation"), KINDS, RISKY, attempt=0, retries=0)
+    assert found == []
+    event = TurnEvent(
+        session_id="s", messages=CONFIRMED, tools=TOOLS, candidate={"role": "assistant", "tool_calls": [CANCEL]}
+    )
+    verdict = Engine(Profile(monitor=_monitor(), max_retries=0)).evaluate(event)
+    assert verdict.risk is not None
+    assert not verdict.risk_acting
+    assert verdict.action is Action.PASS
+
+
 # -- training ---------------------------------------------------------------------------------------------------
 
 
