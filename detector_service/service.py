@@ -13,9 +13,11 @@ import signal
 import sys
 
 from detector_service.bus.client import DETECTOR, redis_client
+from detector_service.bus.profiles import ProfileWatch
+from detector_service.contract.active_profile import ProfileHolder
 from detector_service.contract.profile import load_profile
 from detector_service.contract.redaction import logging_config, url_secrets
-from detector_service.engine import Engine
+from detector_service.engine import Engines
 from detector_service.health import create_health_app, health_server
 from detector_service.llm.extraction import ExtractionScheduler, Extractor
 from detector_service.llm.judge import Judge, judge_key, make_client
@@ -33,7 +35,12 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
     stop = stop or asyncio.Event()
     metrics = DetectorMetrics()
     redis = redis_client(settings.redis_url, DETECTOR, block_ms=settings.block_ms)
-    profile = load_profile(settings.profile)
+    # The profile pushed to Redis, when there is one, is newer than the file (detector_service.bus.profiles).
+    profiles = ProfileHolder.of(load_profile(settings.profile))
+    profiles.listen(metrics.profile_switched)
+    watch = ProfileWatch(redis, profiles)
+    await watch.start()
+    profile = profiles.current.profile  # judge and llm_agents: read once, here
     judge = None
     if profile.judge.enabled:
         judge = Judge(profile.judge, make_client(profile.judge, judge_key(settings.judge_api_key, profile.judge)))
@@ -45,7 +52,7 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
             profile.llm_agents.timeout_s,
         )
         extractions = ExtractionScheduler(redis, extractor, profile, metrics, settings.consumer_name)
-    worker = Worker(settings, redis, Engine(profile), metrics, judge, extractions)
+    worker = Worker(settings, redis, Engines(profiles), metrics, judge, extractions)
     server = None
     server_task = None
     if settings.metrics_port:
@@ -70,6 +77,7 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
             consume.result()  # re-raises what stopped the loop, if anything did
     finally:
         stopping.cancel()
+        await watch.stop()
         if server is not None and server_task is not None:
             server.should_exit = True
             await server_task

@@ -14,9 +14,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from detector_service.bus.client import PROXY, redis_client
+from detector_service.bus.profiles import ProfileWatch
 from detector_service.bus.writer import BatchWriter
+from detector_service.contract.active_profile import ProfileHolder
 from detector_service.contract.profile import Profile, load_profile
-from detector_service.engine import Engine
+from detector_service.engine import Engines
 from detector_service.llm.judge import Judge, judge_key, make_client
 from proxy.edge import admin, health, outcomes, passthrough, responses, routes
 from proxy.edge.auth import Authenticator
@@ -51,11 +53,14 @@ def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervis
     Nothing connects here; connections open lazily, the verdict reader and recorder start in the lifespan.
     """
     profile = load_profile(settings.profile or None)
+    # The one holder of the profile in force; a push swaps it (``POST /admin/profile``, or the watch in Redis mode).
+    profiles = ProfileHolder.of(profile)
+    profiles.listen(metrics.profile_switched)
     if not settings.redis_url:
         return Supervisor(
             settings.mode,
-            profile,
-            EmbeddedVerdicts(Engine(profile), metrics, embedded_judge(settings, profile)),
+            profiles,
+            EmbeddedVerdicts(Engines(profiles), metrics, embedded_judge(settings, profile)),
             MemorySessionStore(ttl_s=settings.session_ttl_s),
             metrics,
             recorder_for(None, metrics, session_ttl_s=settings.session_ttl_s),
@@ -67,7 +72,7 @@ def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervis
     recorder = RedisRecorder(redis, metrics, writer=writer, session_ttl_s=settings.session_ttl_s)
     return Supervisor(
         settings.mode,
-        profile,
+        profiles,
         RedisVerdicts(redis, process_instance_id(settings.instance_id), metrics),
         RedisSessionStore(redis, settings.session_ttl_s, metrics, timeout_s=profile.deadline_ms / 1000, writer=writer),
         metrics,
@@ -77,6 +82,7 @@ def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervis
         extractions=ExtractionReader(redis, metrics, timeout_s=min(0.05, profile.deadline_ms / 1000))
         if profile.llm_agents.dce
         else None,
+        watch=ProfileWatch(redis, profiles),
     )
 
 
@@ -114,7 +120,7 @@ def _supervision(hooks: ChatHooks[Any]) -> Supervision | None:
     # The one place that knows which hooks it plugged in; the operator endpoints get the parts, never the hooks.
     if not isinstance(hooks, Supervisor):
         return None
-    return Supervision(hooks.mode, hooks.profile, hooks.store, hooks.recorder)
+    return Supervision(hooks.mode, hooks.profiles, hooks.store, hooks.recorder, hooks.watch)
 
 
 def create_app(

@@ -12,8 +12,10 @@ from itertools import product
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from detector_service.contract.active_profile import ActiveProfile
 from detector_service.contract.profile import AgentName, Mode
 from detector_service.contract.wire import Action, Category
+from detector_service.metrics import profile_info, show_profile
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -172,7 +174,11 @@ class ProxyMetrics:
             ["reason"],
             registry=r,
         )
+        self.profile = profile_info(r)
         self._create_known_series()
+
+    def profile_switched(self, old: ActiveProfile, new: ActiveProfile) -> None:
+        show_profile(self.profile, old, new)
 
     def _create_known_series(self) -> None:
         modes = [m.value for m in Mode]

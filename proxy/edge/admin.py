@@ -3,7 +3,11 @@
 - ``GET /admin/sessions/{tenant}/{session_id}``: the recorded trajectory of one session (turns, verdicts,
   interventions, outcome), oldest first.
 - ``GET /admin/interventions?limit=N``: the most recent interventions, newest first (``N`` ≤ 1000).
-- ``GET /admin/profile``: the active mode and profile.
+- ``GET /admin/profile``: the active mode and profile: its version (0: the file the process started with; n: the
+  n-th push), sha256 and source (``file`` or ``pushed``).
+- ``POST /admin/profile``: a new profile (the file's YAML as the body, or JSON): validated (a bad one answers
+  400 naming the field and changes nothing), then in force here at once and, with Redis, stored for every
+  replica and detector, which take it within a second (:mod:`detector_service.bus.profiles`).
 
 Without an admin key configured every admin endpoint answers 403: they are never open by default. The
 key is compared in constant time and never logged. Client keys do not open these endpoints, and the
@@ -21,8 +25,10 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from detector_service.contract.active_profile import ActiveProfile
+from detector_service.contract.profile import Profile, ProfileError, parse_profile, parse_profile_text
 from proxy.edge.deps import ProxyState, State, Supervision, state_of
-from proxy.errors import AuthenticationFailed, ProxyError, RouteNotFound
+from proxy.errors import AuthenticationFailed, InvalidRequest, ProxyError, RouteNotFound
 from proxy.supervision.recorder import Recorder
 
 MAX_INTERVENTIONS = 1000
@@ -38,6 +44,12 @@ class RecorderUnavailable(ProxyError):
     status = 503
     type = "server_error"
     code = "recorder_unavailable"
+
+
+class ProfileStoreUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "profile_store_unavailable"
 
 
 async def require_admin(request: Request) -> None:
@@ -102,13 +114,40 @@ async def interventions(state: State, limit: Annotated[int, Query(ge=1, le=MAX_I
     return _json({"object": "list", "data": data})
 
 
+def _profile_answer(supervision: Supervision, active: ActiveProfile) -> Response:
+    # The mode in force comes from flags/environment, and may differ from the profile's own ``mode``.
+    return _json({"object": "fama.profile", "mode": supervision.mode.value, **active.describe()})
+
+
 @router.get("/profile")
 async def profile(state: State) -> Response:
     supervision = _supervision(state)
-    return _json(
-        {
-            "object": "fama.profile",
-            "mode": supervision.mode.value,  # the mode in force (flags/environment), which may differ from the file's
-            "profile": supervision.profile.model_dump(mode="json"),
-        }
-    )
+    return _profile_answer(supervision, supervision.profiles.current)
+
+
+def _posted_profile(body: bytes, content_type: str) -> Profile:
+    try:
+        if content_type.split(";")[0].strip().lower() == "application/json":
+            try:
+                return parse_profile(orjson.loads(body), "the profile")
+            except orjson.JSONDecodeError as exc:
+                raise ProfileError(f"the profile is not valid JSON: {exc}") from exc
+        return parse_profile_text(body, "the profile")
+    except ProfileError as exc:
+        raise InvalidRequest(str(exc), param=exc.field, code="invalid_profile") from exc
+
+
+@router.post("/profile")
+async def push_profile(request: Request, state: State) -> Response:
+    supervision = _supervision(state)
+    new = _posted_profile(await request.body(), request.headers.get("content-type", ""))
+    if supervision.published is None:
+        # No Redis: this process is the only one; numbered after the version it holds.
+        active = ActiveProfile(new, supervision.profiles.current.version + 1, "pushed")
+        supervision.profiles.offer(active)
+    else:
+        try:
+            active = await supervision.published.publish(new)
+        except (RedisError, OSError) as exc:
+            raise ProfileStoreUnavailable("the profile could not be stored; the old one stays in force") from exc
+    return _profile_answer(supervision, active)

@@ -8,7 +8,9 @@ from typing import Annotated, Any, NamedTuple, TypedDict, cast
 from fastapi import Depends
 from starlette.requests import Request
 
-from detector_service.contract.profile import Mode, Profile
+from detector_service.bus.profiles import ProfileWatch
+from detector_service.contract.active_profile import ProfileHolder
+from detector_service.contract.profile import Mode
 from proxy.edge.auth import Authenticator
 from proxy.edge.limits import ClientLimits
 from proxy.hooks import ChatHooks
@@ -23,12 +25,14 @@ from proxy.upstream.readiness import Readiness
 
 
 class Supervision(NamedTuple):
-    """The supervision in force, for the operator endpoints: its mode, profile, session store and records."""
+    """The supervision in force, for the operator endpoints: its mode, the holder of its profile, session store and
+    records, and (Redis mode) where a pushed profile is published for every replica."""
 
     mode: Mode
-    profile: Profile
+    profiles: ProfileHolder
     sessions: SessionStore
     recorder: Recorder | None
+    published: ProfileWatch | None = None  # None: no Redis, a push swaps this process's profile only
 
 
 class ProxyState(TypedDict):

@@ -34,6 +34,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from detector_service.agents.policy import policy_text
+from detector_service.bus.profiles import ProfileWatch
+from detector_service.contract.active_profile import ProfileHolder
 from detector_service.contract.extraction import PolicyExtraction
 from detector_service.contract.profile import Mode, Profile
 from detector_service.contract.wire import SCHEMA_VERSION, Action, TurnEvent, Verdict, new_id, now_ms
@@ -68,7 +70,7 @@ class Supervisor(ChatHooks[Turn]):
     def __init__(
         self,
         mode: Mode,
-        profile: Profile,
+        profiles: ProfileHolder,
         verdicts: VerdictSource,
         store: SessionStore,
         metrics: ProxyMetrics,
@@ -76,21 +78,29 @@ class Supervisor(ChatHooks[Turn]):
         injector: Injector | None = None,
         closing: Redis | None = None,
         extractions: ExtractionReader | None = None,
+        watch: ProfileWatch | None = None,
     ) -> None:
         self.mode = mode
-        self.profile = profile
+        # Each turn takes the profile in force when it starts and keeps it to its end (Turn.active).
+        self.profiles = profiles
+        self.watch = watch  # keeps ``profiles`` on the pushed profile (Redis mode)
         self.verdicts = verdicts
         self.store = store
         self.metrics = metrics
         self.recorder = recorder
-        self.injector = injector or Injector(profile, metrics)
+        self.injector = injector or Injector(profiles.current.profile, metrics)
         self._closing = closing  # a Redis client this supervisor owns and closes on stop
         self.extractions = extractions  # cached LLM-extracted policy rules for DCE (Redis mode)
-        self.deadline_s = profile.deadline_ms / 1000
         # Background evaluations (observe mode, streamed text) by session, so the next turn can wait for them.
         self._pending: dict[tuple[str, str], asyncio.Task[None]] = {}
 
+    @property
+    def deadline_s(self) -> float:
+        return self.profiles.current.profile.deadline_ms / 1000
+
     async def start(self) -> None:
+        if self.watch is not None:
+            await self.watch.start()  # a pushed profile is in force before the first turn
         await self.verdicts.start()
         if self.recorder is not None:
             await self.recorder.start()
@@ -99,6 +109,8 @@ class Supervisor(ChatHooks[Turn]):
         pending = list(self._pending.values())
         if pending:
             await asyncio.wait(pending, timeout=self.deadline_s + 1)
+        if self.watch is not None:
+            await self.watch.stop()
         await self.verdicts.stop()
         await self.store.drain()
         if self.recorder is not None:
@@ -116,24 +128,25 @@ class Supervisor(ChatHooks[Turn]):
         if not tools or int(body.get("n") or 1) != 1:
             return body  # nothing to supervise: no tool use, or several answers the client will choose from
         await self._settled(ref)
+        active = self.profiles.current
         extraction: PolicyExtraction | None = None
         if self.extractions is None:
             state = await self.store.load(ref)  # no tasks to spawn for a single read
         else:
             # Both reads are bounded; done together, the cached extraction adds no round trip of its own.
-            state, extraction = await asyncio.gather(self.store.load(ref), self._extraction(messages))
-        injection = self.injector.inject(messages, tools, state, extraction)
+            state, extraction = await asyncio.gather(self.store.load(ref), self._extraction(messages, active.profile))
+        injection = self.injector.inject(messages, tools, state, extraction, profile=active.profile)
         if GUIDANCE_LABEL in injection.labels:
             state.guidance.clear()  # delivered; findings of this turn may add new guidance
         state.turns += 1
         sent = {**body, "messages": injection.messages}
-        ctx.hook_state = Turn(ref, state, list(messages), tools, sent, injection.labels, api=ctx.api)
+        ctx.hook_state = Turn(ref, state, list(messages), tools, sent, injection.labels, active, api=ctx.api)
         return sent
 
-    async def _extraction(self, messages: list[dict[str, Any]]) -> PolicyExtraction | None:
+    async def _extraction(self, messages: list[dict[str, Any]], profile: Profile) -> PolicyExtraction | None:
         if self.extractions is None:
             return None
-        return await self.extractions.get(policy_text(messages, self.profile))
+        return await self.extractions.get(policy_text(messages, profile))
 
     async def after_response(self, ctx: ChatContext[Turn], response: dict[str, Any]) -> dict[str, Any]:
         turn = ctx.hook_state
@@ -244,19 +257,21 @@ class Supervisor(ChatHooks[Turn]):
             reply_to=None,
             deadline_ms=None,
             created_ms=now_ms(),
-            profile=self.profile.name,
+            profile=turn.active.profile.name,
+            profile_sha256=turn.active.sha256,
             messages=turn.messages,
             tools=turn.tools,
             candidate=candidate,
             attempt=attempt,
         )
-        outcome = await self.verdicts.evaluate(event, self.deadline_s)
+        profile = turn.active.profile
+        outcome = await self.verdicts.evaluate(event, profile.deadline_ms / 1000)
         result: Verdict | Degraded
         if outcome.verdict is not None:
             result = outcome.verdict
         else:
             result = Degraded("deadline" if outcome.reason is MissReason.DEADLINE else "outage")
-        decision = decide(self.mode, self.profile, result, candidate, turn.tools, attempt, tool_bytes_sent)
+        decision = decide(self.mode, profile, result, candidate, turn.tools, attempt, tool_bytes_sent)
         self._account(turn, attempt, decision)
         self._record(event, outcome, decision)
         return decision

@@ -1,0 +1,137 @@
+"""Publishing and watching the pushed profile (``keys.PROFILE_KEY``), for every proxy replica and detector.
+
+A push raises the hash's ``version`` counter and stores the profile's canonical JSON in one transaction, so a
+reader never sees one push's version with another's document. Each process polls the version every
+``poll_s`` (one ``HGET``) and, when it differs from the version it holds, reads the document and offers it to its
+:class:`~detector_service.contract.active_profile.ProfileHolder`. Polling, not pub/sub: a process that was
+disconnected, or started later, catches up on its next poll, and nothing is lost between a message and a
+subscription. A store that was emptied (no key) changes nothing: the process keeps what it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from detector_service.bus import keys
+from detector_service.bus.streams import call, send
+from detector_service.contract.active_profile import ActiveProfile, ProfileHolder
+from detector_service.contract.profile import Profile, ProfileError, parse_profile
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # a push reaches every process within this plus one read
+
+
+async def push_profile(redis: Redis, profile: Profile) -> ActiveProfile:
+    """Store ``profile`` as the next pushed version; the :class:`ActiveProfile` it became."""
+    unsaved = ActiveProfile(profile, source="pushed")
+    replies = await send(
+        redis,
+        ("MULTI",),
+        ("HINCRBY", keys.PROFILE_KEY, "version", 1),
+        (
+            "HSET",
+            keys.PROFILE_KEY,
+            "document",
+            unsaved.document(),
+            "sha256",
+            unsaved.sha256,
+            "pushed_ms",
+            int(time.time() * 1000),
+        ),
+        ("EXEC",),
+    )
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise reply
+    version, _ = replies[-1]
+    return ActiveProfile(profile, int(version), "pushed")
+
+
+async def stored_version(redis: Redis) -> int | None:
+    raw = await call(redis, "HGET", keys.PROFILE_KEY, "version")
+    return None if raw is None else int(raw)
+
+
+async def stored_profile(redis: Redis) -> ActiveProfile | None:
+    """The pushed profile, or None when none was pushed. ``ProfileError`` when this build cannot read it."""
+    version, document = await call(redis, "HMGET", keys.PROFILE_KEY, "version", "document")
+    if version is None or document is None:
+        return None
+    try:
+        raw = orjson.loads(document)
+    except orjson.JSONDecodeError as exc:
+        raise ProfileError(f"the stored profile (version {int(version)}) is not JSON: {exc}") from exc
+    return ActiveProfile(parse_profile(raw, f"the stored profile (version {int(version)})"), int(version), "pushed")
+
+
+class ProfileWatch:
+    """Keeps a holder on the stored profile: once at :meth:`start` (before the process serves), then every ``poll_s``."""
+
+    def __init__(self, redis: Redis, holder: ProfileHolder, *, poll_s: float = POLL_S) -> None:
+        self.redis = redis
+        self.holder = holder
+        self.poll_s = poll_s
+        self._task: asyncio.Task[None] | None = None
+        self._unreadable: int | None = None  # a stored version this build refused, so it is logged once
+        self._failing = False
+
+    async def start(self) -> None:
+        await self.refresh()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="profile-watch")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def publish(self, profile: Profile) -> ActiveProfile:
+        """Push ``profile`` for every process and take it here at once (the others within ``poll_s``)."""
+        active = await push_profile(self.redis, profile)
+        self.holder.offer(active)
+        return active
+
+    async def refresh(self) -> None:
+        """Take the stored profile if its version is not the one held; Redis failures are logged, never raised."""
+        try:
+            version = await stored_version(self.redis)
+            if version is None or version in (self.holder.current.version, self._unreadable):
+                self._recovered()
+                return
+            stored = await stored_profile(self.redis)
+        except (RedisError, OSError) as exc:
+            if not self._failing:
+                log.warning("cannot read the pushed profile from Redis (%s); keeping version %d", exc, self._version)
+            self._failing = True
+            return
+        except ProfileError as exc:
+            self._unreadable = version
+            log.error("%s; keeping version %d", exc, self._version)
+            return
+        self._recovered()
+        if stored is not None:
+            self.holder.offer(stored, newer_only=False)  # the store is the authority, even after a reset
+
+    @property
+    def _version(self) -> int:
+        return self.holder.current.version
+
+    def _recovered(self) -> None:
+        if self._failing:
+            log.info("the pushed profile is readable again")
+        self._failing = False
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            await self.refresh()
