@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from detector_service.contract.profile import Profile, profile_document, profile_sha256
+from detector_service.contract.wire import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class ActiveProfile:
     profile: Profile
     version: int = 0
     source: Source = "file"
+    pushed_ms: int | None = None  # when it was pushed (epoch ms); None for a file
     sha256: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -53,6 +55,7 @@ class ActiveProfile:
             "version": self.version,
             "sha256": self.sha256,
             "source": self.source,
+            "pushed_ms": self.pushed_ms,
             "name": self.profile.name,
             "profile": self.profile.model_dump(mode="json"),
         }
@@ -63,6 +66,7 @@ class ProfileHolder:
 
     def __init__(self, first: ActiveProfile) -> None:
         self._current = first
+        self.since_ms = now_ms()  # when the current profile came into force in this process
         self._listeners: list[Listener] = []
 
     @classmethod
@@ -79,12 +83,13 @@ class ProfileHolder:
         listener(self._current, self._current)
 
     def offer(self, new: ActiveProfile, *, newer_only: bool = True) -> bool:
-        """Swap to ``new`` when its version is newer (or, with ``newer_only=False``, when it is another version:
-        the store's profile wins even after the store was reset). True when it swapped."""
+        """Swap to ``new`` when its version is newer (or, with ``newer_only=False``, when it is another version or
+        another profile: the store's profile wins, even after the store was reset). True when it swapped."""
         old = self._current
-        if new.version == old.version or (newer_only and new.version < old.version):
+        if new.version <= old.version if newer_only else (new.version, new.sha256) == (old.version, old.sha256):
             return False
         self._current = new
+        self.since_ms = now_ms()
         restart = [name for name in READ_AT_START if getattr(old.profile, name) != getattr(new.profile, name)]
         log.info(
             "profile %s version %d (%s, sha256 %s) replaces version %d (sha256 %s)",

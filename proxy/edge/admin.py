@@ -27,6 +27,7 @@ from starlette.responses import Response
 
 from detector_service.contract.active_profile import ActiveProfile
 from detector_service.contract.profile import Profile, ProfileError, parse_profile, parse_profile_text
+from detector_service.contract.wire import now_ms
 from proxy.edge.deps import ProxyState, State, Supervision, state_of
 from proxy.errors import AuthenticationFailed, InvalidRequest, ProxyError, RouteNotFound
 from proxy.supervision.recorder import Recorder
@@ -116,7 +117,10 @@ async def interventions(state: State, limit: Annotated[int, Query(ge=1, le=MAX_I
 
 def _profile_answer(supervision: Supervision, active: ActiveProfile) -> Response:
     # The mode in force comes from flags/environment, and may differ from the profile's own ``mode``.
-    return _json({"object": "fama.profile", "mode": supervision.mode.value, **active.describe()})
+    answer = {"object": "fama.profile", "mode": supervision.mode.value, **active.describe()}
+    if supervision.profiles.current is active:
+        answer["in_force_since_ms"] = supervision.profiles.since_ms
+    return _json(answer)
 
 
 @router.get("/profile")
@@ -143,7 +147,7 @@ async def push_profile(request: Request, state: State) -> Response:
     new = _posted_profile(await request.body(), request.headers.get("content-type", ""))
     if supervision.published is None:
         # No Redis: this process is the only one; numbered after the version it holds.
-        active = ActiveProfile(new, supervision.profiles.current.version + 1, "pushed")
+        active = ActiveProfile(new, supervision.profiles.current.version + 1, "pushed", now_ms())
         supervision.profiles.offer(active)
     else:
         try:
