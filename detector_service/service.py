@@ -1,7 +1,8 @@
 """``fama detector``: the process around one :class:`~detector_service.worker.Worker`.
 
 It builds the worker's parts from the settings and the profile (Redis client, engine, judge, policy extraction),
-serves health and metrics, and on SIGTERM/SIGINT drains within ``drain_timeout_s``.
+keeps the profile on the one pushed to Redis (:mod:`detector_service.bus.profiles`; a pushed profile wins over the
+file), serves health and metrics, and on SIGTERM/SIGINT drains within ``drain_timeout_s``.
 """
 
 from __future__ import annotations
