@@ -27,6 +27,8 @@ from detector_service.bus import keys
 from detector_service.bus.profiles import ProfileWatch, push_profile
 from detector_service.contract.active_profile import ActiveProfile, ProfileHolder
 from detector_service.contract.profile import parse_profile, profile_sha256
+from detector_service.contract.wire import Action, TurnEvent
+from detector_service.engine import Engines
 from proxy.bench.processes import fama
 from tests.servers import fama_env, free_port, serve_in_thread, start_fama_serve, stop_process, wait_for_port
 from tests.supervised_upstream import ScriptedModel, feedback_in
@@ -166,6 +168,37 @@ def test_a_turn_in_flight_finishes_under_the_profile_it_started_with(tmp_path: P
             release.set()
             assert in_flight.result(timeout=30) == "retry:DCV"  # judged under the profile it started with
         assert handling(client) == "none"  # the next turn: the new one
+
+
+def test_a_push_to_several_workers_without_redis_is_refused(tmp_path: Path) -> None:
+    model = ScriptedModel(cancels_until_told)
+    with proxy_for(model, tmp_path, admin_key=ADMIN_KEY, profile=FIRST, workers=2) as (client, _):
+        url = str(client.base_url).removesuffix("/v1/")
+        answer = httpx2.post(url + "/admin/profile", content=yaml.safe_dump(GUIDE_ONLY), headers=ADMIN, timeout=10)
+        assert answer.status_code == 409
+        assert answer.json()["error"]["code"] == "profile_not_shared"
+        assert profile_of(url)["sha256"] == sha(FIRST)
+
+
+def test_the_detector_judges_a_turn_under_the_profile_its_proxy_named() -> None:
+    holder = ProfileHolder.of(parse_profile(FIRST))
+    engines = Engines(holder)
+    event = TurnEvent(
+        session_id="s", messages=LOOKED_UP, tools=TOOLS, candidate={"role": "assistant", "tool_calls": [CANCEL]}
+    )
+
+    def action(profile: dict[str, Any] | None) -> Action:
+        turn = event.model_copy(update={"profile_sha256": sha(profile) if profile is not None else None})
+        return engines.of(turn).evaluate(turn).action
+
+    assert action(FIRST) is Action.RETRY
+    holder.offer(ActiveProfile(parse_profile(GUIDE_ONLY), 1, "pushed"))
+    assert action(FIRST) is Action.RETRY  # a turn its proxy judged under the old profile, still held
+    assert action(GUIDE_ONLY) is Action.GUIDE
+    assert action(None) is Action.GUIDE  # no profile named: the current one
+    for version, name in enumerate("abc", start=2):
+        holder.offer(ActiveProfile(parse_profile({**GUIDE_ONLY, "name": name}), version, "pushed"))
+    assert action(FIRST) is Action.GUIDE  # long gone: the current profile judges it
 
 
 async def _held(holder: ProfileHolder, profile: dict[str, Any], version: int) -> None:

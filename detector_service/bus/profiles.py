@@ -66,11 +66,11 @@ async def stored_profile(redis: Redis) -> ActiveProfile | None:
     version, document, pushed_ms = await call(redis, "HMGET", keys.PROFILE_KEY, "version", "document", "pushed_ms")
     if version is None or document is None:
         return None
+    origin = f"the stored profile (version {version.decode(errors='replace')})"
     try:
         raw = orjson.loads(document)
     except orjson.JSONDecodeError as exc:
-        raise ProfileError(f"the stored profile (version {int(version)}) is not JSON: {exc}") from exc
-    origin = f"the stored profile (version {int(version)})"
+        raise ProfileError(f"{origin} is not JSON: {exc}") from exc
     return ActiveProfile(parse_profile(raw, origin), int(version), "pushed", int(pushed_ms) if pushed_ms else None)
 
 
@@ -104,7 +104,9 @@ class ProfileWatch:
         return active
 
     async def refresh(self) -> None:
-        """Take the stored profile if its version is not the one held; Redis failures are logged, never raised."""
+        """Take the stored profile if it is not the one held. Redis failures and a stored profile this build cannot
+        read are logged, never raised: the profile in force stays."""
+        version = None
         try:
             version = await stored_version(self.redis)
             held = (self.holder.current.version, self.holder.current.sha256)
@@ -118,7 +120,7 @@ class ProfileWatch:
                 log.warning("cannot read the pushed profile from Redis (%s); keeping version %d", exc, self._version)
             self._failing = True
             return
-        except ProfileError as exc:
+        except ValueError as exc:  # ProfileError included: not a profile this build reads
             self._unreadable = version
             log.error("%s; keeping version %d", exc, self._version)
             return
@@ -138,4 +140,7 @@ class ProfileWatch:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.poll_s)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # the watch must outlive a bug in one poll; it is logged and the next poll runs
+                log.exception("the profile watch failed; polling again in %.2fs", self.poll_s)

@@ -47,6 +47,12 @@ class RecorderUnavailable(ProxyError):
     code = "recorder_unavailable"
 
 
+class ProfileNotShared(ProxyError):
+    status = 409
+    type = "invalid_request_error"
+    code = "profile_not_shared"
+
+
 class ProfileStoreUnavailable(ProxyError):
     status = 503
     type = "server_error"
@@ -145,6 +151,12 @@ def _posted_profile(body: bytes, content_type: str) -> Profile:
 async def push_profile(request: Request, state: State) -> Response:
     supervision = _supervision(state)
     new = _posted_profile(await request.body(), request.headers.get("content-type", ""))
+    workers = state["settings"].workers
+    if supervision.published is None and workers > 1:
+        raise ProfileNotShared(
+            f"this proxy runs {workers} workers without Redis: a push would reach only the one answering it. "
+            "Set FAMA_REDIS_URL, or restart with the new profile file."
+        )
     if supervision.published is None:
         # No Redis: this process is the only one; numbered after the version it holds.
         active = ActiveProfile(new, supervision.profiles.current.version + 1, "pushed", now_ms())
