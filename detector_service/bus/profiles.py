@@ -2,10 +2,10 @@
 
 A push raises the hash's ``version`` counter and stores the profile's canonical JSON in one transaction, so a
 reader never sees one push's version with another's document. Each process polls the version and hash every
-``poll_s`` (one ``HMGET``) and, when they differ from those of the profile it holds, reads the document and offers it to its
-:class:`~detector_service.contract.active_profile.ProfileHolder`. Polling, not pub/sub: a process that was
-disconnected, or started later, catches up on its next poll, and nothing is lost between a message and a
-subscription. A store that was emptied (no key) changes nothing: the process keeps what it holds.
+``poll_s`` (one ``HMGET``) and, when they differ from those of the profile it holds, reads the document and
+offers it to its :class:`~detector_service.contract.active_profile.ProfileHolder`. Polling, not pub/sub: a
+process that was disconnected, or started later, catches up on its next poll, and nothing is lost between a
+message and a subscription. A store that was emptied (no key) changes nothing: the process keeps what it holds.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ async def stored_profile(redis: Redis) -> ActiveProfile | None:
 
 
 class ProfileWatch:
-    """Keeps a holder on the stored profile: once at :meth:`start` (before the process serves), then every ``poll_s``."""
+    """Keeps a holder on the stored profile: once at :meth:`start` (before the process serves), then each ``poll_s``."""
 
     def __init__(self, redis: Redis, holder: ProfileHolder, *, poll_s: float = POLL_S) -> None:
         self.redis = redis
