@@ -107,7 +107,7 @@ def test_a_pushed_profile_is_in_force_at_once_and_a_bad_one_changes_nothing(tmp_
         assert refused.returncode == 1
         assert "400" in refused.stderr
         assert "actions.DCV" in refused.stderr
-        for body, field in ((yaml.safe_dump(BAD), "actions.DCV"), ("nmae: typo\n", "nmae"), ("{[", None)):
+        for body, field in ((yaml.safe_dump(BAD), "actions.DCV"), ("nmae: typo\n", "nmae"), ("{[", None), ("", None)):
             answer = httpx2.post(url + "/admin/profile", content=body, headers=ADMIN, timeout=10)
             assert answer.status_code == 400
             error = answer.json()["error"]

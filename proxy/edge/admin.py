@@ -136,6 +136,8 @@ async def profile(state: State) -> Response:
 
 
 def _posted_profile(body: bytes, content_type: str) -> Profile:
+    if not body.strip():  # an empty file is the default profile; an empty request is a mistake, not a reset
+        raise InvalidRequest("the request body is empty: send the profile (YAML, or JSON)", code="invalid_profile")
     try:
         if content_type.split(";")[0].strip().lower() == "application/json":
             try:
