@@ -24,7 +24,8 @@ import orjson
 
 from detector_service import stakes
 from detector_service.contract.active_profile import ActiveProfile, ProfileHolder
-from detector_service.contract.profile import Profile
+from detector_service.contract.profile import Dialect, Profile
+from detector_service.contract.textactions import native_turn
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import ACTION_STRENGTH, Action, Category, Finding, TurnEvent, Verdict
 from detector_service.detectors import dcv, ifu, loop, mtc, rules, wrco
@@ -102,9 +103,25 @@ class Engine:
     ) -> TurnView:
         return TurnView.of(index, candidate, tools, self.profile)
 
+    def native(self, turn: TurnEvent) -> tuple[Dialect, TurnEvent]:
+        """The turn as the detectors read it: actions the harness wrote as text become native calls and tool
+        messages (:func:`detector_service.contract.textactions.native_turn`; the profile's ``dialect``), and the
+        dialect it was written in. A native turn is returned as it is."""
+        dialect, messages, candidate = native_turn(
+            self.profile.dialect, turn.messages, turn.candidate, tools_by_name(turn.tools).keys()
+        )
+        if dialect is not Dialect.REACT:
+            return dialect, turn
+        return dialect, turn.model_copy(update={"messages": messages, "candidate": candidate})
+
     def findings(self, turn: TurnEvent) -> list[Finding]:
+        dialect, native = self.native(turn)
+        return self._findings(native, dialect is Dialect.REACT)
+
+    def _findings(self, turn: TurnEvent, text_actions: bool) -> list[Finding]:
+        """The findings on a native-shaped turn (see ``native``)."""
         key = (turn.tenant, turn.session_id)
-        index, digest = self._session_index(key, turn.messages, self.kinds(turn.tools))
+        index, digest = self._session_index(key, turn.messages, self.kinds(turn.tools), text_actions)
         found = self.findings_for(self.view(index, turn.candidate, tools_by_name(turn.tools)))
         if digest is not None:
             with self._indexes_lock:
@@ -115,7 +132,7 @@ class Engine:
         return found
 
     def _session_index(
-        self, key: tuple[str, str], messages: list[dict[str, Any]], kinds: ToolKinds
+        self, key: tuple[str, str], messages: list[dict[str, Any]], kinds: ToolKinds, text_actions: bool
     ) -> tuple[ConversationIndex, bytes | None]:
         """The index of ``messages`` (extended from the session's previous one when that is a prefix of
         them), and the digest to cache it under (None: not cacheable)."""
@@ -124,14 +141,20 @@ class Engine:
         at = cached.index.size if cached is not None else 0
         digests = _digests(messages, at)
         if digests is None:
-            return ConversationIndex.build(messages, kinds), None
+            return ConversationIndex.build(messages, kinds, text_actions=text_actions), None
         prefix, full = digests
-        if cached is not None and cached.index.kinds is kinds and at <= len(messages) and cached.digest == prefix:
+        if (
+            cached is not None
+            and cached.index.kinds is kinds
+            and cached.index.text_actions == text_actions
+            and at <= len(messages)
+            and cached.digest == prefix
+        ):
             index = cached.index
             for m in messages[at:]:
                 index.add(m)
             return index, full
-        return ConversationIndex.build(messages, kinds), full
+        return ConversationIndex.build(messages, kinds, text_actions=text_actions), full
 
     def findings_for(self, view: TurnView) -> list[Finding]:
         out: list[Finding] = []
@@ -163,8 +186,11 @@ class Engine:
 
     def evaluate(self, turn: TurnEvent) -> Verdict:
         start = time.perf_counter()
-        found = self.findings(turn)
-        action, rewritten = self.decide(turn.candidate, found, self.kinds(turn.tools))
+        dialect, native = self.native(turn)
+        found = self._findings(native, dialect is Dialect.REACT)
+        action, rewritten = self.decide(native.candidate, found, self.kinds(turn.tools))
+        if dialect is Dialect.REACT:
+            rewritten = None  # a repaired native call is no answer for a harness that reads text: retried instead
         return Verdict(
             turn_id=turn.turn_id,
             session_id=turn.session_id,

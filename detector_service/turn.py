@@ -240,10 +240,13 @@ class ConversationIndex:
     failed_keys: set[str] = field(default_factory=set)  # calls (name + arguments) that returned an error
     device: UserDeviceCalls = field(default_factory=UserDeviceCalls)  # dual control: not the agent's
     text_calls: bool = False  # the agent wrote calls as text (ReAct "Action:" lines, call objects): unseen calls
+    text_actions: bool = False  # text actions were read into calls (``react``): text left is what the user got
 
     @classmethod
-    def build(cls, messages: Iterable[Mapping[str, Any]], kinds: ToolKinds) -> ConversationIndex:
-        index = cls(kinds=kinds)
+    def build(
+        cls, messages: Iterable[Mapping[str, Any]], kinds: ToolKinds, *, text_actions: bool = False
+    ) -> ConversationIndex:
+        index = cls(kinds=kinds, text_actions=text_actions)
         for m in messages:
             index.add(m)
         return index
@@ -271,7 +274,7 @@ class ConversationIndex:
             text = text_of(message.get("content"))
             if text.strip():
                 self.last_assistant_text = text
-                self.text_calls = self.text_calls or bool(_TEXT_CALL.search(text))
+                self.text_calls = self.text_calls or (not self.text_actions and bool(_TEXT_CALL.search(text)))
                 self.told_values |= text_values(text)
                 self.told_since_write |= text_values(text)
             for raw in tool_calls_of(message):

@@ -178,7 +178,9 @@ class Worker:
         asked: list[_Done] = []
         not_asked: list[_Done] = []
         for d in done:
-            (asked if worth_judging(d.turn, self.engines.of(d.turn).profile) else not_asked).append(d)
+            # Asked about the turn as the detectors read it (a ReAct look-up is a look-up, not text).
+            engine = self.engines.of(d.turn)
+            (asked if worth_judging(engine.native(d.turn)[1], engine.profile) else not_asked).append(d)
         if not_asked:
             await self._publish(not_asked)
         waiting: dict[asyncio.Task[Verdict], _Done] = {

@@ -25,6 +25,14 @@ class Mode(StrEnum):
     ENFORCE = "enforce"
 
 
+class Dialect(StrEnum):
+    """How the agent's harness writes actions (:mod:`detector_service.contract.textactions`)."""
+
+    AUTO = "auto"  # read from the conversation: text actions and no native tool calls mean ``react``
+    NATIVE = "native"  # OpenAI ``tool_calls`` and ``tool`` messages
+    REACT = "react"  # ``Thought:`` / ``Action:`` JSON text, ``respond`` to talk, tool results as user messages
+
+
 class ToolKind(StrEnum):
     READ = "read"
     WRITE = "write"
@@ -199,6 +207,7 @@ class Profile(_Strict):
     version: int = PROFILE_VERSION
     name: str = "default"
     mode: Mode = Mode.OBSERVE
+    dialect: Dialect = Dialect.AUTO
     agents: list[AgentName] = Field(default_factory=lambda: [AgentName.VERIFIER, AgentName.MEMORY])
     detectors: dict[str, DetectorConfig] = Field(default_factory=dict)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)

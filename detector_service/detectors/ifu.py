@@ -9,8 +9,9 @@
   phone, let me know") is ordinary troubleshooting, not a deferral;
 - empty reply: no text and no tool call at all (small models do this, and the conversation stalls);
 - unfulfilled claim: the assistant tells the user an action is done while no write call in the
-  conversation succeeded, so the request is still open (not where the agent writes its calls as text,
-  ReAct style: there the absence of a write call shows nothing). Only actions one of the agent's own write tools
+  conversation succeeded, so the request is still open (not where calls leaked into the text of a native
+  conversation: a client may have run them out of sight; a ReAct harness's text actions are read as calls
+  before the detectors run, :mod:`detector_service.contract.textactions`). Only actions one of the agent's own write tools
   performs count ("cancelled" with a cancel tool); a state the user or a third party changed ("your
   settings have been updated" in a conversation where the user works the device) is no claim of the agent's.
 """

@@ -1,7 +1,8 @@
 """A supervised stream held for its verdict: the candidate assembled from deltas, and the chunks sent in its place.
 
 Under ``enforce`` a streamed answer is split (:class:`HeldStream`): content deltas go to the client at once,
-tool-call deltas are held in a :class:`CandidateBuffer` until the verdict. What is then sent is built here so that the
+tool-call deltas are held in a :class:`CandidateBuffer` until the verdict. For an agent whose harness reads its
+actions from the text (ReAct), the text is the action: it is held too, and sent after the verdict. What is then sent is built here so that the
 client sees one coherent stream whatever happened upstream (retries included): every chunk carries
 the first attempt's ``id``/``created``/``model``, the role is sent once, tool calls are numbered from
 0 in the order sent, and exactly one chunk carries a ``finish_reason``.
@@ -133,6 +134,7 @@ class HeldStream:
     shown: str = ""  # content the client already has, across attempts
     usage: dict[str, Any] | None = None
     buffer: CandidateBuffer = field(default_factory=CandidateBuffer)  # the current attempt's candidate
+    hold_text: bool = False  # the text carries the actions (ReAct): held until the verdict like tool calls
 
     def next_attempt(self) -> None:
         self.buffer = CandidateBuffer()
@@ -145,7 +147,7 @@ class HeldStream:
         if not choices:
             return None
         self.buffer.add(choices[0])
-        delta = content_delta(chunk, self.role_sent)
+        delta = None if self.hold_text else content_delta(chunk, self.role_sent)
         if delta is None:
             return None
         self.role_sent = True
@@ -155,6 +157,8 @@ class HeldStream:
     def text_sent(self, candidate: dict[str, Any]) -> bool:
         """The attempt is text the client already has: nothing to hold or replace, only guidance to gain. (An
         empty reply sent nothing yet, so it is judged like a call and can still be retried.)"""
+        if self.hold_text:
+            return False
         return not self.buffer.has_tool_calls and bool(str(candidate.get("content") or "").strip())
 
     def ending(
@@ -166,7 +170,7 @@ class HeldStream:
         out: list[dict[str, Any]] = []
         if not self.role_sent:
             out.append(envelope.chunk({"role": "assistant", "content": None}))
-        if replaced and final.get("content"):
+        if (replaced or self.hold_text) and final.get("content"):
             text = str(final["content"])
             out.append(envelope.chunk({"content": f"\n\n{text}" if self.shown else text}))
         if final.get("tool_calls"):

@@ -125,15 +125,18 @@ class Injector:
         tools: Sequence[dict[str, Any]],
         state: SessionState,
         extraction: PolicyExtraction | None = None,
+        read: Sequence[dict[str, Any]] | None = None,
         profile: Profile | None = None,
     ) -> Injection:
-        """The request's messages plus the context message; ``extraction`` (cached LLM DCE rules) is optional;
-        ``profile`` is the turn's (by default the one this injector was made with)."""
+        """The request's messages plus the context message; ``extraction`` (cached LLM DCE rules) is optional.
+        ``read`` is the conversation as the agents read it (a ReAct harness's text actions as native calls, message
+        for message); by default the messages themselves. ``profile`` is the turn's (by default the one this
+        injector was made with)."""
         profile = profile or self.profile
         budget = profile.injection_token_budget
         if budget <= 0:
             return Injection(list(messages), None, ())
-        kept = fit(self.sections(messages, tools, state, extraction, profile), budget)
+        kept = fit(self.sections(messages if read is None else read, tools, state, extraction, profile), budget)
         if not kept:
             return Injection(list(messages), None, ())
         text = render(kept)

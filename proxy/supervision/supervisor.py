@@ -1,6 +1,7 @@
 """The supervision loop on chat turns, plugged into the chat pipeline's seam (:class:`proxy.hooks.ChatHooks`).
 
-Per turn (only requests that declare ``tools``; plain chat passes through untouched):
+Per turn (only requests that declare ``tools``, or whose agent writes its actions as text, ReAct style: the
+profile's ``dialect: react``, or a conversation that shows it; plain chat passes through untouched):
 
 1. ``before_upstream``: name the session (:mod:`proxy.supervision.sessions`), load its state, add the one context
    message (:mod:`proxy.supervision.injection`), set ``x-fama-session``.
@@ -37,8 +38,10 @@ from detector_service.agents.policy import policy_text
 from detector_service.bus.profiles import ProfileWatch
 from detector_service.contract.active_profile import ProfileHolder
 from detector_service.contract.extraction import PolicyExtraction
-from detector_service.contract.profile import Mode, Profile
+from detector_service.contract.profile import Dialect, Mode, Profile
+from detector_service.contract.textactions import native_message, native_turn, resolve
 from detector_service.contract.wire import SCHEMA_VERSION, Action, TurnEvent, Verdict, new_id, now_ms
+from detector_service.turn import tools_by_name
 from proxy.hooks import ChatContext, ChatHooks, wants_usage
 from proxy.metrics import MAX_TOOL_LABELS, OTHER, ProxyMetrics
 from proxy.supervision.decisions import Decision, Degraded, decide, with_shown_text
@@ -125,17 +128,22 @@ class Supervisor(ChatHooks[Turn]):
         tools: list[dict[str, Any]] = [t for t in body.get("tools") or () if isinstance(t, dict)]
         ref = identify(ctx.request_headers.get(SESSION_HEADER), ctx.tenant, messages, tools)
         ctx.response_headers[SESSION_HEADER] = ref.session_id
-        if not tools or int(body.get("n") or 1) != 1:
+        active = self.profiles.current  # the turn keeps this profile to its end, whatever is pushed meanwhile
+        names = tools_by_name(tools).keys()
+        dialect = resolve(active.profile.dialect, messages, None, names)
+        ctx.text_actions = dialect is Dialect.REACT  # its harness reads calls written as text: they stay text
+        if not (tools or ctx.text_actions) or int(body.get("n") or 1) != 1:
             return body  # nothing to supervise: no tool use, or several answers the client will choose from
         await self._settled(ref)
-        active = self.profiles.current
         extraction: PolicyExtraction | None = None
         if self.extractions is None:
             state = await self.store.load(ref)  # no tasks to spawn for a single read
         else:
             # Both reads are bounded; done together, the cached extraction adds no round trip of its own.
             state, extraction = await asyncio.gather(self.store.load(ref), self._extraction(messages, active.profile))
-        injection = self.injector.inject(messages, tools, state, extraction, profile=active.profile)
+        # The agents read a ReAct conversation as the detectors do: its text actions as native calls.
+        read = native_turn(dialect, messages, None, names)[1] if ctx.text_actions else None
+        injection = self.injector.inject(messages, tools, state, extraction, read, profile=active.profile)
         if GUIDANCE_LABEL in injection.labels:
             state.guidance.clear()  # delivered; findings of this turn may add new guidance
         state.turns += 1
@@ -205,7 +213,7 @@ class Supervisor(ChatHooks[Turn]):
     async def _enforced_stream(
         self, ctx: ChatContext[Turn], turn: Turn, chunks: AsyncIterator[dict[str, Any]]
     ) -> AsyncIterator[dict[str, Any]]:
-        held = HeldStream()
+        held = HeldStream(hold_text=ctx.text_actions)
         attempt = 0
         while True:
             async for chunk in chunks:
@@ -271,7 +279,11 @@ class Supervisor(ChatHooks[Turn]):
             result = outcome.verdict
         else:
             result = Degraded("deadline" if outcome.reason is MissReason.DEADLINE else "outage")
-        decision = decide(self.mode, profile, result, candidate, turn.tools, attempt, tool_bytes_sent)
+        # The decision reads the candidate as the detectors do; its feedback and its answer fit the harness.
+        names = turn.tool_names
+        dialect = resolve(profile.dialect, turn.messages, candidate, names)
+        native = native_message(candidate, len(turn.messages), names) if dialect is Dialect.REACT else candidate
+        decision = decide(self.mode, profile, result, native, turn.tools, attempt, tool_bytes_sent, dialect)
         self._account(turn, attempt, decision)
         self._record(event, outcome, decision)
         return decision

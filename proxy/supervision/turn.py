@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 from detector_service.contract.active_profile import ActiveProfile
 from detector_service.contract.wire import Action, Category
+from detector_service.turn import tools_by_name
 from proxy.supervision.decisions import Decision
 from proxy.supervision.sessions import SessionRef, SessionState
 from proxy.upstream import normalize
 
 if TYPE_CHECKING:
-    from openai.types.chat import ChatCompletionSystemMessageParam as SystemMessage
+    from proxy.supervision.decisions import Feedback
 
 
 @dataclass
@@ -32,7 +33,11 @@ class Turn:
     retrying: tuple[Category, ...] = ()  # categories of the retry in flight, to count its outcome
     api: str = "chat"  # the API the client called (chat, responses)
 
-    def retry_body(self, feedback: SystemMessage) -> dict[str, Any]:
+    @property
+    def tool_names(self) -> frozenset[str]:
+        return frozenset(tools_by_name(self.tools))
+
+    def retry_body(self, feedback: Feedback) -> dict[str, Any]:
         # Fresh message dicts: the upstream adapter edits messages in place.
         messages = [dict(m) for m in self.body["messages"]]
         return normalize.adapt_for_upstream({**self.body, "messages": [*messages, feedback]})

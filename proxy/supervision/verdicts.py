@@ -130,7 +130,8 @@ class EmbeddedVerdicts:
             log.exception("embedded detectors failed on turn %s (session %s)", turn.turn_id, turn.session_id)
             verdict, reason = None, MissReason.OUTAGE
         judge = self.judge
-        if verdict is not None and judge is not None and worth_judging(turn, engine.profile):
+        # Asked about the turn as the detectors read it (a ReAct look-up is a look-up, not text).
+        if verdict is not None and judge is not None and worth_judging(engine.native(turn)[1], engine.profile):
             left_s = timeout_s - (time.perf_counter() - start) - JUDGE_MARGIN_S
             count = self.metrics.judge_calls
             verdict = await judged(
