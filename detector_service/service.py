@@ -17,7 +17,7 @@ from detector_service.bus.client import DETECTOR, redis_client
 from detector_service.bus.profiles import ProfileWatch
 from detector_service.contract.active_profile import ProfileHolder
 from detector_service.contract.profile import load_profile
-from detector_service.contract.redaction import logging_config, url_secrets
+from detector_service.contract.redaction import logging_config, redact_also, url_secrets
 from detector_service.engine import Engines
 from detector_service.health import create_health_app, health_server
 from detector_service.llm.extraction import ExtractionScheduler, Extractor
@@ -42,6 +42,8 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
     watch = ProfileWatch(redis, profiles)
     await watch.start()
     profile = profiles.current.profile  # judge and llm_agents: read once, here
+    # The logs were set up from the file's profile; a pushed one may name another judge key.
+    redact_also(judge_key(settings.judge_api_key, profile.judge))
     judge = None
     if profile.judge.enabled:
         judge = Judge(profile.judge, make_client(profile.judge, judge_key(settings.judge_api_key, profile.judge)))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
+import logging
 import subprocess
 import threading
 import time
@@ -27,6 +29,7 @@ from detector_service.bus import keys
 from detector_service.bus.profiles import ProfileWatch, push_profile
 from detector_service.contract.active_profile import ActiveProfile, ProfileHolder
 from detector_service.contract.profile import parse_profile, profile_sha256
+from detector_service.contract.redaction import REDACTED, RedactSecrets, redact_also
 from detector_service.contract.wire import Action, TurnEvent
 from detector_service.engine import Engines
 from proxy.bench.processes import fama
@@ -199,6 +202,22 @@ def test_the_detector_judges_a_turn_under_the_profile_its_proxy_named() -> None:
     for version, name in enumerate("abc", start=2):
         holder.offer(ActiveProfile(parse_profile({**GUIDE_ONLY, "name": name}), version, "pushed"))
     assert action(FIRST) is Action.GUIDE  # long gone: the current profile judges it
+
+
+def test_a_key_known_only_at_run_time_is_redacted_from_then_on() -> None:
+    # A pushed profile's judge.api_key_env may name a key the logging set-up (from the file's profile) never saw.
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactSecrets())
+    logger = logging.getLogger("tests.redact-also")
+    logger.addHandler(handler)
+    try:
+        redact_also("judge-key-from-a-pushed-profile", loggers=["tests.redact-also"])
+        logger.warning("calling the judge with %s", "judge-key-from-a-pushed-profile")
+    finally:
+        logger.removeHandler(handler)
+    assert "judge-key-from-a-pushed-profile" not in stream.getvalue()
+    assert REDACTED in stream.getvalue()
 
 
 async def _held(holder: ProfileHolder, profile: dict[str, Any], version: int) -> None:
