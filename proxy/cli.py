@@ -6,10 +6,20 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic_settings import BaseSettings
+from typer.core import TyperCommand
 
 from detector_service.contract.profile import Mode
+from detector_service.settings import DetectorSettings
+from proxy.settings import ProxySettings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="FAMA supervisory proxy for tool-using agents.")
+# Plain click help: rich markup would read "[...]" in help texts as tags, and its tables cut long names at narrow widths.
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    help="FAMA supervisory proxy for tool-using agents.",
+)
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
@@ -17,35 +27,68 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     return {k: v for k, v in flags.items() if v is not None}
 
 
-@app.command()
+def env_names(settings: type[BaseSettings]) -> dict[str, str]:
+    """Each field of a service's settings and the variable it is read from: the settings class names them."""
+    prefix = str(settings.model_config.get("env_prefix", ""))
+    return {name: f"{prefix}{name}".upper() for name in settings.model_fields}
+
+
+def _env(settings: type[BaseSettings], field: str) -> str:
+    return env_names(settings)[field]
+
+
+def _settings_command(settings: type[BaseSettings]) -> type[TyperCommand]:
+    """A command whose help ends with the variables of ``settings`` that no flag of it shows."""
+
+    class SettingsCommand(TyperCommand):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            shown = {
+                name for p in self.params for name in ([p.envvar] if isinstance(p.envvar, str) else p.envvar or [])
+            }
+            rest = [name for name in env_names(settings).values() if name not in shown]
+            self.epilog = "Also read from the environment (no flag): " + ", ".join(rest) + "."
+
+    return SettingsCommand
+
+
+def _option(settings: type[BaseSettings], field: str, help: str, *flags: str) -> Any:
+    """An option for a settings field; its help shows the variable the settings read."""
+    return typer.Option(*flags, envvar=_env(settings, field), show_envvar=True, help=help)
+
+
+@app.command(cls=_settings_command(ProxySettings))
 def serve(
-    upstream_url: Annotated[str | None, typer.Option(help="Model server base URL [env FAMA_UPSTREAM_URL].")] = None,
-    upstream_api_key: Annotated[str | None, typer.Option(help="Key sent upstream [env FAMA_UPSTREAM_API_KEY].")] = None,
-    host: Annotated[str | None, typer.Option(help="Listen address [env FAMA_HOST].")] = None,
-    port: Annotated[int | None, typer.Option(help="Listen port [env FAMA_PORT].")] = None,
-    metrics_port: Annotated[
-        int | None, typer.Option(help="Serve /metrics on this port instead of --port [env FAMA_METRICS_PORT].")
+    upstream_url: Annotated[str | None, _option(ProxySettings, "upstream_url", "Model server base URL.")] = None,
+    upstream_api_key: Annotated[
+        str | None, _option(ProxySettings, "upstream_api_key", "Key sent upstream (default: the client's).")
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes [env FAMA_WORKERS].")] = None,
-    redis_url: Annotated[str | None, typer.Option(help="Redis URL; empty = embedded [env FAMA_REDIS_URL].")] = None,
-    mode: Annotated[Mode | None, typer.Option(help="observe or enforce [env FAMA_MODE].")] = None,
-    profile: Annotated[str | None, typer.Option(help="Profile YAML [env FAMA_PROFILE].")] = None,
+    host: Annotated[str | None, _option(ProxySettings, "host", "Listen address.")] = None,
+    port: Annotated[int | None, _option(ProxySettings, "port", "Listen port.")] = None,
+    metrics_port: Annotated[
+        int | None, _option(ProxySettings, "metrics_port", "Serve /metrics on this port instead of --port.")
+    ] = None,
+    workers: Annotated[int | None, _option(ProxySettings, "workers", "Worker processes.")] = None,
+    redis_url: Annotated[str | None, _option(ProxySettings, "redis_url", "Redis URL; empty = embedded.")] = None,
+    mode: Annotated[Mode | None, _option(ProxySettings, "mode", "observe or enforce.")] = None,
+    profile: Annotated[str | None, _option(ProxySettings, "profile", "Profile YAML.")] = None,
     local_model: Annotated[
-        bool | None, typer.Option("--local-model/--no-local-model", help="Start the bundled llama.cpp model.")
+        bool | None,
+        _option(ProxySettings, "local_model", "Start the bundled llama.cpp model.", "--local-model/--no-local-model"),
     ] = None,
     upstream_responses: Annotated[
         str | None,
-        typer.Option(
-            help="/v1/responses: auto (probe the upstream once), native (forward) or bridge (to chat completions) "
-            "[env FAMA_UPSTREAM_RESPONSES]."
+        _option(
+            ProxySettings,
+            "upstream_responses",
+            "/v1/responses: auto (probe the upstream once), native (forward) or bridge (to chat completions).",
         ),
     ] = None,
-    log_level: Annotated[str | None, typer.Option(help="Log level [env FAMA_LOG_LEVEL].")] = None,
+    log_level: Annotated[str | None, _option(ProxySettings, "log_level", "Log level.")] = None,
 ) -> None:
     """Run the proxy."""
     from proxy.local_model.model import LocalModelError
     from proxy.server import run
-    from proxy.settings import ProxySettings
 
     settings = ProxySettings(
         **_overrides(
@@ -70,17 +113,16 @@ def serve(
         raise typer.Exit(1) from e
 
 
-@app.command()
+@app.command(cls=_settings_command(DetectorSettings))
 def detector(
-    redis_url: Annotated[str | None, typer.Option(help="Redis URL [env FAMA_REDIS_URL].")] = None,
-    profile: Annotated[str | None, typer.Option(help="Profile YAML [env FAMA_PROFILE].")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Metrics/health port [env FAMA_METRICS_PORT].")] = None,
+    redis_url: Annotated[str | None, _option(DetectorSettings, "redis_url", "Redis URL.")] = None,
+    profile: Annotated[str | None, _option(DetectorSettings, "profile", "Profile YAML.")] = None,
+    metrics_port: Annotated[int | None, _option(DetectorSettings, "metrics_port", "Metrics/health port.")] = None,
     until_idle: Annotated[bool, typer.Option(help="Exit once the stream has no work left.")] = False,
-    log_level: Annotated[str | None, typer.Option(help="Log level [env FAMA_LOG_LEVEL].")] = None,
+    log_level: Annotated[str | None, _option(DetectorSettings, "log_level", "Log level.")] = None,
 ) -> None:
     """Run a detector worker (a member of the Redis consumer group)."""
     from detector_service.service import run
-    from detector_service.settings import DetectorSettings
 
     settings = DetectorSettings(
         **_overrides(redis_url=redis_url, profile=profile, metrics_port=metrics_port, log_level=log_level)
@@ -88,7 +130,9 @@ def detector(
     run(settings, until_idle=until_idle)
 
 
-@app.command()
+@app.command(
+    epilog=f"The LLM judge's key: {_env(DetectorSettings, 'judge_api_key')}, else the variable the profile's judge.api_key_env names."
+)
 def replay(
     files: Annotated[list[Path], typer.Argument(help="Trajectory files (tau-bench v1, tau2-bench, JSONL).")],
     tools: Annotated[Path | None, typer.Option(help="OpenAI tools array for records that carry none.")] = None,
@@ -99,10 +143,19 @@ def replay(
     ] = 4,
 ) -> None:
     """Replay recorded trajectories through the detectors, turn by turn (and the LLM judge, if the profile enables it)."""
+    import os
+
     from detector_service.offline.replay import replay_command
 
     raise typer.Exit(
-        replay_command(files, tools=tools, profile=profile, json_out=json_out, judge_concurrency=judge_concurrency)
+        replay_command(
+            files,
+            tools=tools,
+            profile=profile,
+            json_out=json_out,
+            judge_concurrency=judge_concurrency,
+            judge_api_key=os.environ.get(_env(DetectorSettings, "judge_api_key")) or None,
+        )
     )
 
 

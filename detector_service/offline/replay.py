@@ -146,9 +146,10 @@ async def _run_judge(
     default_tools: list[dict[str, Any]],
     concurrency: int,
     progress: Progress,
+    api_key: str | None,
 ) -> JudgeStats:
     config = profile.judge
-    key = os.environ.get("FAMA_JUDGE_API_KEY") or (os.environ.get(config.api_key_env) if config.api_key_env else None)
+    key = api_key or (os.environ.get(config.api_key_env) if config.api_key_env else None)
     judge = Judge(config, make_client(config, key))
     try:
         return await judge_results(judge, profile, results, default_tools, concurrency=concurrency, progress=progress)
@@ -202,7 +203,10 @@ def replay_command(
     profile: Path | None = None,
     json_out: Path | None = None,
     judge_concurrency: int = 4,
+    judge_api_key: str | None = None,
 ) -> int:
+    """``judge_api_key``: the judge's key (``FAMA_JUDGE_API_KEY``), else the variable the profile's
+    ``judge.api_key_env`` names."""
     console = Console(stderr=True)
     try:
         prof: Profile = load_profile(profile)
@@ -225,7 +229,7 @@ def replay_command(
             results.append(replay_one(engine, t, default_tools))
             progress.advance(task)
         stats = (
-            asyncio.run(_run_judge(prof, results, default_tools, judge_concurrency, progress))
+            asyncio.run(_run_judge(prof, results, default_tools, judge_concurrency, progress, judge_api_key))
             if prof.judge.enabled
             else None
         )
