@@ -156,9 +156,7 @@ class Call:
 def tool_calls_of(message: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The message's tool calls that are objects; anything else a client sent is not a call."""
     calls = message.get("tool_calls")
-    if not isinstance(calls, list):
-        return []
-    return [c for c in calls if isinstance(c, Mapping)]
+    return [c for c in calls if isinstance(c, Mapping)] if isinstance(calls, list) else []
 
 
 def parse_call(raw: Mapping[str, Any], index: int, kinds: ToolKinds) -> Call:
@@ -219,6 +217,7 @@ class ConversationIndex:
     # The assistant's last words to the user before the latest user message: where the action was stated.
     stated_before_user: str = ""
     last_assistant_text: str = ""
+    earlier_user: tuple[str, str, int] = ("", "", -1)  # the user message before it: text, what it answered, index
     user_values: set[str] = field(default_factory=set)
     told_values: set[str] = field(default_factory=set)  # values the assistant said to the user
     told_since_write: set[str] = field(default_factory=set)  # the same, since the latest successful write
@@ -262,6 +261,7 @@ class ConversationIndex:
         elif role == "user":
             text = text_of(message.get("content"))
             self.user_count += 1
+            self.earlier_user = (self.latest_user_text, self.stated_before_user, self.latest_user_index)
             self.latest_user_text = text
             self.latest_user_index = i
             self.stated_before_user = self.last_assistant_text

@@ -82,7 +82,6 @@ def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervis
         extractions=ExtractionReader(redis, metrics, timeout_s=min(0.05, profile.deadline_ms / 1000))
         if profile.llm_agents.dce
         else None,
-        watch=ProfileWatch(redis, profiles),
     )
 
 
@@ -116,11 +115,28 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return error_response(InvalidRequest(str(first.get("msg", "invalid request")), param=param))
 
 
-def _supervision(hooks: ChatHooks[Any]) -> Supervision | None:
+def _supervision(hooks: ChatHooks[Any], watch: ProfileWatch | None) -> Supervision | None:
     # The one place that knows which hooks it plugged in; the operator endpoints get the parts, never the hooks.
     if not isinstance(hooks, Supervisor):
         return None
-    return Supervision(hooks.mode, hooks.profiles, hooks.store, hooks.recorder, hooks.watch)
+    return Supervision(hooks.mode, hooks.profiles, hooks.store, hooks.recorder, watch)
+
+
+@asynccontextmanager
+async def _watched(settings: ProxySettings, hooks: ChatHooks[Any]) -> AsyncIterator[ProfileWatch | None]:
+    """With Redis, keeps the supervisor's profile on the pushed one for as long as the app runs (the stored profile
+    is in force before the first request); the watch publishes this replica's pushes too."""
+    if not settings.redis_url or not isinstance(hooks, Supervisor):
+        yield None
+        return
+    redis = redis_client(settings.redis_url, PROXY, block_ms=0)
+    watch = ProfileWatch(redis, hooks.profiles)
+    await watch.start()
+    try:
+        yield watch
+    finally:
+        await watch.stop()
+        await redis.aclose()
 
 
 def create_app(
@@ -143,17 +159,18 @@ def create_app(
         upstream = Upstream(settings, metrics)
         await chat_hooks.start()
         try:
-            yield ProxyState(
-                settings=settings,
-                metrics=metrics,
-                auth=Authenticator(settings.api_keys),
-                upstream=upstream,
-                readiness=Readiness(),
-                hooks=chat_hooks,
-                supervision=_supervision(chat_hooks),
-                client_limits=client_limits(settings, metrics),
-                responses=responses_api,
-            )
+            async with _watched(settings, chat_hooks) as watch:
+                yield ProxyState(
+                    settings=settings,
+                    metrics=metrics,
+                    auth=Authenticator(settings.api_keys),
+                    upstream=upstream,
+                    readiness=Readiness(),
+                    hooks=chat_hooks,
+                    supervision=_supervision(chat_hooks, watch),
+                    client_limits=client_limits(settings, metrics),
+                    responses=responses_api,
+                )
         finally:
             await chat_hooks.stop()
             await responses_api.aclose()

@@ -316,3 +316,7 @@ def _push_to_redis(file: Path, body: bytes, redis_url: str) -> dict[str, Any]:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -162,6 +162,13 @@ class ProxyMetrics:
             ["stream"],
             registry=r,
         )
+        self.quoted_context = Counter(
+            "fama_quoted_context_total",
+            "Supervised replies that quoted the injected context or feedback back, by mode (enforce cuts the quote "
+            "before the client sees it, observe only counts it) and API.",
+            ["mode", "api"],
+            registry=r,
+        )
         self.judge_calls = Counter(
             "fama_judge_calls_total",
             "LLM judge calls made in-process (embedded mode), by outcome (ok, timeout, error, skipped: no time left).",
@@ -199,6 +206,8 @@ class ProxyMetrics:
             self.injections.labels(agent=agent)
         for stream in ("true", "false"):
             self.text_tool_calls.labels(stream=stream)
+        for mode, api in product(modes, APIS):
+            self.quoted_context.labels(mode=mode, api=api)
         for outcome in JUDGE_OUTCOMES:
             self.judge_calls.labels(outcome=outcome)
         for reason in CLIENT_CLOSURE_REASONS:

@@ -89,8 +89,7 @@ def test_enforce_blocks_with_a_respond_action_when_retries_run_out(tmp_path: Pat
         assert action.call is not None
         assert action.call["name"] == "respond"
         said = action.call["arguments"]["content"]
-        assert "cancel_reservation" in said
-        assert "confirm" in said
+        assert said == "Before I cancel reservation ZFA04Y, can you confirm you want me to go ahead?"
         assert len(model.bodies()) == 3  # the first attempt and two retries (max_retries 2)
 
 

@@ -142,7 +142,7 @@ def test_redis_down_fails_open_by_default_and_closed_where_the_profile_says(tmp_
         message = raw.parse().choices[0].message
         assert message.tool_calls is None
         assert message.content is not None
-        assert message.content.startswith("I can't verify `cancel_reservation` (reservation_id: ZFA04Y) right now")
+        assert message.content.startswith("I can't cancel reservation ZFA04Y right now.")
         # A read-only lookup puts no write at stake: it still passes, marked degraded.
         lookup = client.chat.completions.with_raw_response.create(model="m", messages=LOOKED_UP[:2], tools=TOOLS)
         assert lookup.headers["x-fama-degraded"] == "outage"

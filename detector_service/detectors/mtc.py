@@ -20,7 +20,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from detector_service.contract.wire import Category, Finding, Severity
-from detector_service.detectors import call_finding
+from detector_service.detectors import call_finding, schema_of
 from detector_service.turn import Call, TurnView, tool_calls_of
 
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
@@ -44,12 +44,6 @@ def validator_for(schema: Mapping[str, Any]) -> Draft202012Validator | None:
     with _validators_lock:
         _validators[key] = built
     return built
-
-
-def schema_of(tool: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    fn = tool.get("function") if isinstance(tool.get("function"), Mapping) else tool
-    params = fn.get("parameters") if isinstance(fn, Mapping) else None
-    return params if isinstance(params, Mapping) else None
 
 
 def _repair_json(text: str) -> dict[str, Any] | None:

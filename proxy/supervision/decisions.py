@@ -9,7 +9,8 @@ session's next turns, the ``x-fama-intervention`` labels):
   ``pass`` sends the answer; ``guide`` sends it and carries the findings into the next turn;
   ``rewrite`` sends ``Verdict.rewritten`` (a retry when there is none); ``retry`` re-asks the model with
   the findings as feedback while ``attempt < profile.max_retries`` and blocks once they are spent;
-  ``block`` answers with a safe assistant message that names the held action and asks the user.
+  ``block`` answers with a safe assistant message that names the held action in plain words and asks the user
+  (:mod:`proxy.supervision.replies`; the findings themselves go to the headers, the metadata and the record).
   Once any tool-call byte has reached the client the answer can no longer be replaced, so a verdict
   that wants a change becomes guidance.
 - Without a verdict (``deadline`` or ``outage``) the categories at stake for the candidate decide:
@@ -29,6 +30,7 @@ from detector_service.contract.profile import AgentName, Dialect, Mode, Profile,
 from detector_service.contract.textactions import react_respond
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import Action, Category, Finding, Verdict
+from proxy.supervision.replies import held_reply
 
 if TYPE_CHECKING:  # the OpenAI message shapes, checked statically and never at runtime
     from openai.types.chat import ChatCompletionAssistantMessageParam as AssistantMessage
@@ -185,7 +187,10 @@ def with_shown_text(feedback: Feedback, shown: str) -> Feedback:
     """Feedback for a streamed retry whose rejected attempt's text already reached the user."""
     if not shown:
         return feedback
-    note = f"The user has already seen this text from you: {json.dumps(shown[-500:], ensure_ascii=False)}. Continue from it; do not repeat it."
+    note = (
+        f"The user has already seen this text from you: {json.dumps(shown[-500:], ensure_ascii=False)}. "
+        "Continue from it; do not repeat it. If it announced the action, say plainly that it has not been done yet."
+    )
     content = f"{feedback['content']}\n{note}"
     if feedback["role"] == REACT_FEEDBACK_ROLE:
         return {"role": REACT_FEEDBACK_ROLE, "content": content}
@@ -194,24 +199,14 @@ def with_shown_text(feedback: Feedback, shown: str) -> Feedback:
 
 def block_message(
     candidate: dict[str, Any],
-    findings: Sequence[Finding],
+    categories: Sequence[Category],
     degraded: DegradedReason | None = None,
+    text_shown: bool = False,
     dialect: Dialect = Dialect.NATIVE,
 ) -> AssistantMessage:
-    """The safe answer sent instead of a held one; for a ReAct harness, a ``respond`` action carrying it."""
-    calls = tool_calls(candidate)
-    if not calls:
-        text = "I can't give a reliable answer to that right now. Could you tell me how you'd like to proceed?"
-    elif degraded is not None:
-        held = " and ".join(describe_call(c) for c in calls)
-        text = f"I can't verify {held} right now, so I haven't done it. Do you want me to try again?"
-    elif any(f.category is Category.DCV for f in findings):
-        held = " and ".join(describe_call(c) for c in calls)
-        text = f"Before I go ahead with {held}, please confirm: do you want me to proceed? (yes/no)"
-    else:
-        held = " and ".join(describe_call(c) for c in calls)
-        reason = findings[0].message if findings else "it did not pass the checks"
-        text = f"I haven't done {held}: {reason} Could you confirm the details so I can try again?"
+    """The safe answer that replaces a held candidate, in the agent's voice (:mod:`proxy.supervision.replies`); for a
+    ReAct harness, a ``respond`` action carrying it."""
+    text = held_reply(tool_calls(candidate), categories, degraded is not None, text_shown)
     if dialect is Dialect.REACT:
         text = react_respond(text, "The action was held back; I need the user's answer before going further.")
     return {"role": "assistant", "content": text}
@@ -226,11 +221,14 @@ def decide(
     attempt: int = 0,
     tool_bytes_sent: bool = False,
     dialect: Dialect = Dialect.NATIVE,
+    text_shown: bool = False,
 ) -> Decision:
     """``candidate`` as the detectors read it (:func:`detector_service.contract.textactions.native_turn`);
-    ``dialect`` is how the client's harness writes actions, and what the feedback and a block's answer fit."""
+    ``dialect`` is how the client's harness writes actions, and what the feedback and a block's answer fit;
+    ``text_shown``: text of this turn already reached the client (a stream), so a block says first that the action
+    was not done."""
     if isinstance(outcome, Degraded):
-        return _degraded(mode, profile, outcome, candidate, tools, tool_bytes_sent, dialect)
+        return _degraded(mode, profile, outcome, candidate, tools, tool_bytes_sent, dialect, text_shown)
     verdict = outcome
     findings = tuple(verdict.findings)
     guidance = tuple(f"[{f.category.value}] {f.message}" for f in findings)
@@ -261,7 +259,7 @@ def decide(
         Action.BLOCK,
         wanted,
         cats,
-        replacement=block_message(candidate, findings, dialect=dialect),
+        replacement=block_message(candidate, [f.category for f in findings], text_shown=text_shown, dialect=dialect),
         guidance=guidance,
         activate=activate,
         exhausted=exhausted,
@@ -277,6 +275,7 @@ def _degraded(
     tools: Sequence[dict[str, Any]],
     tool_bytes_sent: bool,
     dialect: Dialect,
+    text_shown: bool,
 ) -> Decision:
     closed = tuple(c for c in at_stake(candidate, tools, profile) if profile.fail_closed(c))
     if mode is Mode.OBSERVE or not closed or tool_bytes_sent:
@@ -285,6 +284,6 @@ def _degraded(
         Action.BLOCK,
         Action.BLOCK,
         closed,
-        replacement=block_message(candidate, (), degraded=outcome.reason, dialect=dialect),
+        replacement=block_message(candidate, closed, outcome.reason, text_shown, dialect),
         degraded=outcome.reason,
     )

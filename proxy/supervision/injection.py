@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from detector_service.contract.extraction import PolicyExtraction
 
 FORMAT_VERSION = 1
-OPENING = f"[FAMA context v{FORMAT_VERSION}] Notes from the supervisor for your next step. Follow them; do not quote them to the user."
+MARKER = "[FAMA context"  # how the message opens, whatever its version
+OPENING = f"{MARKER} v{FORMAT_VERSION}] Notes from the supervisor for your next step. Follow them; do not quote them to the user."
 CLOSING = "[/FAMA context]"
 GUIDANCE_TITLE = "Correction from the previous turn"
 GUIDANCE_PRIORITY = 100

@@ -9,20 +9,22 @@ profile's ``dialect: react``, or a conversation that shows it; plain chat passes
    plus the candidate) and goes to the verdict source with the profile's deadline.
    :func:`proxy.supervision.decisions.decide` says what to do with it.
 3. ``enforce``, non-streaming: retry (the model is re-asked with the findings as feedback; the client
-   never sees the rejected attempt), rewrite, block or pass, then answer. ``enforce``, streaming:
-   content deltas are relayed at once and tool-call deltas held until the verdict
-   (:mod:`proxy.supervision.held_stream`); a text-only streamed answer has already reached the client, so its
-   verdict can only become guidance. ``observe``: the answer goes out untouched and is evaluated in the
-   background; the next turn of the session waits for that evaluation (bounded by the deadline) so its
-   guidance is never lost.
+   never sees the rejected attempt), rewrite, block or pass, then answer. ``enforce``, streaming: a plain
+   answer's text is relayed at once, tool-call deltas (with any text after the first, and retried attempts
+   whole) are held until the verdict (:mod:`proxy.supervision.held_stream`); a text-only streamed answer has
+   already reached the client, so its verdict can only become guidance. Quoted injected context is cut from
+   what the client gets (:mod:`proxy.supervision.quotes`). ``observe``: the answer goes out untouched (a quote
+   is only counted) and is evaluated in the background; the next turn of the session waits for that
+   evaluation (bounded by the deadline) so its guidance is never lost.
 4. Guidance and agents triggered by findings are saved in the session state for the next turn.
 
 Transparency. Non-streaming responses carry ``x-fama-session``, ``x-fama-intervention`` (e.g.
 ``retry:DCV``; comma-separated when several) when the answer was changed, and ``x-fama-degraded``
 (``deadline`` or ``outage``) when it was served without a verdict. A stream's headers leave before any
 verdict exists, so a supervised stream carries only ``x-fama-session`` as a header, and its final
-chunk (the one with ``finish_reason``) carries ``"fama": {"session", "intervention", "degraded"}``
-(the last two only when they apply). Every change is also logged, and every turn is recorded.
+chunk (the one with ``finish_reason``) carries ``"fama": {"session", "intervention", "degraded"}`` in every
+mode (the last two only when they apply: never in ``observe``, which neither changes an answer nor waits for a
+verdict). Every change is also logged, and every turn is recorded.
 """
 
 from __future__ import annotations
@@ -35,10 +37,9 @@ from typing import Any
 from redis.asyncio import Redis
 
 from detector_service.agents.policy import policy_text
-from detector_service.bus.profiles import ProfileWatch
 from detector_service.contract.active_profile import ProfileHolder
 from detector_service.contract.extraction import PolicyExtraction
-from detector_service.contract.profile import Dialect, Mode, Profile
+from detector_service.contract.profile import Dialect, Mode
 from detector_service.contract.textactions import native_message, native_turn, resolve
 from detector_service.contract.wire import SCHEMA_VERSION, Action, TurnEvent, Verdict, new_id, now_ms
 from detector_service.turn import tools_by_name
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 INTERVENTION_HEADER = "x-fama-intervention"
 DEGRADED_HEADER = "x-fama-degraded"
 TRAILER_KEY = "fama"
+QUOTE_LABEL = "strip:context"  # the answer's text was cut: it quoted the injected context back
 
 
 class Supervisor(ChatHooks[Turn]):
@@ -81,12 +83,9 @@ class Supervisor(ChatHooks[Turn]):
         injector: Injector | None = None,
         closing: Redis | None = None,
         extractions: ExtractionReader | None = None,
-        watch: ProfileWatch | None = None,
     ) -> None:
         self.mode = mode
-        # Each turn takes the profile in force when it starts and keeps it to its end (Turn.active).
-        self.profiles = profiles
-        self.watch = watch  # keeps ``profiles`` on the pushed profile (Redis mode)
+        self.profiles = profiles  # each turn keeps the profile in force when it started (Turn.active)
         self.verdicts = verdicts
         self.store = store
         self.metrics = metrics
@@ -97,13 +96,7 @@ class Supervisor(ChatHooks[Turn]):
         # Background evaluations (observe mode, streamed text) by session, so the next turn can wait for them.
         self._pending: dict[tuple[str, str], asyncio.Task[None]] = {}
 
-    @property
-    def deadline_s(self) -> float:
-        return self.profiles.current.profile.deadline_ms / 1000
-
     async def start(self) -> None:
-        if self.watch is not None:
-            await self.watch.start()  # a pushed profile is in force before the first turn
         await self.verdicts.start()
         if self.recorder is not None:
             await self.recorder.start()
@@ -111,9 +104,7 @@ class Supervisor(ChatHooks[Turn]):
     async def stop(self) -> None:
         pending = list(self._pending.values())
         if pending:
-            await asyncio.wait(pending, timeout=self.deadline_s + 1)
-        if self.watch is not None:
-            await self.watch.stop()
+            await asyncio.wait(pending, timeout=self.profiles.current.profile.deadline_ms / 1000 + 1)
         await self.verdicts.stop()
         await self.store.drain()
         if self.recorder is not None:
@@ -140,7 +131,8 @@ class Supervisor(ChatHooks[Turn]):
             state = await self.store.load(ref)  # no tasks to spawn for a single read
         else:
             # Both reads are bounded; done together, the cached extraction adds no round trip of its own.
-            state, extraction = await asyncio.gather(self.store.load(ref), self._extraction(messages, active.profile))
+            cached = self.extractions.get(policy_text(messages, active.profile))
+            state, extraction = await asyncio.gather(self.store.load(ref), cached)
         # The agents read a ReAct conversation as the detectors do: its text actions as native calls.
         read = native_turn(dialect, messages, None, names)[1] if ctx.text_actions else None
         injection = self.injector.inject(messages, tools, state, extraction, read, profile=active.profile)
@@ -148,26 +140,24 @@ class Supervisor(ChatHooks[Turn]):
             state.guidance.clear()  # delivered; findings of this turn may add new guidance
         state.turns += 1
         sent = {**body, "messages": injection.messages}
-        ctx.hook_state = Turn(ref, state, list(messages), tools, sent, injection.labels, active, api=ctx.api)
+        added = [injection.text] if injection.text else []
+        ctx.hook_state = Turn(
+            ref, state, list(messages), tools, sent, injection.labels, active, api=ctx.api, added=added
+        )
         return sent
-
-    async def _extraction(self, messages: list[dict[str, Any]], profile: Profile) -> PolicyExtraction | None:
-        if self.extractions is None:
-            return None
-        return await self.extractions.get(policy_text(messages, profile))
 
     async def after_response(self, ctx: ChatContext[Turn], response: dict[str, Any]) -> dict[str, Any]:
         turn = ctx.hook_state
         if turn is None or len(response.get("choices") or ()) != 1:
             return response
         if self.mode is Mode.OBSERVE:
-            self._later(turn, response["choices"][0].get("message") or {}, 0, response["choices"][0])
+            self._later(turn, self._unquoted(turn, response["choices"][0]), 0, response["choices"][0])
             return response
         attempt = 0
         usage = response.get("usage")
         while True:
             choice = response["choices"][0]
-            candidate = choice.get("message") or {}
+            candidate = self._unquoted(turn, choice)
             decision, retry = await self._attempt(turn, candidate, attempt)
             if retry is None:
                 break
@@ -206,21 +196,25 @@ class Supervisor(ChatHooks[Turn]):
             choices = chunk.get("choices") or ()
             if choices and choices[0].get("index", 0) == 0:
                 buffer.add(choices[0])
+                if choices[0].get("finish_reason") is not None:
+                    chunk[TRAILER_KEY] = self._trailer(turn)  # the same metadata as in enforce mode
             yield chunk
         # Only a stream that ran to its end is a decision worth judging.
-        self._later(turn, buffer.message(), 0, {"finish_reason": buffer.finish_reason})
+        candidate = self._unquoted(turn, {"message": buffer.message()})
+        self._later(turn, candidate, 0, {"finish_reason": buffer.finish_reason})
 
     async def _enforced_stream(
         self, ctx: ChatContext[Turn], turn: Turn, chunks: AsyncIterator[dict[str, Any]]
     ) -> AsyncIterator[dict[str, Any]]:
-        held = HeldStream(hold_text=ctx.text_actions)
+        held = HeldStream(turn.quoted(), hold_text=ctx.text_actions)
         attempt = 0
         while True:
             async for chunk in chunks:
                 shown = held.take(chunk)
                 if shown is not None:
                     yield shown
-            candidate = held.buffer.message()
+            candidate, quoted = held.candidate()
+            self._count_quote(turn, quoted)
             final: Mapping[str, Any] = candidate
             if held.text_sent(candidate):
                 self._later(turn, candidate, attempt, {"finish_reason": held.buffer.finish_reason})
@@ -229,7 +223,7 @@ class Supervisor(ChatHooks[Turn]):
             decision, retry = await self._attempt(turn, candidate, attempt, held.shown)
             if retry is not None:
                 chunks = await ctx.open_stream(retry)
-                held.next_attempt()
+                held.next_attempt(turn.quoted())
                 attempt += 1
                 continue
             final = decision.replacement or candidate
@@ -237,7 +231,7 @@ class Supervisor(ChatHooks[Turn]):
             await self._finish(turn, finish)
             break
         trailer = {TRAILER_KEY: self._trailer(turn)}
-        for chunk in held.ending(final, final is not candidate, finish, trailer, wants_usage(ctx.body)):
+        for chunk in held.ending(final, finish, trailer, wants_usage(ctx.body)):
             yield chunk
 
     # -- judging --------------------------------------------------------------------------------------
@@ -247,12 +241,14 @@ class Supervisor(ChatHooks[Turn]):
     ) -> tuple[Decision, dict[str, Any] | None]:
         """The decision on an attempt the client has not seen (beyond ``shown`` text), and the request body of the
         next attempt when the decision is a retry."""
-        decision = await self._judge(turn, candidate, attempt, tool_bytes_sent=False)
+        decision = await self._judge(turn, candidate, attempt, tool_bytes_sent=False, text_shown=bool(shown))
         if decision.action is not Action.RETRY or decision.feedback is None:
             return decision, None
         return decision, turn.retry_body(with_shown_text(decision.feedback, shown))
 
-    async def _judge(self, turn: Turn, candidate: dict[str, Any], attempt: int, tool_bytes_sent: bool) -> Decision:
+    async def _judge(
+        self, turn: Turn, candidate: dict[str, Any], attempt: int, tool_bytes_sent: bool, text_shown: bool = False
+    ) -> Decision:
         # Every field is already known-good (messages checked by the chat pipeline, the candidate normalized):
         # validating would only copy the whole conversation once more per attempt. Every field is given, because
         # pydantic resolves a missing one's default (inspecting its factory's signature) on each construction.
@@ -283,7 +279,7 @@ class Supervisor(ChatHooks[Turn]):
         names = turn.tool_names
         dialect = resolve(profile.dialect, turn.messages, candidate, names)
         native = native_message(candidate, len(turn.messages), names) if dialect is Dialect.REACT else candidate
-        decision = decide(self.mode, profile, result, native, turn.tools, attempt, tool_bytes_sent, dialect)
+        decision = decide(self.mode, profile, result, native, turn.tools, attempt, tool_bytes_sent, dialect, text_shown)
         self._account(turn, attempt, decision)
         self._record(event, outcome, decision)
         return decision
@@ -345,6 +341,21 @@ class Supervisor(ChatHooks[Turn]):
             policy = "closed" if decision.action is Action.BLOCK else "open"
             self.metrics.degraded.labels(reason=decision.degraded, policy=policy).inc()
 
+    def _unquoted(self, turn: Turn, choice: dict[str, Any]) -> dict[str, Any]:
+        """The choice's message with quoted context cut: in place in enforce mode (the client gets the cut text), on a
+        copy in observe mode (the client gets the answer untouched)."""
+        message, quoted = turn.cut_quotes(choice.get("message") or {}, in_place=self.mode is Mode.ENFORCE)
+        self._count_quote(turn, quoted)
+        return message
+
+    def _count_quote(self, turn: Turn, quoted: bool) -> None:
+        if not quoted:
+            return
+        self.metrics.quoted_context.labels(mode=self.mode.value, api=turn.api).inc()
+        if self.mode is Mode.ENFORCE and QUOTE_LABEL not in turn.labels:
+            turn.labels.append(QUOTE_LABEL)
+        log.info("session %s/%s: the reply quoted the injected context", turn.ref.tenant, turn.ref.session_id)
+
     async def _finish(self, turn: Turn, finish_reason: str) -> None:
         if turn.labels:
             turn.state.interventions += 1
@@ -384,4 +395,4 @@ class Supervisor(ChatHooks[Turn]):
         """Wait (bounded) for the previous turn's background evaluation, so its guidance reaches this turn."""
         task = self._pending.get((ref.tenant, ref.session_id))
         if task is not None and not task.done():
-            await asyncio.wait({task}, timeout=self.deadline_s + 0.05)
+            await asyncio.wait({task}, timeout=self.profiles.current.profile.deadline_ms / 1000 + 0.05)

@@ -10,6 +10,7 @@ from detector_service.contract.active_profile import ActiveProfile
 from detector_service.contract.wire import Action, Category
 from detector_service.turn import tools_by_name
 from proxy.supervision.decisions import Decision
+from proxy.supervision.quotes import Quoted, strip_quotes
 from proxy.supervision.sessions import SessionRef, SessionState
 from proxy.upstream import normalize
 
@@ -32,12 +33,31 @@ class Turn:
     degraded: str | None = None
     retrying: tuple[Category, ...] = ()  # categories of the retry in flight, to count its outcome
     api: str = "chat"  # the API the client called (chat, responses)
+    added: list[str] = field(default_factory=list)  # what the proxy wrote into the conversation: context, feedback
+
+    def quoted(self) -> Quoted:
+        """What a reply of this turn must not quote back to the user."""
+        return Quoted.of(self.added)
+
+    def cut_quotes(self, message: dict[str, Any], in_place: bool) -> tuple[dict[str, Any], bool]:
+        """``message`` with what its text quotes of :meth:`quoted` cut (in place, or on a copy), and whether any was."""
+        if not isinstance(message.get("content"), str) or not message["content"]:
+            return message, False
+        text, quoted = strip_quotes(message["content"], self.quoted())
+        if not quoted:
+            return message, False
+        if not in_place:
+            return {**message, "content": text}, True
+        message["content"] = text
+        return message, True
 
     @property
     def tool_names(self) -> frozenset[str]:
         return frozenset(tools_by_name(self.tools))
 
     def retry_body(self, feedback: Feedback) -> dict[str, Any]:
+        """The next attempt's request: the conversation as sent, plus ``feedback`` (kept among what is added)."""
+        self.added.append(str(feedback["content"]))
         # Fresh message dicts: the upstream adapter edits messages in place.
         messages = [dict(m) for m in self.body["messages"]]
         return normalize.adapt_for_upstream({**self.body, "messages": [*messages, feedback]})
