@@ -119,7 +119,7 @@ def _supervision(hooks: ChatHooks[Any], watch: ProfileWatch | None) -> Supervisi
     # The one place that knows which hooks it plugged in; the operator endpoints get the parts, never the hooks.
     if not isinstance(hooks, Supervisor):
         return None
-    return Supervision(hooks.mode, hooks.profiles, hooks.store, hooks.recorder, watch)
+    return Supervision(hooks.mode, hooks.profiles, hooks.store, hooks.recorder, hooks.settled, watch)
 
 
 @asynccontextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -194,6 +195,21 @@ def evaluate(
 
 
 @app.command()
+def report(
+    files: Annotated[list[Path], typer.Argument(help="Sessions with outcomes (fama sessions export) or other runs.")],
+    profile: Annotated[Path | None, typer.Option(help="The profile in force (default: zero-config).")] = None,
+    candidate: Annotated[Path | None, typer.Option(help="A candidate profile to compare (fama analyze --out).")] = None,
+    tools: Annotated[Path | None, typer.Option(help="OpenAI tools array for records that carry none.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+) -> None:
+    """Shadow report: the share of failed and of successful sessions enforce mode would act on, per finding and per
+    tool, as recorded by observe mode and replayed with the current and a candidate profile."""
+    from detector_service.offline.report import report_command
+
+    raise typer.Exit(report_command(files, profile=profile, candidate=candidate, tools=tools, json_out=json_out))
+
+
+@app.command()
 def bench(
     requests: Annotated[int, typer.Option(help="Requests per measured series.")] = 2000,
     concurrency: Annotated[int, typer.Option(help="Concurrent clients for the throughput series.")] = 16,
@@ -312,6 +328,52 @@ def _push_to_redis(file: Path, body: bytes, redis_url: str) -> dict[str, Any]:
     except (RedisError, OSError) as exc:
         typer.echo(f"fama profile push: Redis: {exc}", err=True)
         raise typer.Exit(1) from exc
+
+
+sessions_app = typer.Typer(no_args_is_help=True, help="Recorded sessions.")
+app.add_typer(sessions_app, name="sessions")
+
+
+def _env_secrets() -> list[str]:
+    """The keys the services' logs redact by name, as this shell's environment holds them."""
+    names = ("FAMA_ADMIN_KEY", "FAMA_UPSTREAM_API_KEY", "FAMA_JUDGE_API_KEY")
+    found = [os.environ.get(name, "") for name in names]
+    found += os.environ.get("FAMA_API_KEYS", "").split(",")
+    return [s.strip() for s in found if s.strip()]
+
+
+@sessions_app.command("export")
+def sessions_export(
+    out: Annotated[Path, typer.Option(help="Where to write the JSONL records.")],
+    redis_url: Annotated[str | None, _option(ProxySettings, "redis_url", "The proxy's Redis URL.")] = None,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's sessions (default: every tenant).")] = None,
+    since: Annotated[str | None, typer.Option(help="Only sessions active since this ISO 8601 time (UTC).")] = None,
+    last: Annotated[
+        str | None, typer.Option(help="Only sessions active in this last period: 7d, 12h, 30m, 2w.")
+    ] = None,
+    with_outcome_only: Annotated[bool, typer.Option(help="Only sessions whose outcome was reported.")] = False,
+    redact: Annotated[bool, typer.Option(help="Redact secrets in message text as the logs do.")] = False,
+) -> None:
+    """Every recorded session as one JSONL record (messages, tools, reward from the outcome, verdicts and
+    interventions), the format replay, analyze and report read."""
+    from detector_service.offline.export import export_command
+
+    url = redis_url or ""
+    if not url:
+        typer.echo("fama sessions export: give --redis-url (or FAMA_REDIS_URL)", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(
+        export_command(
+            url,
+            out,
+            tenant=tenant,
+            since=since,
+            last=last,
+            with_outcome_only=with_outcome_only,
+            redact=redact,
+            secrets=_env_secrets() if redact else (),
+        )
+    )
 
 
 def main() -> None:

@@ -154,6 +154,14 @@ class ProxyMetrics:
             ["outcome", "intervened"],
             registry=r,
         )
+        self.shadow_outcomes = Counter(
+            "fama_shadow_outcomes_total",
+            "Session outcomes reported by clients (success/failure), split by whether a verdict on any turn of the "
+            "session asked for what enforce mode acts on (retry, rewrite, block): in observe mode, what it would have "
+            "acted on.",
+            ["outcome", "would_act"],
+            registry=r,
+        )
         self.active_streams = Gauge("fama_active_streams", "Streaming responses in flight.", registry=r)
         self.redis_errors = Counter("fama_redis_errors_total", "Redis operations that failed.", ["op"], registry=r)
         self.text_tool_calls = Counter(
@@ -199,6 +207,8 @@ class ProxyMetrics:
             self.retries.labels(category=category, outcome=outcome)
         for outcome, intervened in product(SESSION_OUTCOMES, INTERVENED):
             self.session_outcomes.labels(outcome=outcome, intervened=intervened)
+        for outcome, would_act in product(SESSION_OUTCOMES, ("yes", "no")):
+            self.shadow_outcomes.labels(outcome=outcome, would_act=would_act)
         for agent in (
             *(a.value for a in AgentName),
             "guidance",

@@ -34,6 +34,7 @@ REQUIRED_PANELS = {
     "Degraded responses and deadline misses": {"fama_degraded_responses_total", "fama_verdict_deadline_misses_total"},
     "Upstream errors by kind": {"fama_upstream_errors_total"},
     "Session success rate with vs without interventions": {"fama_session_outcomes_total"},
+    "Would have acted, by outcome": {"fama_shadow_outcomes_total"},
     "Profile in force (processes per hash and version)": {"fama_profile_info"},
 }
 

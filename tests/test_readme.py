@@ -27,10 +27,11 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from detector_service.contract.profile import load_profile, profile_sha256
+from detector_service.contract.profile import Mode, load_profile, profile_sha256
 from proxy.supervision.injection import CLOSING, GUIDANCE_TITLE, OPENING
 from tests.llama import unavailable_reason
 from tests.readme_blocks import ROOT, Block, at_port, pip_targets, readme_blocks, run_bash, shape_mismatch, shell_env
+from tests.recorded_sessions import ADMIN, FAILED, FALSE_ALARMS, GOOD, record_outcomes, running
 from tests.servers import free_port, serve_in_thread, start_fama_serve, stop_process, wait_for_port
 from tests.supervised_upstream import ScriptedModel, call, feedback_in
 from tests.supervision_harness import CANCEL, QUESTION
@@ -52,6 +53,8 @@ RECORDED_RUNS = 'DATA="${FAMA_SHARED_DIR:-../shared}/data/tau"'
 CONTEXT = OPENING
 RELOAD = "fama profile push profiles/airline.yaml --url http://127.0.0.1:8080 --admin-key ADMIN"
 INSTALL = "python3 -m venv .venv && . .venv/bin/activate"
+OBSERVE_TO_ENFORCE = 'PROFILE="${FAMA_PROFILE:-profiles/airline.yaml}"   # the profile in force'
+EMBEDDED_EXPORT = "curl -sf 'localhost:8080/admin/sessions/export?last=7d&with_outcome_only=true&redact=true' \\"
 TEST_SUITE = "apt-get update && apt-get install -y redis-server prometheus   # as root, or with sudo"
 
 # Blocks run (or, for output, compared with what the block before printed) here: key -> the test that does it.
@@ -66,6 +69,8 @@ RUN = {
     RECORDED_RUNS: "test_recorded_runs_example",
     CONTEXT: "test_injected_context_example_has_the_shape_the_proxy_writes",
     RELOAD: "test_reload_example",
+    OBSERVE_TO_ENFORCE: "test_observe_to_enforce_example",
+    EMBEDDED_EXPORT: "test_embedded_export_example",
 }
 # Blocks not run here: key -> why, and what checks them instead. Every bash block also passes ``bash -n``.
 NOT_RUN = {
@@ -291,3 +296,30 @@ def test_reload_example(tmp_path: Path, bin_dir: Path) -> None:
     assert json.loads(printed) == {"version": 1, "sha256": profile_sha256(airline), "source": "pushed"}
     assert (posted["version"], posted["sha256"]) == (2, profile_sha256(retail))
     assert (shown["version"], shown["name"], shown["source"]) == (2, "retail", "pushed")
+
+
+@pytest.mark.redis
+def test_observe_to_enforce_example(redis_url: str, tmp_path: Path, bin_dir: Path) -> None:
+    with running(tmp_path, Mode.OBSERVE, redis_url) as proxy:
+        record_outcomes(proxy)
+    env = shell_env(bin_dir, FAMA_REDIS_URL=redis_url, FAMA_PROFILE=str(ROOT / "profiles" / "airline.yaml"))
+    done = run_bash(block(OBSERVE_TO_ENFORCE).text, tmp_path, env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported = (tmp_path / "sessions.jsonl").read_text().splitlines()
+    assert len(exported) == FAILED + FALSE_ALARMS + GOOD
+    assert done.stdout.count("sessions enforce mode would act on") == 2  # the report, then with the candidate
+    assert "candidate" in done.stdout
+    calibrated = load_profile(tmp_path / "profile.new.yaml")
+    assert calibrated.calibration is not None
+    assert (calibrated.calibration.failed, calibrated.calibration.passed) == (FAILED, FALSE_ALARMS + GOOD)
+
+
+def test_embedded_export_example(tmp_path: Path, bin_dir: Path) -> None:
+    with running(tmp_path, Mode.OBSERVE, None) as proxy:
+        record_outcomes(proxy)
+        port = int(proxy.url.rsplit(":", 1)[1])
+        done = run_bash(at_port(block(EMBEDDED_EXPORT).text, port), tmp_path, shell_env(bin_dir, FAMA_ADMIN_KEY=ADMIN))
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in (tmp_path / "sessions.jsonl").read_text().splitlines()]
+    assert len(records) == FAILED + FALSE_ALARMS + GOOD
+    assert all(r["outcome"] in ("success", "failure") for r in records)

@@ -2,6 +2,9 @@
 
 - ``GET /admin/sessions/{tenant}/{session_id}``: the recorded trajectory of one session (turns, verdicts,
   interventions, outcome), oldest first.
+- ``GET /admin/sessions/export``: every recorded session as one JSONL trajectory record (what ``fama sessions
+  export`` writes; the way to get them out of an embedded proxy), streamed; ``tenant``, ``since`` (ISO 8601) or
+  ``last`` (``7d``), ``with_outcome_only`` and ``redact`` as the command's flags.
 - ``GET /admin/interventions?limit=N``: the most recent interventions, newest first (``N`` ≤ 1000).
 - ``GET /admin/profile``: the active mode and profile: its version (0: the file the process started with; n: the
   n-th push), sha256 and source (``file`` or ``pushed``).
@@ -17,17 +20,23 @@ admin key does not open ``/v1``.
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Query
 from redis.exceptions import RedisError
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
+from detector_service.bus.values import RecordedSession
 from detector_service.contract.active_profile import ActiveProfile
 from detector_service.contract.profile import Profile, ProfileError, parse_profile, parse_profile_text
+from detector_service.contract.redaction import RedactSecrets
 from detector_service.contract.wire import now_ms
+from detector_service.llm.judge import judge_key
+from detector_service.offline.export import jsonl_records, since_ms
+from detector_service.offline.sessions import ExportFilter
 from proxy.edge.deps import ProxyState, State, Supervision, state_of
 from proxy.errors import AuthenticationFailed, InvalidRequest, ProxyError, RouteNotFound
 from proxy.supervision.recorder import Recorder
@@ -89,6 +98,45 @@ def _recorder(state: ProxyState) -> Recorder:
 
 def _json(payload: object) -> Response:
     return Response(orjson.dumps(payload), media_type="application/json")
+
+
+@router.get("/sessions/export")
+async def export_sessions(
+    state: State,
+    tenant: str | None = None,
+    since: str | None = None,
+    last: str | None = None,
+    with_outcome_only: bool = False,
+    redact: bool = False,
+) -> Response:
+    supervision = _supervision(state)
+    recorder = _recorder(state)
+    try:
+        start = since_ms(since, last)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="since" if since is not None else "last") from exc
+    redactor = None
+    if redact:
+        settings = state["settings"]
+        judge = judge_key(settings.judge_api_key, supervision.profiles.current.profile.judge)
+        redactor = RedactSecrets([*settings.secrets(), *filter(None, [judge])])
+    keep = ExportFilter(since_ms=start, with_outcome_only=with_outcome_only, redactor=redactor)
+    sessions = recorder.recorded(tenant)
+    try:  # the first session is read before the answer starts: an unreachable store is a 503, not a cut stream
+        first = await anext(sessions, None)
+    except (RedisError, OSError) as exc:
+        raise RecorderUnavailable("the session records could not be read; try again later") from exc
+    return StreamingResponse(jsonl_records(_chained(first, sessions), keep), media_type="application/x-ndjson")
+
+
+async def _chained(
+    first: RecordedSession | None, rest: AsyncIterator[RecordedSession]
+) -> AsyncIterator[RecordedSession]:
+    if first is None:
+        return
+    yield first
+    async for session in rest:  # a store failure from here on cuts the body short: the status is already sent
+        yield session
 
 
 @router.get("/sessions/{tenant}/{session_id}")

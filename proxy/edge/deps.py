@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, NamedTuple, TypedDict, cast
 
 from fastapi import Depends
@@ -18,7 +19,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.responses.service import Responses
 from proxy.settings import ProxySettings
 from proxy.supervision.recorder import Recorder
-from proxy.supervision.sessions import SessionStore
+from proxy.supervision.sessions import SessionRef, SessionStore
 from proxy.tracing import Trace
 from proxy.upstream.client import Upstream
 from proxy.upstream.readiness import Readiness
@@ -26,12 +27,14 @@ from proxy.upstream.readiness import Readiness
 
 class Supervision(NamedTuple):
     """The supervision in force, for the operator endpoints: its mode, the holder of its profile, session store and
-    records, and (Redis mode) where a pushed profile is published for every replica."""
+    records, a wait (bounded) for a session's turn still being judged in this process, and (Redis mode) where a
+    pushed profile is published for every replica."""
 
     mode: Mode
     profiles: ProfileHolder
     sessions: SessionStore
     recorder: Recorder | None
+    settled: Callable[[SessionRef], Awaitable[None]]
     published: ProfileWatch | None = None  # None: no Redis, a push swaps this process's profile only
 
 

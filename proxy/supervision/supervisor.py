@@ -15,7 +15,8 @@ profile's ``dialect: react``, or a conversation that shows it; plain chat passes
    already reached the client, so its verdict can only become guidance. Quoted injected context is cut from
    what the client gets (:mod:`proxy.supervision.quotes`). ``observe``: the answer goes out untouched (a quote
    is only counted) and is evaluated in the background; the next turn of the session waits for that
-   evaluation (bounded by the deadline) so its guidance is never lost.
+   evaluation (bounded by the deadline) so its guidance is never lost. A new session's state is saved (queued)
+   before the answer leaves, so the session is known to an outcome reported right after it.
 4. Guidance and agents triggered by findings are saved in the session state for the next turn.
 
 Transparency. Non-streaming responses carry ``x-fama-session``, ``x-fama-intervention`` (e.g.
@@ -57,11 +58,7 @@ from proxy.supervision.sessions import (
     identify,
 )
 from proxy.supervision.turn import Turn, replace_message
-from proxy.supervision.verdicts import (
-    MissReason,
-    VerdictOutcome,
-    VerdictSource,
-)
+from proxy.supervision.verdicts import MissReason, VerdictOutcome, VerdictSource
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +122,7 @@ class Supervisor(ChatHooks[Turn]):
         ctx.text_actions = dialect is Dialect.REACT  # its harness reads calls written as text: they stay text
         if not (tools or ctx.text_actions) or int(body.get("n") or 1) != 1:
             return body  # nothing to supervise: no tool use, or several answers the client will choose from
-        await self._settled(ref)
+        await self.settled(ref)
         extraction: PolicyExtraction | None = None
         if self.extractions is None:
             state = await self.store.load(ref)  # no tasks to spawn for a single read
@@ -281,13 +278,13 @@ class Supervisor(ChatHooks[Turn]):
         native = native_message(candidate, len(turn.messages), names) if dialect is Dialect.REACT else candidate
         decision = decide(self.mode, profile, result, native, turn.tools, attempt, tool_bytes_sent, dialect, text_shown)
         self._account(turn, attempt, decision)
-        self._record(event, outcome, decision)
+        self._record(event, outcome, decision, whole=turn.state.turns == 1 and attempt == 0)
         return decision
 
-    def _record(self, event: TurnEvent, outcome: VerdictOutcome, decision: Decision) -> None:
+    def _record(self, event: TurnEvent, outcome: VerdictOutcome, decision: Decision, whole: bool) -> None:
         if self.recorder is None:
             return
-        self.recorder.record_turn(event)
+        self.recorder.record_turn(event, whole=whole)
         if outcome.verdict is not None:
             self.recorder.record_verdict(outcome.verdict)
         if decision.changes_answer:
@@ -377,6 +374,8 @@ class Supervisor(ChatHooks[Turn]):
     def _later(self, turn: Turn, candidate: dict[str, Any], attempt: int, choice: Mapping[str, Any]) -> None:
         key = (turn.ref.tenant, turn.ref.session_id)
         finish = str(choice.get("finish_reason") or "none")
+        if turn.state.turns == 1:  # a new session is known before its answer leaves (queued): an outcome may follow
+            self.store.save_soon(turn.ref, turn.state)
 
         async def run() -> None:
             try:
@@ -391,8 +390,8 @@ class Supervisor(ChatHooks[Turn]):
         task = asyncio.get_running_loop().create_task(run(), name=f"evaluate:{key[1]}")
         self._pending[key] = task
 
-    async def _settled(self, ref: SessionRef) -> None:
-        """Wait (bounded) for the previous turn's background evaluation, so its guidance reaches this turn."""
+    async def settled(self, ref: SessionRef) -> None:
+        """Wait (bounded) for the session's background evaluation here: its guidance, its verdict on record."""
         task = self._pending.get((ref.tenant, ref.session_id))
         if task is not None and not task.done():
             await asyncio.wait({task}, timeout=self.profiles.current.profile.deadline_ms / 1000 + 0.05)

@@ -14,6 +14,8 @@ from proxy.supervision.quotes import Quoted, strip_quotes
 from proxy.supervision.sessions import SessionRef, SessionState
 from proxy.upstream import normalize
 
+ACTING = frozenset({Action.RETRY, Action.REWRITE, Action.BLOCK})  # what enforce mode changes
+
 if TYPE_CHECKING:
     from proxy.supervision.decisions import Feedback
 
@@ -71,6 +73,8 @@ class Turn:
             self.labels.extend(label for label in decision.labels if label not in self.labels)
         if decision.degraded is not None:
             self.degraded = decision.degraded
+        if decision.findings and decision.intended in ACTING:
+            self.state.would_act += 1
         self.state.add_guidance(decision.guidance)
         self.state.activate(decision.activate)
         return settled
