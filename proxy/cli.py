@@ -254,12 +254,10 @@ app.add_typer(profile_app, name="profile")
 @profile_app.command("push")
 def profile_push(
     file: Annotated[Path, typer.Argument(help="The profile YAML to put in force.")],
-    url: Annotated[str, typer.Option(envvar="FAMA_PROXY_URL", help="A proxy replica [env FAMA_PROXY_URL].")] = (
+    url: Annotated[str, typer.Option(envvar="FAMA_PROXY_URL", show_envvar=True, help="A proxy replica.")] = (
         "http://127.0.0.1:8080"
     ),
-    admin_key: Annotated[
-        str | None, typer.Option(envvar="FAMA_ADMIN_KEY", help="The proxy's admin key [env FAMA_ADMIN_KEY].")
-    ] = None,
+    admin_key: Annotated[str | None, _option(ProxySettings, "admin_key", "The proxy's admin key.")] = None,
     redis_url: Annotated[
         str | None, typer.Option(help="Store it in this Redis directly instead of posting it to --url.")
     ] = None,
