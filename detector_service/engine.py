@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from detector_service import stakes
+from detector_service.contract.active_profile import ActiveProfile, ProfileHolder
 from detector_service.contract.profile import Dialect, Profile
 from detector_service.contract.textactions import native_turn
 from detector_service.contract.toolkinds import ToolKinds
@@ -39,6 +40,7 @@ from detector_service.turn import ConversationIndex, TurnView, tool_calls_of, to
 DETECTOR_VERSION = "0.2.0"
 MAX_TOOL_SETS = 256  # distinct tools arrays whose resolved kinds are kept
 MAX_CACHED_INDEXES = 1024  # sessions whose latest conversation index is kept for their next turn
+RECENT_PROFILES = 3  # profiles whose engines are kept for turns that started under them
 
 Detector = Callable[[TurnView], list[Finding]]
 
@@ -237,6 +239,42 @@ class Engine:
         )
 
 
+class Engines:
+    """The engine of each recent profile of a :class:`ProfileHolder`, built once per profile on its swap.
+
+    A turn names the hash of the profile its proxy judged it under (``TurnEvent.profile_sha256``); it is evaluated
+    with that profile while this process still holds it (the current one or the ones just before), so a turn
+    under way when the profile changes finishes under the profile it started with. Any other turn gets the
+    current profile's engine.
+    """
+
+    def __init__(self, profiles: ProfileHolder, first: Engine | None = None) -> None:
+        self._by_hash: OrderedDict[str, Engine] = OrderedDict()
+        self._first = first  # an engine built by the caller, for the holder's first profile
+        profiles.listen(self._swapped)
+
+    @classmethod
+    def fixed(cls, engine: Engine) -> Engines:
+        """One engine for every turn (a process whose profile never changes)."""
+        return cls(ProfileHolder.of(engine.profile), engine)
+
+    def _swapped(self, old: ActiveProfile, new: ActiveProfile) -> None:
+        if new.sha256 not in self._by_hash:
+            first, self._first = self._first, None
+            self._by_hash[new.sha256] = first if first is not None else Engine(new.profile)
+        self._by_hash.move_to_end(new.sha256)
+        while len(self._by_hash) > RECENT_PROFILES:
+            self._by_hash.popitem(last=False)
+
+    @property
+    def current(self) -> Engine:
+        return next(reversed(self._by_hash.values()))
+
+    def of(self, turn: TurnEvent) -> Engine:
+        found = self._by_hash.get(turn.profile_sha256) if turn.profile_sha256 is not None else None
+        return found if found is not None else self.current
+
+
 def merge(
     engine: Engine,
     verdict: Verdict,
@@ -265,4 +303,4 @@ def _rewrite(candidate: Mapping[str, Any], repairs: Mapping[str | None, str]) ->
     return dict(out)
 
 
-__all__ = ["DETECTORS", "DETECTOR_VERSION", "Category", "Engine", "merge"]
+__all__ = ["DETECTORS", "DETECTOR_VERSION", "Category", "Engine", "Engines", "merge"]

@@ -247,6 +247,87 @@ def soak(
     )
 
 
+profile_app = typer.Typer(no_args_is_help=True, help="The profile in force on running proxies and detectors.")
+app.add_typer(profile_app, name="profile")
+
+
+@profile_app.command("push")
+def profile_push(
+    file: Annotated[Path, typer.Argument(help="The profile YAML to put in force.")],
+    url: Annotated[str, typer.Option(envvar="FAMA_PROXY_URL", show_envvar=True, help="A proxy replica.")] = (
+        "http://127.0.0.1:8080"
+    ),
+    admin_key: Annotated[str | None, _option(ProxySettings, "admin_key", "The proxy's admin key.")] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Store it in this Redis directly instead of posting it to --url.")
+    ] = None,
+) -> None:
+    """Put a profile in force without a restart: POST /admin/profile on one replica (with Redis, every proxy replica
+    and detector takes it within a second), or straight into Redis with --redis-url."""
+    import orjson
+
+    try:
+        body = file.read_bytes()
+    except OSError as exc:
+        typer.echo(f"fama profile push: cannot read {file}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    answer = _push_to_redis(file, body, redis_url) if redis_url else _post_profile(url, body, admin_key)
+    typer.echo(orjson.dumps({k: answer[k] for k in ("version", "sha256", "source") if k in answer}).decode())
+
+
+def _post_profile(url: str, body: bytes, admin_key: str | None) -> dict[str, Any]:
+    import httpx2
+    import orjson
+
+    headers = {"content-type": "application/yaml"}
+    if admin_key:
+        headers["authorization"] = f"Bearer {admin_key}"
+    try:
+        response = httpx2.post(url.rstrip("/") + "/admin/profile", content=body, headers=headers, timeout=30)
+    except httpx2.HTTPError as exc:
+        typer.echo(f"fama profile push: {url} cannot be reached: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    try:
+        answer: dict[str, Any] = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        answer = {"error": {"message": response.text[:500]}}
+    if response.status_code != 200:
+        error = answer.get("error") or {}
+        field = f" (field {error['param']})" if error.get("param") else ""
+        typer.echo(f"fama profile push: {response.status_code}: {error.get('message')}{field}", err=True)
+        raise typer.Exit(1)
+    return answer
+
+
+def _push_to_redis(file: Path, body: bytes, redis_url: str) -> dict[str, Any]:
+    import asyncio
+
+    from redis.exceptions import RedisError
+
+    from detector_service.bus.client import DETECTOR, redis_client
+    from detector_service.bus.profiles import push_profile
+    from detector_service.contract.profile import ProfileError, parse_profile_text
+
+    try:
+        profile = parse_profile_text(body, f"profile {file}")
+    except ProfileError as exc:
+        typer.echo(f"fama profile push: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+    async def push() -> dict[str, Any]:
+        redis = redis_client(redis_url, DETECTOR, block_ms=0)
+        try:
+            return (await push_profile(redis, profile)).describe()
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(push())
+    except (RedisError, OSError) as exc:
+        typer.echo(f"fama profile push: Redis: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
 sessions_app = typer.Typer(no_args_is_help=True, help="Recorded sessions.")
 app.add_typer(sessions_app, name="sessions")
 

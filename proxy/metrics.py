@@ -12,8 +12,10 @@ from itertools import product
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from detector_service.contract.active_profile import ActiveProfile
 from detector_service.contract.profile import AgentName, Mode
 from detector_service.contract.wire import Action, Category, Verdict
+from detector_service.metrics import profile_info, show_profile
 from detector_service.monitor.features import FEATURES
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -202,7 +204,11 @@ class ProxyMetrics:
             ["feature"],
             registry=r,
         )
+        self.profile = profile_info(r)
         self._create_known_series()
+
+    def profile_switched(self, old: ActiveProfile, new: ActiveProfile) -> None:
+        show_profile(self.profile, old, new)
 
     def observe_risk(self, verdict: Verdict | None) -> None:
         """The learned monitor's risk of a judged turn, and what raised it where it acted."""

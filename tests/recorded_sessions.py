@@ -15,6 +15,7 @@ import openai
 import yaml
 from redis.asyncio import Redis
 
+from detector_service.contract.active_profile import ProfileHolder
 from detector_service.contract.profile import Mode, Profile
 from detector_service.engine import Engine
 from proxy.app import build_supervisor, create_app
@@ -79,7 +80,7 @@ def _supervisor(mode: Mode, redis_url: str | None, settings: ProxySettings, metr
     redis = Redis.from_url(redis_url)
     return Supervisor(
         mode,
-        Profile(),
+        ProfileHolder.of(Profile()),
         EmbeddedVerdicts(Engine(Profile()), metrics),
         RedisSessionStore(redis, 3600, metrics, timeout_s=1.0),
         metrics,

@@ -142,22 +142,27 @@ def detector_worker(redis_url: str, **settings: str) -> Iterator[None]:
             proc.stderr.close()
 
 
-def start_fama_serve(upstream_url: str, port: int, **settings: str) -> subprocess.Popen[bytes]:
-    """``fama serve`` as its own process on 127.0.0.1:``port`` in front of ``upstream_url`` (with ``/v1``);
-    ``settings`` are ``FAMA_*`` variables without the prefix (``REQUEST_READ_TIMEOUT_S="3"``). Stop it with
-    :func:`stop_process`; its stderr is a pipe (read or close it)."""
+def fama_env(**settings: str) -> dict[str, str]:
+    """The environment of a ``fama`` child process: this one's without its ``FAMA_*`` variables, this checkout first
+    on ``PYTHONPATH``, plus ``settings`` (``FAMA_*`` variables without the prefix)."""
     import os
-    import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAMA_")}
     env.update(
         PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        FAMA_UPSTREAM_URL=upstream_url,
-        FAMA_HOST="127.0.0.1",
-        FAMA_PORT=str(port),
         FAMA_LOG_LEVEL="warning",
         **{f"FAMA_{name}": value for name, value in settings.items()},
     )
+    return env
+
+
+def start_fama_serve(upstream_url: str, port: int, **settings: str) -> subprocess.Popen[bytes]:
+    """``fama serve`` as its own process on 127.0.0.1:``port`` in front of ``upstream_url`` (with ``/v1``);
+    ``settings`` are ``FAMA_*`` variables without the prefix (``REQUEST_READ_TIMEOUT_S="3"``). Stop it with
+    :func:`stop_process`; its stderr is a pipe (read or close it)."""
+    import sys
+
+    env = fama_env(UPSTREAM_URL=upstream_url, HOST="127.0.0.1", PORT=str(port), **settings)
     return subprocess.Popen(
         [sys.executable, "-c", "from proxy.cli import main; main()", "serve"],
         env=env,

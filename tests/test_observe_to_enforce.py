@@ -1,7 +1,8 @@
-"""From observe to enforce, end to end on real processes: redis-server, ``fama serve`` in observe mode with Redis, one
-``fama detector``, a scripted model that answers what recorded runs of the corpus answered, the official SDK as the
-agent app. The runs are played as observe-mode sessions with their outcomes reported; then, from the command line,
-``fama sessions export`` -> ``fama report`` (the shadow report) -> ``fama analyze``."""
+"""From observe to enforce, end to end on real processes: redis-server, two ``fama serve`` replicas in observe mode
+with Redis, one ``fama detector``, a scripted model that answers what recorded runs of the corpus answered, the
+official SDK as the agent app. The runs are played as observe-mode sessions with their outcomes reported; then, from
+the command line, ``fama sessions export`` -> ``fama report`` (the shadow report) -> ``fama analyze`` -> ``fama
+profile push``, after which the same turns are judged per the new profile on both replicas."""
 
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from detector_service.contract.profile import load_profile
+from detector_service.contract.profile import Profile, load_profile, profile_sha256
+from detector_service.contract.wire import Category, Finding
+from detector_service.offline.evaluation import ACTING
 from detector_service.offline.trajectories import Trajectory, load, load_tools
+from detector_service.stakes import entry_key
+from proxy.edge.auth import DEFAULT_TENANT
 from tests.recorded_sessions import message_shape
 from tests.servers import ROOT, detector_worker, free_port, run_fama, serve_in_thread, start_fama_serve, stop_process
 from tests.servers import wait_for_port as wait_for_port
 from tests.supervised_upstream import ScriptedModel
 from tests.tau_turns import DOMAIN, QWEN
+from tests.test_profile_reload import ADMIN, ADMIN_KEY, SWITCH_S, profile_info, profile_of, until
 
 pytestmark = [pytest.mark.redis, pytest.mark.tau]
 
@@ -84,24 +90,69 @@ def _shadow_metric(base: str) -> dict[tuple[str, str], float]:
     }
 
 
-def test_observe_export_report_analyze(tau_dir: Path, redis_url: str, tmp_path: Path) -> None:
+def _demoted_turn(records: dict[str, dict[str, Any]], calibrated: Profile) -> tuple[int, int]:
+    """A session and turn where observe mode recorded an acting verdict whose every acting finding is of a kind the
+    calibrated profile demoted (repairs of malformed calls always act, so none of those)."""
+    for n in range(len(records)):
+        for verdict in records[f"run-{n}"]["verdicts"]:
+            acting = [Finding.model_validate(f) for f in verdict["findings"] if f.get("action") in ACTING]
+            if verdict["action"] not in ACTING or any(f.category is Category.MTC for f in acting):
+                continue
+            entries = [calibrated.findings.get(entry_key(f)) for f in acting]
+            if acting and all(e is not None and e.action not in ACTING for e in entries):
+                return n, int(verdict["turn"])
+    raise AssertionError("the calibration demoted no kind of finding that acted")
+
+
+def _judged(base: str, session: str) -> str | None:
+    """The action of the verdict observe mode recorded for the session's turn (it records in the background)."""
+    answer = httpx2.get(f"{base}/admin/sessions/{DEFAULT_TENANT}/{session}", headers=ADMIN, timeout=10)
+    verdicts = [e for e in answer.json()["entries"] if e["kind"] == "verdict"] if answer.status_code == 200 else []
+    return str(verdicts[-1]["data"]["action"]) if verdicts else None
+
+
+def test_observe_export_report_analyze_push(tau_dir: Path, redis_url: str, tmp_path: Path) -> None:
     runs = list(load(tau_dir / "trajectories" / QWEN))
     tools = load_tools(tau_dir / "domains" / DOMAIN[QWEN] / "tools_openai.json")
     recorded = RecordedModel(runs)
-    port = free_port()
-    settings = {"REDIS_URL": redis_url, "MODE": "observe", "PROFILE": str(PROFILE)}
-    with detector_worker(redis_url, PROFILE=str(PROFILE)), serve_in_thread(recorded.model.app) as upstream:
-        proxy = start_fama_serve(upstream + "/v1", port, **settings)
+    ports, detector_port = [free_port(), free_port()], free_port()
+    settings = {"REDIS_URL": redis_url, "MODE": "observe", "PROFILE": str(PROFILE), "ADMIN_KEY": ADMIN_KEY}
+    bases = [f"http://127.0.0.1:{port}" for port in ports]
+    with (
+        detector_worker(redis_url, PROFILE=str(PROFILE), METRICS_PORT=str(detector_port), METRICS_HOST="127.0.0.1"),
+        serve_in_thread(recorded.model.app) as upstream,
+    ):
+        proxies = [start_fama_serve(upstream + "/v1", port, **settings) for port in ports]
+        clients = [openai.OpenAI(base_url=b + "/v1", api_key="none", max_retries=0, timeout=30) for b in bases]
         try:
-            wait_for_port(port)
-            base = f"http://127.0.0.1:{port}"
-            with openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=30) as client:
-                seen = [_play(client, base, n, run, tools) for n, run in enumerate(runs)]
-            shadow = _shadow_metric(base)
+            for port in ports:
+                wait_for_port(port)
+            # The sessions spread over both replicas, as a load balancer would.
+            seen = [_play(clients[n % 2], bases[n % 2], n, run, tools) for n, run in enumerate(runs)]
+            shadow = _shadow_metric(bases[0])
+            for key, value in _shadow_metric(bases[1]).items():
+                shadow[key] = shadow.get(key, 0.0) + value
+            _export_report_analyze_push(tmp_path, redis_url, runs, tools, seen, shadow, bases, clients, detector_port)
         finally:
-            stop_process(proxy)
-            if proxy.stderr is not None:
-                proxy.stderr.close()
+            for client in clients:
+                client.close()
+            for proxy in proxies:
+                stop_process(proxy)
+                if proxy.stderr is not None:
+                    proxy.stderr.close()
+
+
+def _export_report_analyze_push(
+    tmp_path: Path,
+    redis_url: str,
+    runs: list[Trajectory],
+    tools: list[dict[str, Any]],
+    seen: list[list[dict[str, Any]]],
+    shadow: dict[tuple[str, str], float],
+    bases: list[str],
+    clients: list[openai.OpenAI],
+    detector_port: int,
+) -> None:
     failed = sum(1 for r in runs if r.reward is not None and r.reward < 1.0)
     passed = len(runs) - failed
     assert sum(v for (o, _), v in shadow.items() if o == "failure") == failed
@@ -150,5 +201,27 @@ def test_observe_export_report_analyze(tau_dir: Path, redis_url: str, tmp_path: 
     candidate = json.loads(compared.read_text())["sources"]["candidate"]
     assert candidate["succeeded_acted"] <= replayed["succeeded_acted"]
 
-    # 4. Reload: pushing the new profile to the running replicas (POST /admin/profile, fama profile push) and
-    #    checking that the same kinds of turns are then handled per it belongs here once reload exists.
+    # 4. Push: the calibrated profile into force on both replicas and the detector, without a restart.
+    n, at = _demoted_turn(records, calibrated)
+    pushed = run_fama("profile", "push", str(new), "--url", bases[0], ADMIN_KEY=ADMIN_KEY)
+    assert pushed.returncode == 0, pushed.stderr
+    digest = profile_sha256(calibrated)
+
+    def everywhere() -> bool:
+        metrics = httpx2.get(f"http://127.0.0.1:{detector_port}/metrics", timeout=10).text
+        detector = {h for (h, _), v in profile_info(metrics).items() if v == 1.0}
+        return {profile_of(b)["sha256"] for b in bases} == {digest} and detector == {digest[:12]}
+
+    print(f"the pushed profile in force everywhere after {until(everywhere, SWITCH_S):.3f}s")
+    # The same turn, which acted under the old profile, asked again on each replica: now it only guides.
+    messages = [_message(m) for m in runs[n].messages[:at]]
+    for i, (client, base) in enumerate(zip(clients, bases, strict=True)):
+        client.chat.completions.create(
+            model="agent",
+            messages=messages,  # type: ignore[arg-type]
+            tools=tools,  # type: ignore[arg-type]
+            user=f"{n}|{at}",
+            extra_headers={"x-fama-session": f"again-{i}"},
+        )
+        until(lambda base=base, i=i: _judged(base, f"again-{i}") is not None, 10)  # type: ignore[misc]
+        assert _judged(base, f"again-{i}") not in ACTING

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from detector_service.contract.profile import Mode, load_profile
+from detector_service.contract.profile import Mode, load_profile, profile_sha256
 from proxy.supervision.injection import CLOSING, GUIDANCE_TITLE, OPENING
 from tests.llama import unavailable_reason
 from tests.readme_blocks import ROOT, Block, at_port, pip_targets, readme_blocks, run_bash, shape_mismatch, shell_env
@@ -51,6 +51,7 @@ OUTCOME_OUTPUT = (
 AGENTS_APP = "import asyncio"
 RECORDED_RUNS = 'DATA="${FAMA_SHARED_DIR:-../shared}/data/tau"'
 CONTEXT = OPENING
+RELOAD = "fama profile push profiles/airline.yaml --url http://127.0.0.1:8080 --admin-key ADMIN"
 INSTALL = "python3 -m venv .venv && . .venv/bin/activate"
 OBSERVE_TO_ENFORCE = 'PROFILE="${FAMA_PROFILE:-profiles/airline.yaml}"   # the profile in force'
 EMBEDDED_EXPORT = "curl -sf 'localhost:8080/admin/sessions/export?last=7d&with_outcome_only=true&redact=true' \\"
@@ -67,6 +68,7 @@ RUN = {
     AGENTS_APP: "test_agents_sdk_example",
     RECORDED_RUNS: "test_recorded_runs_example",
     CONTEXT: "test_injected_context_example_has_the_shape_the_proxy_writes",
+    RELOAD: "test_reload_example",
     OBSERVE_TO_ENFORCE: "test_observe_to_enforce_example",
     EMBEDDED_EXPORT: "test_embedded_export_example",
 }
@@ -269,6 +271,31 @@ def test_recorded_runs_example(tau_dir: Path, shared: Path, tmp_path: Path, bin_
     assert len(records) == sum(1 for line in source.read_text().splitlines() if line.strip())
     assert all("flags" in r for r in records)
     assert yaml.safe_load((tmp_path / "profile.yaml").read_text())["version"] == 1
+
+
+def test_reload_example(tmp_path: Path, bin_dir: Path) -> None:
+    # As the README says: a proxy started with FAMA_ADMIN_KEY=ADMIN; the block runs from the checkout (profiles/).
+    with serve_in_thread(ScriptedModel(hasty_airline_model).app) as upstream:
+        port = free_port()
+        proc = start_fama_serve(upstream + "/v1", port, ADMIN_KEY="ADMIN")
+        try:
+            wait_for_port(port)
+            done = run_bash(at_port(block(RELOAD).text, port), ROOT, shell_env(bin_dir))
+        finally:
+            stop_process(proc)
+            assert proc.stderr is not None
+            proc.stderr.close()
+    assert done.returncode == 0, done.stderr
+    printed, answers = done.stdout.split("\n", 1)  # the command's line, then the two curls' bodies back to back
+    comment = next(line for line in block(RELOAD).text.splitlines() if line.startswith("# "))
+    problem = shape_mismatch(comment.removeprefix("# "), printed)
+    assert problem is None, problem
+    posted, end = json.JSONDecoder().raw_decode(answers)
+    shown = json.loads(answers[end:])
+    airline, retail = (load_profile(ROOT / "profiles" / f"{name}.yaml") for name in ("airline", "retail"))
+    assert json.loads(printed) == {"version": 1, "sha256": profile_sha256(airline), "source": "pushed"}
+    assert (posted["version"], posted["sha256"]) == (2, profile_sha256(retail))
+    assert (shown["version"], shown["name"], shown["source"]) == (2, "retail", "pushed")
 
 
 @pytest.mark.redis

@@ -96,7 +96,7 @@ def test_analyze_calibrates_on_exported_sessions_and_the_report_shows_the_result
 
 def test_analyze_refuses_when_too_few_sessions_carry_outcomes(exported: Path, tmp_path: Path) -> None:
     few = tmp_path / "few.jsonl"
-    few.write_text("".join(exported.read_text().splitlines(keepends=True)[:12]))
+    few.write_text("".join(exported.read_text().splitlines(keepends=True)[:4]))
     done = run_fama("analyze", str(few), "--out", str(tmp_path / "new.yaml"))
     assert done.returncode == 2
     assert "too few runs carry an outcome" in done.stderr

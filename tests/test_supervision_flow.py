@@ -13,6 +13,7 @@ import openai
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageFunctionToolCall
 from openai.types.chat.chat_completion_message_function_tool_call import Function
 
+from detector_service.contract.active_profile import ProfileHolder
 from detector_service.contract.profile import Mode, Profile
 from detector_service.contract.wire import Action, Category, TurnEvent
 from detector_service.engine import Engine
@@ -259,7 +260,7 @@ def test_stream_sends_content_before_the_verdict_and_tool_calls_only_after(tmp_p
     model = ScriptedModel(lambda body: {"content": text, "tool_calls": [lookup]})
     profile = Profile(deadline_ms=30_000)
     verdicts = GatedVerdicts(Engine(profile))
-    supervisor = Supervisor(Mode.ENFORCE, profile, verdicts, MemorySessionStore(), ProxyMetrics())
+    supervisor = Supervisor(Mode.ENFORCE, ProfileHolder.of(profile), verdicts, MemorySessionStore(), ProxyMetrics())
     received: list[ChatCompletionChunk] = []
     with serve_in_thread(model.app) as upstream:
         app = create_app(ProxySettings(upstream_url=upstream + "/v1"), hooks=supervisor)

@@ -56,3 +56,8 @@ RESPONSE_PREFIX = "fama:response:"  # a Responses API response, its input and it
 
 def response_key(tenant: str, response_id: str) -> str:
     return f"{RESPONSE_PREFIX}{tenant}:{response_id}"
+
+
+# The pushed profile (a hash: ``version``, a counter raised by each push, ``document``, ``sha256``, ``pushed_ms``);
+# no key: no profile was pushed, every process runs its file's.
+PROFILE_KEY = "fama:profile"

@@ -20,8 +20,10 @@ category behind one stray failure does not switch on agents for every turn. Cate
 many passed runs get ``guide`` instead of ``retry`` as their action.
 
 The input must carry outcomes: at least ``MIN_OUTCOMES`` runs with a reward, ``MIN_EACH`` of them failed and
-``MIN_EACH`` succeeded (sessions exported with ``fama sessions export`` carry the outcome their client reported).
-Fewer, and the shares a calibration compares are noise: the command refuses. Tools come from ``--tools`` and from
+``MIN_EACH`` succeeded (sessions exported with ``fama sessions export`` carry the outcome their client reported);
+with fewer there is nothing to compare and the command refuses. Past that floor each finding is judged on its own
+support (``calibrate``: a kind seen on too few runs is left to the decision table), so a small deployment gets a
+cautious profile rather than none. Tools come from ``--tools`` and from
 the records themselves (exported sessions carry the tools their requests declared).
 """
 
@@ -57,8 +59,8 @@ from detector_service.turn import text_of, tool_calls_of
 
 COVERAGE = 0.8
 NOISY_PASSED_SHARE = 0.1
-MIN_OUTCOMES = 20
-MIN_EACH = 5
+MIN_OUTCOMES = 5
+MIN_EACH = 1
 
 AGENTS_FOR: dict[Category, list[AgentName]] = {
     Category.DCV: [AgentName.DCE, AgentName.VERIFIER],

@@ -9,7 +9,9 @@ from typing import Annotated, Any, NamedTuple, TypedDict, cast
 from fastapi import Depends
 from starlette.requests import Request
 
-from detector_service.contract.profile import Mode, Profile
+from detector_service.bus.profiles import ProfileWatch
+from detector_service.contract.active_profile import ProfileHolder
+from detector_service.contract.profile import Mode
 from proxy.edge.auth import Authenticator
 from proxy.edge.limits import ClientLimits
 from proxy.hooks import ChatHooks
@@ -24,14 +26,16 @@ from proxy.upstream.readiness import Readiness
 
 
 class Supervision(NamedTuple):
-    """The supervision in force, for the operator endpoints: its mode, profile, session store and records, and a wait
-    (bounded) for a session's turn still being judged in this process."""
+    """The supervision in force, for the operator endpoints: its mode, the holder of its profile, session store and
+    records, a wait (bounded) for a session's turn still being judged in this process, and (Redis mode) where a
+    pushed profile is published for every replica."""
 
     mode: Mode
-    profile: Profile
+    profiles: ProfileHolder
     sessions: SessionStore
     recorder: Recorder | None
     settled: Callable[[SessionRef], Awaitable[None]]
+    published: ProfileWatch | None = None  # None: no Redis, a push swaps this process's profile only
 
 
 class ProxyState(TypedDict):

@@ -109,12 +109,14 @@ class Injector:
         tools: Sequence[dict[str, Any]],
         state: SessionState,
         extraction: PolicyExtraction | None = None,
+        profile: Profile | None = None,
     ) -> list[Section]:
+        profile = profile or self.profile
         out: list[Section] = []
         if state.guidance:
             out.append(Section(GUIDANCE_LABEL, GUIDANCE_TITLE, list(state.guidance), GUIDANCE_PRIORITY))
-        agents = active_agents(self.profile, state)
-        notes = build_notes(agents, messages, tools, self.profile, self.cache, extraction=extraction)
+        agents = active_agents(profile, state)
+        notes = build_notes(agents, messages, tools, profile, self.cache, extraction=extraction)
         out += [Section(n.agent.value, f"{n.agent.value}: {n.title}", list(n.lines), n.priority) for n in notes]
         return out
 
@@ -125,14 +127,17 @@ class Injector:
         state: SessionState,
         extraction: PolicyExtraction | None = None,
         read: Sequence[dict[str, Any]] | None = None,
+        profile: Profile | None = None,
     ) -> Injection:
         """The request's messages plus the context message; ``extraction`` (cached LLM DCE rules) is optional.
         ``read`` is the conversation as the agents read it (a ReAct harness's text actions as native calls, message
-        for message); by default the messages themselves."""
-        budget = self.profile.injection_token_budget
+        for message); by default the messages themselves. ``profile`` is the turn's (by default the one this
+        injector was made with)."""
+        profile = profile or self.profile
+        budget = profile.injection_token_budget
         if budget <= 0:
             return Injection(list(messages), None, ())
-        kept = fit(self.sections(messages if read is None else read, tools, state, extraction), budget)
+        kept = fit(self.sections(messages if read is None else read, tools, state, extraction, profile), budget)
         if not kept:
             return Injection(list(messages), None, ())
         text = render(kept)

@@ -38,8 +38,9 @@ from typing import Any
 from redis.asyncio import Redis
 
 from detector_service.agents.policy import policy_text
+from detector_service.contract.active_profile import ProfileHolder
 from detector_service.contract.extraction import PolicyExtraction
-from detector_service.contract.profile import Dialect, Mode, Profile
+from detector_service.contract.profile import Dialect, Mode
 from detector_service.contract.textactions import native_message, native_turn, resolve
 from detector_service.contract.wire import SCHEMA_VERSION, Action, TurnEvent, Verdict, new_id, now_ms
 from detector_service.turn import tools_by_name
@@ -71,7 +72,7 @@ class Supervisor(ChatHooks[Turn]):
     def __init__(
         self,
         mode: Mode,
-        profile: Profile,
+        profiles: ProfileHolder,
         verdicts: VerdictSource,
         store: SessionStore,
         metrics: ProxyMetrics,
@@ -81,15 +82,14 @@ class Supervisor(ChatHooks[Turn]):
         extractions: ExtractionReader | None = None,
     ) -> None:
         self.mode = mode
-        self.profile = profile
+        self.profiles = profiles  # each turn keeps the profile in force when it started (Turn.active)
         self.verdicts = verdicts
         self.store = store
         self.metrics = metrics
         self.recorder = recorder
-        self.injector = injector or Injector(profile, metrics)
+        self.injector = injector or Injector(profiles.current.profile, metrics)
         self._closing = closing  # a Redis client this supervisor owns and closes on stop
         self.extractions = extractions  # cached LLM-extracted policy rules for DCE (Redis mode)
-        self.deadline_s = profile.deadline_ms / 1000
         # Background evaluations (observe mode, streamed text) by session, so the next turn can wait for them.
         self._pending: dict[tuple[str, str], asyncio.Task[None]] = {}
 
@@ -101,7 +101,7 @@ class Supervisor(ChatHooks[Turn]):
     async def stop(self) -> None:
         pending = list(self._pending.values())
         if pending:
-            await asyncio.wait(pending, timeout=self.deadline_s + 1)
+            await asyncio.wait(pending, timeout=self.profiles.current.profile.deadline_ms / 1000 + 1)
         await self.verdicts.stop()
         await self.store.drain()
         if self.recorder is not None:
@@ -116,8 +116,9 @@ class Supervisor(ChatHooks[Turn]):
         tools: list[dict[str, Any]] = [t for t in body.get("tools") or () if isinstance(t, dict)]
         ref = identify(ctx.request_headers.get(SESSION_HEADER), ctx.tenant, messages, tools)
         ctx.response_headers[SESSION_HEADER] = ref.session_id
+        active = self.profiles.current  # the turn keeps this profile to its end, whatever is pushed meanwhile
         names = tools_by_name(tools).keys()
-        dialect = resolve(self.profile.dialect, messages, None, names)
+        dialect = resolve(active.profile.dialect, messages, None, names)
         ctx.text_actions = dialect is Dialect.REACT  # its harness reads calls written as text: they stay text
         if not (tools or ctx.text_actions) or int(body.get("n") or 1) != 1:
             return body  # nothing to supervise: no tool use, or several answers the client will choose from
@@ -127,22 +128,20 @@ class Supervisor(ChatHooks[Turn]):
             state = await self.store.load(ref)  # no tasks to spawn for a single read
         else:
             # Both reads are bounded; done together, the cached extraction adds no round trip of its own.
-            state, extraction = await asyncio.gather(self.store.load(ref), self._extraction(messages))
+            cached = self.extractions.get(policy_text(messages, active.profile))
+            state, extraction = await asyncio.gather(self.store.load(ref), cached)
         # The agents read a ReAct conversation as the detectors do: its text actions as native calls.
         read = native_turn(dialect, messages, None, names)[1] if ctx.text_actions else None
-        injection = self.injector.inject(messages, tools, state, extraction, read)
+        injection = self.injector.inject(messages, tools, state, extraction, read, profile=active.profile)
         if GUIDANCE_LABEL in injection.labels:
             state.guidance.clear()  # delivered; findings of this turn may add new guidance
         state.turns += 1
         sent = {**body, "messages": injection.messages}
         added = [injection.text] if injection.text else []
-        ctx.hook_state = Turn(ref, state, list(messages), tools, sent, injection.labels, api=ctx.api, added=added)
+        ctx.hook_state = Turn(
+            ref, state, list(messages), tools, sent, injection.labels, active, api=ctx.api, added=added
+        )
         return sent
-
-    async def _extraction(self, messages: list[dict[str, Any]]) -> PolicyExtraction | None:
-        if self.extractions is None:
-            return None
-        return await self.extractions.get(policy_text(messages, self.profile))
 
     async def after_response(self, ctx: ChatContext[Turn], response: dict[str, Any]) -> dict[str, Any]:
         turn = ctx.hook_state
@@ -259,13 +258,15 @@ class Supervisor(ChatHooks[Turn]):
             reply_to=None,
             deadline_ms=None,
             created_ms=now_ms(),
-            profile=self.profile.name,
+            profile=turn.active.profile.name,
+            profile_sha256=turn.active.sha256,
             messages=turn.messages,
             tools=turn.tools,
             candidate=candidate,
             attempt=attempt,
         )
-        outcome = await self.verdicts.evaluate(event, self.deadline_s)
+        profile = turn.active.profile
+        outcome = await self.verdicts.evaluate(event, profile.deadline_ms / 1000)
         result: Verdict | Degraded
         if outcome.verdict is not None:
             result = outcome.verdict
@@ -273,11 +274,9 @@ class Supervisor(ChatHooks[Turn]):
             result = Degraded("deadline" if outcome.reason is MissReason.DEADLINE else "outage")
         # The decision reads the candidate as the detectors do; its feedback and its answer fit the harness.
         names = turn.tool_names
-        dialect = resolve(self.profile.dialect, turn.messages, candidate, names)
+        dialect = resolve(profile.dialect, turn.messages, candidate, names)
         native = native_message(candidate, len(turn.messages), names) if dialect is Dialect.REACT else candidate
-        decision = decide(
-            self.mode, self.profile, result, native, turn.tools, attempt, tool_bytes_sent, dialect, text_shown
-        )
+        decision = decide(self.mode, profile, result, native, turn.tools, attempt, tool_bytes_sent, dialect, text_shown)
         self._account(turn, attempt, decision)
         self._record(event, outcome, decision, whole=turn.state.turns == 1 and attempt == 0)
         return decision
@@ -397,4 +396,4 @@ class Supervisor(ChatHooks[Turn]):
         """Wait (bounded) for the session's background evaluation here: its guidance, its verdict on record."""
         task = self._pending.get((ref.tenant, ref.session_id))
         if task is not None and not task.done():
-            await asyncio.wait({task}, timeout=self.deadline_s + 0.05)
+            await asyncio.wait({task}, timeout=self.profiles.current.profile.deadline_ms / 1000 + 0.05)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from detector_service.contract.active_profile import ActiveProfile
 from detector_service.contract.wire import Action, Category
 from detector_service.turn import tools_by_name
 from proxy.supervision.decisions import Decision
@@ -29,6 +30,7 @@ class Turn:
     tools: list[dict[str, Any]]
     body: dict[str, Any]  # as sent upstream, context message included
     injected: tuple[str, ...]
+    active: ActiveProfile  # the profile in force when the turn started: it keeps it to its end
     labels: list[str] = field(default_factory=list)
     degraded: str | None = None
     retrying: tuple[Category, ...] = ()  # categories of the retry in flight, to count its outcome
