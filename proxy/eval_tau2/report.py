@@ -123,6 +123,8 @@ def chart(report: dict[str, Any], path: Path) -> bool:
         points = sorted((int(k), v) for k, v in report["arms_summary"][arm]["pass_hat_k"].items())
         if points:
             left.plot([k for k, _ in points], [v for _, v in points], marker="o", label=arm)
+    ks = sorted({int(k) for arm in arms for k in report["arms_summary"][arm]["pass_hat_k"]})
+    left.set_xticks(ks or [1])
     left.set(title="pass^k per arm", xlabel="k", ylabel="pass^k", ylim=(0, 1.05))
     left.legend()
     compared = list(report["comparisons"])
@@ -130,6 +132,7 @@ def chart(report: dict[str, Any], path: Path) -> bool:
     right.bar([x - 0.2 for x in xs], [report["comparisons"][a]["rescued"] for a in compared], 0.4, label="rescued")
     right.bar([x + 0.2 for x in xs], [report["comparisons"][a]["broken"] for a in compared], 0.4, label="broken")
     right.set_xticks(list(xs), compared)
+    right.yaxis.get_major_locator().set_params(integer=True)
     right.set(title="vs direct, per trial pair", ylabel="trial pairs")
     right.legend()
     figure.suptitle(f"tau2 {report['domain']}: {report['model']}")

@@ -196,6 +196,7 @@ def eval_tau2_command(options: EvalOptions, console: Console | None = None) -> i
     try:
         check_options(options)
         tau2_env.check_installed()
+        tau2_env.quiet_logs()
         tasks = tau2_env.load_tasks(options.domain, options.num_tasks, list(options.task_ids) or None)
     except (OptionError, tau2_env.Tau2Missing, ValueError) as exc:
         console.print(f"fama eval tau2: {exc}", markup=False, highlight=False, soft_wrap=True)

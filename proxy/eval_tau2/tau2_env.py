@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,14 @@ def check_installed() -> None:
         raise Tau2Missing(INSTALL_HINT)
     # LiteLLM fetches its model price list from the internet on import unless told to use its bundled copy.
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+def quiet_logs() -> None:
+    """tau2 logs every step of every episode through loguru at DEBUG: keep its warnings, so the progress shows."""
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
 
 
 @dataclass(frozen=True, slots=True)
