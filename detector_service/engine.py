@@ -23,7 +23,9 @@ from typing import Any
 import orjson
 
 from detector_service import stakes
-from detector_service.contract.profile import Profile
+from detector_service.contract.active_profile import ActiveProfile, ProfileHolder
+from detector_service.contract.profile import Dialect, Profile
+from detector_service.contract.textactions import native_turn
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import ACTION_STRENGTH, Action, Category, Finding, TurnEvent, Verdict
 from detector_service.detectors import dcv, ifu, loop, mtc, rules, wrco
@@ -32,6 +34,7 @@ from detector_service.turn import ConversationIndex, TurnView, tool_calls_of, to
 DETECTOR_VERSION = "0.2.0"
 MAX_TOOL_SETS = 256  # distinct tools arrays whose resolved kinds are kept
 MAX_CACHED_INDEXES = 1024  # sessions whose latest conversation index is kept for their next turn
+RECENT_PROFILES = 3  # profiles whose engines are kept for turns that started under them
 
 Detector = Callable[[TurnView], list[Finding]]
 
@@ -100,9 +103,25 @@ class Engine:
     ) -> TurnView:
         return TurnView.of(index, candidate, tools, self.profile)
 
+    def native(self, turn: TurnEvent) -> tuple[Dialect, TurnEvent]:
+        """The turn as the detectors read it: actions the harness wrote as text become native calls and tool
+        messages (:func:`detector_service.contract.textactions.native_turn`; the profile's ``dialect``), and the
+        dialect it was written in. A native turn is returned as it is."""
+        dialect, messages, candidate = native_turn(
+            self.profile.dialect, turn.messages, turn.candidate, tools_by_name(turn.tools).keys()
+        )
+        if dialect is not Dialect.REACT:
+            return dialect, turn
+        return dialect, turn.model_copy(update={"messages": messages, "candidate": candidate})
+
     def findings(self, turn: TurnEvent) -> list[Finding]:
+        dialect, native = self.native(turn)
+        return self._findings(native, dialect is Dialect.REACT)
+
+    def _findings(self, turn: TurnEvent, text_actions: bool) -> list[Finding]:
+        """The findings on a native-shaped turn (see ``native``)."""
         key = (turn.tenant, turn.session_id)
-        index, digest = self._session_index(key, turn.messages, self.kinds(turn.tools))
+        index, digest = self._session_index(key, turn.messages, self.kinds(turn.tools), text_actions)
         found = self.findings_for(self.view(index, turn.candidate, tools_by_name(turn.tools)))
         if digest is not None:
             with self._indexes_lock:
@@ -113,7 +132,7 @@ class Engine:
         return found
 
     def _session_index(
-        self, key: tuple[str, str], messages: list[dict[str, Any]], kinds: ToolKinds
+        self, key: tuple[str, str], messages: list[dict[str, Any]], kinds: ToolKinds, text_actions: bool
     ) -> tuple[ConversationIndex, bytes | None]:
         """The index of ``messages`` (extended from the session's previous one when that is a prefix of
         them), and the digest to cache it under (None: not cacheable)."""
@@ -122,14 +141,20 @@ class Engine:
         at = cached.index.size if cached is not None else 0
         digests = _digests(messages, at)
         if digests is None:
-            return ConversationIndex.build(messages, kinds), None
+            return ConversationIndex.build(messages, kinds, text_actions=text_actions), None
         prefix, full = digests
-        if cached is not None and cached.index.kinds is kinds and at <= len(messages) and cached.digest == prefix:
+        if (
+            cached is not None
+            and cached.index.kinds is kinds
+            and cached.index.text_actions == text_actions
+            and at <= len(messages)
+            and cached.digest == prefix
+        ):
             index = cached.index
             for m in messages[at:]:
                 index.add(m)
             return index, full
-        return ConversationIndex.build(messages, kinds), full
+        return ConversationIndex.build(messages, kinds, text_actions=text_actions), full
 
     def findings_for(self, view: TurnView) -> list[Finding]:
         out: list[Finding] = []
@@ -161,8 +186,11 @@ class Engine:
 
     def evaluate(self, turn: TurnEvent) -> Verdict:
         start = time.perf_counter()
-        found = self.findings(turn)
-        action, rewritten = self.decide(turn.candidate, found, self.kinds(turn.tools))
+        dialect, native = self.native(turn)
+        found = self._findings(native, dialect is Dialect.REACT)
+        action, rewritten = self.decide(native.candidate, found, self.kinds(turn.tools))
+        if dialect is Dialect.REACT:
+            rewritten = None  # a repaired native call is no answer for a harness that reads text: retried instead
         return Verdict(
             turn_id=turn.turn_id,
             session_id=turn.session_id,
@@ -173,6 +201,42 @@ class Engine:
             detector_version=DETECTOR_VERSION,
             elapsed_ms=(time.perf_counter() - start) * 1000,
         )
+
+
+class Engines:
+    """The engine of each recent profile of a :class:`ProfileHolder`, built once per profile on its swap.
+
+    A turn names the hash of the profile its proxy judged it under (``TurnEvent.profile_sha256``); it is evaluated
+    with that profile while this process still holds it (the current one or the ones just before), so a turn
+    under way when the profile changes finishes under the profile it started with. Any other turn gets the
+    current profile's engine.
+    """
+
+    def __init__(self, profiles: ProfileHolder, first: Engine | None = None) -> None:
+        self._by_hash: OrderedDict[str, Engine] = OrderedDict()
+        self._first = first  # an engine built by the caller, for the holder's first profile
+        profiles.listen(self._swapped)
+
+    @classmethod
+    def fixed(cls, engine: Engine) -> Engines:
+        """One engine for every turn (a process whose profile never changes)."""
+        return cls(ProfileHolder.of(engine.profile), engine)
+
+    def _swapped(self, old: ActiveProfile, new: ActiveProfile) -> None:
+        if new.sha256 not in self._by_hash:
+            first, self._first = self._first, None
+            self._by_hash[new.sha256] = first if first is not None else Engine(new.profile)
+        self._by_hash.move_to_end(new.sha256)
+        while len(self._by_hash) > RECENT_PROFILES:
+            self._by_hash.popitem(last=False)
+
+    @property
+    def current(self) -> Engine:
+        return next(reversed(self._by_hash.values()))
+
+    def of(self, turn: TurnEvent) -> Engine:
+        found = self._by_hash.get(turn.profile_sha256) if turn.profile_sha256 is not None else None
+        return found if found is not None else self.current
 
 
 def merge(
@@ -199,4 +263,4 @@ def _rewrite(candidate: Mapping[str, Any], repairs: Mapping[str | None, str]) ->
     return dict(out)
 
 
-__all__ = ["DETECTORS", "DETECTOR_VERSION", "Category", "Engine", "merge"]
+__all__ = ["DETECTORS", "DETECTOR_VERSION", "Category", "Engine", "Engines", "merge"]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from detector_service.contract.active_profile import ActiveProfile
 from detector_service.contract.wire import Action
 
 DETECT_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5)
@@ -14,6 +17,22 @@ TURN_OUTCOMES = ("ok", "error", "dead")
 DEAD_LETTER_REASONS = ("malformed", "failed", "max_deliveries")
 JUDGE_OUTCOMES = ("ok", "timeout", "error", "skipped")
 EXTRACTION_OUTCOMES = ("ok", "error", "locked")
+
+
+def profile_info(registry: CollectorRegistry) -> Gauge:
+    return Gauge(
+        "fama_profile_info",
+        "1 for the profile in force: its hash (12 hex digits of its sha256) and version (0: its file's, n: the n-th push).",
+        ["hash", "version"],
+        registry=registry,
+    )
+
+
+def show_profile(gauge: Gauge, old: ActiveProfile, new: ActiveProfile) -> None:
+    """Move ``fama_profile_info`` to ``new``: the old label set goes, so a dashboard sees one series per process."""
+    with contextlib.suppress(KeyError):
+        gauge.remove(old.short_hash, str(old.version))
+    gauge.labels(hash=new.short_hash, version=str(new.version)).set(1)
 
 
 class DetectorMetrics:
@@ -61,7 +80,11 @@ class DetectorMetrics:
             ["outcome"],
             registry=r,
         )
+        self.profile = profile_info(r)
         self._create_known_series()
+
+    def profile_switched(self, old: ActiveProfile, new: ActiveProfile) -> None:
+        show_profile(self.profile, old, new)
 
     def _create_known_series(self) -> None:
         for outcome in TURN_OUTCOMES:

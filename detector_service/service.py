@@ -1,7 +1,8 @@
 """``fama detector``: the process around one :class:`~detector_service.worker.Worker`.
 
 It builds the worker's parts from the settings and the profile (Redis client, engine, judge, policy extraction),
-serves health and metrics, and on SIGTERM/SIGINT drains within ``drain_timeout_s``.
+keeps the profile on the one pushed to Redis (:mod:`detector_service.bus.profiles`; a pushed profile wins over the
+file), serves health and metrics, and on SIGTERM/SIGINT drains within ``drain_timeout_s``.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import signal
 import sys
 
 from detector_service.bus.client import DETECTOR, redis_client
+from detector_service.bus.profiles import ProfileWatch
+from detector_service.contract.active_profile import ProfileHolder
 from detector_service.contract.profile import load_profile
-from detector_service.contract.redaction import logging_config, url_secrets
-from detector_service.engine import Engine
+from detector_service.contract.redaction import logging_config, redact_also, url_secrets
+from detector_service.engine import Engines
 from detector_service.health import create_health_app, health_server
 from detector_service.llm.extraction import ExtractionScheduler, Extractor
 from detector_service.llm.judge import Judge, judge_key, make_client
@@ -33,7 +36,14 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
     stop = stop or asyncio.Event()
     metrics = DetectorMetrics()
     redis = redis_client(settings.redis_url, DETECTOR, block_ms=settings.block_ms)
-    profile = load_profile(settings.profile)
+    # The profile pushed to Redis, when there is one, is newer than the file (detector_service.bus.profiles).
+    profiles = ProfileHolder.of(load_profile(settings.profile))
+    profiles.listen(metrics.profile_switched)
+    watch = ProfileWatch(redis, profiles)
+    await watch.start()
+    profile = profiles.current.profile  # judge and llm_agents: read once, here
+    # The logs were set up from the file's profile; a pushed one may name another judge key.
+    redact_also(judge_key(settings.judge_api_key, profile.judge))
     judge = None
     if profile.judge.enabled:
         judge = Judge(profile.judge, make_client(profile.judge, judge_key(settings.judge_api_key, profile.judge)))
@@ -45,7 +55,7 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
             profile.llm_agents.timeout_s,
         )
         extractions = ExtractionScheduler(redis, extractor, profile, metrics, settings.consumer_name)
-    worker = Worker(settings, redis, Engine(profile), metrics, judge, extractions)
+    worker = Worker(settings, redis, Engines(profiles), metrics, judge, extractions)
     server = None
     server_task = None
     if settings.metrics_port:
@@ -70,6 +80,7 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
             consume.result()  # re-raises what stopped the loop, if anything did
     finally:
         stopping.cancel()
+        await watch.stop()
         if server is not None and server_task is not None:
             server.should_exit = True
             await server_task

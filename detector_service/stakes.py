@@ -66,6 +66,9 @@ DETECTORS: dict[str, tuple[Evidence, bool]] = {
     "arguments_not_json": (Evidence.STRONG, True),
     "schema_violation": (Evidence.STRONG, False),
     "arguments_repaired": (Evidence.STRONG, False),
+    # A text action that does not parse: nothing ran and the user got the text. It takes the stakes of the call
+    # it names (a read the user must ask for again, a write that did not happen).
+    "unparsed_action": (Evidence.STRONG, False),
     # DCV
     "write_without_confirmation": (Evidence.STRONG, False),
     "requires_confirmation": (Evidence.STRONG, False),

@@ -156,9 +156,7 @@ class Call:
 def tool_calls_of(message: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The message's tool calls that are objects; anything else a client sent is not a call."""
     calls = message.get("tool_calls")
-    if not isinstance(calls, list):
-        return []
-    return [c for c in calls if isinstance(c, Mapping)]
+    return [c for c in calls if isinstance(c, Mapping)] if isinstance(calls, list) else []
 
 
 def parse_call(raw: Mapping[str, Any], index: int, kinds: ToolKinds) -> Call:
@@ -219,6 +217,7 @@ class ConversationIndex:
     # The assistant's last words to the user before the latest user message: where the action was stated.
     stated_before_user: str = ""
     last_assistant_text: str = ""
+    earlier_user: tuple[str, str, int] = ("", "", -1)  # the user message before it: text, what it answered, index
     user_values: set[str] = field(default_factory=set)
     told_values: set[str] = field(default_factory=set)  # values the assistant said to the user
     told_since_write: set[str] = field(default_factory=set)  # the same, since the latest successful write
@@ -240,10 +239,13 @@ class ConversationIndex:
     failed_keys: set[str] = field(default_factory=set)  # calls (name + arguments) that returned an error
     device: UserDeviceCalls = field(default_factory=UserDeviceCalls)  # dual control: not the agent's
     text_calls: bool = False  # the agent wrote calls as text (ReAct "Action:" lines, call objects): unseen calls
+    text_actions: bool = False  # text actions were read into calls (``react``): text left is what the user got
 
     @classmethod
-    def build(cls, messages: Iterable[Mapping[str, Any]], kinds: ToolKinds) -> ConversationIndex:
-        index = cls(kinds=kinds)
+    def build(
+        cls, messages: Iterable[Mapping[str, Any]], kinds: ToolKinds, *, text_actions: bool = False
+    ) -> ConversationIndex:
+        index = cls(kinds=kinds, text_actions=text_actions)
         for m in messages:
             index.add(m)
         return index
@@ -259,6 +261,7 @@ class ConversationIndex:
         elif role == "user":
             text = text_of(message.get("content"))
             self.user_count += 1
+            self.earlier_user = (self.latest_user_text, self.stated_before_user, self.latest_user_index)
             self.latest_user_text = text
             self.latest_user_index = i
             self.stated_before_user = self.last_assistant_text
@@ -271,7 +274,7 @@ class ConversationIndex:
             text = text_of(message.get("content"))
             if text.strip():
                 self.last_assistant_text = text
-                self.text_calls = self.text_calls or bool(_TEXT_CALL.search(text))
+                self.text_calls = self.text_calls or (not self.text_actions and bool(_TEXT_CALL.search(text)))
                 self.told_values |= text_values(text)
                 self.told_since_write |= text_values(text)
             for raw in tool_calls_of(message):

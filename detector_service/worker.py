@@ -34,7 +34,7 @@ from redis.asyncio import Redis
 from detector_service.bus import keys, streams
 from detector_service.bus.consumer import GroupConsumer
 from detector_service.contract.wire import SchemaVersionError, TurnEvent, Verdict, check_version, dumps, now_ms
-from detector_service.engine import Engine
+from detector_service.engine import Engine, Engines
 from detector_service.llm.extraction import ExtractionScheduler
 from detector_service.llm.judge import Judge, judged, worth_judging
 from detector_service.metrics import DetectorMetrics
@@ -89,14 +89,15 @@ class Worker:
         self,
         settings: DetectorSettings,
         redis: Redis,
-        engine: Engine,
+        engine: Engine | Engines,
         metrics: DetectorMetrics,
         judge: Judge | None = None,
         extractions: ExtractionScheduler | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
-        self.engine = engine
+        # Per turn, the engine of the profile its proxy judged it under (a pushed profile swaps them).
+        self.engines = engine if isinstance(engine, Engines) else Engines.fixed(engine)
         self.metrics = metrics
         self.judge = judge
         self.extractions = extractions
@@ -148,7 +149,7 @@ class Worker:
                 continue
             start = time.perf_counter()
             try:
-                verdict = self.engine.evaluate(turn)
+                verdict = self.engines.of(turn).evaluate(turn)
             except Exception as exc:  # a detector bug must not stop the worker; the entry is retried or dead-lettered
                 self.metrics.turns.labels(outcome="error").inc()
                 log.exception(
@@ -177,7 +178,9 @@ class Worker:
         asked: list[_Done] = []
         not_asked: list[_Done] = []
         for d in done:
-            (asked if worth_judging(d.turn, self.engine.profile) else not_asked).append(d)
+            # Asked about the turn as the detectors read it (a ReAct look-up is a look-up, not text).
+            engine = self.engines.of(d.turn)
+            (asked if worth_judging(engine.native(d.turn)[1], engine.profile) else not_asked).append(d)
         if not_asked:
             await self._publish(not_asked)
         waiting: dict[asyncio.Task[Verdict], _Done] = {
@@ -239,7 +242,13 @@ class Worker:
             budget_s = min(budget_s, (turn.deadline_ms - now_ms() - PUBLISH_MARGIN_MS) / 1000)
         count = self.metrics.judge_calls
         return await judged(
-            judge, self.engine, turn, verdict, budget_s, lambda o: count.labels(outcome=o).inc(), self._judge_slots
+            judge,
+            self.engines.of(turn),
+            turn,
+            verdict,
+            budget_s,
+            lambda o: count.labels(outcome=o).inc(),
+            self._judge_slots,
         )
 
     async def _dead(self, entry: streams.Entry, reason: str, error: str) -> None:

@@ -14,9 +14,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from detector_service.bus.client import PROXY, redis_client
+from detector_service.bus.profiles import ProfileWatch
 from detector_service.bus.writer import BatchWriter
+from detector_service.contract.active_profile import ProfileHolder
 from detector_service.contract.profile import Profile, load_profile
-from detector_service.engine import Engine
+from detector_service.engine import Engines
 from detector_service.llm.judge import Judge, judge_key, make_client
 from proxy.edge import admin, health, outcomes, passthrough, responses, routes
 from proxy.edge.auth import Authenticator
@@ -51,11 +53,14 @@ def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervis
     Nothing connects here; connections open lazily, the verdict reader and recorder start in the lifespan.
     """
     profile = load_profile(settings.profile or None)
+    # The one holder of the profile in force; a push swaps it (``POST /admin/profile``, or the watch in Redis mode).
+    profiles = ProfileHolder.of(profile)
+    profiles.listen(metrics.profile_switched)
     if not settings.redis_url:
         return Supervisor(
             settings.mode,
-            profile,
-            EmbeddedVerdicts(Engine(profile), metrics, embedded_judge(settings, profile)),
+            profiles,
+            EmbeddedVerdicts(Engines(profiles), metrics, embedded_judge(settings, profile)),
             MemorySessionStore(ttl_s=settings.session_ttl_s),
             metrics,
             recorder_for(None, metrics, session_ttl_s=settings.session_ttl_s),
@@ -67,7 +72,7 @@ def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervis
     recorder = RedisRecorder(redis, metrics, writer=writer, session_ttl_s=settings.session_ttl_s)
     return Supervisor(
         settings.mode,
-        profile,
+        profiles,
         RedisVerdicts(redis, process_instance_id(settings.instance_id), metrics),
         RedisSessionStore(redis, settings.session_ttl_s, metrics, timeout_s=profile.deadline_ms / 1000, writer=writer),
         metrics,
@@ -110,11 +115,28 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return error_response(InvalidRequest(str(first.get("msg", "invalid request")), param=param))
 
 
-def _supervision(hooks: ChatHooks[Any]) -> Supervision | None:
+def _supervision(hooks: ChatHooks[Any], watch: ProfileWatch | None) -> Supervision | None:
     # The one place that knows which hooks it plugged in; the operator endpoints get the parts, never the hooks.
     if not isinstance(hooks, Supervisor):
         return None
-    return Supervision(hooks.mode, hooks.profile, hooks.store, hooks.recorder)
+    return Supervision(hooks.mode, hooks.profiles, hooks.store, hooks.recorder, hooks.settled, watch)
+
+
+@asynccontextmanager
+async def _watched(settings: ProxySettings, hooks: ChatHooks[Any]) -> AsyncIterator[ProfileWatch | None]:
+    """With Redis, keeps the supervisor's profile on the pushed one for as long as the app runs (the stored profile
+    is in force before the first request); the watch publishes this replica's pushes too."""
+    if not settings.redis_url or not isinstance(hooks, Supervisor):
+        yield None
+        return
+    redis = redis_client(settings.redis_url, PROXY, block_ms=0)
+    watch = ProfileWatch(redis, hooks.profiles)
+    await watch.start()
+    try:
+        yield watch
+    finally:
+        await watch.stop()
+        await redis.aclose()
 
 
 def create_app(
@@ -137,17 +159,18 @@ def create_app(
         upstream = Upstream(settings, metrics)
         await chat_hooks.start()
         try:
-            yield ProxyState(
-                settings=settings,
-                metrics=metrics,
-                auth=Authenticator(settings.api_keys),
-                upstream=upstream,
-                readiness=Readiness(),
-                hooks=chat_hooks,
-                supervision=_supervision(chat_hooks),
-                client_limits=client_limits(settings, metrics),
-                responses=responses_api,
-            )
+            async with _watched(settings, chat_hooks) as watch:
+                yield ProxyState(
+                    settings=settings,
+                    metrics=metrics,
+                    auth=Authenticator(settings.api_keys),
+                    upstream=upstream,
+                    readiness=Readiness(),
+                    hooks=chat_hooks,
+                    supervision=_supervision(chat_hooks, watch),
+                    client_limits=client_limits(settings, metrics),
+                    responses=responses_api,
+                )
         finally:
             await chat_hooks.stop()
             await responses_api.aclose()

@@ -48,6 +48,8 @@ class ChatContext(Generic[S]):
     response_headers: dict[str, str] = field(default_factory=dict)  # hooks add theirs; sent with the response
     hook_state: S | None = None  # the hooks' per-turn state, from request to answer
     api: str = "chat"  # the API the client called (chat, responses): a label on the supervision metrics
+    # The client's harness reads actions from the text (a ReAct agent): calls written as text stay text.
+    text_actions: bool = False
 
     @property
     def model(self) -> str:
@@ -59,7 +61,7 @@ class ChatContext(Generic[S]):
         if not isinstance(payload, dict):
             raise UpstreamStreamError("the upstream model server answered with something other than a JSON object")
         response = normalize.chat_completion(payload, self.model)
-        tools = textcalls.declared_tools(body)
+        tools = frozenset() if self.text_actions else textcalls.declared_tools(body)
         if tools:
             for choice in response.get("choices") or []:
                 if isinstance(choice.get("message"), dict) and textcalls.repair_message(choice["message"], tools):
@@ -74,7 +76,7 @@ class ChatContext(Generic[S]):
         reply = await self.upstream.open("POST", PATH, self.upstream_headers, self.trace, orjson.dumps(body))
         self._open.append(reply)
         normalizer = normalize.ChunkNormalizer(self.model, wants_usage(body))
-        tools = textcalls.declared_tools(body)
+        tools = frozenset() if self.text_actions else textcalls.declared_tools(body)
         if tools:
             return ToolTextChunks(upstream_frames(reply), normalizer, tools, self._count_stream_repair)
         return NormalizedChunks(upstream_frames(reply), normalizer)

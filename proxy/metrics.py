@@ -12,8 +12,10 @@ from itertools import product
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from detector_service.contract.active_profile import ActiveProfile
 from detector_service.contract.profile import AgentName, Mode
 from detector_service.contract.wire import Action, Category
+from detector_service.metrics import profile_info, show_profile
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -152,12 +154,27 @@ class ProxyMetrics:
             ["outcome", "intervened"],
             registry=r,
         )
+        self.shadow_outcomes = Counter(
+            "fama_shadow_outcomes_total",
+            "Session outcomes reported by clients (success/failure), split by whether a verdict on any turn of the "
+            "session asked for what enforce mode acts on (retry, rewrite, block): in observe mode, what it would have "
+            "acted on.",
+            ["outcome", "would_act"],
+            registry=r,
+        )
         self.active_streams = Gauge("fama_active_streams", "Streaming responses in flight.", registry=r)
         self.redis_errors = Counter("fama_redis_errors_total", "Redis operations that failed.", ["op"], registry=r)
         self.text_tool_calls = Counter(
             "fama_text_tool_calls_total",
             "Replies whose tool calls the model wrote as text, sent to the client as tool_calls.",
             ["stream"],
+            registry=r,
+        )
+        self.quoted_context = Counter(
+            "fama_quoted_context_total",
+            "Supervised replies that quoted the injected context or feedback back, by mode (enforce cuts the quote "
+            "before the client sees it, observe only counts it) and API.",
+            ["mode", "api"],
             registry=r,
         )
         self.judge_calls = Counter(
@@ -172,7 +189,11 @@ class ProxyMetrics:
             ["reason"],
             registry=r,
         )
+        self.profile = profile_info(r)
         self._create_known_series()
+
+    def profile_switched(self, old: ActiveProfile, new: ActiveProfile) -> None:
+        show_profile(self.profile, old, new)
 
     def _create_known_series(self) -> None:
         modes = [m.value for m in Mode]
@@ -186,6 +207,8 @@ class ProxyMetrics:
             self.retries.labels(category=category, outcome=outcome)
         for outcome, intervened in product(SESSION_OUTCOMES, INTERVENED):
             self.session_outcomes.labels(outcome=outcome, intervened=intervened)
+        for outcome, would_act in product(SESSION_OUTCOMES, ("yes", "no")):
+            self.shadow_outcomes.labels(outcome=outcome, would_act=would_act)
         for agent in (
             *(a.value for a in AgentName),
             "guidance",
@@ -193,6 +216,8 @@ class ProxyMetrics:
             self.injections.labels(agent=agent)
         for stream in ("true", "false"):
             self.text_tool_calls.labels(stream=stream)
+        for mode, api in product(modes, APIS):
+            self.quoted_context.labels(mode=mode, api=api)
         for outcome in JUDGE_OUTCOMES:
             self.judge_calls.labels(outcome=outcome)
         for reason in CLIENT_CLOSURE_REASONS:

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from detector_service.contract.profile import load_profile
-from detector_service.contract.redaction import logging_config, url_secrets
+from detector_service.contract.redaction import logging_config
 from detector_service.llm.judge import judge_key
 from proxy.app import create_app
 from proxy.edge import limits
@@ -95,10 +95,8 @@ def connection_options(settings: ProxySettings) -> dict[str, Any]:
 
 def secrets_of(settings: ProxySettings) -> list[str]:
     """Every secret the proxy's settings hold: what its logs must never show."""
-    keys = [settings.admin_key, settings.upstream_api_key, *settings.api_keys]
-    values = [k.get_secret_value() for k in keys if k is not None]
     judge = judge_key(settings.judge_api_key, load_profile(settings.profile or None).judge)
-    return [*values, *filter(None, [judge]), *url_secrets(settings.redis_url)]
+    return [*settings.secrets(), *filter(None, [judge])]
 
 
 def log_config(settings: ProxySettings) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from detector_service.contract.profile import Mode
+from detector_service.contract.redaction import url_secrets
 
 _PLACEHOLDERS = {"changeme", "change-me", "changethis", "secret", "xxx", "placeholder"}
 
@@ -63,6 +64,11 @@ class ProxySettings(BaseSettings):
 
     local_model: bool = False
     local_model_port: int = Field(default=8090, ge=0, le=65535)
+
+    def secrets(self) -> list[str]:
+        """The keys these settings hold and the Redis password (the judge's key comes with the profile)."""
+        keys = [self.admin_key, self.upstream_api_key, *self.api_keys]
+        return [*(k.get_secret_value() for k in keys if k is not None), *url_secrets(self.redis_url)]
 
     @field_validator("api_keys", mode="before")
     @classmethod

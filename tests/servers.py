@@ -102,25 +102,87 @@ def shared_dir() -> Path:
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@contextlib.contextmanager
+def detector_worker(redis_url: str, **settings: str) -> Iterator[None]:
+    """``fama detector`` as its own process, stopped with SIGTERM like an orchestrator would; ready once its consumer
+    group exists on the turn stream. ``settings`` are ``FAMA_*`` variables without the prefix."""
+    import os
+    import sys
+
+    import redis
+
+    from detector_service.bus import keys
+
+    env = {
+        "FAMA_METRICS_PORT": "0",
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        **{f"FAMA_{name}": value for name, value in settings.items()},
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from proxy.cli import main; main()", "detector", "--redis-url", redis_url],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        client = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(redis.ResponseError):
+                if any(g["name"] == keys.DETECTOR_GROUP.encode() for g in client.xinfo_groups(keys.TURNS_STREAM)):
+                    break
+            time.sleep(0.05)
+        client.close()
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        yield
+    finally:
+        stop_process(proc, timeout=30)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def fama_env(**settings: str) -> dict[str, str]:
+    """The environment of a ``fama`` child process: this one's without its ``FAMA_*`` variables, this checkout first
+    on ``PYTHONPATH``, plus ``settings`` (``FAMA_*`` variables without the prefix)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAMA_")}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        FAMA_LOG_LEVEL="warning",
+        **{f"FAMA_{name}": value for name, value in settings.items()},
+    )
+    return env
+
+
 def start_fama_serve(upstream_url: str, port: int, **settings: str) -> subprocess.Popen[bytes]:
     """``fama serve`` as its own process on 127.0.0.1:``port`` in front of ``upstream_url`` (with ``/v1``);
     ``settings`` are ``FAMA_*`` variables without the prefix (``REQUEST_READ_TIMEOUT_S="3"``). Stop it with
     :func:`stop_process`; its stderr is a pipe (read or close it)."""
+    import sys
+
+    env = fama_env(UPSTREAM_URL=upstream_url, HOST="127.0.0.1", PORT=str(port), **settings)
+    return subprocess.Popen(
+        [sys.executable, "-c", "from proxy.cli import main; main()", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def run_fama(*args: str, timeout: float = 120, **settings: str) -> subprocess.CompletedProcess[str]:
+    """``fama ARGS...`` run to its end as its own process (this checkout first on its path); ``settings`` are
+    ``FAMA_*`` variables without the prefix. Its exit code, stdout and stderr are in the result."""
     import os
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAMA_")}
     env.update(
         PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        FAMA_UPSTREAM_URL=upstream_url,
-        FAMA_HOST="127.0.0.1",
-        FAMA_PORT=str(port),
-        FAMA_LOG_LEVEL="warning",
         **{f"FAMA_{name}": value for name, value in settings.items()},
     )
-    return subprocess.Popen(
-        [sys.executable, "-c", "from proxy.cli import main; main()", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    entry = "import sys; from proxy.cli import main; sys.argv[0] = 'fama'; main()"
+    return subprocess.run(
+        [sys.executable, "-c", entry, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )

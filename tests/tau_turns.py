@@ -15,6 +15,7 @@ GPT4O_2411 = "tau2-bench__airline__gpt-4o-2024-11-20__dev30__pr103.jsonl"
 GPT_OSS = "tau2-bench__airline__gpt-oss-120b__dev30__pr133.jsonl"
 GROK = "tau-bench__retail__grok-4-fast-non-reasoning__dev73__grok-tau-bench.jsonl"
 TELECOM = "tau2-bench__telecom__gpt-4o__dev20__pr17.jsonl"
+REACT = "tau-bench__airline__grok-4-fast-non-reasoning__react-dev30__grok-tau-bench.jsonl"  # actions as text
 DOMAIN = {
     V1: "tau1-airline",
     QWEN: "tau2-airline",
@@ -23,6 +24,7 @@ DOMAIN = {
     GPT_OSS: "tau2-airline",
     GROK: "tau1-retail",
     TELECOM: "tau2-telecom",
+    REACT: "tau1-airline",
 }
 
 

@@ -92,6 +92,10 @@ def test_profile_narrows_confirmation_to_named_tools(tau_dir: Path) -> None:
         ("I don't approve of that change.", False),
         ("No deal, I have not agreed to any fee.", False),
         ("Approved, go ahead.", True),
+        # a question whether it can be done says yes to nothing; a polite request to do it does
+        ("Can we proceed without the IDs?", False),
+        ("Could you please go ahead and cancel it?", True),
+        ("Yes, proceed with those steps. Also, do I have any other upcoming flights?", True),
     ],
 )
 def test_says_yes(text: str, expected: bool) -> None:

@@ -19,7 +19,7 @@ from detector_service.offline.evaluate import evaluate
 from detector_service.offline.evaluation import first_deviating_write, ground_truth_keys, harm_index, score
 from detector_service.offline.replay import replay
 from detector_service.offline.trajectories import load
-from tests.tau_turns import QWEN, V1, tools, trajectory
+from tests.tau_turns import QWEN, REACT, V1, tools, trajectory
 
 pytestmark = pytest.mark.tau
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
@@ -29,9 +29,9 @@ PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 # (docs/detection.md) so a regression fails; the done-when bounds the corpus does not reach yet are not
 # pretended here (failed flagged 60% / prevention 60% with profiles, 45% / 35% zero-config).
 POOLED = {
-    "zero-config": (0.34, 0.045, 0.29),
-    "profiles": (0.43, 0.05, 0.40),
-    "lomo": (0.42, 0.05, 0.38),
+    "zero-config": (0.31, 0.04, 0.28),
+    "profiles": (0.39, 0.045, 0.38),
+    "lomo": (0.38, 0.045, 0.36),
 }
 PER_FILE_PASSED_MAX = 0.15  # every file with at least 10 passed runs, every setting
 
@@ -46,7 +46,7 @@ def test_acting_flags_pooled(tables: dict[str, Any], setting: str) -> None:
     row = tables[setting]["pooled"]["acting"]
     print(f"\n{setting}: {row}")
     failed_min, passed_max, prevention_min = POOLED[setting]
-    assert (row["n_failed"], row["n_passed"], row["n_harm"]) == (197, 208, 127)
+    assert (row["n_failed"], row["n_passed"], row["n_harm"]) == (210, 225, 134)
     assert row["failed_flagged"] >= failed_min
     assert row["passed_flagged"] <= passed_max
     assert row["prevention"] >= prevention_min
@@ -58,6 +58,16 @@ def test_acting_flags_on_passed_runs_per_file(tables: dict[str, Any], setting: s
         row = views["acting"]
         if row["n_passed"] >= 10:
             assert row["passed_flagged"] <= PER_FILE_PASSED_MAX, (setting, name, row)
+
+
+def test_the_react_run_is_read(tables: dict[str, Any]) -> None:
+    # The ReAct harness writes its actions as text: read as calls, its failed runs are flagged and its passed
+    # ones stay quiet (measured: 23% / 0% zero-config, 31% / 0% with the airline profile).
+    for setting, failed_min in (("zero-config", 0.23), ("profiles", 0.30)):
+        row = tables[setting]["per_file"][REACT]["acting"]
+        assert (row["n_failed"], row["n_passed"]) == (13, 17)
+        assert row["failed_flagged"] >= failed_min, (setting, row)
+        assert row["passed_flagged"] <= 0.06, (setting, row)
 
 
 def test_leave_one_model_out_stays_within_ten_points(tables: dict[str, Any]) -> None:

@@ -23,6 +23,8 @@ def test_proxy_counters_start_with_every_known_label_set_at_zero() -> None:
     for outcome in ("success", "failure"):
         for intervened in ("yes", "no"):
             assert _zero(r, "fama_session_outcomes_total", {"outcome": outcome, "intervened": intervened})
+        for would_act in ("yes", "no"):
+            assert _zero(r, "fama_shadow_outcomes_total", {"outcome": outcome, "would_act": would_act})
     for action in ("retry", "rewrite", "block"):
         for category in [*(c.value for c in Category), "none"]:
             for mode in Mode:

@@ -34,6 +34,8 @@ REQUIRED_PANELS = {
     "Degraded responses and deadline misses": {"fama_degraded_responses_total", "fama_verdict_deadline_misses_total"},
     "Upstream errors by kind": {"fama_upstream_errors_total"},
     "Session success rate with vs without interventions": {"fama_session_outcomes_total"},
+    "Would have acted, by outcome": {"fama_shadow_outcomes_total"},
+    "Profile in force (processes per hash and version)": {"fama_profile_info"},
 }
 
 
@@ -78,6 +80,14 @@ def test_required_panels_query_the_right_metrics() -> None:
     for title, metrics in REQUIRED_PANELS.items():
         assert title in by_title, f"missing panel {title!r}"
         assert metrics <= by_title[title], f"{title}: queries {by_title[title]}"
+
+
+def test_a_profile_switch_is_marked_on_every_panel() -> None:
+    # A pushed profile (POST /admin/profile) changes fama_profile_info's labels; an annotation marks the moment.
+    (switch,) = [a for a in load_dashboard()["annotations"]["list"] if a["name"] == "Profile switch"]
+    assert switch["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID}
+    assert metric_names(switch["expr"]) == {"fama_profile_info"} <= catalog_metric_names()
+    assert switch["expr"] in {expr for _, expr in dashboard_queries()}  # so promtool parses it too (below)
 
 
 def test_every_query_references_only_catalog_metrics() -> None:

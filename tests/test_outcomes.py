@@ -15,6 +15,7 @@ import pytest
 import yaml
 from redis.asyncio import Redis
 
+from detector_service.contract.active_profile import ProfileHolder
 from detector_service.contract.profile import Mode, Profile
 from detector_service.engine import Engine
 from proxy.app import build_supervisor, create_app
@@ -91,7 +92,7 @@ def _redis_supervisor(redis_url: str, profile: Profile, metrics: ProxyMetrics) -
     redis = Redis.from_url(redis_url)
     return Supervisor(
         Mode.ENFORCE,
-        profile,
+        ProfileHolder.of(profile),
         EmbeddedVerdicts(Engine(profile), metrics),
         RedisSessionStore(redis, 3600, metrics, timeout_s=1.0),
         metrics,

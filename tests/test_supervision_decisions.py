@@ -54,8 +54,7 @@ def test_enforce_retry_carries_feedback_until_attempts_run_out() -> None:
     assert last.labels == ["block:DCV"]
     assert last.replacement == {
         "role": "assistant",
-        "content": "Before I go ahead with `cancel_reservation` (reservation_id: ZFA04Y), "
-        "please confirm: do you want me to proceed? (yes/no)",
+        "content": "Before I cancel reservation ZFA04Y, can you confirm you want me to go ahead?",
     }
     assert last.guidance == ("[DCV] cancel_reservation needs an explicit yes.",)
 
@@ -102,15 +101,17 @@ def test_guide_and_pass_leave_the_answer() -> None:
     assert passed.degraded is None
 
 
-def test_block_names_the_action_and_the_reason() -> None:
+def test_block_names_the_action_in_plain_words_and_keeps_the_reason_for_the_record() -> None:
     d = decide(Mode.ENFORCE, Profile(), verdict(Action.BLOCK, MTC), WRITE, TOOLS)
     assert d.action is Action.BLOCK
     assert not d.exhausted
     assert d.replacement is not None
     text = d.replacement.get("content")
     assert isinstance(text, str)
-    assert "`cancel_reservation`" in text
-    assert "Arguments are not valid JSON." in text
+    assert "cancel reservation ZFA04Y" in text
+    assert "cancel_reservation" not in text
+    assert "Arguments are not valid JSON." not in text
+    assert [f.message for f in d.findings] == ["Arguments are not valid JSON."]  # the record keeps the reason
 
 
 def test_degraded_is_fail_open_by_default_and_closed_per_category() -> None:
@@ -123,7 +124,7 @@ def test_degraded_is_fail_open_by_default_and_closed_per_category() -> None:
     assert blocked.degraded == "outage"
     assert blocked.labels == ["block:DCV"]
     assert blocked.replacement is not None
-    assert "can't verify `cancel_reservation`" in str(blocked.replacement.get("content"))
+    assert str(blocked.replacement.get("content")).startswith("I can't cancel reservation ZFA04Y right now.")
     # A read call or a text answer puts no DCV at stake, so the same profile lets them through.
     assert decide(Mode.ENFORCE, closed_writes, Degraded("outage"), READ, TOOLS).action is Action.PASS
     assert decide(Mode.ENFORCE, closed_writes, Degraded("outage"), TEXT, TOOLS).action is Action.PASS

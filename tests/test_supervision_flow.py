@@ -13,6 +13,7 @@ import openai
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageFunctionToolCall
 from openai.types.chat.chat_completion_message_function_tool_call import Function
 
+from detector_service.contract.active_profile import ProfileHolder
 from detector_service.contract.profile import Mode, Profile
 from detector_service.contract.wire import Action, Category, TurnEvent
 from detector_service.engine import Engine
@@ -204,8 +205,7 @@ def test_block_when_retries_are_exhausted(tmp_path: Path) -> None:
         completion = raw.parse()
         assert completion.choices[0].message.tool_calls is None
         assert completion.choices[0].message.content == (
-            "Before I go ahead with `cancel_reservation` (reservation_id: ZFA04Y), "
-            "please confirm: do you want me to proceed? (yes/no)"
+            "Before I cancel reservation ZFA04Y, can you confirm you want me to go ahead?"
         )
         assert len(model.bodies()) == 2
         assert [i.action for i in interventions(app)] == [Action.RETRY, Action.BLOCK]
@@ -215,7 +215,7 @@ def test_block_when_retries_are_exhausted(tmp_path: Path) -> None:
         chunks = _stream(client, LOOKED_UP)
         _assert_coherent(chunks)
         assert _tool_deltas(chunks) == []
-        assert _text(chunks).startswith("Before I go ahead with `cancel_reservation`")
+        assert _text(chunks) == "Before I cancel reservation ZFA04Y, can you confirm you want me to go ahead?"
 
 
 def test_plain_chat_without_tools_is_not_supervised(tmp_path: Path) -> None:
@@ -260,7 +260,7 @@ def test_stream_sends_content_before_the_verdict_and_tool_calls_only_after(tmp_p
     model = ScriptedModel(lambda body: {"content": text, "tool_calls": [lookup]})
     profile = Profile(deadline_ms=30_000)
     verdicts = GatedVerdicts(Engine(profile))
-    supervisor = Supervisor(Mode.ENFORCE, profile, verdicts, MemorySessionStore(), ProxyMetrics())
+    supervisor = Supervisor(Mode.ENFORCE, ProfileHolder.of(profile), verdicts, MemorySessionStore(), ProxyMetrics())
     received: list[ChatCompletionChunk] = []
     with serve_in_thread(model.app) as upstream:
         app = create_app(ProxySettings(upstream_url=upstream + "/v1"), hooks=supervisor)
@@ -325,7 +325,11 @@ def test_observe_stream_is_relayed_untouched_and_judged_after_it_ends(tmp_path: 
         assert deltas[0].function.name == "cancel_reservation"
         assert "".join(d.function.arguments or "" for d in deltas if d.function) == CANCEL["function"]["arguments"]
         assert len(deltas) > 1  # the upstream's own pieces, not re-assembled
-        assert all(not (c.model_extra or {}).get("fama") for c in chunks)
+        # Only the finish chunk carries the supervisor's metadata, as in enforce mode; nothing was changed.
+        [tagged] = [c for c in chunks if (c.model_extra or {}).get("fama")]
+        assert tagged.choices[0].finish_reason == "tool_calls"
+        assert tagged.model_extra is not None
+        assert set(tagged.model_extra["fama"]) == {"session"}
 
         follow_up = [*LOOKED_UP, {"role": "assistant", "content": None, "tool_calls": [CANCEL]}]
         follow_up.append({"role": "tool", "tool_call_id": CANCEL["id"], "content": '{"status": "cancelled"}'})

@@ -77,7 +77,8 @@ def test_forced_unconfirmed_write_is_retried_then_blocked(proxies: dict[str, ope
     message = raw.parse().choices[0].message
     assert message.tool_calls is None
     assert message.content is not None
-    assert "`cancel_reservation`" in message.content
+    assert "cancel reservation" in message.content  # the held action in plain words, not the tool's name
+    assert "cancel_reservation" not in message.content
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -119,4 +120,30 @@ def test_enforced_lookup_reaches_the_client_well_formed(proxies: dict[str, opena
         assert len(names) == 1
         assert isinstance(json.loads(arguments), dict)
     else:
-        assert "`get_reservation_details`" in text
+        assert "get reservation details" in text
+
+
+QUOTE_SIGNS = ("[FAMA", "[/FAMA", "## DCE", "## Verifier", "## Memory", "## Planner", "## TSA", "## TOR", "## Correct")
+
+
+def test_a_reply_quoting_the_injected_context_never_reaches_the_client(proxies: dict[str, openai.OpenAI]) -> None:
+    # Asked through the Responses API as an Agents SDK app asks, this model reads the injected block back.
+    ask: dict[str, Any] = {
+        "model": MODEL_ALIAS,
+        "instructions": LOOKED_UP[0]["content"],
+        "input": [{"role": "user", "content": "Please cancel my reservation ZFA04Y."}],
+        "tools": [{"type": "function", **t["function"]} for t in TOOLS],
+        "temperature": 0,
+        "max_output_tokens": 200,
+    }
+    observed = proxies["observe"].responses.create(**ask, extra_headers={"X-FAMA-Session": "quote-observe"})
+    assert any(sign in observed.output_text for sign in QUOTE_SIGNS)  # observe mode leaves the answer as it was
+    enforced = proxies["enforce"].responses.with_raw_response.create(
+        **ask, extra_headers={"X-FAMA-Session": "quote-enforce"}
+    )
+    text = enforced.parse().output_text
+    assert not any(sign in text for sign in QUOTE_SIGNS)
+    assert "strip:context" in enforced.headers["x-fama-intervention"].split(",")
+    events = list(proxies["enforce"].responses.create(**ask, stream=True, extra_headers={"X-FAMA-Session": "q-s"}))
+    streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert not any(sign in streamed for sign in QUOTE_SIGNS)

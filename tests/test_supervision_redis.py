@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +11,7 @@ import pytest
 import redis
 
 from detector_service.bus import keys
-from tests.servers import free_port, stop_process
+from tests.servers import detector_worker, free_port
 from tests.supervised_upstream import ScriptedModel, call
 from tests.supervision_harness import (
     CANCEL,
@@ -30,33 +26,6 @@ from tests.supervision_harness import (
 pytestmark = pytest.mark.redis
 
 DEADLINE_MS = 300
-
-
-@contextlib.contextmanager
-def detector_worker(redis_url: str) -> Iterator[None]:
-    """``fama detector`` as its own process, stopped with SIGTERM like an orchestrator would."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from proxy.cli import main; main()", "detector", "--redis-url", redis_url],
-        env={"FAMA_METRICS_PORT": "0", "PATH": "/usr/bin:/bin"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        client = redis.Redis.from_url(redis_url)
-        deadline = time.monotonic() + 20
-        # Ready once its consumer group exists on the turn stream.
-        while time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(redis.ResponseError):
-                if any(g["name"] == keys.DETECTOR_GROUP.encode() for g in client.xinfo_groups(keys.TURNS_STREAM)):
-                    break
-            time.sleep(0.05)
-        client.close()
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        yield
-    finally:
-        stop_process(proc, timeout=30)
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 def looks_up_then_cancels(body: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +111,7 @@ def test_redis_down_fails_open_by_default_and_closed_where_the_profile_says(tmp_
         message = raw.parse().choices[0].message
         assert message.tool_calls is None
         assert message.content is not None
-        assert message.content.startswith("I can't verify `cancel_reservation` (reservation_id: ZFA04Y) right now")
+        assert message.content.startswith("I can't cancel reservation ZFA04Y right now.")
         # A read-only lookup puts no write at stake: it still passes, marked degraded.
         lookup = client.chat.completions.with_raw_response.create(model="m", messages=LOOKED_UP[:2], tools=TOOLS)
         assert lookup.headers["x-fama-degraded"] == "outage"

@@ -7,7 +7,6 @@ explicitly confirmed (the assistant proposal their "yes" answered).
 
 from __future__ import annotations
 
-import bisect
 import re
 from functools import lru_cache
 from typing import Any
@@ -79,13 +78,9 @@ def _details(proposal: str) -> str:
 
 def confirmations(view: ConversationView) -> list[str]:
     out = []
-    positions = [i for i, _ in view.assistant_turns]
     for index, message in view.user_turns:
-        if not is_confirmation(message):
-            continue
-        before = bisect.bisect_left(positions, index)
-        proposal = view.assistant_turns[before - 1][1] if before else ""
-        if proposal:
+        proposal = view.asked_before(index)
+        if proposal and is_confirmation(message, proposal):
             out.append(f"user said {t.clip(message, 40)!r} to: {t.clip(_details(proposal), 200)}")
     return out[-MAX_CONFIRMATIONS:]
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from detector_service.confirmation import says_yes
+from detector_service.confirmation import accepts
 from detector_service.contract.profile import Profile, ToolKind
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.pairing import CallPairing
@@ -32,10 +33,11 @@ def parse_json(text: str) -> Any:
         return None
 
 
-def is_confirmation(text: str) -> bool:
-    """Whether a user message explicitly agrees to go ahead: the same test the DCV detector applies, so the
-    context the agents inject never calls a turn confirmed that the detectors would flag."""
-    return says_yes(text)
+def is_confirmation(text: str, asked: str = "") -> bool:
+    """Whether a user message agrees to go ahead with what the assistant's message ``asked``: the same test the
+    DCV detector applies, so the context the agents inject never calls a turn confirmed that the detectors would
+    flag, nor asks again for a go-ahead they accept."""
+    return accepts(text, asked)
 
 
 def tool_kind(name: str, profile: Profile, declared: Mapping[str, Any] | None = None) -> ToolKind:
@@ -153,6 +155,11 @@ class ConversationView:
     def last_assistant_text(self) -> str:
         return self.assistant_turns[-1][1] if self.assistant_turns else ""
 
+    def asked_before(self, index: int) -> str:
+        """The assistant's last words before the message at ``index``: what a user message there answers."""
+        before = bisect.bisect_left([i for i, _ in self.assistant_turns], index)
+        return self.assistant_turns[before - 1][1] if before else ""
+
     def tool(self, name: str) -> DeclaredTool | None:
         return next((t for t in self.tools if t.name == name), None)
 
@@ -161,7 +168,9 @@ class ConversationView:
 
     def confirmed_by_user(self, profile: Profile) -> bool:
         """Whether the latest user message explicitly confirms and no write has used that confirmation yet."""
-        if not self.user_turns or not is_confirmation(self.latest_user):
+        if not self.user_turns:
             return False
         since = self.user_turns[-1][0]
+        if not is_confirmation(self.latest_user, self.asked_before(since)):
+            return False
         return not any(c.index > since and self.kind_of(c.name) is ToolKind.WRITE for c in self.calls)

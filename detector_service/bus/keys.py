@@ -21,6 +21,20 @@ def session_key(tenant: str, session_id: str) -> str:
     return f"{SESSION_PREFIX}{tenant}:{session_id}"
 
 
+def session_pattern(tenant: str | None) -> str:
+    """A SCAN pattern for the session records of ``tenant`` (of every tenant when None)."""
+    if tenant is None:
+        return f"{SESSION_PREFIX}*"
+    escaped = "".join(f"\\{c}" if c in "*?[]\\" else c for c in tenant)
+    return f"{SESSION_PREFIX}{escaped}:*"
+
+
+def session_of_key(key: str) -> tuple[str, str]:
+    """``(tenant, session_id)`` of a session record's key. Tenants hold no ``:``; session ids may."""
+    tenant, _, session_id = key.removeprefix(SESSION_PREFIX).partition(":")
+    return tenant, session_id
+
+
 def extraction_key(policy_hash: str) -> str:
     return f"{EXTRACTION_PREFIX}{policy_hash}"
 
@@ -42,3 +56,8 @@ RESPONSE_PREFIX = "fama:response:"  # a Responses API response, its input and it
 
 def response_key(tenant: str, response_id: str) -> str:
     return f"{RESPONSE_PREFIX}{tenant}:{response_id}"
+
+
+# The pushed profile (a hash: ``version``, a counter raised by each push, ``document``, ``sha256``, ``pushed_ms``);
+# no key: no profile was pushed, every process runs its file's.
+PROFILE_KEY = "fama:profile"

@@ -6,12 +6,14 @@ A profile is YAML with a ``version``. ``fama analyze`` writes one; ``fama serve 
 
 from __future__ import annotations
 
+import hashlib
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from detector_service.contract.wire import Action, Category
 
@@ -21,6 +23,14 @@ PROFILE_VERSION = 1
 class Mode(StrEnum):
     OBSERVE = "observe"
     ENFORCE = "enforce"
+
+
+class Dialect(StrEnum):
+    """How the agent's harness writes actions (:mod:`detector_service.contract.textactions`)."""
+
+    AUTO = "auto"  # read from the conversation: text actions and no native tool calls mean ``react``
+    NATIVE = "native"  # OpenAI ``tool_calls`` and ``tool`` messages
+    REACT = "react"  # ``Thought:`` / ``Action:`` JSON text, ``respond`` to talk, tool results as user messages
 
 
 class ToolKind(StrEnum):
@@ -197,6 +207,7 @@ class Profile(_Strict):
     version: int = PROFILE_VERSION
     name: str = "default"
     mode: Mode = Mode.OBSERVE
+    dialect: Dialect = Dialect.AUTO
     agents: list[AgentName] = Field(default_factory=lambda: [AgentName.VERIFIER, AgentName.MEMORY])
     detectors: dict[str, DetectorConfig] = Field(default_factory=dict)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
@@ -229,7 +240,38 @@ class Profile(_Strict):
 
 
 class ProfileError(ValueError):
-    pass
+    """A profile that cannot be used; ``field`` names the offending field (dotted, as pydantic locates it)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def parse_profile(raw: object, origin: str = "profile") -> Profile:
+    """A profile from its parsed YAML/JSON mapping (``None`` is the empty profile); ``origin`` names it in errors."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{origin} must be a mapping at top level")
+    version = raw.get("version", PROFILE_VERSION)
+    if version != PROFILE_VERSION:
+        raise ProfileError(f"{origin} has version {version!r}; this build reads version {PROFILE_VERSION}", "version")
+    try:
+        return Profile.model_validate(raw)
+    except ValidationError as exc:
+        errors = [(".".join(str(part) for part in e.get("loc", ())), str(e.get("msg", ""))) for e in exc.errors()]
+        listed = "; ".join(f"{loc or 'profile'}: {msg}" for loc, msg in errors[:5])
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise ProfileError(f"{origin} is invalid: {listed}{more}", errors[0][0] or None if errors else None) from exc
+
+
+def parse_profile_text(text: str | bytes, origin: str = "profile") -> Profile:
+    """A profile from its file's text (YAML, of which JSON is a subset)."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{origin} is not valid YAML: {exc}") from exc
+    return parse_profile(raw, origin)
 
 
 def load_profile(path: str | Path | None) -> Profile:
@@ -237,24 +279,22 @@ def load_profile(path: str | Path | None) -> Profile:
         return Profile()
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ProfileError(f"cannot read profile {p}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"profile {p} is not valid YAML: {exc}") from exc
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ProfileError(f"profile {p} must be a mapping at top level")
-    version = raw.get("version", PROFILE_VERSION)
-    if version != PROFILE_VERSION:
-        raise ProfileError(f"profile {p} has version {version!r}; this build reads version {PROFILE_VERSION}")
-    try:
-        return Profile.model_validate(raw)
-    except ValueError as exc:
-        raise ProfileError(f"profile {p} is invalid: {exc}") from exc
+    return parse_profile_text(text, f"profile {p}")
 
 
 def dump_profile(profile: Profile) -> str:
     data = profile.model_dump(mode="json", exclude_none=True)
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def profile_document(profile: Profile) -> bytes:
+    """The profile as canonical JSON (sorted keys, every field): equal profiles give equal bytes, whatever file
+    they came from. What is stored when a profile is pushed, and what its hash is taken over."""
+    return orjson.dumps(profile.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+
+
+def profile_sha256(profile: Profile) -> str:
+    return hashlib.sha256(profile_document(profile)).hexdigest()

@@ -127,6 +127,16 @@ def install(redactor: RedactSecrets, loggers: Iterable[str] = ("",)) -> None:
                 handler.addFilter(redactor)
 
 
+def redact_also(*secrets: str | None, loggers: Iterable[str] = ("", "uvicorn", "uvicorn.access")) -> None:
+    """Teach the redactors already on the handlers of ``loggers`` more secrets: keys known only once the process
+    runs (the judge key a pushed profile's ``judge.api_key_env`` names)."""
+    for name in loggers:
+        for handler in logging.getLogger(name).handlers:
+            for found in handler.filters:
+                if isinstance(found, RedactSecrets):
+                    found.add(*secrets)
+
+
 def log_level_number(level: str) -> int:
     """``info``, ``DEBUG``, ... as a number; uvicorn's ``trace`` is 5."""
     return TRACE if level.lower() == "trace" else logging.getLevelNamesMapping().get(level.upper(), logging.INFO)

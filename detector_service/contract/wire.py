@@ -87,6 +87,9 @@ class TurnEvent(_Wire):
     deadline_ms: int | None = None  # absolute epoch milliseconds after which the verdict is useless
     created_ms: int = Field(default_factory=now_ms)
     profile: str | None = None  # profile name/version the proxy runs with, for the record
+    # The hash of the profile the proxy judges this turn under; the detector evaluates it under the same one while
+    # it still holds it (detector_service.engine.Engines).
+    profile_sha256: str | None = None
     messages: list[dict[str, Any]]  # conversation so far, OpenAI chat format
     tools: list[dict[str, Any]] = Field(default_factory=list)  # OpenAI ``tools`` array
     candidate: dict[str, Any]  # the assistant message the model proposes

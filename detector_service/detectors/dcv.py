@@ -3,7 +3,9 @@
 Confirmation means: the assistant stated the action to the user (its last message before the latest
 user message names the action or one of the call's argument values) and the latest user message gives an
 explicit go-ahead ("yes", "go ahead", "please proceed") without taking it back ("not yet", "before
-confirming"). The generic check covers every write tool when the request's policy (system
+confirming"), or takes up the action the assistant offered ("Thanks, that would help" to "Would you like me to
+enable it?", :func:`detector_service.confirmation.accepts`). A go-ahead one exchange earlier still stands when
+the assistant only asked for a detail in between ("yes" -> "which reason?" -> "change of plans"). The generic check covers every write tool when the request's policy (system
 message) asks for explicit confirmation, or when there is no policy at all (``confirm_all_writes:
 auto``, the default; ``true``/``false`` force it). A profile can instead name the tools with
 ``requires_confirmation`` rules and set ``confirm_all_writes: false``.
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from detector_service.confirmation import says_yes
+from detector_service.confirmation import accepts, holds_back, says_yes
 from detector_service.contract.profile import OneToolCallPerTurn, RequiresConfirmation, ToolKind
 from detector_service.contract.wire import Category, Finding, Severity
 from detector_service.policytext import demands_confirmation, one_call_rule
@@ -58,14 +60,43 @@ def _needs_confirmation(view: TurnView, call: Call) -> bool:
     return mode is not False
 
 
+# The assistant asks the user for a detail ("Which card should I charge?", "Please provide the date."), and
+# whether it asks for the go-ahead again (then the user's earlier yes no longer stands).
+_ASKS_DETAIL = re.compile(r"\?|\b(please|could you|can you|let me know|tell me|provide|specify)\b", re.IGNORECASE)
+_ASKS_AGAIN = re.compile(r"\b(confirm|proceed|go ahead)\b|\bis (that|this|it) (correct|right|ok|okay)\b", re.I)
+_QUESTION = re.compile(r"[^.!?\n]*\?")
+
+
+def _carried(view: TurnView, call: Call) -> bool:
+    """The go-ahead came one exchange earlier and the assistant then only asked for a detail of the action:
+    "yes" -> "which payment method?" -> "the card on file" -> the write. The earlier message said yes to the
+    stated action, no write was made since, the assistant's question in between asked for a detail and not
+    for the go-ahead again, and the answer holds nothing back (no refusal, condition or question)."""
+    index = view.index
+    earlier, earlier_asked, at = index.earlier_user
+    if at < 0 or not accepts(earlier, earlier_asked) or not _stated(call, earlier_asked):
+        return False
+    between = index.stated_before_user
+    if not _ASKS_DETAIL.search(between) or any(_ASKS_AGAIN.search(q) for q in _QUESTION.findall(between)):
+        return False
+    for made in reversed(index.calls):
+        if made.index <= at:
+            break
+        if made.kind is ToolKind.WRITE:
+            return False
+    return says_yes(index.latest_user_text) or not holds_back(index.latest_user_text)
+
+
 def unconfirmed(view: TurnView, call: Call, detector: str) -> Finding | None:
     index = view.index
     if index.user_count == 0:
         return None
     # A confirmation covers the writes that follow it until the assistant talks to the user again.
-    yes = says_yes(index.latest_user_text)
+    yes = accepts(index.latest_user_text, index.stated_before_user)
     stated = _stated(call, index.stated_before_user)
     if yes and stated:
+        return None
+    if not yes and _carried(view, call):
         return None
     if not yes:
         reason = f"the latest user message does not confirm it (it says: {index.latest_user_text[:160]!r})"

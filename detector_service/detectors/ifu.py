@@ -6,11 +6,13 @@
 - deferred request: the assistant sends the user away to come back later with an identifier or other
   information ("once you have your reservation id, reach out") after next to no look-ups and no action:
   the request stays open. Asking the user to do something and report back ("once you have restarted the
-  phone, let me know") is ordinary troubleshooting, not a deferral;
+  phone, let me know") is ordinary troubleshooting, not a deferral; nor is asking for an id the read tools
+  cannot find without it (the airline tools look users up by user id only: that id is the user's to give);
 - empty reply: no text and no tool call at all (small models do this, and the conversation stalls);
 - unfulfilled claim: the assistant tells the user an action is done while no write call in the
-  conversation succeeded, so the request is still open (not where the agent writes its calls as text,
-  ReAct style: there the absence of a write call shows nothing). Only actions one of the agent's own write tools
+  conversation succeeded, so the request is still open (not where calls leaked into the text of a native
+  conversation: a client may have run them out of sight; a ReAct harness's text actions are read as calls
+  before the detectors run, :mod:`detector_service.contract.textactions`). Only actions one of the agent's own write tools
   performs count ("cancelled" with a cancel tool); a state the user or a third party changed ("your
   settings have been updated" in a conversation where the user works the device) is no claim of the agent's.
 """
@@ -18,10 +20,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from detector_service.contract.profile import ToolKind
 from detector_service.contract.toolkinds import is_handoff
 from detector_service.contract.wire import Category, Finding, Severity
+from detector_service.detectors import function_of, schema_of
 from detector_service.turn import TurnView
 
 _ASKED_HUMAN = re.compile(
@@ -53,6 +58,15 @@ _INFO = re.compile(
     re.IGNORECASE,
 )
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+# The kind of record an identifier belongs to: "reservation" of "the reservation IDs", "user" of "your user id".
+_KIND_OF_ID = re.compile(
+    r"\b([a-z]+)[\s_\-]+(?:ids?|numbers?|codes?)\b|\b(reservation|booking|order|account|customer|user)\s+(?:details|info)",
+    re.IGNORECASE,
+)
+_NOT_A_KIND = frozenset(
+    {"the", "your", "my", "a", "an", "this", "that", "these", "those", "its", "their", "our", "any"}
+)
+_WORD_SPLIT = re.compile(r"[^a-z0-9]+")
 _DONE = re.compile(
     r"\b(has|have) been (successfully )?(cancel+ed|booked|updated|modified|changed|processed|refunded|"
     r"issued|added|exchanged|returned|upgraded|rebooked|sent)\b|\bsuccessfully (cancel+ed|booked|updated|"
@@ -78,8 +92,9 @@ _CLAIM_STEMS: dict[str, tuple[str, ...] | None] = {
 }
 
 
-def _sent_for_info(sentences: list[str], i: int, phrase: re.Match[str]) -> bool:
-    """Whether the deferral at ``phrase`` in sentence ``i`` sends the user off to find an identifier.
+def _sent_for_info(sentences: list[str], i: int, phrase: re.Match[str]) -> str | None:
+    """What the deferral at ``phrase`` in sentence ``i`` sends the user off to find (the words naming the
+    identifier), or None when it sends the user for no identifier.
 
     After "once you have" / "when you find" what follows is what the user must get: "once you have the
     reservation id" or "once you have it" (the id named just before) is a deferral, "once you have restarted
@@ -88,23 +103,61 @@ def _sent_for_info(sentences: list[str], i: int, phrase: re.Match[str]) -> bool:
     also sends the user to look for it ("take your time to find the reservation id").
     """
     sentence = sentences[i]
+    around = sentences[max(0, i - 1) : i + 1]
     if _WAITING.match(phrase.group(0)):
-        return any(_INFO.search(s) and _FIND.search(s) for s in sentences[max(0, i - 1) : i + 1])
+        return next((s for s in around if _INFO.search(s) and _FIND.search(s)), None)
     if not _POSSESSION.match(phrase.group(0)):
-        return any(_INFO.search(s) for s in sentences[max(0, i - 1) : i + 1])
+        return next((s for s in around if _INFO.search(s)), None)
     rest = sentence[phrase.end() :]
     if _PRONOUN.match(rest):
-        return any(_INFO.search(s) for s in [*sentences[max(0, i - 1) : i], sentence[: phrase.start()]])
-    clause = _CLAUSE_END.split(rest, maxsplit=1)[0]
-    return bool(_INFO.search(" ".join(clause.split()[:8])))
+        # the nearest words that name it: earlier in the sentence, else the sentence before
+        return next((s for s in [sentence[: phrase.start()], *sentences[max(0, i - 1) : i]] if _INFO.search(s)), None)
+    clause = " ".join(_CLAUSE_END.split(rest, maxsplit=1)[0].split()[:8])
+    return clause if _INFO.search(clause) else None
 
 
-def _deferral(text: str) -> str | None:
+def _findable(view: TurnView, named: str) -> bool:
+    """Whether the read tools could find what ``named`` sends the user for. Not when the tools know that kind of
+    identifier (a tool takes or speaks of it) but no read tool finds it without it: a user id that the airline
+    tools look users up by, and by nothing else, is the user's to give, and asking the user to come back with it
+    puts nothing off that the agent could do. A read tool that speaks of the kind without needing its id finds
+    it ("Get the details of a user, including their reservations"; "Find user id by email"). An identifier of
+    no kind ("the ID") or of a kind the tools never speak of ("confirmation number") is taken as findable."""
+    kinds = {(m.group(1) or m.group(2)).lower() for m in _KIND_OF_ID.finditer(named)} - _NOT_A_KIND
+    for kind in kinds:
+        stem = kind[:-1] if kind.endswith("s") and len(kind) > 4 else kind
+        known = any(_speaks_of(name, spec, stem, parameters=True) for name, spec in view.tools.items())
+        if known and not any(_finds(view, name, spec, stem) for name, spec in view.tools.items()):
+            return False
+    return True
+
+
+def _speaks_of(name: str, spec: Mapping[str, Any], stem: str, *, parameters: bool) -> bool:
+    """The tool's name or description (and with ``parameters``, its parameters' names) speaks of the kind."""
+    params = schema_of(spec) or {}
+    names = " ".join(str(p) for p in params.get("properties") or {}) if parameters else ""
+    text = f"{name} {function_of(spec).get('description') or ''} {names}".lower()
+    return any(w.startswith(stem) for w in _WORD_SPLIT.split(text))
+
+
+def _finds(view: TurnView, name: str, spec: Mapping[str, Any], stem: str) -> bool:
+    """A read tool that speaks of the kind and does not need its identifier (or any bare id) to answer."""
+    if view.index.kinds.kind(name) is not ToolKind.READ:
+        return False
+    params = schema_of(spec) or {}
+    required = [r.lower() for r in params.get("required") or [] if isinstance(r, str)]
+    if any(r in ("id", "ids") or stem in _WORD_SPLIT.split(r) for r in required):
+        return False
+    return _speaks_of(name, spec, stem, parameters=False)
+
+
+def _deferral(view: TurnView) -> str | None:
     """The deferring phrase, when it sends the user off to find information the tools could look up."""
-    sentences = [s for s in _SENTENCE_END.split(text) if s.strip()]
+    sentences = [s for s in _SENTENCE_END.split(view.text) if s.strip()]
     for i, sentence in enumerate(sentences):
         for found in _DEFER.finditer(sentence):
-            if _sent_for_info(sentences, i, found):
+            named = _sent_for_info(sentences, i, found)
+            if named is not None and _findable(view, named):
                 return found.group(0)
     return None
 
@@ -166,7 +219,7 @@ def detect(view: TurnView) -> list[Finding]:
             )
         )
     max_reads = int(view.profile.detector_settings("ifu").get("max_reads_before_defer", 1))
-    phrase = _deferral(view.text) if not view.calls and index.writes == 0 and index.reads <= max_reads else None
+    phrase = _deferral(view) if not view.calls and index.writes == 0 and index.reads <= max_reads else None
     if phrase is not None:
         out.append(
             Finding(

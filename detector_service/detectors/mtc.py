@@ -1,4 +1,5 @@
-"""MTC, malformed tool call: unknown tool, arguments that are not JSON or violate the tool's schema.
+"""MTC, malformed tool call: unknown tool, arguments that are not JSON or violate the tool's schema; in a
+harness that reads actions from text, an action that does not parse (the harness sends it to the user as text).
 
 When exactly one repair is possible (JSON with a trailing comma or single quotes, a number sent as a
 string where the schema wants a number, arguments sent as an object), the finding carries the repaired
@@ -19,10 +20,12 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from detector_service.contract.wire import Category, Finding, Severity
-from detector_service.detectors import call_finding
+from detector_service.detectors import call_finding, schema_of
 from detector_service.turn import Call, TurnView, tool_calls_of
 
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
+# What is left of a text action the harness could not parse: a call object that is not valid JSON.
+_UNPARSED_ACTION = re.compile(r'\A\s*(?:```[A-Za-z]*\s*)?\{\s*"name"\s*:\s*"([^"]+)"')
 _validators: dict[str, Draft202012Validator | None] = {}
 _validators_lock = threading.Lock()
 
@@ -41,12 +44,6 @@ def validator_for(schema: Mapping[str, Any]) -> Draft202012Validator | None:
     with _validators_lock:
         _validators[key] = built
     return built
-
-
-def schema_of(tool: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    fn = tool.get("function") if isinstance(tool.get("function"), Mapping) else tool
-    params = fn.get("parameters") if isinstance(fn, Mapping) else None
-    return params if isinstance(params, Mapping) else None
 
 
 def _repair_json(text: str) -> dict[str, Any] | None:
@@ -105,8 +102,31 @@ def _schema_errors(validator: Draft202012Validator, args: Any) -> list[str]:
     return out
 
 
+def _unparsed_action(view: TurnView) -> Finding | None:
+    """A text action that does not parse: nothing ran, and the user got the text (``react`` dialect only)."""
+    if not view.index.text_actions or view.calls:
+        return None
+    written = _UNPARSED_ACTION.match(view.text)
+    if written is None:
+        return None
+    return Finding(
+        category=Category.MTC,
+        detector="unparsed_action",
+        severity=Severity.ERROR,
+        message=(
+            f"The action calling '{written.group(1)}' is not valid JSON, so it was not run and the user would "
+            f"get its text: {view.text.strip()[:200]!r}. Write the action as exactly one valid JSON object "
+            '{"name": ..., "arguments": {...}}.'
+        ),
+        tool_name=written.group(1),
+    )
+
+
 def detect(view: TurnView) -> list[Finding]:
     out: list[Finding] = []
+    unparsed = _unparsed_action(view)
+    if unparsed is not None:
+        out.append(unparsed)
     for raw, call in zip(tool_calls_of(view.candidate), view.calls, strict=True):
         if view.tools and call.name not in view.tools:
             names = ", ".join(sorted(view.tools))

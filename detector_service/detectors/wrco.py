@@ -1,7 +1,11 @@
 """WRCO, wrong retrieval from complex tool outputs.
 
 - ungrounded value: an id-like or amount-like argument value that no earlier tool output and no user
-  message contains (the model made it up or misread it);
+  message contains (the model made it up or misread it). An id the user or a tool gave in part is grounded
+  when the part is its distinctive number and the rest is the form such ids take here: "#W2378156" from
+  "order 2378156" where the tool's schema says "such as '#W0000000'" or a tool returned "#W1234567". Not a
+  number padded or cut to fit, nor a prefix put on digits of another length ("credit_card_7334" from "the card
+  ending in 7334" where the user's cards are "credit_card_9074831"): those ids exist nowhere;
 - write on an entity never read: a write whose id-like arguments were never looked up or returned by a
   read tool;
 - contradiction: a call pairs an entity id with the id of its owner (user, customer, account) that differs
@@ -13,10 +17,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from detector_service.contract.profile import ToolKind
 from detector_service.contract.wire import Category, Finding, Severity
-from detector_service.detectors import call_finding
+from detector_service.detectors import call_finding, schema_of
 from detector_service.turn import Call, TurnView, is_amount_key, is_id_key, is_id_value, leaves, norm
 
 
@@ -50,7 +56,7 @@ def detect(view: TurnView) -> list[Finding]:
             kind = _salient(key, value)
             if kind is None or (kind == "amount" and not check_amounts):
                 continue
-            if not index.grounded(value):
+            if not index.grounded(value) and not _grounded_in_part(view, call, key, value):
                 missing.append(f"{key}={value!r}")
             elif kind == "id" and call.kind is ToolKind.WRITE and norm(value) not in index.read_values:
                 unread.append(f"{key}={value!r}")
@@ -79,6 +85,49 @@ def detect(view: TurnView) -> list[Finding]:
             )
         out.extend(_contradictions(view, call))
     return out
+
+
+# An id as a kind prefix and a distinctive number: "#W" + "2378156", "credit_card_" + "9074831".
+_PREFIXED_NUMBER = re.compile(r"^(\D*[a-z_\-])(\d{4,})$")
+_QUOTED = re.compile(r"'([^'\s]+)'|\"([^\"\s]+)\"")
+
+
+def _form(value: str) -> tuple[str, int] | None:
+    m = _PREFIXED_NUMBER.match(norm(value))
+    return (m.group(1), len(m.group(2))) if m else None
+
+
+def _grounded_in_part(view: TurnView, call: Call, key: str, value: object) -> bool:
+    """The id is a kind prefix on a number the user or a tool gave whole, in the form such ids take: the form of
+    the examples in the tool's description of the argument, or of an id a tool returned."""
+    if not isinstance(value, str):
+        return False
+    m = _PREFIXED_NUMBER.match(norm(value))
+    if m is None:
+        return False
+    index = view.index
+    number = m.group(2)
+    if number not in index.user_values and number not in index.tool_values:
+        return False
+    form = (m.group(1), len(number))
+    examples = (a or b for text in _descriptions(view.tools.get(call.name), key) for a, b in _QUOTED.findall(text))
+    return any(_form(e) == form for e in examples) or any(_form(v) == form for v in index.tool_values)
+
+
+def _descriptions(spec: Mapping[str, Any] | None, key: str) -> Iterator[str]:
+    """The descriptions of every parameter named ``key`` in a tool's JSON Schema, however deep."""
+    if spec is None:
+        return
+    stack: list[Any] = [schema_of(spec)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Mapping):
+            props = node.get("properties")
+            if isinstance(props, Mapping) and isinstance(props.get(key), Mapping):
+                yield str(props[key].get("description") or "")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 _OWNER_KEY = re.compile(r"(^|_)(user|customer|account|owner|client|member)_?id$", re.IGNORECASE)

@@ -22,7 +22,7 @@ import orjson
 from openai import APITimeoutError, AsyncOpenAI
 from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr
 
-from detector_service.contract.profile import JudgeConfig, Profile, ToolKind
+from detector_service.contract.profile import Dialect, JudgeConfig, Profile, ToolKind
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import Category, Finding, Severity, TurnEvent, Verdict
 from detector_service.engine import Engine, merge
@@ -221,6 +221,7 @@ async def judged(
     ``skipped`` (no time left). A failing or crashing judge never withholds the deterministic verdict.
     """
     where = f"turn {turn.turn_id} (session {turn.tenant}/{turn.session_id})"
+    dialect, native = engine.native(turn)  # the judge reads the turn as the detectors do
     if budget_s <= 0:
         count("skipped")
         log.info("no time left for the judge on %s", where)
@@ -228,10 +229,10 @@ async def judged(
     try:
         async with asyncio.timeout(budget_s):
             if slots is None:
-                extra = await judge.findings(turn)
+                extra = await judge.findings(native)
             else:
                 async with slots:
-                    extra = await judge.findings(turn)
+                    extra = await judge.findings(native)
     except TimeoutError:
         count("timeout")
         log.warning(
@@ -255,4 +256,6 @@ async def judged(
         log.exception("judge crashed on %s; the deterministic verdict stands", where)
         return verdict
     count("ok")
-    return merge(engine, verdict, turn.candidate, extra, turn.tools)
+    merged = merge(engine, verdict, native.candidate, extra, turn.tools)
+    # A harness that reads actions from text gets no native call in place of its answer: retried instead.
+    return merged.model_copy(update={"rewritten": None}) if dialect is Dialect.REACT else merged

@@ -18,6 +18,11 @@ the categories found are then chosen as a minimal cover of the attributed failur
 Categories are covered in order of attributed failures until ``COVERAGE`` of them is addressed, so a
 category behind one stray failure does not switch on agents for every turn. Categories that also flag
 many passed runs get ``guide`` instead of ``retry`` as their action.
+
+The input must carry outcomes: at least ``MIN_OUTCOMES`` runs with a reward, ``MIN_EACH`` of them failed and
+``MIN_EACH`` succeeded (sessions exported with ``fama sessions export`` carry the outcome their client reported).
+Fewer, and the shares a calibration compares are noise: the command refuses. Tools come from ``--tools`` and from
+the records themselves (exported sessions carry the tools their requests declared).
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ from detector_service.turn import text_of, tool_calls_of
 
 COVERAGE = 0.8
 NOISY_PASSED_SHARE = 0.1
+MIN_OUTCOMES = 20
+MIN_EACH = 5
 
 AGENTS_FOR: dict[Category, list[AgentName]] = {
     Category.DCV: [AgentName.DCE, AgentName.VERIFIER],
@@ -117,7 +124,7 @@ def build_profile(trajectories: Sequence[Trajectory], tools: list[dict[str, Any]
         if passed and flagged_passed[cat] / passed > NOISY_PASSED_SHARE:
             actions[cat] = Action.GUIDE
     all_tools = {t for r in trajectories for t in _tool_names(r)} | {_name(t) for t in tools}
-    kinds = ToolKinds(base, tools)
+    kinds = ToolKinds(base, declared_tools(trajectories, tools))
     tool_kinds = {name: kinds.kind(name) for name in sorted(n for n in all_tools if n)}
     writes = [n for n, k in tool_kinds.items() if k is ToolKind.WRITE]
     rules = extract_rules(_policy(trajectories), writes)
@@ -146,6 +153,31 @@ def _name(tool: dict[str, Any]) -> str:
     return str(holder.get("name") or "")
 
 
+def declared_tools(trajectories: Sequence[Trajectory], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``tools``, then each tool the records declare that ``tools`` does not name (first declaration wins)."""
+    out = list(tools)
+    names = {_name(t) for t in tools}
+    for r in trajectories:
+        for tool in r.tools or ():
+            if isinstance(tool, dict) and _name(tool) not in names:
+                names.add(_name(tool))
+                out.append(tool)
+    return out
+
+
+def too_few_outcomes(trajectories: Sequence[Trajectory]) -> str | None:
+    """Why the runs cannot be calibrated on (too few carry an outcome), or None."""
+    failed = sum(1 for t in trajectories if t.reward is not None and t.reward < 1.0)
+    passed = sum(1 for t in trajectories if t.reward is not None and t.reward >= 1.0)
+    if failed + passed >= MIN_OUTCOMES and min(failed, passed) >= MIN_EACH:
+        return None
+    return (
+        f"too few runs carry an outcome: {failed} failed and {passed} succeeded of {len(trajectories)}; "
+        f"fama analyze needs at least {MIN_OUTCOMES} with an outcome, {MIN_EACH} failed and {MIN_EACH} succeeded. "
+        "Report outcomes (POST /v1/fama/sessions/<id>/outcome) and export the sessions again."
+    )
+
+
 def _tool_names(t: Trajectory) -> set[str]:
     out = {_name(x) for x in t.tools or []}
     for m in t.messages:
@@ -171,6 +203,10 @@ def analyze_command(
         base = load_profile(profile) if profile is not None else None
     except (TrajectoryError, ProfileError, OSError, orjson.JSONDecodeError) as exc:
         console.print(f"[red]error:[/red] {exc}")
+        return 2
+    refusal = too_few_outcomes(trajectories)
+    if refusal is not None:
+        console.print(f"[red]error:[/red] {refusal}")
         return 2
     kept = [t for t in trajectories if str(t.extra.get("agent_model")) not in set(leave_out)]
     built, report = build_profile(kept, default_tools)

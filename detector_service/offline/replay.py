@@ -1,7 +1,7 @@
 """``fama replay``: recorded trajectories through the detectors, turn by turn (DESIGN §6).
 
 Each assistant message is checked as a candidate turn with the conversation before it, exactly as the
-proxy would see it. One conversation index per trajectory grows as the replay advances, so a
+proxy would see it; a harness's text actions (ReAct) are read as native calls first, as the engine does live. One conversation index per trajectory grows as the replay advances, so a
 trajectory costs time linear in its length.
 
 With ``judge.enabled`` in the profile, the assistant turns the judge is asked about (``judge.worth_judging``:
@@ -17,7 +17,7 @@ import asyncio
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from detector_service.contract.profile import Profile, ProfileError, load_profile
+from detector_service.contract.profile import Dialect, Profile, ProfileError, load_profile
+from detector_service.contract.textactions import native_turn
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import TurnEvent
 from detector_service.engine import Engine
@@ -37,13 +38,24 @@ from detector_service.offline.trajectories import Flag, Replayed, Trajectory, Tr
 from detector_service.turn import ConversationIndex, agent_messages, tools_by_name
 
 
+def native_messages(
+    profile: Profile, messages: list[dict[str, Any]], tools: Collection[str]
+) -> tuple[bool, list[dict[str, Any]]]:
+    """A recorded conversation as the detectors read it, message for message (the indexes are the recorded ones):
+    actions its harness wrote as text become native calls (``profile.dialect``; auto-detected by default). The
+    flag says whether they were text actions."""
+    dialect, native, _ = native_turn(profile.dialect, messages, None, tools)
+    return dialect is Dialect.REACT, native
+
+
 def replay_one(engine: Engine, trajectory: Trajectory, default_tools: list[dict[str, Any]]) -> Replayed:
     tools = trajectory.tools if trajectory.tools is not None else default_tools
     by_name = tools_by_name(tools)
     kinds = ToolKinds(engine.profile, tools)
-    index = ConversationIndex(kinds=kinds)
-    out = Replayed(trajectory)
-    for i, message in enumerate(trajectory.messages):
+    text_actions, messages = native_messages(engine.profile, trajectory.messages, by_name.keys())
+    index = ConversationIndex(kinds=kinds, text_actions=text_actions)
+    out = Replayed(trajectory, messages=messages)
+    for i, message in enumerate(out.messages):
         if message.get("role") == "assistant":
             out.turns += 1
             found = engine.findings_for(engine.view(index, message, by_name))
@@ -73,12 +85,13 @@ def _judge_turns(
     for r in results:
         t = r.trajectory
         tools = t.tools if t.tools is not None else default_tools
-        for i, message in enumerate(t.messages):
+        messages = native_messages(profile, t.messages, tools_by_name(tools).keys())[1]
+        for i, message in enumerate(messages):
             if message.get("role") == "assistant":
                 event = TurnEvent(
                     turn_id=f"replay:{t.id}:{i}",
                     session_id=t.id,
-                    messages=agent_messages(t.messages[:i]),
+                    messages=agent_messages(messages[:i]),
                     tools=tools,
                     candidate=message,
                 )
@@ -133,9 +146,10 @@ async def _run_judge(
     default_tools: list[dict[str, Any]],
     concurrency: int,
     progress: Progress,
+    api_key: str | None,
 ) -> JudgeStats:
     config = profile.judge
-    key = os.environ.get("FAMA_JUDGE_API_KEY") or (os.environ.get(config.api_key_env) if config.api_key_env else None)
+    key = api_key or (os.environ.get(config.api_key_env) if config.api_key_env else None)
     judge = Judge(config, make_client(config, key))
     try:
         return await judge_results(judge, profile, results, default_tools, concurrency=concurrency, progress=progress)
@@ -189,7 +203,10 @@ def replay_command(
     profile: Path | None = None,
     json_out: Path | None = None,
     judge_concurrency: int = 4,
+    judge_api_key: str | None = None,
 ) -> int:
+    """``judge_api_key``: the judge's key (``FAMA_JUDGE_API_KEY``), else the variable the profile's
+    ``judge.api_key_env`` names."""
     console = Console(stderr=True)
     try:
         prof: Profile = load_profile(profile)
@@ -212,7 +229,7 @@ def replay_command(
             results.append(replay_one(engine, t, default_tools))
             progress.advance(task)
         stats = (
-            asyncio.run(_run_judge(prof, results, default_tools, judge_concurrency, progress))
+            asyncio.run(_run_judge(prof, results, default_tools, judge_concurrency, progress, judge_api_key))
             if prof.judge.enabled
             else None
         )

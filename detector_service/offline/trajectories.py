@@ -196,6 +196,8 @@ class Replayed:
     trajectory: Trajectory
     flags: list[Flag] = field(default_factory=list)
     turns: int = 0
+    # The conversation as the detectors read it (text actions as native calls), message for message.
+    messages: list[dict[str, Any]] = field(default_factory=list)
 
     def record(self) -> dict[str, Any]:
         return {"id": self.trajectory.id, "reward": self.trajectory.reward, "flags": [f.record() for f in self.flags]}

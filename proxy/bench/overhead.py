@@ -11,6 +11,8 @@ Series:
 - ``throughput``: requests/s at the given concurrency, proxy/direct ratio.
 - ``enforce_tool_call`` (when ``redis-server`` is installed): a tool-call turn in enforce mode with a
   detector worker over Redis, added p50.
+- ``enforce_ttft`` (same proxy): a streamed turn that declares tools and is answered with text, time to the first
+  content chunk: what supervision costs a plain-text answer's first token (its text is never held).
 
 Every series also reports the proxy process's CPU milliseconds per proxied request (from
 ``/proc/<pid>/stat``): on a shared, loaded machine wall-clock numbers drift, CPU time per request much
@@ -280,7 +282,9 @@ async def _run_pass_through(
     }
 
 
-async def _run_tool_call(upstream: str, proxy: str, proxy_pid: int | None, requests: int) -> dict[str, float]:
+async def _run_tool_call(
+    upstream: str, proxy: str, proxy_pid: int | None, requests: int
+) -> dict[str, dict[str, float]]:
     direct_url, proxy_url = f"{upstream}/chat/completions", f"{proxy}/v1/chat/completions"
     tool = orjson.dumps(TOOL_BODY)
     async with _client(1) as client:
@@ -291,7 +295,13 @@ async def _run_tool_call(upstream: str, proxy: str, proxy_pid: int | None, reque
         with CpuMeter(proxy_pid) as cpu:
             await _alternating(client, _one, direct_url, proxy_url, tool, series, requests, 50)
         series.proxy_cpu_ms = cpu.ms_per(len(series.proxied))
-        return series.summary()
+        # The same supervised request answered with streamed text (tool_choice left to the model).
+        text = orjson.dumps({k: v for k, v in TOOL_BODY.items() if k != "tool_choice"} | {"stream": True})
+        ttft = Series("enforce_ttft")
+        with CpuMeter(proxy_pid) as cpu:
+            await _alternating(client, _ttft, direct_url, proxy_url, text, ttft, max(100, requests // 2), 25)
+        ttft.proxy_cpu_ms = cpu.ms_per(len(ttft.proxied))
+        return {"enforce_tool_call": series.summary(), "enforce_ttft": ttft.summary()}
 
 
 def bench_command(*, requests: int, concurrency: int, json_out: Path | None) -> int:
@@ -312,7 +322,7 @@ def bench_command(*, requests: int, concurrency: int, json_out: Path | None) -> 
         redis_binary = shutil.which("redis-server")
         if redis_binary is not None:
             console.print("enforce mode on tool-call turns, detector over Redis")
-            results["enforce_tool_call"] = _bench_enforce(redis_binary, upstream, max(200, requests // 4), quiet)
+            results |= _bench_enforce(redis_binary, upstream, max(200, requests // 4), quiet)
     # Piped into a file or an issue note, the table keeps its columns instead of wrapping at 80.
     render(results, Console(width=None if sys.stdout.isatty() else 160))
     if json_out is not None:
@@ -320,7 +330,7 @@ def bench_command(*, requests: int, concurrency: int, json_out: Path | None) -> 
     return 0
 
 
-def _bench_enforce(redis_binary: str, upstream: str, requests: int, env: dict[str, str]) -> dict[str, float]:
+def _bench_enforce(redis_binary: str, upstream: str, requests: int, env: dict[str, str]) -> dict[str, dict[str, float]]:
     redis_port, proxy_port = _free_port(), _free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, NamedTuple, TypedDict, cast
 
 from fastapi import Depends
 from starlette.requests import Request
 
-from detector_service.contract.profile import Mode, Profile
+from detector_service.bus.profiles import ProfileWatch
+from detector_service.contract.active_profile import ProfileHolder
+from detector_service.contract.profile import Mode
 from proxy.edge.auth import Authenticator
 from proxy.edge.limits import ClientLimits
 from proxy.hooks import ChatHooks
@@ -16,19 +19,23 @@ from proxy.metrics import ProxyMetrics
 from proxy.responses.service import Responses
 from proxy.settings import ProxySettings
 from proxy.supervision.recorder import Recorder
-from proxy.supervision.sessions import SessionStore
+from proxy.supervision.sessions import SessionRef, SessionStore
 from proxy.tracing import Trace
 from proxy.upstream.client import Upstream
 from proxy.upstream.readiness import Readiness
 
 
 class Supervision(NamedTuple):
-    """The supervision in force, for the operator endpoints: its mode, profile, session store and records."""
+    """The supervision in force, for the operator endpoints: its mode, the holder of its profile, session store and
+    records, a wait (bounded) for a session's turn still being judged in this process, and (Redis mode) where a
+    pushed profile is published for every replica."""
 
     mode: Mode
-    profile: Profile
+    profiles: ProfileHolder
     sessions: SessionStore
     recorder: Recorder | None
+    settled: Callable[[SessionRef], Awaitable[None]]
+    published: ProfileWatch | None = None  # None: no Redis, a push swaps this process's profile only
 
 
 class ProxyState(TypedDict):

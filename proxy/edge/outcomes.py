@@ -4,16 +4,23 @@
 "note": <string>}`` (the last two optional), authenticated like the chat endpoints; the tenant comes from
 the client key. The session is the one named by ``x-fama-session`` on the chat responses. The outcome is
 counted in ``fama_session_outcomes_total{outcome, intervened}`` (``intervened``: whether the proxy changed
-any answer of the session, ``yes``/``no`` as in ``fama_session_turns_total``), recorded in the session's
+any answer of the session, ``yes``/``no`` as in ``fama_session_turns_total``) and in
+``fama_shadow_outcomes_total{outcome, would_act}`` (whether a verdict on any of its turns asked for a retry, rewrite
+or block: what enforce mode would have acted on, also in observe mode), recorded in the session's
 record, and claimed once in the session store (its own key, set only if absent, so concurrent reports and
 in-flight turns cannot make it count twice): a second report answers 409.
 
 A session is known once the proxy has supervised one of its turns (a request that declared tools); any
-other session answers 404.
+other session answers 404. It is known from the moment its turn's answer leaves, in every mode: observe mode judges
+the turn after answering, but saves the session state before (queued, so the answer does not wait), and an outcome
+that arrives while this process is still judging the turn waits (bounded by the verdict deadline) for that verdict.
+An unknown session is looked up again for ``UNKNOWN_GRACE_S`` before the answer is 404: the turn may have been
+answered by another replica, whose write of the session state may still be on its way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any, Literal
 
@@ -27,9 +34,12 @@ from proxy.edge.deps import ProxyState, State, Supervision, Tenant
 from proxy.edge.inbound import json_object, read_body, require
 from proxy.errors import InvalidRequest, ProxyError, RouteNotFound
 from proxy.supervision.recorder import Outcome, Recorder
-from proxy.supervision.sessions import SessionRef, session_from_header
+from proxy.supervision.sessions import SessionRef, SessionState, SessionStore, session_from_header
+from proxy.supervision.turn import ACTING
 
 MAX_BODY_BYTES = 16 * 1024
+UNKNOWN_GRACE_S = 0.5  # how long an unknown session is looked up again before the answer is 404
+UNKNOWN_RECHECK_S = 0.05
 MAX_NOTE_CHARS = 2_000
 OutcomeName = Literal["success", "failure"]
 FIELDS = {"outcome", "reward", "note"}
@@ -79,10 +89,11 @@ def _supervision(state: ProxyState) -> Supervision:
     return supervision
 
 
-async def _intervened(recorder: Recorder | None, ref: SessionRef, turns: int, interventions: int) -> bool | None:
-    """Whether the session had an intervention; ``None`` for a session the proxy never supervised."""
-    if turns > 0:
-        return interventions > 0
+async def _intervened(recorder: Recorder | None, ref: SessionRef, known: SessionState) -> tuple[bool, bool] | None:
+    """Whether the session had an intervention, and whether a verdict asked for one (what enforce mode acts on);
+    ``None`` for a session the proxy never supervised."""
+    if known.turns > 0:
+        return known.interventions > 0, known.would_act > 0
     if recorder is None:
         return None
     # The state may have expired or been lost to a Redis failure while the record remains.
@@ -92,7 +103,19 @@ async def _intervened(recorder: Recorder | None, ref: SessionRef, turns: int, in
         raise StoreUnavailable("the session store is unavailable; report the outcome again later") from exc
     if not entries:
         return None
-    return any(entry.kind == "intervention" for entry in entries)
+    acting = [e for e in entries if e.kind == "verdict" and e.data.get("action") in ACTING]
+    return any(entry.kind == "intervention" for entry in entries), bool(acting)
+
+
+async def _known(sessions: SessionStore, recorder: Recorder | None, ref: SessionRef) -> tuple[bool, bool] | None:
+    """What :func:`_intervened` says, looked up again for a while when the session is unknown: another replica
+    answered its turn and queued the session's state before answering, but that write may still be on its way."""
+    deadline = asyncio.get_running_loop().time() + UNKNOWN_GRACE_S
+    while True:
+        found = await _intervened(recorder, ref, await sessions.load(ref))
+        if found is not None or asyncio.get_running_loop().time() >= deadline:
+            return found
+        await asyncio.sleep(UNKNOWN_RECHECK_S)
 
 
 @router.post("/sessions/{session_id}/outcome")
@@ -101,9 +124,10 @@ async def report_outcome(session_id: str, request: Request, tenant: Tenant, stat
     sessions, recorder = supervision.sessions, supervision.recorder
     outcome, reward, note = parse_outcome(await read_body(request, MAX_BODY_BYTES))
     ref = SessionRef(tenant, session_from_header(session_id), derived=False)
-    known = await sessions.load(ref)
-    intervened = await _intervened(recorder, ref, known.turns, known.interventions)
-    if intervened is None:
+    # A turn answered by this process may still be being judged (observe mode): its verdict goes on record first.
+    await supervision.settled(ref)
+    found = await _known(sessions, recorder, ref)
+    if found is None:
         raise RouteNotFound(
             f"No session '{session_id}' is known to this proxy", param="session_id", code="unknown_session"
         )
@@ -113,7 +137,10 @@ async def report_outcome(session_id: str, request: Request, tenant: Tenant, stat
         raise StoreUnavailable("the session store is unavailable; report the outcome again later") from exc
     if first is not None:
         raise OutcomeConflict(f"The outcome of session '{session_id}' was already reported ({first})")
-    state["metrics"].session_outcomes.labels(outcome=outcome, intervened="yes" if intervened else "no").inc()
+    intervened, would_act = found
+    metrics = state["metrics"]
+    metrics.session_outcomes.labels(outcome=outcome, intervened="yes" if intervened else "no").inc()
+    metrics.shadow_outcomes.labels(outcome=outcome, would_act="yes" if would_act else "no").inc()
     if recorder is not None:
         recorder.record_outcome(
             Outcome(

@@ -9,7 +9,8 @@ session's next turns, the ``x-fama-intervention`` labels):
   ``pass`` sends the answer; ``guide`` sends it and carries the findings into the next turn;
   ``rewrite`` sends ``Verdict.rewritten`` (a retry when there is none); ``retry`` re-asks the model with
   the findings as feedback while ``attempt < profile.max_retries`` and blocks once they are spent;
-  ``block`` answers with a safe assistant message that names the held action and asks the user.
+  ``block`` answers with a safe assistant message that names the held action in plain words and asks the user
+  (:mod:`proxy.supervision.replies`; the findings themselves go to the headers, the metadata and the record).
   Once any tool-call byte has reached the client the answer can no longer be replaced, so a verdict
   that wants a change becomes guidance.
 - Without a verdict (``deadline`` or ``outage``) the categories at stake for the candidate decide:
@@ -25,17 +26,28 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from detector_service.contract.profile import AgentName, Mode, Profile, ToolKind
+from detector_service.contract.profile import AgentName, Dialect, Mode, Profile, ToolKind
+from detector_service.contract.textactions import react_respond
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import Action, Category, Finding, Verdict
+from proxy.supervision.replies import held_reply
 
 if TYPE_CHECKING:  # the OpenAI message shapes, checked statically and never at runtime
     from openai.types.chat import ChatCompletionAssistantMessageParam as AssistantMessage
     from openai.types.chat import ChatCompletionSystemMessageParam as SystemMessage
+    from openai.types.chat import ChatCompletionUserMessageParam as UserMessage
+
+    Feedback = SystemMessage | UserMessage
 
 DegradedReason = Literal["deadline", "outage"]
 FEEDBACK_ROLE: Literal["system"] = "system"  # the retry feedback is an instruction to the model, not the user's words
+# A ReAct harness feeds everything that is not the model's own words back as user messages (tool results too).
+REACT_FEEDBACK_ROLE: Literal["user"] = "user"
 FEEDBACK_PREFIX = "[FAMA feedback]"
+REACT_FORMAT = (
+    "Answer again in the same format: Thought: ..., then Action: and exactly one JSON object "
+    '{"name": ..., "arguments": {...}}; to ask or tell the user something, use the action "respond".'
+)
 
 
 TRIGGERS: dict[Category, tuple[AgentName, ...]] = {
@@ -76,7 +88,7 @@ class Decision:
     action: Action  # what is done with this attempt (always ``pass`` or ``guide`` in observe mode)
     intended: Action  # what enforce mode wants, recorded even when observe mode does not act on it
     categories: tuple[Category, ...] = ()
-    feedback: SystemMessage | None = None  # appended to the conversation for the retry only
+    feedback: Feedback | None = None  # appended to the conversation for the retry only
     replacement: AssistantMessage | None = None  # the assistant message sent instead (rewrite, block)
     guidance: tuple[str, ...] = ()  # carried into the next turn's injected context
     activate: tuple[AgentName, ...] = ()  # agents switched on for the session's next turns (``TRIGGERS``)
@@ -144,7 +156,10 @@ def _driving(verdict: Verdict, profile: Profile) -> tuple[Category, ...]:
     return tuple(dict.fromkeys(matching or [f.category for f in verdict.findings]))
 
 
-def feedback_message(candidate: dict[str, Any], findings: Sequence[Finding]) -> SystemMessage:
+def feedback_message(
+    candidate: dict[str, Any], findings: Sequence[Finding], dialect: Dialect = Dialect.NATIVE
+) -> Feedback:
+    """The retry's feedback; ``candidate`` as the detectors read it (a text action as a native call)."""
     calls = tool_calls(candidate)
     proposal = (
         "; ".join(describe_call(c) for c in calls)
@@ -161,34 +176,39 @@ def feedback_message(candidate: dict[str, Any], findings: Sequence[Finding]) -> 
             "If the user has not explicitly confirmed this action, list its details and ask them to confirm "
             "instead of calling the tool."
         )
+    if dialect is Dialect.REACT:
+        lines.append(REACT_FORMAT)
+        return {"role": REACT_FEEDBACK_ROLE, "content": "\n".join(lines)}
     lines.append("Answer again, fixing this.")
     return {"role": FEEDBACK_ROLE, "content": "\n".join(lines)}
 
 
-def with_shown_text(feedback: SystemMessage, shown: str) -> SystemMessage:
+def with_shown_text(feedback: Feedback, shown: str) -> Feedback:
     """Feedback for a streamed retry whose rejected attempt's text already reached the user."""
     if not shown:
         return feedback
-    note = f"The user has already seen this text from you: {json.dumps(shown[-500:], ensure_ascii=False)}. Continue from it; do not repeat it."
-    return {**feedback, "content": f"{feedback['content']}\n{note}"}
+    note = (
+        f"The user has already seen this text from you: {json.dumps(shown[-500:], ensure_ascii=False)}. "
+        "Continue from it; do not repeat it. If it announced the action, say plainly that it has not been done yet."
+    )
+    content = f"{feedback['content']}\n{note}"
+    if feedback["role"] == REACT_FEEDBACK_ROLE:
+        return {"role": REACT_FEEDBACK_ROLE, "content": content}
+    return {"role": FEEDBACK_ROLE, "content": content}
 
 
 def block_message(
-    candidate: dict[str, Any], findings: Sequence[Finding], degraded: DegradedReason | None = None
+    candidate: dict[str, Any],
+    categories: Sequence[Category],
+    degraded: DegradedReason | None = None,
+    text_shown: bool = False,
+    dialect: Dialect = Dialect.NATIVE,
 ) -> AssistantMessage:
-    calls = tool_calls(candidate)
-    if not calls:
-        text = "I can't give a reliable answer to that right now. Could you tell me how you'd like to proceed?"
-    elif degraded is not None:
-        held = " and ".join(describe_call(c) for c in calls)
-        text = f"I can't verify {held} right now, so I haven't done it. Do you want me to try again?"
-    elif any(f.category is Category.DCV for f in findings):
-        held = " and ".join(describe_call(c) for c in calls)
-        text = f"Before I go ahead with {held}, please confirm: do you want me to proceed? (yes/no)"
-    else:
-        held = " and ".join(describe_call(c) for c in calls)
-        reason = findings[0].message if findings else "it did not pass the checks"
-        text = f"I haven't done {held}: {reason} Could you confirm the details so I can try again?"
+    """The safe answer that replaces a held candidate, in the agent's voice (:mod:`proxy.supervision.replies`); for a
+    ReAct harness, a ``respond`` action carrying it."""
+    text = held_reply(tool_calls(candidate), categories, degraded is not None, text_shown)
+    if dialect is Dialect.REACT:
+        text = react_respond(text, "The action was held back; I need the user's answer before going further.")
     return {"role": "assistant", "content": text}
 
 
@@ -200,15 +220,21 @@ def decide(
     tools: Sequence[dict[str, Any]] = (),
     attempt: int = 0,
     tool_bytes_sent: bool = False,
+    dialect: Dialect = Dialect.NATIVE,
+    text_shown: bool = False,
 ) -> Decision:
+    """``candidate`` as the detectors read it (:func:`detector_service.contract.textactions.native_turn`);
+    ``dialect`` is how the client's harness writes actions, and what the feedback and a block's answer fit;
+    ``text_shown``: text of this turn already reached the client (a stream), so a block says first that the action
+    was not done."""
     if isinstance(outcome, Degraded):
-        return _degraded(mode, profile, outcome, candidate, tools, tool_bytes_sent)
+        return _degraded(mode, profile, outcome, candidate, tools, tool_bytes_sent, dialect, text_shown)
     verdict = outcome
     findings = tuple(verdict.findings)
     guidance = tuple(f"[{f.category.value}] {f.message}" for f in findings)
     cats = _driving(verdict, profile)
     wanted = verdict.action
-    if wanted is Action.REWRITE and verdict.rewritten is None:
+    if wanted is Action.REWRITE and (verdict.rewritten is None or dialect is Dialect.REACT):
         wanted = Action.RETRY
     activate = triggered_agents(f.category for f in findings)
     if wanted is Action.PASS or not findings:
@@ -226,14 +252,14 @@ def decide(
             findings=findings,
         )
     if wanted is Action.RETRY and attempt < profile.max_retries:
-        feedback = feedback_message(candidate, findings)
+        feedback = feedback_message(candidate, findings, dialect)
         return Decision(Action.RETRY, wanted, cats, feedback=feedback, activate=activate, findings=findings)
     exhausted = wanted is Action.RETRY
     return Decision(
         Action.BLOCK,
         wanted,
         cats,
-        replacement=block_message(candidate, findings),
+        replacement=block_message(candidate, [f.category for f in findings], text_shown=text_shown, dialect=dialect),
         guidance=guidance,
         activate=activate,
         exhausted=exhausted,
@@ -248,6 +274,8 @@ def _degraded(
     candidate: dict[str, Any],
     tools: Sequence[dict[str, Any]],
     tool_bytes_sent: bool,
+    dialect: Dialect,
+    text_shown: bool,
 ) -> Decision:
     closed = tuple(c for c in at_stake(candidate, tools, profile) if profile.fail_closed(c))
     if mode is Mode.OBSERVE or not closed or tool_bytes_sent:
@@ -256,6 +284,6 @@ def _degraded(
         Action.BLOCK,
         Action.BLOCK,
         closed,
-        replacement=block_message(candidate, (), degraded=outcome.reason),
+        replacement=block_message(candidate, closed, outcome.reason, text_shown, dialect),
         degraded=outcome.reason,
     )

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from detector_service.contract.extraction import PolicyExtraction
 
 FORMAT_VERSION = 1
-OPENING = f"[FAMA context v{FORMAT_VERSION}] Notes from the supervisor for your next step. Follow them; do not quote them to the user."
+MARKER = "[FAMA context"  # how the message opens, whatever its version
+OPENING = f"{MARKER} v{FORMAT_VERSION}] Notes from the supervisor for your next step. Follow them; do not quote them to the user."
 CLOSING = "[/FAMA context]"
 GUIDANCE_TITLE = "Correction from the previous turn"
 GUIDANCE_PRIORITY = 100
@@ -108,12 +109,14 @@ class Injector:
         tools: Sequence[dict[str, Any]],
         state: SessionState,
         extraction: PolicyExtraction | None = None,
+        profile: Profile | None = None,
     ) -> list[Section]:
+        profile = profile or self.profile
         out: list[Section] = []
         if state.guidance:
             out.append(Section(GUIDANCE_LABEL, GUIDANCE_TITLE, list(state.guidance), GUIDANCE_PRIORITY))
-        agents = active_agents(self.profile, state)
-        notes = build_notes(agents, messages, tools, self.profile, self.cache, extraction=extraction)
+        agents = active_agents(profile, state)
+        notes = build_notes(agents, messages, tools, profile, self.cache, extraction=extraction)
         out += [Section(n.agent.value, f"{n.agent.value}: {n.title}", list(n.lines), n.priority) for n in notes]
         return out
 
@@ -123,12 +126,18 @@ class Injector:
         tools: Sequence[dict[str, Any]],
         state: SessionState,
         extraction: PolicyExtraction | None = None,
+        read: Sequence[dict[str, Any]] | None = None,
+        profile: Profile | None = None,
     ) -> Injection:
-        """The request's messages plus the context message; ``extraction`` (cached LLM DCE rules) is optional."""
-        budget = self.profile.injection_token_budget
+        """The request's messages plus the context message; ``extraction`` (cached LLM DCE rules) is optional.
+        ``read`` is the conversation as the agents read it (a ReAct harness's text actions as native calls, message
+        for message); by default the messages themselves. ``profile`` is the turn's (by default the one this
+        injector was made with)."""
+        profile = profile or self.profile
+        budget = profile.injection_token_budget
         if budget <= 0:
             return Injection(list(messages), None, ())
-        kept = fit(self.sections(messages, tools, state, extraction), budget)
+        kept = fit(self.sections(messages if read is None else read, tools, state, extraction, profile), budget)
         if not kept:
             return Injection(list(messages), None, ())
         text = render(kept)

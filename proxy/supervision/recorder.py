@@ -11,9 +11,9 @@ logged with context and counted in ``fama_redis_errors_total``. Callers hand ove
 record and must not mutate them afterwards. The read API (``session``, ``interventions``) serves admin
 endpoints and tests, and does raise ``RedisError`` when Redis is unreachable.
 
-A turn record holds only the messages added since the previous assistant message (plus the candidate,
-and the tools on the session's first turn), so a session's record grows linearly with the
-conversation; concatenating the entries rebuilds the trajectory.
+A turn record holds only the messages added since the previous assistant message (plus the candidate), so a
+session's record grows linearly with the conversation; the session's first turn here holds the whole conversation so
+far and the tools. Concatenating the entries rebuilds the trajectory (``detector_service.offline.sessions``).
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
 
 from detector_service.bus import keys, streams, values
+from detector_service.bus.values import RecordedSession
 from detector_service.bus.writer import Add, Append, BatchWriter, WriteFailure
 from detector_service.contract.wire import Action, Category, TurnEvent, Verdict, now_ms
 from proxy.metrics import ProxyMetrics
@@ -79,7 +80,9 @@ class Recorder(Protocol):
 
     async def flush(self) -> None: ...
 
-    def record_turn(self, turn: TurnEvent) -> None: ...
+    def record_turn(self, turn: TurnEvent, *, whole: bool = False) -> None:
+        """``whole``: the session's first turn here, recorded with its whole conversation (see ``turn_entry``)."""
+        ...
 
     def record_verdict(self, verdict: Verdict) -> None: ...
 
@@ -91,9 +94,17 @@ class Recorder(Protocol):
 
     async def interventions(self, limit: int = 100) -> list[Intervention]: ...
 
+    def recorded(self, tenant: str | None) -> AsyncIterator[RecordedSession]:
+        """Every recorded session (of ``tenant``, or of all), streamed; raises ``RedisError`` as ``session`` does."""
+        ...
 
-def turn_entry(turn: TurnEvent) -> SessionEntry:
-    last_assistant = max((i for i, m in enumerate(turn.messages) if m.get("role") == "assistant"), default=-1)
+
+def turn_entry(turn: TurnEvent, whole: bool = False) -> SessionEntry:
+    """The turn's messages since the previous assistant message; all of them when ``whole`` (the first turn the proxy
+    sees of a conversation that may have begun without it), so the record rebuilds the conversation from its start."""
+    last_assistant = -1
+    if not whole:
+        last_assistant = max((i for i, m in enumerate(turn.messages) if m.get("role") == "assistant"), default=-1)
     data: dict[str, Any] = {
         "attempt": turn.attempt,
         "message_count": len(turn.messages),
@@ -163,8 +174,8 @@ class RedisRecorder:
         """Wait until everything recorded so far has been written (or failed)."""
         await self.writer.flush()
 
-    def record_turn(self, turn: TurnEvent) -> None:
-        self._record(turn.tenant, turn.session_id, turn)
+    def record_turn(self, turn: TurnEvent, *, whole: bool = False) -> None:
+        self._record(turn.tenant, turn.session_id, turn, whole)
 
     def record_verdict(self, verdict: Verdict) -> None:
         self._record(verdict.tenant, verdict.session_id, verdict)
@@ -175,12 +186,14 @@ class RedisRecorder:
     def record_outcome(self, outcome: Outcome) -> None:
         self._record(outcome.tenant, outcome.session_id, outcome)
 
-    def _record(self, tenant: str, session_id: str, obj: TurnEvent | Verdict | Intervention | Outcome) -> None:
+    def _record(
+        self, tenant: str, session_id: str, obj: TurnEvent | Verdict | Intervention | Outcome, whole: bool = False
+    ) -> None:
         # A turn records several entries at once (turn, verdict, maybe an intervention): the writer sends one RPUSH
         # per session key for them all, in order.
         entry = Append(
             keys.session_key(tenant, session_id),
-            _entry(obj).model_dump_json(),
+            (turn_entry(obj, whole) if isinstance(obj, TurnEvent) else _entry(obj)).model_dump_json(),
             self.max_session_entries,
             self.session_ttl_s,
         )
@@ -223,6 +236,9 @@ class RedisRecorder:
         raw = await values.read_list(self.redis, keys.session_key(tenant, session_id))
         return [SessionEntry.model_validate_json(item) for item in raw]
 
+    def recorded(self, tenant: str | None) -> AsyncIterator[RecordedSession]:
+        return values.recorded_sessions(self.redis, tenant)
+
     async def interventions(self, limit: int = 100) -> list[Intervention]:
         """The most recent interventions, newest first."""
         out: list[Intervention] = []
@@ -234,9 +250,7 @@ class RedisRecorder:
         return out
 
 
-def _entry(obj: TurnEvent | Verdict | Intervention | Outcome) -> SessionEntry:
-    if isinstance(obj, TurnEvent):
-        return turn_entry(obj)
+def _entry(obj: Verdict | Intervention | Outcome) -> SessionEntry:
     if isinstance(obj, Verdict):
         return verdict_entry(obj)
     if isinstance(obj, Outcome):
@@ -272,8 +286,8 @@ class MemoryRecorder:
     async def flush(self) -> None:
         return None
 
-    def record_turn(self, turn: TurnEvent) -> None:
-        self._append(turn.tenant, turn.session_id, turn_entry(turn))
+    def record_turn(self, turn: TurnEvent, *, whole: bool = False) -> None:
+        self._append(turn.tenant, turn.session_id, turn_entry(turn, whole))
 
     def record_verdict(self, verdict: Verdict) -> None:
         self._append(verdict.tenant, verdict.session_id, verdict_entry(verdict))
@@ -309,6 +323,15 @@ class MemoryRecorder:
 
     async def interventions(self, limit: int = 100) -> list[Intervention]:
         return list(reversed(self._interventions))[:limit]
+
+    async def recorded(self, tenant: str | None) -> AsyncIterator[RecordedSession]:
+        self._expire(self.clock())
+        for tenant_id, session_id in list(self._sessions):  # a snapshot: turns go on while the export runs
+            if tenant is not None and tenant_id != tenant:
+                continue
+            _, entries = self._sessions.get((tenant_id, session_id), (0.0, deque()))
+            if entries:
+                yield RecordedSession(tenant_id, session_id, [e.model_dump_json().encode() for e in entries], None)
 
 
 def recorder_for(redis: Redis | None, metrics: ProxyMetrics, *, session_ttl_s: int) -> Recorder:

@@ -97,6 +97,7 @@ class SessionState(BaseModel):
     agents: list[AgentName] = Field(default_factory=list)  # switched on by earlier findings
     interventions: int = 0
     turns: int = 0
+    would_act: int = 0  # turns whose verdict asked for a retry, rewrite or block (acted on in enforce mode only)
 
     def add_guidance(self, notes: Sequence[str]) -> None:
         for note in notes:

@@ -1,6 +1,7 @@
 """The supervision loop on chat turns, plugged into the chat pipeline's seam (:class:`proxy.hooks.ChatHooks`).
 
-Per turn (only requests that declare ``tools``; plain chat passes through untouched):
+Per turn (only requests that declare ``tools``, or whose agent writes its actions as text, ReAct style: the
+profile's ``dialect: react``, or a conversation that shows it; plain chat passes through untouched):
 
 1. ``before_upstream``: name the session (:mod:`proxy.supervision.sessions`), load its state, add the one context
    message (:mod:`proxy.supervision.injection`), set ``x-fama-session``.
@@ -8,20 +9,23 @@ Per turn (only requests that declare ``tools``; plain chat passes through untouc
    plus the candidate) and goes to the verdict source with the profile's deadline.
    :func:`proxy.supervision.decisions.decide` says what to do with it.
 3. ``enforce``, non-streaming: retry (the model is re-asked with the findings as feedback; the client
-   never sees the rejected attempt), rewrite, block or pass, then answer. ``enforce``, streaming:
-   content deltas are relayed at once and tool-call deltas held until the verdict
-   (:mod:`proxy.supervision.held_stream`); a text-only streamed answer has already reached the client, so its
-   verdict can only become guidance. ``observe``: the answer goes out untouched and is evaluated in the
-   background; the next turn of the session waits for that evaluation (bounded by the deadline) so its
-   guidance is never lost.
+   never sees the rejected attempt), rewrite, block or pass, then answer. ``enforce``, streaming: a plain
+   answer's text is relayed at once, tool-call deltas (with any text after the first, and retried attempts
+   whole) are held until the verdict (:mod:`proxy.supervision.held_stream`); a text-only streamed answer has
+   already reached the client, so its verdict can only become guidance. Quoted injected context is cut from
+   what the client gets (:mod:`proxy.supervision.quotes`). ``observe``: the answer goes out untouched (a quote
+   is only counted) and is evaluated in the background; the next turn of the session waits for that
+   evaluation (bounded by the deadline) so its guidance is never lost. A new session's state is saved (queued)
+   before the answer leaves, so the session is known to an outcome reported right after it.
 4. Guidance and agents triggered by findings are saved in the session state for the next turn.
 
 Transparency. Non-streaming responses carry ``x-fama-session``, ``x-fama-intervention`` (e.g.
 ``retry:DCV``; comma-separated when several) when the answer was changed, and ``x-fama-degraded``
 (``deadline`` or ``outage``) when it was served without a verdict. A stream's headers leave before any
 verdict exists, so a supervised stream carries only ``x-fama-session`` as a header, and its final
-chunk (the one with ``finish_reason``) carries ``"fama": {"session", "intervention", "degraded"}``
-(the last two only when they apply). Every change is also logged, and every turn is recorded.
+chunk (the one with ``finish_reason``) carries ``"fama": {"session", "intervention", "degraded"}`` in every
+mode (the last two only when they apply: never in ``observe``, which neither changes an answer nor waits for a
+verdict). Every change is also logged, and every turn is recorded.
 """
 
 from __future__ import annotations
@@ -34,9 +38,12 @@ from typing import Any
 from redis.asyncio import Redis
 
 from detector_service.agents.policy import policy_text
+from detector_service.contract.active_profile import ProfileHolder
 from detector_service.contract.extraction import PolicyExtraction
-from detector_service.contract.profile import Mode, Profile
+from detector_service.contract.profile import Dialect, Mode
+from detector_service.contract.textactions import native_message, native_turn, resolve
 from detector_service.contract.wire import SCHEMA_VERSION, Action, TurnEvent, Verdict, new_id, now_ms
+from detector_service.turn import tools_by_name
 from proxy.hooks import ChatContext, ChatHooks, wants_usage
 from proxy.metrics import MAX_TOOL_LABELS, OTHER, ProxyMetrics
 from proxy.supervision.decisions import Decision, Degraded, decide, with_shown_text
@@ -51,24 +58,21 @@ from proxy.supervision.sessions import (
     identify,
 )
 from proxy.supervision.turn import Turn, replace_message
-from proxy.supervision.verdicts import (
-    MissReason,
-    VerdictOutcome,
-    VerdictSource,
-)
+from proxy.supervision.verdicts import MissReason, VerdictOutcome, VerdictSource
 
 log = logging.getLogger(__name__)
 
 INTERVENTION_HEADER = "x-fama-intervention"
 DEGRADED_HEADER = "x-fama-degraded"
 TRAILER_KEY = "fama"
+QUOTE_LABEL = "strip:context"  # the answer's text was cut: it quoted the injected context back
 
 
 class Supervisor(ChatHooks[Turn]):
     def __init__(
         self,
         mode: Mode,
-        profile: Profile,
+        profiles: ProfileHolder,
         verdicts: VerdictSource,
         store: SessionStore,
         metrics: ProxyMetrics,
@@ -78,15 +82,14 @@ class Supervisor(ChatHooks[Turn]):
         extractions: ExtractionReader | None = None,
     ) -> None:
         self.mode = mode
-        self.profile = profile
+        self.profiles = profiles  # each turn keeps the profile in force when it started (Turn.active)
         self.verdicts = verdicts
         self.store = store
         self.metrics = metrics
         self.recorder = recorder
-        self.injector = injector or Injector(profile, metrics)
+        self.injector = injector or Injector(profiles.current.profile, metrics)
         self._closing = closing  # a Redis client this supervisor owns and closes on stop
         self.extractions = extractions  # cached LLM-extracted policy rules for DCE (Redis mode)
-        self.deadline_s = profile.deadline_ms / 1000
         # Background evaluations (observe mode, streamed text) by session, so the next turn can wait for them.
         self._pending: dict[tuple[str, str], asyncio.Task[None]] = {}
 
@@ -98,7 +101,7 @@ class Supervisor(ChatHooks[Turn]):
     async def stop(self) -> None:
         pending = list(self._pending.values())
         if pending:
-            await asyncio.wait(pending, timeout=self.deadline_s + 1)
+            await asyncio.wait(pending, timeout=self.profiles.current.profile.deadline_ms / 1000 + 1)
         await self.verdicts.stop()
         await self.store.drain()
         if self.recorder is not None:
@@ -113,40 +116,45 @@ class Supervisor(ChatHooks[Turn]):
         tools: list[dict[str, Any]] = [t for t in body.get("tools") or () if isinstance(t, dict)]
         ref = identify(ctx.request_headers.get(SESSION_HEADER), ctx.tenant, messages, tools)
         ctx.response_headers[SESSION_HEADER] = ref.session_id
-        if not tools or int(body.get("n") or 1) != 1:
+        active = self.profiles.current  # the turn keeps this profile to its end, whatever is pushed meanwhile
+        names = tools_by_name(tools).keys()
+        dialect = resolve(active.profile.dialect, messages, None, names)
+        ctx.text_actions = dialect is Dialect.REACT  # its harness reads calls written as text: they stay text
+        if not (tools or ctx.text_actions) or int(body.get("n") or 1) != 1:
             return body  # nothing to supervise: no tool use, or several answers the client will choose from
-        await self._settled(ref)
+        await self.settled(ref)
         extraction: PolicyExtraction | None = None
         if self.extractions is None:
             state = await self.store.load(ref)  # no tasks to spawn for a single read
         else:
             # Both reads are bounded; done together, the cached extraction adds no round trip of its own.
-            state, extraction = await asyncio.gather(self.store.load(ref), self._extraction(messages))
-        injection = self.injector.inject(messages, tools, state, extraction)
+            cached = self.extractions.get(policy_text(messages, active.profile))
+            state, extraction = await asyncio.gather(self.store.load(ref), cached)
+        # The agents read a ReAct conversation as the detectors do: its text actions as native calls.
+        read = native_turn(dialect, messages, None, names)[1] if ctx.text_actions else None
+        injection = self.injector.inject(messages, tools, state, extraction, read, profile=active.profile)
         if GUIDANCE_LABEL in injection.labels:
             state.guidance.clear()  # delivered; findings of this turn may add new guidance
         state.turns += 1
         sent = {**body, "messages": injection.messages}
-        ctx.hook_state = Turn(ref, state, list(messages), tools, sent, injection.labels, api=ctx.api)
+        added = [injection.text] if injection.text else []
+        ctx.hook_state = Turn(
+            ref, state, list(messages), tools, sent, injection.labels, active, api=ctx.api, added=added
+        )
         return sent
-
-    async def _extraction(self, messages: list[dict[str, Any]]) -> PolicyExtraction | None:
-        if self.extractions is None:
-            return None
-        return await self.extractions.get(policy_text(messages, self.profile))
 
     async def after_response(self, ctx: ChatContext[Turn], response: dict[str, Any]) -> dict[str, Any]:
         turn = ctx.hook_state
         if turn is None or len(response.get("choices") or ()) != 1:
             return response
         if self.mode is Mode.OBSERVE:
-            self._later(turn, response["choices"][0].get("message") or {}, 0, response["choices"][0])
+            self._later(turn, self._unquoted(turn, response["choices"][0]), 0, response["choices"][0])
             return response
         attempt = 0
         usage = response.get("usage")
         while True:
             choice = response["choices"][0]
-            candidate = choice.get("message") or {}
+            candidate = self._unquoted(turn, choice)
             decision, retry = await self._attempt(turn, candidate, attempt)
             if retry is None:
                 break
@@ -185,21 +193,25 @@ class Supervisor(ChatHooks[Turn]):
             choices = chunk.get("choices") or ()
             if choices and choices[0].get("index", 0) == 0:
                 buffer.add(choices[0])
+                if choices[0].get("finish_reason") is not None:
+                    chunk[TRAILER_KEY] = self._trailer(turn)  # the same metadata as in enforce mode
             yield chunk
         # Only a stream that ran to its end is a decision worth judging.
-        self._later(turn, buffer.message(), 0, {"finish_reason": buffer.finish_reason})
+        candidate = self._unquoted(turn, {"message": buffer.message()})
+        self._later(turn, candidate, 0, {"finish_reason": buffer.finish_reason})
 
     async def _enforced_stream(
         self, ctx: ChatContext[Turn], turn: Turn, chunks: AsyncIterator[dict[str, Any]]
     ) -> AsyncIterator[dict[str, Any]]:
-        held = HeldStream()
+        held = HeldStream(turn.quoted(), hold_text=ctx.text_actions)
         attempt = 0
         while True:
             async for chunk in chunks:
                 shown = held.take(chunk)
                 if shown is not None:
                     yield shown
-            candidate = held.buffer.message()
+            candidate, quoted = held.candidate()
+            self._count_quote(turn, quoted)
             final: Mapping[str, Any] = candidate
             if held.text_sent(candidate):
                 self._later(turn, candidate, attempt, {"finish_reason": held.buffer.finish_reason})
@@ -208,7 +220,7 @@ class Supervisor(ChatHooks[Turn]):
             decision, retry = await self._attempt(turn, candidate, attempt, held.shown)
             if retry is not None:
                 chunks = await ctx.open_stream(retry)
-                held.next_attempt()
+                held.next_attempt(turn.quoted())
                 attempt += 1
                 continue
             final = decision.replacement or candidate
@@ -216,7 +228,7 @@ class Supervisor(ChatHooks[Turn]):
             await self._finish(turn, finish)
             break
         trailer = {TRAILER_KEY: self._trailer(turn)}
-        for chunk in held.ending(final, final is not candidate, finish, trailer, wants_usage(ctx.body)):
+        for chunk in held.ending(final, finish, trailer, wants_usage(ctx.body)):
             yield chunk
 
     # -- judging --------------------------------------------------------------------------------------
@@ -226,12 +238,14 @@ class Supervisor(ChatHooks[Turn]):
     ) -> tuple[Decision, dict[str, Any] | None]:
         """The decision on an attempt the client has not seen (beyond ``shown`` text), and the request body of the
         next attempt when the decision is a retry."""
-        decision = await self._judge(turn, candidate, attempt, tool_bytes_sent=False)
+        decision = await self._judge(turn, candidate, attempt, tool_bytes_sent=False, text_shown=bool(shown))
         if decision.action is not Action.RETRY or decision.feedback is None:
             return decision, None
         return decision, turn.retry_body(with_shown_text(decision.feedback, shown))
 
-    async def _judge(self, turn: Turn, candidate: dict[str, Any], attempt: int, tool_bytes_sent: bool) -> Decision:
+    async def _judge(
+        self, turn: Turn, candidate: dict[str, Any], attempt: int, tool_bytes_sent: bool, text_shown: bool = False
+    ) -> Decision:
         # Every field is already known-good (messages checked by the chat pipeline, the candidate normalized):
         # validating would only copy the whole conversation once more per attempt. Every field is given, because
         # pydantic resolves a missing one's default (inspecting its factory's signature) on each construction.
@@ -244,27 +258,33 @@ class Supervisor(ChatHooks[Turn]):
             reply_to=None,
             deadline_ms=None,
             created_ms=now_ms(),
-            profile=self.profile.name,
+            profile=turn.active.profile.name,
+            profile_sha256=turn.active.sha256,
             messages=turn.messages,
             tools=turn.tools,
             candidate=candidate,
             attempt=attempt,
         )
-        outcome = await self.verdicts.evaluate(event, self.deadline_s)
+        profile = turn.active.profile
+        outcome = await self.verdicts.evaluate(event, profile.deadline_ms / 1000)
         result: Verdict | Degraded
         if outcome.verdict is not None:
             result = outcome.verdict
         else:
             result = Degraded("deadline" if outcome.reason is MissReason.DEADLINE else "outage")
-        decision = decide(self.mode, self.profile, result, candidate, turn.tools, attempt, tool_bytes_sent)
+        # The decision reads the candidate as the detectors do; its feedback and its answer fit the harness.
+        names = turn.tool_names
+        dialect = resolve(profile.dialect, turn.messages, candidate, names)
+        native = native_message(candidate, len(turn.messages), names) if dialect is Dialect.REACT else candidate
+        decision = decide(self.mode, profile, result, native, turn.tools, attempt, tool_bytes_sent, dialect, text_shown)
         self._account(turn, attempt, decision)
-        self._record(event, outcome, decision)
+        self._record(event, outcome, decision, whole=turn.state.turns == 1 and attempt == 0)
         return decision
 
-    def _record(self, event: TurnEvent, outcome: VerdictOutcome, decision: Decision) -> None:
+    def _record(self, event: TurnEvent, outcome: VerdictOutcome, decision: Decision, whole: bool) -> None:
         if self.recorder is None:
             return
-        self.recorder.record_turn(event)
+        self.recorder.record_turn(event, whole=whole)
         if outcome.verdict is not None:
             self.recorder.record_verdict(outcome.verdict)
         if decision.changes_answer:
@@ -318,6 +338,21 @@ class Supervisor(ChatHooks[Turn]):
             policy = "closed" if decision.action is Action.BLOCK else "open"
             self.metrics.degraded.labels(reason=decision.degraded, policy=policy).inc()
 
+    def _unquoted(self, turn: Turn, choice: dict[str, Any]) -> dict[str, Any]:
+        """The choice's message with quoted context cut: in place in enforce mode (the client gets the cut text), on a
+        copy in observe mode (the client gets the answer untouched)."""
+        message, quoted = turn.cut_quotes(choice.get("message") or {}, in_place=self.mode is Mode.ENFORCE)
+        self._count_quote(turn, quoted)
+        return message
+
+    def _count_quote(self, turn: Turn, quoted: bool) -> None:
+        if not quoted:
+            return
+        self.metrics.quoted_context.labels(mode=self.mode.value, api=turn.api).inc()
+        if self.mode is Mode.ENFORCE and QUOTE_LABEL not in turn.labels:
+            turn.labels.append(QUOTE_LABEL)
+        log.info("session %s/%s: the reply quoted the injected context", turn.ref.tenant, turn.ref.session_id)
+
     async def _finish(self, turn: Turn, finish_reason: str) -> None:
         if turn.labels:
             turn.state.interventions += 1
@@ -339,6 +374,8 @@ class Supervisor(ChatHooks[Turn]):
     def _later(self, turn: Turn, candidate: dict[str, Any], attempt: int, choice: Mapping[str, Any]) -> None:
         key = (turn.ref.tenant, turn.ref.session_id)
         finish = str(choice.get("finish_reason") or "none")
+        if turn.state.turns == 1:  # a new session is known before its answer leaves (queued): an outcome may follow
+            self.store.save_soon(turn.ref, turn.state)
 
         async def run() -> None:
             try:
@@ -353,8 +390,8 @@ class Supervisor(ChatHooks[Turn]):
         task = asyncio.get_running_loop().create_task(run(), name=f"evaluate:{key[1]}")
         self._pending[key] = task
 
-    async def _settled(self, ref: SessionRef) -> None:
-        """Wait (bounded) for the previous turn's background evaluation, so its guidance reaches this turn."""
+    async def settled(self, ref: SessionRef) -> None:
+        """Wait (bounded) for the session's background evaluation here: its guidance, its verdict on record."""
         task = self._pending.get((ref.tenant, ref.session_id))
         if task is not None and not task.done():
-            await asyncio.wait({task}, timeout=self.deadline_s + 0.05)
+            await asyncio.wait({task}, timeout=self.profiles.current.profile.deadline_ms / 1000 + 0.05)

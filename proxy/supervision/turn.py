@@ -6,13 +6,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from detector_service.contract.active_profile import ActiveProfile
 from detector_service.contract.wire import Action, Category
+from detector_service.turn import tools_by_name
 from proxy.supervision.decisions import Decision
+from proxy.supervision.quotes import Quoted, strip_quotes
 from proxy.supervision.sessions import SessionRef, SessionState
 from proxy.upstream import normalize
 
+ACTING = frozenset({Action.RETRY, Action.REWRITE, Action.BLOCK})  # what enforce mode changes
+
 if TYPE_CHECKING:
-    from openai.types.chat import ChatCompletionSystemMessageParam as SystemMessage
+    from proxy.supervision.decisions import Feedback
 
 
 @dataclass
@@ -25,12 +30,36 @@ class Turn:
     tools: list[dict[str, Any]]
     body: dict[str, Any]  # as sent upstream, context message included
     injected: tuple[str, ...]
+    active: ActiveProfile  # the profile in force when the turn started: it keeps it to its end
     labels: list[str] = field(default_factory=list)
     degraded: str | None = None
     retrying: tuple[Category, ...] = ()  # categories of the retry in flight, to count its outcome
     api: str = "chat"  # the API the client called (chat, responses)
+    added: list[str] = field(default_factory=list)  # what the proxy wrote into the conversation: context, feedback
 
-    def retry_body(self, feedback: SystemMessage) -> dict[str, Any]:
+    def quoted(self) -> Quoted:
+        """What a reply of this turn must not quote back to the user."""
+        return Quoted.of(self.added)
+
+    def cut_quotes(self, message: dict[str, Any], in_place: bool) -> tuple[dict[str, Any], bool]:
+        """``message`` with what its text quotes of :meth:`quoted` cut (in place, or on a copy), and whether any was."""
+        if not isinstance(message.get("content"), str) or not message["content"]:
+            return message, False
+        text, quoted = strip_quotes(message["content"], self.quoted())
+        if not quoted:
+            return message, False
+        if not in_place:
+            return {**message, "content": text}, True
+        message["content"] = text
+        return message, True
+
+    @property
+    def tool_names(self) -> frozenset[str]:
+        return frozenset(tools_by_name(self.tools))
+
+    def retry_body(self, feedback: Feedback) -> dict[str, Any]:
+        """The next attempt's request: the conversation as sent, plus ``feedback`` (kept among what is added)."""
+        self.added.append(str(feedback["content"]))
         # Fresh message dicts: the upstream adapter edits messages in place.
         messages = [dict(m) for m in self.body["messages"]]
         return normalize.adapt_for_upstream({**self.body, "messages": [*messages, feedback]})
@@ -44,6 +73,8 @@ class Turn:
             self.labels.extend(label for label in decision.labels if label not in self.labels)
         if decision.degraded is not None:
             self.degraded = decision.degraded
+        if decision.findings and decision.intended in ACTING:
+            self.state.would_act += 1
         self.state.add_guidance(decision.guidance)
         self.state.activate(decision.activate)
         return settled

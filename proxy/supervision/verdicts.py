@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 
 from detector_service.bus import keys, streams, values
 from detector_service.contract.wire import SchemaVersionError, TurnEvent, Verdict, check_version, dumps, now_ms
-from detector_service.engine import Engine
+from detector_service.engine import Engine, Engines
 from detector_service.llm.judge import Judge, judged, worth_judging
 from proxy.metrics import ProxyMetrics
 
@@ -105,8 +105,11 @@ class EmbeddedVerdicts:
 
     transport = "embedded"
 
-    def __init__(self, engine: Engine, metrics: ProxyMetrics | None = None, judge: Judge | None = None) -> None:
-        self.engine = engine
+    def __init__(
+        self, engine: Engine | Engines, metrics: ProxyMetrics | None = None, judge: Judge | None = None
+    ) -> None:
+        # Per turn, the engine of the profile it is judged under (a pushed profile swaps them).
+        self.engines = engine if isinstance(engine, Engines) else Engines.fixed(engine)
         self.metrics = metrics or ProxyMetrics()
         self.judge = judge
 
@@ -119,19 +122,21 @@ class EmbeddedVerdicts:
 
     async def evaluate(self, turn: TurnEvent, timeout_s: float) -> VerdictOutcome:
         start = time.perf_counter()
+        engine = self.engines.of(turn)
         try:
-            verdict: Verdict | None = self.engine.evaluate(turn)
+            verdict: Verdict | None = engine.evaluate(turn)
             reason = None
         except Exception:  # a detector bug degrades this turn like an outage; it must not fail the request
             log.exception("embedded detectors failed on turn %s (session %s)", turn.turn_id, turn.session_id)
             verdict, reason = None, MissReason.OUTAGE
         judge = self.judge
-        if verdict is not None and judge is not None and worth_judging(turn, self.engine.profile):
+        # Asked about the turn as the detectors read it (a ReAct look-up is a look-up, not text).
+        if verdict is not None and judge is not None and worth_judging(engine.native(turn)[1], engine.profile):
             left_s = timeout_s - (time.perf_counter() - start) - JUDGE_MARGIN_S
             count = self.metrics.judge_calls
             verdict = await judged(
                 judge,
-                self.engine,
+                engine,
                 turn,
                 verdict,
                 min(judge.config.timeout_s, left_s),

@@ -163,7 +163,7 @@ class ToolTextChunks(NormalizedChunks):
     A reply whose text opens like a call (a JSON object or a list of them, a fence, a ``<tool_call>`` tag) is
     held until it ends. Any other reply streams at once, line by line watched: from a line that opens the same
     way (a sentence, then the call), the rest is held. At the end the text goes through
-    :func:`proxy.upstream.textcalls.split_text_calls`; when it holds calls of the declared tools, the held part is sent
+    :func:`proxy.upstream.textcalls.leaked_calls`; when it holds calls of the declared tools, the held part is sent
     as ``tool_calls`` (with whatever prose it held), otherwise the held chunks go out unchanged. The hold is
     bounded by :data:`proxy.upstream.textcalls.MAX_CHARS`; beyond it the chunks are released as text.
     """
@@ -265,7 +265,7 @@ class ToolTextChunks(NormalizedChunks):
         held, self._held = self._held, []
         if final and self._mode in ("hold", "line") and held:
             text = "".join(self._text)
-            found = textcalls.split_text_calls(text, self._tools)
+            found = textcalls.leaked_calls(text, self._tools)
             sent = text[: self._sent].strip()
             if found is not None and (found[0] or "").startswith(sent):
                 prose = (found[0] or "")[len(sent) :]
