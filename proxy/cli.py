@@ -12,6 +12,7 @@ from typer.core import TyperCommand
 
 from detector_service.contract.profile import Mode
 from detector_service.settings import DetectorSettings
+from proxy.eval_tau2.command import eval_app
 from proxy.settings import ProxySettings
 
 # Plain click help: rich markup would read "[...]" in help texts as tags, and its tables cut long names at narrow widths.
@@ -372,6 +373,9 @@ def sessions_export(
             secrets=_env_secrets() if redact else (),
         )
     )
+
+
+app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:

@@ -86,6 +86,8 @@ NOT_RUN = {
     "tests/test_ops_compose.py validates the files",
     "kubectl create namespace fama": "needs a Kubernetes cluster with KEDA; tests/test_ops_k8s.py renders and "
     "validates the manifests",
+    "pip install -e '.[eval]'": "a GPU host with vLLM, minutes per episode; tests/test_eval_tau2.py runs fama eval "
+    "tau2 on scripted models (--proxy-url included) and tests/test_eval_tau2_local.py on the bundled model",
 }
 
 
