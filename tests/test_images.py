@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -28,6 +29,7 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionFunctionToolParam
 
 from tests.ops_artifacts import COMPOSE_TEST_ENV, ROOT, compose_config
 from tests.servers import RedisServer, free_port, stop_process
@@ -46,6 +48,14 @@ pytestmark = [
 ]
 
 BASE_IMAGE = "docker.io/library/python:3.11-slim"
+WEATHER_TOOL: ChatCompletionFunctionToolParam = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 TARGETS = ("runtime", "local")
 
 
@@ -212,27 +222,31 @@ def test_local_model_answers_with_the_alias_and_passes_its_healthcheck(stack: di
     assert stack["services"]["llama"].exec(test) == 0
 
 
-def test_a_turn_through_the_proxy_is_answered_and_evaluated_by_the_detector(stack: dict[str, Any]) -> None:
+def _turns_evaluated(detector_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{detector_port}/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    found = re.search(r'^fama_detector_turns_total\{outcome="ok"\} (\S+)$', metrics, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_tool_turn_through_the_proxy_is_answered_and_evaluated_by_the_detector(stack: dict[str, Any]) -> None:
     ports, compose = stack["ports"], stack["compose"]
     alias = compose["llama"]["command"][compose["llama"]["command"].index("--alias") + 1]
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports['proxy']}/v1", api_key="unused", max_retries=0)
+    # Declared tools make the turn a supervised one: the proxy publishes it to Redis for the detector.
     raw = client.chat.completions.with_raw_response.create(
         model=alias,
-        messages=[{"role": "user", "content": "Say hello."}],
-        max_tokens=8,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER_TOOL],
+        max_tokens=24,
         temperature=0,
         extra_headers={"x-fama-session": "images"},
-        timeout=120,
+        timeout=180,
     )
-    completion = raw.parse()
-    assert completion.choices[0].message.content
+    message = raw.parse().choices[0].message
+    assert message.content or message.tool_calls
     assert raw.headers["x-fama-session"] == "images"
-    # The detector read the turn from Redis and evaluated it.
     deadline = time.monotonic() + 60
-    while True:
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports['detector']}/metrics", timeout=10) as response:
-            metrics = response.read().decode()
-        if 'fama_detector_turns_total{outcome="ok"} 1.0' in metrics or time.monotonic() > deadline:
-            break
+    while _turns_evaluated(ports["detector"]) < 1 and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert 'fama_detector_turns_total{outcome="ok"} 1.0' in metrics, stack["services"]["detector"].output()
+    assert _turns_evaluated(ports["detector"]) >= 1, stack["services"]["detector"].output()
