@@ -3,9 +3,9 @@
 ``python -m proxy.local_model.child --model PATH [--alias NAME] [--host H] [--port P] ...`` serves the model
 until SIGTERM or SIGINT; ``python -m proxy.local_model.child llama-cpp-python <its arguments>`` runs
 llama-cpp-python's server instead. ``fama serve --local-model`` starts it as a child, and the ``local`` image
-runs it as its entrypoint. The server runs in its own session (so a terminal's Ctrl-C reaches only the proxy), which also
-means nothing stops it if the proxy dies without cleaning up (SIGKILL, the OOM killer). A watcher thread
-notices the parent is gone and stops the server, the same on Linux and macOS.
+runs it as its entrypoint. The server runs in its own session (so a terminal's Ctrl-C reaches only the
+proxy), which also means nothing stops it if the proxy dies without cleaning up (SIGKILL, the OOM killer). A
+watcher thread notices the parent is gone and stops the server, the same on Linux and macOS.
 
 Nothing here imports ``proxy``'s other modules: the process holds only the server.
 """
@@ -41,6 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _watch_parent() -> None:
+    parent = int(os.environ.pop(PARENT_ENV, os.getppid()))
+    threading.Thread(target=_stop_when_orphaned, args=(parent,), name="parent-watch", daemon=True).start()
+
+
 def _stop_when_orphaned(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(_POLL_S)
@@ -52,16 +57,14 @@ def _stop_when_orphaned(parent: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["llama-cpp-python"]:
-        parent = int(os.environ.pop(PARENT_ENV, os.getppid()))
-        threading.Thread(target=_stop_when_orphaned, args=(parent,), name="parent-watch", daemon=True).start()
+        _watch_parent()  # uvicorn stops gracefully on the SIGTERM it sends
         sys.argv = ["llama_cpp.server", *argv[1:]]
         runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
         return
     args = parse_args(argv)
     # Blocked before any thread starts (the server's included), so only sigwait below receives them.
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    parent = int(os.environ.pop(PARENT_ENV, os.getppid()))
-    threading.Thread(target=_stop_when_orphaned, args=(parent,), name="parent-watch", daemon=True).start()
+    _watch_parent()
 
     import xllamacpp  # the native library loads only in this process
 
