@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.local_model.model import LocalModel
+from proxy.local_model.model import LLAMA_CPP_PYTHON, XLLAMACPP, LocalModel
 from tests.llama import running_llama
 from tests.servers import RedisServer, shared_dir
 
@@ -56,6 +56,13 @@ def redis_url(redis_server: RedisServer) -> str:
 
 @pytest.fixture(scope="session")
 def llama_server() -> Iterator[LocalModel]:
-    """One real llama.cpp server with the PyPI-shipped model per session; skips when it is not installed."""
-    with running_llama() as model:
+    """llama-cpp-python's server with the PyPI-shipped model, one per session; skips when it is not installed."""
+    with running_llama(LLAMA_CPP_PYTHON) as model:
+        yield model
+
+
+@pytest.fixture(scope="session")
+def xllamacpp_server() -> Iterator[LocalModel]:
+    """xllamacpp's llama.cpp server (the local model's default) with the PyPI-shipped model, one per session."""
+    with running_llama(XLLAMACPP) as model:
         yield model

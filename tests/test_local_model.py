@@ -1,7 +1,8 @@
 """The bundled local model: locating it, running the llama.cpp server, and what that server does on the wire.
 
-The ``*_quirk`` tests talk to the real llama.cpp server directly and pin down where it departs from the
-OpenAI wire format; the proxy's normalization exists because of them.
+The ``*_quirk`` tests talk to llama-cpp-python's server directly and pin down where it departs from the
+OpenAI wire format; the proxy's normalization exists because of them. The default server (xllamacpp) is in
+test_local_model_xllamacpp.py.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from proxy.local_model.model import (
     INSTALL_MODEL,
     INSTALL_SERVER,
     MODEL_ALIAS,
+    XLLAMACPP,
     LocalModel,
     LocalModelError,
     LocalModelOptions,
@@ -97,7 +99,7 @@ def one_shot(llama: httpx2.Client) -> httpx2.Client:
 
 
 def test_bundled_model_is_found_in_the_package_directory_without_importing_it() -> None:
-    if (reason := unavailable_reason()) is not None:
+    if (reason := unavailable_reason(None)) is not None:
         pytest.skip(reason)
     path = bundled_model_path()
     assert path.suffix == ".gguf"
@@ -118,11 +120,11 @@ def test_missing_llama_server_names_the_install_command() -> None:
     with pytest.raises(LocalModelError) as raised:
         check_server_installed("fama_no_such_llama_package")
     assert INSTALL_SERVER in str(raised.value)
-    assert "GGML_NATIVE=OFF" in INSTALL_SERVER  # the default native build crashes on some CPUs
+    assert INSTALL_SERVER == "pip install xllamacpp"  # a prebuilt wheel: nothing compiles
 
 
 def test_server_that_cannot_load_its_model_fails_start_with_its_log(tmp_path: Path) -> None:
-    if (reason := unavailable_reason()) is not None:
+    if (reason := unavailable_reason(XLLAMACPP)) is not None:
         pytest.skip(reason)
     bogus = tmp_path / "not-a-model.gguf"
     bogus.write_bytes(b"this is not a GGUF file")
@@ -145,7 +147,7 @@ def test_port_already_taken_is_refused_before_starting(tmp_path: Path) -> None:
 
 
 def test_stop_ends_the_server_process() -> None:
-    if (reason := unavailable_reason()) is not None:
+    if (reason := unavailable_reason(XLLAMACPP)) is not None:
         pytest.skip(reason)
     with LocalModel(LocalModelOptions(model_path=bundled_model_path(), port=free_port())) as model:
         pid = model.pid

@@ -8,9 +8,11 @@ and pass the compose healthcheck.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 from dockerfile_parse import DockerfileParser
 
-from proxy.local_model.model import bundled_model_path
+from proxy.local_model.model import CHAT_TEMPLATE, XLLAMACPP, bundled_model_path
 from tests.llama import unavailable_reason
 from tests.ops_artifacts import DOCKER, compose_config
 from tests.servers import free_port, stop_process, wait_for_port
@@ -48,9 +50,21 @@ def _with_option(args: list[str], option: str, value: str) -> list[str]:
     return args
 
 
+def wait_until_models_answer(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5):
+                return
+        except OSError:  # HTTPError (503 while loading) included
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"/v1/models did not answer 200 within {timeout:.0f}s") from None
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def llama_service() -> Iterator[tuple[dict[str, Any], int]]:
-    reason = unavailable_reason()
+    reason = unavailable_reason(XLLAMACPP)
     if reason is not None:
         pytest.skip(reason)
     service = compose_config("cpu")["services"]["llama"]
@@ -59,20 +73,18 @@ def llama_service() -> Iterator[tuple[dict[str, Any], int]]:
     port = free_port()
     # Same entrypoint and arguments; only the model's place on disk and the listen address differ.
     args = _with_option(command, "--model", str(bundled_model_path()))
+    args = _with_option(args, "--chat-template-file", str(CHAT_TEMPLATE))
     args = _with_option(_with_option(args, "--host", "127.0.0.1"), "--port", str(port))
     entrypoint = _local_entrypoint()
     assert entrypoint[0] == "python"
     with tempfile.TemporaryFile() as log:
-        # llama.cpp's server reads unprefixed MODEL/PORT/HOST variables: give it a clean environment.
-        proc = subprocess.Popen(
-            [sys.executable, *entrypoint[1:], *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={"PATH": "/usr/bin:/bin"},
-        )
+        # A clean environment, as in the image (PYTHONPATH only to find this checkout's code).
+        env = {"PATH": "/usr/bin:/bin", **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}}
+        proc = subprocess.Popen([sys.executable, *entrypoint[1:], *args], stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             try:
                 wait_for_port(port, timeout=60)
+                wait_until_models_answer(port, timeout=120)  # it listens (answering 503) while the model loads
             except TimeoutError:
                 log.seek(0)
                 raise AssertionError(log.read().decode(errors="replace")[-3000:]) from None
@@ -85,7 +97,7 @@ def test_serves_the_model_alias_clients_use(llama_service: tuple[dict[str, Any],
     service, port = llama_service
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as response:
         models = json.loads(response.read())
-    alias = service["command"][service["command"].index("--model_alias") + 1]
+    alias = service["command"][service["command"].index("--alias") + 1]
     assert [m["id"] for m in models["data"]] == [alias]
 
 

