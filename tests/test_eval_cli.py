@@ -33,3 +33,15 @@ def test_without_tau2_it_says_how_to_install_it(tmp_path: Path) -> None:
     done = _eval(tmp_path, "--tasks", "1")
     assert done.returncode == 2
     assert "pip install -e '.[eval]'" in done.stderr
+
+
+def test_the_model_server_is_named_or_the_bundled_one_is_asked_for(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = fama("eval", "tau2", "--out", str(tmp_path / "o"), *args)
+        return subprocess.run(cmd, env=service_env(COLUMNS="200"), capture_output=True, text=True, timeout=120)
+
+    for args in ((), ("--local-model", "--model", "m"), ("--model", "m")):
+        done = run(*args)
+        assert done.returncode == 2, args
+        assert "--upstream-url" in done.stderr, args
+    assert not (tmp_path / "o").exists()

@@ -1,5 +1,5 @@
-"""``fama eval tau2`` end to end with the bundled llama.cpp model as the agent: 2 airline tasks x 1 trial x 3 arms.
-Whatever a 135M model scores (tasks whose ground truth writes
+"""``fama eval tau2 --local-model`` end to end, one command with the bundled model as the agent: 2 airline tasks x
+1 trial x 3 arms. Whatever a 135M model scores (tasks whose ground truth writes
 nothing pass when it does nothing), the test is that the harness runs every episode, reports, and writes what it
 promises. The user simulator is the scripted one of tests/tau2_scripted.py over HTTP: on two shared CPU cores every
 call of the local model re-reads a 2000-token prompt, and the agent's calls alone share one prefix."""
@@ -7,14 +7,14 @@ call of the local model re-reads a 2000-token prompt, and the agent's calls alon
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 from pathlib import Path
 
 import orjson
 import pytest
 
-from proxy.eval_tau2.runner import EvalOptions, eval_tau2_command
+from proxy.bench.processes import fama, service_env
 from proxy.eval_tau2.tau2_env import INSTALL_HINT
-from tests.llama import running_llama
 from tests.servers import serve_in_thread
 from tests.supervised_upstream import ScriptedModel
 from tests.tau2_scripted import user_reply
@@ -32,18 +32,11 @@ pytestmark = [
 def test_two_tasks_one_trial_three_arms_on_the_bundled_model(tmp_path: Path) -> None:
     out = tmp_path / "run"
     user = ScriptedModel(user_reply)
-    with running_llama() as model, serve_in_thread(user.app) as user_url:
-        options = EvalOptions(
-            upstream_url=model.base_url,
-            model=model.options.alias,
-            user_url=f"{user_url}/v1",
-            user_model="scripted-user",
-            domain="airline",
-            out=out,
-            num_tasks=2,
-            max_steps=8,
-        )
-        assert eval_tau2_command(options) == 0
+    with serve_in_thread(user.app) as user_url:
+        args = ["eval", "tau2", "--local-model", "--user-url", f"{user_url}/v1", "--user-model", "scripted-user"]
+        args += ["--domain", "airline", "--tasks", "2", "--max-steps", "8", "--out", str(out)]
+        done = subprocess.run(fama(*args), env=service_env(), capture_output=True, text=True, timeout=1700)
+        assert done.returncode == 0, done.stderr[-3000:]
     report = orjson.loads((out / "report.json").read_bytes())
     arms = ("direct", "observe", "enforce")
     assert {arm: report["arms_summary"][arm]["episodes"] for arm in arms} == dict.fromkeys(arms, 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -12,9 +13,18 @@ eval_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Live ev
 
 @eval_app.command("tau2")
 def eval_tau2(
-    upstream_url: Annotated[str, typer.Option(envvar="FAMA_UPSTREAM_URL", help="The agent's model server, with /v1.")],
-    model: Annotated[str, typer.Option(help="The agent's model name.")],
     out: Annotated[Path, typer.Option(help="Output folder; a re-run with the same folder resumes.")],
+    upstream_url: Annotated[
+        str | None, typer.Option(envvar="FAMA_UPSTREAM_URL", help="The agent's model server, with /v1.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="The agent's model name.")] = None,
+    local_model: Annotated[
+        bool,
+        typer.Option(
+            "--local-model",
+            help="Start the bundled small model and use it as the agent's (and by default the user's) model server.",
+        ),
+    ] = False,
     domain: Annotated[str, typer.Option(help="airline, retail or telecom.")] = "airline",
     user_url: Annotated[
         str | None, typer.Option(help="The user simulator's model server (default: --upstream-url); never proxied.")
@@ -39,9 +49,13 @@ def eval_tau2(
     """A/B of supervision on tau2-bench: pass^k per arm, rescued vs broken, and the decision rule p > d/(r+d)."""
     from proxy.eval_tau2.runner import EvalOptions, eval_tau2_command
 
+    if local_model == (upstream_url is not None or model is not None):
+        raise typer.BadParameter("give either --local-model, or both --upstream-url and --model")
+    if not local_model and (upstream_url is None or model is None):
+        raise typer.BadParameter("--upstream-url and --model go together")
     options = EvalOptions(
-        upstream_url=upstream_url,
-        model=model,
+        upstream_url=upstream_url or "",
+        model=model or "",
         domain=domain,
         out=out,
         user_url=user_url,
@@ -58,4 +72,15 @@ def eval_tau2(
         seed=seed,
         max_steps=max_steps,
     )
-    raise typer.Exit(eval_tau2_command(options))
+    if not local_model:
+        raise typer.Exit(eval_tau2_command(options))
+    from proxy.bench.processes import free_port
+    from proxy.local_model.model import LocalModel, LocalModelError, LocalModelOptions, bundled_model_path
+
+    try:
+        with LocalModel(LocalModelOptions(model_path=bundled_model_path(), port=free_port())) as served:
+            code = eval_tau2_command(replace(options, upstream_url=served.base_url, model=served.options.alias))
+    except LocalModelError as exc:
+        typer.echo(f"fama eval tau2: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    raise typer.Exit(code)
