@@ -102,16 +102,30 @@ def shared_dir() -> Path:
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def wait_for_detector_group(redis_url: str, proc: subprocess.Popen[bytes], timeout_s: float = 20) -> None:
+    """Until ``fama detector`` (``proc``) has created its consumer group on the turn stream, or exited."""
+    import redis
+
+    from detector_service.bus import keys
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(redis.ResponseError):
+                if any(g["name"] == keys.DETECTOR_GROUP.encode() for g in client.xinfo_groups(keys.TURNS_STREAM)):
+                    return
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
 @contextlib.contextmanager
 def detector_worker(redis_url: str, **settings: str) -> Iterator[None]:
     """``fama detector`` as its own process, stopped with SIGTERM like an orchestrator would; ready once its consumer
     group exists on the turn stream. ``settings`` are ``FAMA_*`` variables without the prefix."""
     import os
     import sys
-
-    import redis
-
-    from detector_service.bus import keys
 
     env = {
         "FAMA_METRICS_PORT": "0",
@@ -126,14 +140,7 @@ def detector_worker(redis_url: str, **settings: str) -> Iterator[None]:
         stderr=subprocess.PIPE,
     )
     try:
-        client = redis.Redis.from_url(redis_url)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(redis.ResponseError):
-                if any(g["name"] == keys.DETECTOR_GROUP.encode() for g in client.xinfo_groups(keys.TURNS_STREAM)):
-                    break
-            time.sleep(0.05)
-        client.close()
+        wait_for_detector_group(redis_url, proc)
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
         yield
     finally:

@@ -20,7 +20,6 @@ from typing import Any
 import httpx2
 import openai
 import pytest
-import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis as AsyncRedis
@@ -33,7 +32,15 @@ from detector_service.contract.redaction import REDACTED, RedactSecrets, redact_
 from detector_service.contract.wire import Action, TurnEvent
 from detector_service.engine import Engines
 from proxy.bench.processes import fama
-from tests.servers import fama_env, free_port, serve_in_thread, start_fama_serve, stop_process, wait_for_port
+from tests.servers import (
+    fama_env,
+    free_port,
+    serve_in_thread,
+    start_fama_serve,
+    stop_process,
+    wait_for_detector_group,
+    wait_for_port,
+)
 from tests.supervised_upstream import ScriptedModel, feedback_in
 from tests.supervision_harness import CANCEL, LOOKED_UP, QUESTION, TOOLS, cancels_until_told, proxy_for, sdk
 
@@ -278,14 +285,7 @@ def detector(redis_url: str, profile: Path, metrics_port: int, log: Path) -> Ite
         )
     try:
         wait_for_port(metrics_port)
-        client = redis.Redis.from_url(redis_url)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(redis.ResponseError):
-                if any(g["name"] == keys.DETECTOR_GROUP.encode() for g in client.xinfo_groups(keys.TURNS_STREAM)):
-                    break
-            time.sleep(0.05)
-        client.close()
+        wait_for_detector_group(redis_url, proc)
         assert proc.poll() is None, log.read_text()
         yield proc
     finally:
