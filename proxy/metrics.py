@@ -97,7 +97,8 @@ class ProxyMetrics:
         )
         self.upstream_errors = Counter(
             "fama_upstream_errors_total",
-            "Upstream failures by kind (connect, timeout, status_4xx, status_5xx, stream).",
+            "Upstream failures by kind (connect, timeout, status_4xx, status_5xx, stream; closed: a connection that closed "
+            "before answering, the request sent once more on a new one).",
             ["kind"],
             registry=r,
         )

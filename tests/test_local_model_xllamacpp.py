@@ -1,19 +1,30 @@
 """The default local model server (llama.cpp's own, from the xllamacpp wheel) on the wire, directly.
 
 What it does where llama-cpp-python's server departs from the OpenAI format (test_local_model.py), and the
-one thing it does not do: honour a ``tool_choice`` naming one function.
+two things it does not do: honour a ``tool_choice`` naming one function, and keep a connection open after a streamed
+answer (it closes it while advertising keep-alive; the proxy sends a request that meets such a connection once
+more, on a new one).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import socket
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2
+import orjson
 import pytest
 
 from proxy.local_model.model import MODEL_ALIAS, LocalModel
+from proxy.metrics import ProxyMetrics
+from proxy.settings import ProxySettings
+from proxy.tracing import Trace
+from proxy.upstream.client import Upstream
 from tests.test_local_model import ASK_WEATHER, FORCE_WEATHER, SAY_HI, WEATHER_TOOL, chunks, sse_events
 
 pytestmark = pytest.mark.llama
@@ -21,8 +32,74 @@ pytestmark = pytest.mark.llama
 
 @pytest.fixture(scope="module")
 def server(xllamacpp_server: LocalModel) -> Iterator[httpx2.Client]:
-    with httpx2.Client(base_url=xllamacpp_server.base_url, timeout=120) as client:
+    # A new connection per request: the server ends its connection after a streamed answer (quirk test below), and a
+    # request that met that connection as it closes would fail for a reason that is not the one a test names.
+    limits = httpx2.Limits(max_keepalive_connections=0)
+    with httpx2.Client(base_url=xllamacpp_server.base_url, timeout=120, limits=limits) as client:
         yield client
+
+
+def _raw_exchange(base_url: str, body: dict[str, Any]) -> tuple[bytes, bool]:
+    """One HTTP/1.1 request on a socket of its own: the bytes that came back, and whether the server closed it."""
+    parts = urlsplit(base_url)
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {parts.path}/chat/completions HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    ).encode()
+    received = b""
+    with socket.create_connection((parts.hostname, parts.port), timeout=60) as sock:
+        sock.sendall(head + payload)
+        while True:
+            sock.settimeout(60 if not received.endswith((b"0\r\n\r\n", b"}")) else 2)
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                return received, False
+            if not data:
+                return received, True
+            received += data
+
+
+def test_a_streamed_answer_ends_its_connection_despite_keep_alive_quirk(xllamacpp_server: LocalModel) -> None:
+    request = {"model": MODEL_ALIAS, "messages": SAY_HI, "temperature": 0, "max_tokens": 3}
+    streamed, closed = _raw_exchange(xllamacpp_server.base_url, {**request, "stream": True})
+    assert re.search(rb"(?i)keep-alive: timeout=\d+", streamed)  # it says it keeps the connection
+    assert streamed.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert closed  # and closes it right after the last chunk
+    whole, closed = _raw_exchange(xllamacpp_server.base_url, request)
+    assert b'"choices"' in whole
+    assert not closed  # a whole answer keeps it
+
+
+def test_the_proxy_sends_a_request_that_meets_the_closed_connection_again(xllamacpp_server: LocalModel) -> None:
+    """The proxy's upstream client, on its pooled connection: a stream, then at once a whole answer (what an agent
+    loop does when its tool is quick). The connection the stream leaves is closed as it is reused; the request goes
+    out once more on a new one and the caller never sees the failure."""
+    metrics = ProxyMetrics()
+    request = {"model": MODEL_ALIAS, "messages": SAY_HI, "temperature": 0, "max_tokens": 3}
+
+    async def stream_then_whole() -> list[bytes]:
+        upstream = Upstream(ProxySettings(upstream_url=xllamacpp_server.base_url), metrics)
+        answers = []
+        try:
+            headers = upstream.headers(None, "req-1")
+            for stream in (True, False, True, False, True, False):
+                body = orjson.dumps({**request, "stream": stream})
+                reply = await upstream.open("POST", "/chat/completions", headers, Trace("req-1"), body)
+                try:
+                    answers.append(await upstream.read(reply))
+                finally:
+                    reply.close()
+        finally:
+            await upstream.aclose()
+        return answers
+
+    answers = asyncio.run(stream_then_whole())
+    assert [a.endswith(b"data: [DONE]\n\n") for a in answers] == [True, False] * 3
+    assert all(b'"choices"' in a for a in answers)
+    assert metrics.upstream_errors.labels("closed")._value.get() >= 1  # it happened, and nobody saw it
+    assert metrics.upstream_errors.labels("connect")._value.get() == 0
 
 
 def test_models_lists_the_alias_with_created(server: httpx2.Client) -> None:

@@ -11,9 +11,14 @@ Every call has bounded waits (connect/read timeouts from settings). Transport fa
 :class:`~proxy.errors.UpstreamUnreachable` (502) or :class:`~proxy.errors.UpstreamTimeout` (504); an
 error status becomes :class:`~proxy.errors.UpstreamError` with the upstream's status and a normalized body.
 
-No call is retried here: each attempt of a client is exactly one upstream attempt. The official SDK already retries
+No answer is retried here: each attempt of a client is one upstream attempt. The official SDK already retries
 connection errors, 408/409/429 and 5xx (twice by default, after ``retry-after``, which is passed through), so a
-retry here would multiply its attempts. The only model calls the proxy makes by itself are supervision's
+retry here would multiply its attempts. The one exception is a connection closed before any byte of an answer came
+back (``ServerDisconnectedError``, or the request could not be written): the request is sent once more, on a new
+connection, when its body is in memory. A pooled connection goes stale that way when the server ends it just as it
+is reused; llama.cpp's server closes the connection after every streamed answer while advertising keep-alive, so
+without this, the request that follows a stream within a few milliseconds would fail (``fama_upstream_errors_total
+{kind="closed"}`` counts these). The only model calls the proxy makes by itself are supervision's
 corrective retries, made before any byte of a tool call reached the client (:mod:`proxy.supervision.supervisor`).
 """
 
@@ -98,6 +103,7 @@ class Upstream:
         self._metrics = metrics
         self._errors = {kind: metrics.upstream_errors.labels(kind) for kind in _ERROR_KINDS}
         self._owns_session = session is None
+        self._fresh: aiohttp.ClientSession | None = None  # no pooling: where a request goes after a stale connection
         if session is not None:
             self.session = session
             self._urls: dict[str, str] = {}
@@ -122,6 +128,18 @@ class Upstream:
     async def aclose(self) -> None:
         if self._owns_session:
             await self.session.close()
+        if self._fresh is not None:
+            await self._fresh.close()
+
+    def _fresh_session(self) -> aiohttp.ClientSession:
+        if self._fresh is None:
+            self._fresh = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True),
+                timeout=self.session.timeout,
+                trust_env=False,
+                raise_for_status=False,
+            )
+        return self._fresh
 
     def headers(self, client_authorization: str | None, request_id: str) -> dict[str, str]:
         headers = {"content-type": "application/json", "x-request-id": request_id}
@@ -182,15 +200,17 @@ class Upstream:
         content: bytes | AsyncIterable[bytes] | None,
         as_is: bool = False,
     ) -> aiohttp.ClientResponse:
+        options: dict[str, Any] = {"allow_redirects": not as_is, "auto_decompress": False if as_is else None}
         try:
-            response = await self.session.request(
-                method,
-                url,
-                headers=headers,
-                data=content,
-                allow_redirects=not as_is,
-                auto_decompress=False if as_is else None,
-            )
+            try:
+                response = await self.session.request(method, url, headers=headers, data=content, **options)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if isinstance(exc, aiohttp.ClientConnectorError) or not (content is None or isinstance(content, bytes)):
+                    raise  # no connection at all, or a streamed body that cannot be sent again
+                self._errors["closed"].inc()
+                logger.debug("upstream closed the connection before answering (%s); sending once more", exc)
+                fresh = self._fresh_session()
+                response = await fresh.request(method, url, headers=headers, data=content, **options)
         except TimeoutError as exc:
             self._errors["timeout"].inc()
             raise UpstreamTimeout(f"the upstream model server did not answer in time ({type(exc).__name__})") from exc
@@ -203,7 +223,7 @@ class Upstream:
 
     def count_error(self, kind: str) -> None:
         """One more ``fama_upstream_errors_total{kind}`` (``timeout``, ``connect``, ``status_4xx``, ``status_5xx``,
-        ``stream``)."""
+        ``stream``, ``closed``)."""
         self._errors[kind].inc()
 
     async def _raise_status(self, response: aiohttp.ClientResponse) -> None:
@@ -276,7 +296,7 @@ class Upstream:
             raise UpstreamUnreachable(f"upstream unreachable ({type(exc).__name__})") from exc
 
 
-_ERROR_KINDS = ("timeout", "connect", "status_4xx", "status_5xx", "stream")
+_ERROR_KINDS = ("timeout", "connect", "status_4xx", "status_5xx", "stream", "closed")
 
 
 async def read_bounded(body: AsyncIterator[bytes], limit: int) -> bytes:
