@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -16,6 +17,15 @@ import uvicorn
 
 from proxy.bench.processes import free_port as free_port
 from proxy.bench.processes import wait_for_port as wait_for_port
+
+
+@contextlib.contextmanager
+def refused_url() -> Iterator[str]:
+    """A ``/v1`` base URL on 127.0.0.1 that refuses connections: its port is bound but not listening, and stays bound
+    (ours) until the block ends, so no server started meanwhile (the proxy's own) can be given it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
 class _ThreadServer(uvicorn.Server):

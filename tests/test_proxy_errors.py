@@ -15,7 +15,7 @@ import pytest
 
 from tests.proxy_harness import MESSAGES, running_proxy, schema_errors, sdk
 from tests.scripted_upstream import STYLES, ScriptedUpstream
-from tests.servers import free_port, serve_in_thread
+from tests.servers import refused_url, serve_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_other_v1_routes_answer_with_the_upstreams_status(proxy_url: str, openai
 
 
 def test_connect_refused_is_502(openai_schemas: Path) -> None:
-    with running_proxy(f"http://127.0.0.1:{free_port()}/v1", connect_timeout_s=2) as proxy, sdk(proxy) as client:
+    with refused_url() as upstream, running_proxy(upstream, connect_timeout_s=2) as proxy, sdk(proxy) as client:
         with pytest.raises(openai.InternalServerError) as caught:
             client.chat.completions.create(model="openai:text", messages=MESSAGES)
         assert caught.value.status_code == 502

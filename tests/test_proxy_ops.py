@@ -15,7 +15,7 @@ from proxy.hooks import ChatContext, ChatHooks
 from proxy.settings import ProxySettings
 from tests.proxy_harness import MESSAGES, sdk
 from tests.scripted_upstream import ScriptedUpstream
-from tests.servers import free_port, serve_in_thread
+from tests.servers import refused_url, serve_in_thread
 
 
 class TenantProbe(ChatHooks[None]):
@@ -65,11 +65,12 @@ def test_health_readiness_and_request_metrics(upstream_url: str) -> None:
 
 
 def test_connect_errors_are_counted() -> None:
-    settings = ProxySettings(upstream_url=f"http://127.0.0.1:{free_port()}/v1")
-    with serve_in_thread(create_app(settings)) as proxy, sdk(proxy) as client:
-        with pytest.raises(openai.InternalServerError):
-            client.chat.completions.create(model="openai:text", messages=MESSAGES)
-        text = httpx2.get(proxy + "/metrics").text
+    with refused_url() as upstream:
+        settings = ProxySettings(upstream_url=upstream)
+        with serve_in_thread(create_app(settings)) as proxy, sdk(proxy) as client:
+            with pytest.raises(openai.InternalServerError):
+                client.chat.completions.create(model="openai:text", messages=MESSAGES)
+            text = httpx2.get(proxy + "/metrics").text
     assert metric(text, "fama_upstream_errors_total", kind="connect") == 1
 
 

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.proxy_harness import running_proxy, sdk
-from tests.servers import free_port, serve_in_thread
+from tests.servers import refused_url, serve_in_thread
 
 MODEL = {"id": "m-1", "object": "model", "created": 1, "owned_by": "the-model-route"}
 LISTED = {"id": "m-1", "object": "model", "created": 1, "owned_by": "the-list"}
@@ -276,7 +276,7 @@ def test_upstream_errors_keep_their_status_in_openai_shape(proxy_url: str) -> No
 
 
 def test_upstream_down_is_502_and_silent_is_504(upstream: tuple[RelayUpstream, str]) -> None:
-    with running_proxy(f"http://127.0.0.1:{free_port()}/v1") as proxy:
+    with refused_url() as refusing, running_proxy(refusing) as proxy:
         down = httpx2.get(proxy + "/v1/batches/b1")
     assert down.status_code == 502
     assert down.json()["error"]["code"] == "upstream_unreachable"

@@ -22,7 +22,7 @@ import pytest
 
 from tests.proxy_harness import MESSAGES, running_proxy, sdk
 from tests.scripted_upstream import ScriptedUpstream
-from tests.servers import free_port, serve_in_thread
+from tests.servers import refused_url, serve_in_thread
 from tests.supervised_upstream import ScriptedModel, feedback_in
 from tests.supervision_harness import LOOKED_UP, always_cancels, proxy_for
 from tests.supervision_harness import TOOLS as AIRLINE_TOOLS
@@ -103,7 +103,7 @@ def test_the_sdks_own_timeout_is_api_timeout_error_and_cancels_the_upstream(
 
 
 def test_connection_refused_is_502_once_per_sdk_attempt() -> None:
-    with running_proxy(f"http://127.0.0.1:{free_port()}/v1") as proxy, sdk(proxy, max_retries=2) as client:
+    with refused_url() as upstream, running_proxy(upstream) as proxy, sdk(proxy, max_retries=2) as client:
         started = time.monotonic()
         with pytest.raises(openai.InternalServerError) as caught:
             client.chat.completions.create(model="m", messages=MESSAGES)
