@@ -180,7 +180,7 @@ class ExtractionScheduler:
             except asyncio.CancelledError:
                 # Stopped mid-call (shutdown): free the lock so another replica need not wait for it to expire.
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    async with asyncio.timeout(0.5):
+                    async with asyncio.timeout(2.0):  # bounded, with room for a busy host
                         await values.delete(self.redis, lock)
                 raise
             except ExtractionError as exc:
