@@ -161,7 +161,7 @@ async def test_deadline_is_respected_when_no_worker_runs(source: RedisVerdicts) 
 
     assert outcome.verdict is None
     assert outcome.reason is MissReason.DEADLINE
-    assert 0.2 <= elapsed < 0.7
+    assert 0.2 <= elapsed < 2.0  # the deadline, not a hang (room for a busy host)
     assert sample(source.metrics, "fama_verdict_deadline_misses_total", transport="redis") == 1
     assert (await source.evaluate(turn(2), timeout_s=0)).reason is MissReason.DEADLINE
 
