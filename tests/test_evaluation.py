@@ -33,7 +33,7 @@ POOLED = {
     "zero-config": (0.31, 0.04, 0.28),
     "profiles": (0.39, 0.045, 0.38),
     "lto": (0.39, 0.045, 0.38),
-    "lto+monitor": (0.44, 0.065, 0.44),
+    "lto+monitor": (0.42, 0.045, 0.41),
     "lomo": (0.38, 0.045, 0.36),
     "lomo+monitor": (0.38, 0.045, 0.36),
     "deployment": (0.38, 0.045, 0.36),
@@ -41,9 +41,9 @@ POOLED = {
 }
 TABLE_ALONE = ("zero-config", "profiles", "lto", "lomo", "deployment")
 PER_FILE_PASSED_MAX = 0.15  # every file with at least 10 passed runs, every table-alone setting
-# With the monitor, leaving the task out, gpt-oss-120b airline reaches 2 of its 12 passed runs (the ReAct file 2 of
-# 17): the done-when's 12% per file is not met there (docs/detection.md).
-PER_FILE_PASSED_MAX_MONITOR = 0.17
+# With the monitor (each protocol), no file with 10+ passed runs goes over 1 in 10 (DESIGN's bound; the done-when's
+# is 12%): measured worst 8.3%, gpt-oss-120b airline's 1 of 12, a flag of the table's (docs/detection.md).
+PER_FILE_PASSED_MAX_MONITOR = 0.09
 DEPLOYMENT_RISE_MAX = 0.03  # the monitor trained on a file's own half never adds more than 3 points of its passed runs
 
 
@@ -88,7 +88,7 @@ def test_the_deployment_monitor_keeps_every_files_passed_runs(tables: dict[str, 
 
 def test_leave_task_out_monitor_catches_more_failed_runs(tables: dict[str, Any]) -> None:
     table, monitored = tables["lto"]["pooled"]["acting"], tables["lto+monitor"]["pooled"]["acting"]
-    assert monitored["failed_flagged"] - table["failed_flagged"] >= 0.04
+    assert monitored["failed_flagged"] - table["failed_flagged"] >= 0.02
     assert tables["monitor"]["lto"]["auprc"] >= 0.68
     assert tables["monitor"]["lto"]["switched_on"]
 

@@ -16,13 +16,18 @@ from detector_service.contract.wire import Action, Category, Finding, TurnEvent
 from detector_service.engine import Engine
 from detector_service.monitor.features import FEATURE_VERSION, FEATURES, FeatureState, vector
 from detector_service.monitor.score import Risk, score
-from detector_service.offline.training import train_monitor
-from detector_service.offline.trajectories import Trajectory, load
+from detector_service.offline.calibrate import calibrate
+from detector_service.offline.evaluation import ACTING
+from detector_service.offline.protocols import half_of
+from detector_service.offline.replay import replay
+from detector_service.offline.training import proven, train_monitor
+from detector_service.offline.trajectories import Replayed, Trajectory, load
 from detector_service.turn import ConversationIndex, TurnView, tools_by_name
 from tests.supervised_upstream import ScriptedModel, call, feedback_in
 from tests.supervision_harness import CANCEL, LOOKED_UP, QUESTION, TOOLS, proxy_for
-from tests.tau_turns import QWEN, tools
+from tests.tau_turns import DOMAIN, QWEN, REACT, tools
 
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 KINDS = ToolKinds(Profile(), TOOLS)
 READ = call("get_reservation_details", '{"reservation_id": "ZFA04Y"}', "call_9")
 CONFIRMED: list[Any] = [
@@ -166,6 +171,37 @@ def test_it_abstains_on_a_tool_a_domain_or_a_harness_it_was_not_trained_on() -> 
     assert "react" in (react.abstained or "")
 
 
+def test_it_abstains_on_a_harness_with_too_few_passed_training_runs() -> None:
+    # Forty ReAct turns but nine passed ReAct runs: how often it would flag a good ReAct run was not measurable.
+    declared = KINDS.declared
+    monitor = _monitor(
+        min_turns=20,
+        tools={"cancel_reservation": 40},
+        declared=dict.fromkeys(declared, 40),
+        dialects={"native": 40, "react": 40},
+        passed={"native": 25, "react": 9},
+        min_passed=20,
+    )
+    view, state = _view(CONFIRMED, {"role": "assistant", "tool_calls": [CANCEL]})
+    x = vector(state, view.index, view.calls)
+    assert score(monitor, x, ["cancel_reservation"], declared).acting
+    react = score(monitor, x, ["cancel_reservation"], declared, "react")
+    assert not react.acting
+    assert react.abstained == "react actions had 9 passed training runs"
+
+
+def test_a_gain_of_a_few_runs_is_not_proof() -> None:
+    # 2 more of 35 failed runs for none of 38 passed runs: on the point estimates the monitor would act (5.7% against
+    # 0%), but one standard error either way the failed side falls to 2.9%, under twice the 2.6% the passed side
+    # may reach.
+    assert not proven(2, 35, 0, 38)
+    # 5 of 100 failed runs for none of 80 passed ones holds on the pessimistic side of both; with one passed run
+    # added, it no longer does.
+    assert proven(5, 100, 0, 80)
+    assert not proven(5, 100, 1, 80)
+    assert not proven(1, 10, 0, 1000)  # below the minimum gain, however clean
+
+
 # -- the decision -----------------------------------------------------------------------------------------------
 
 
@@ -274,6 +310,38 @@ def test_training_refuses_too_few_runs() -> None:
     assert not monitor.enabled
     assert monitor.coefficients == []
     assert "too few runs" in (monitor.why or "")
+
+
+@pytest.mark.tau
+def test_a_monitor_trained_on_half_the_airline_tasks_keeps_its_budget_on_its_own_runs(tau_dir: Path) -> None:
+    # The leave-task-out training that switches the monitor on (airline, tasks of half 1, every airline file). Whatever
+    # fit scores them, the monitor written must not flag more of its own passed runs than the budget allows; the ReAct
+    # file brings too few passed runs of its harness for that to be measured, so the monitor stays out of those turns.
+    training: list[Trajectory] = []
+    react: set[int] = set()
+    for name in sorted(DOMAIN):
+        if DOMAIN[name].endswith("airline"):
+            for t in load(tau_dir / "trajectories" / name):
+                if half_of(t) == 1:
+                    t.tools = tools(tau_dir, name)
+                    training.append(t)
+                    if name == REACT:
+                        react.add(len(training) - 1)
+    table = calibrate(load_profile(PROFILES / "airline.yaml"), training, [])
+    monitor = train_monitor(table, training, [])
+    assert monitor.min_passed == 20
+    assert 0 < monitor.passed["react"] < monitor.min_passed <= monitor.passed["native"]
+    acting = monitor.model_copy(update={"enabled": True})
+    alone = replay(Engine(table), training, [])
+    both = replay(Engine(table.model_copy(update={"monitor": acting})), training, [])
+
+    def flagged(r: Replayed) -> bool:
+        return any(f.action in ACTING for f in r.flags)
+
+    passed = [i for i, t in enumerate(training) if t.reward == 1.0]
+    assert sum(flagged(both[i]) for i in passed) <= int(monitor.budget * len(passed))
+    assert all(flagged(both[i]) == flagged(alone[i]) for i in react)
+    assert any(flagged(both[i]) and not flagged(alone[i]) for i in range(len(training)) if i not in react)
 
 
 def test_training_switches_it_on_where_cross_validation_proves_it() -> None:

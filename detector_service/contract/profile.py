@@ -216,7 +216,9 @@ class MonitorConfig(_Strict):
     cross-validation showed it catches more failed runs within ``budget`` (the share of passed runs the table
     and the monitor together may act on); otherwise ``why`` says what it showed. ``min_turns``: a pending tool
     seen on fewer training turns, a request most of whose declared tools were (another domain), or a harness
-    writing its actions another way (``dialects``: ``native`` or ``react``), makes it abstain.
+    writing its actions another way (``dialects``: ``native`` or ``react``), makes it abstain; so does a harness
+    with fewer than ``min_passed`` passed training runs (``passed``): its share of passed runs flagged was not
+    measurable there.
     """
 
     enabled: bool = False
@@ -233,6 +235,8 @@ class MonitorConfig(_Strict):
     tools: dict[str, int] = Field(default_factory=dict)  # pending tool -> training turns
     declared: dict[str, int] = Field(default_factory=dict)  # tool declared in training requests -> training turns
     dialects: dict[str, int] = Field(default_factory=dict)  # how the harness wrote its actions -> training turns
+    passed: dict[str, int] = Field(default_factory=dict)  # how the harness wrote its actions -> passed training runs
+    min_passed: int = Field(default=0, ge=0)  # passed training runs a harness needs before the monitor judges it
     fingerprint: str = ""  # sha256 of the training runs (ids, rewards) and the feature version
     cv: MonitorFigures | None = None
 

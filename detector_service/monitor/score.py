@@ -40,9 +40,12 @@ def abstains(
 ) -> str | None:
     """Why the monitor stays out of this turn: a request whose declared tools are mostly unknown to its training
     (another domain), a harness that writes its actions in a way training saw too little of (``native`` calls
-    or ``react`` text), or a pending tool too rarely seen there."""
+    or ``react`` text: too few turns, or too few passed runs to measure its false alarms), or a pending tool too
+    rarely seen there."""
     if monitor.dialects.get(dialect, 0) < monitor.min_turns:
         return f"{dialect} actions had {monitor.dialects.get(dialect, 0)} training turns"
+    if monitor.passed.get(dialect, 0) < monitor.min_passed:
+        return f"{dialect} actions had {monitor.passed.get(dialect, 0)} passed training runs"
     known = sum(monitor.declared.get(name, 0) >= monitor.min_turns for name in declared)
     if 2 * known <= len(declared):
         return f"{known} of the request's {len(declared)} tools were declared in {monitor.min_turns}+ training turns"

@@ -8,12 +8,19 @@ features; what is kept is numbers (centers, scales, coefficients, intercept), sc
 The threshold comes from grouped cross-validation: runs of the same task (or, where the task is unknown, sharing a
 ground truth or a first user request) stay in one fold, so every run is scored by a model that never saw its task.
 On those out-of-fold risks a run is flagged by the table (its acting flags) or by the monitor (a WRITE/END turn at
-or over the threshold where the monitor does not abstain). The threshold is the lowest one that keeps the share of
-passed runs flagged within the budget (the profile's ``monitor.budget``, default 8%). The monitor is switched on
-only when, at that threshold, cross-validation catches at least ``MIN_GAIN`` more failed runs than the table
-alone, and adds at least ``MIN_LIFT`` times as large a share of failed runs as of passed ones (the rule
-``calibrate`` holds a finding to); otherwise it is written off, with the reason. Fewer than ``MIN_PASSED`` passed runs cannot measure a budget
-of a few percent: no monitor is trained from them.
+or over the threshold where the monitor does not abstain). A threshold keeps the share of passed runs flagged
+within the budget (the profile's ``monitor.budget``, default 8%). Each fit puts its risks on its own scale, so
+the threshold must keep the budget whichever fit scores the training runs: the out-of-fold risks, each fold's model
+and the model written, each over all training runs; the highest of those lowest thresholds is kept (one fit's
+scale is one draw, and the model written must not flag its own passed runs over the budget).
+
+The monitor is switched on only when, at that threshold, cross-validation catches at least ``MIN_GAIN`` more
+failed runs than the table alone, and the share of failed runs it adds is at least ``MIN_LIFT`` times the share of
+passed runs it adds (the rule ``calibrate`` holds a finding to) on the pessimistic side of each: the lower
+bound of the first against the upper bound of the second (Wilson intervals, one standard error). A gain of two
+runs out of forty proves nothing; otherwise it is written off, with the reason. Fewer than ``MIN_PASSED`` passed
+runs cannot measure a budget of a few percent: no monitor is trained from them, and a harness (native calls,
+ReAct text) with fewer passed training runs is one the written monitor abstains on.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ MIN_LIFT = 2.0  # and as a share of failed runs, at least this many times the sh
 MIN_TURNS = 20  # training turns a pending tool or a tool set needs before the monitor judges it
 MIN_PASSED = 20  # passed training runs before a budget of a few percent can be measured at all
 MODEL_MIN_PASSED = 10  # passed runs of one agent model before the budget is also held for that model alone
+CONFIDENCE = 0.6827  # Wilson intervals of one standard error either side, for the switch
 C = 1.0  # inverse regularization strength of the logistic regression
 
 
@@ -96,17 +104,24 @@ def _fit(rows: Sequence[list[float]], labels: Sequence[int]) -> MonitorConfig | 
     )
 
 
-def _support(runs: Sequence[_Run]) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+def _support(runs: Sequence[_Run]) -> dict[str, dict[str, int]]:
+    """Training turns per pending tool, declared tool and dialect; passed runs per dialect."""
     tools: Counter[str] = Counter()
     declared: Counter[str] = Counter()
     dialects: Counter[str] = Counter()
+    passed: Counter[str] = Counter()
     for r in runs:
+        written = set()
         for f in r.replayed.features:
             if f.eligible:
                 tools.update(set(f.pending))
                 declared.update(f.declared)
                 dialects[f.dialect] += 1
-    return dict(sorted(tools.items())), dict(sorted(declared.items())), dict(sorted(dialects.items()))
+                written.add(f.dialect)
+        if not r.failed:
+            passed.update(written)
+    counts = {"tools": tools, "declared": declared, "dialects": dialects, "passed": passed}
+    return {name: dict(sorted(c.items())) for name, c in counts.items()}
 
 
 def _train(runs: Sequence[_Run], min_turns: int) -> MonitorConfig | None:
@@ -116,8 +131,7 @@ def _train(runs: Sequence[_Run], min_turns: int) -> MonitorConfig | None:
     fitted = _fit(rows, labels)
     if fitted is None:
         return None
-    tools, declared, dialects = _support(runs)
-    update = {"tools": tools, "declared": declared, "dialects": dialects, "min_turns": min_turns}
+    update: dict[str, Any] = {**_support(runs), "min_turns": min_turns, "min_passed": MIN_PASSED}
     return fitted.model_copy(update=update)
 
 
@@ -132,20 +146,34 @@ def _folds(runs: Sequence[_Run], folds: int) -> list[list[int]]:
     return out
 
 
-def out_of_fold(runs: Sequence[_Run], folds: int, min_turns: int) -> list[list[tuple[float, bool]]]:
-    """Per run, per collected turn: (out-of-fold risk, whether the monitor may act there)."""
+def _risks(model: MonitorConfig | None, run: _Run) -> list[tuple[float, bool]]:
+    """Per collected turn of ``run``: (risk under ``model``, whether the monitor may act there)."""
+    if model is None:
+        return [(0.0, False) for _ in run.replayed.features]
+    return [
+        (probability(model, f.x)[0], f.eligible and abstains(model, f.pending, f.declared, f.dialect) is None)
+        for f in run.replayed.features
+    ]
+
+
+def _peak(risks: Sequence[tuple[float, bool]]) -> float | None:
+    """A run's highest risk on a turn where the monitor may act (None: no such turn)."""
+    return max((v for v, ok in risks if ok), default=None)
+
+
+def out_of_fold(
+    runs: Sequence[_Run], folds: int, min_turns: int
+) -> tuple[list[list[tuple[float, bool]]], list[MonitorConfig | None]]:
+    """Per run, per collected turn: (out-of-fold risk, whether the monitor may act there); and each fold's model."""
     out: list[list[tuple[float, bool]]] = [[] for _ in runs]
+    models = []
     for held in _folds(runs, folds):
         inside = set(held)
         model = _train([r for i, r in enumerate(runs) if i not in inside], min_turns)
+        models.append(model)
         for i in held:
-            for f in runs[i].replayed.features:
-                if model is None:
-                    out[i].append((0.0, False))
-                    continue
-                risk, _ = probability(model, f.x)
-                out[i].append((risk, f.eligible and abstains(model, f.pending, f.declared, f.dialect) is None))
-    return out
+            out[i] = _risks(model, runs[i])
+    return out, models
 
 
 def _auprc(runs: Sequence[_Run], risks: Sequence[Sequence[tuple[float, bool]]]) -> float | None:
@@ -189,6 +217,33 @@ def choose_threshold(runs: Sequence[_Run], peaks: Sequence[float | None], budget
         stop -= 1
     below = free[stop - 1][0] if stop > 0 else min(1.0, above + 0.05)
     return round((above + below) / 2, 4), "within budget"
+
+
+def robust_threshold(
+    runs: Sequence[_Run], scorings: Sequence[Sequence[float | None]], budget: float
+) -> tuple[float | None, str]:
+    """The threshold that keeps the budget under every scoring of the runs (``scorings``: each run's peak risk, one
+    list per fit): the highest of each scoring's lowest threshold (None: one of them has none), and why."""
+    chosen = [choose_threshold(runs, peaks, budget) for peaks in scorings]
+    for threshold, reason in chosen:
+        if threshold is None:
+            return None, reason
+    return max((t for t, _ in chosen if t is not None), default=None), chosen[0][1]
+
+
+def _wilson(hits: int, n: int) -> tuple[float, float]:
+    from scipy.stats import binomtest  # training only, like scikit-learn (which needs it)
+
+    ci = binomtest(hits, n).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def proven(added_failed: int, failed: int, added_passed: int, passed: int) -> bool:
+    """Whether the flags the monitor adds prove it: at least ``MIN_GAIN`` failed runs, and the lower bound of the
+    share of failed runs added at least ``MIN_LIFT`` times the upper bound of the share of passed runs added."""
+    if added_failed < MIN_GAIN or failed == 0 or passed == 0:
+        return False
+    return _wilson(added_failed, failed)[0] >= MIN_LIFT * _wilson(added_passed, passed)[1]
 
 
 def figures(runs: Sequence[_Run], peaks: Sequence[float | None], threshold: float | None) -> dict[str, float]:
@@ -242,9 +297,11 @@ def train_monitor(
     if failed < MIN_GAIN or len(runs) - failed < MIN_PASSED or len({r.group for r in runs}) < 2:
         why = f"off: too few runs to learn from ({failed} failed, {len(runs) - failed} passed; {MIN_PASSED} passed needed)"
         return off.model_copy(update={"why": why})
-    risks = out_of_fold(runs, folds, min_turns)
-    peaks = [max((v for v, ok in rs if ok), default=None) for rs in risks]
-    threshold, reason = choose_threshold(runs, peaks, budget)
+    risks, fold_models = out_of_fold(runs, folds, min_turns)
+    peaks = [_peak(rs) for rs in risks]
+    model = _train(runs, min_turns)
+    scorings = [peaks] + [[_peak(_risks(m, r)) for r in runs] for m in [*fold_models, model] if m is not None]
+    threshold, reason = robust_threshold(runs, scorings, budget)
     shares = figures(runs, peaks, threshold)
     cv = MonitorFigures(
         folds=len(_folds(runs, folds)),
@@ -254,19 +311,25 @@ def train_monitor(
         auprc=_auprc(runs, risks),
         **shares,
     )
-    model = _train(runs, min_turns)
     if model is None:
         return off.model_copy(update={"why": "one outcome only", "cv": cv})
-    gain = round((shares["monitor_failed_flagged"] - shares["table_failed_flagged"]) * failed)
-    added_failed = shares["monitor_failed_flagged"] - shares["table_failed_flagged"]
-    added_passed = shares["monitor_passed_flagged"] - shares["table_passed_flagged"]
-    enabled = threshold is not None and gain >= MIN_GAIN and added_failed >= MIN_LIFT * added_passed
+
+    def added(outcome: bool) -> int:
+        return sum(
+            not r.table and threshold is not None and p is not None and p >= threshold
+            for r, p in zip(runs, peaks, strict=True)
+            if r.failed == outcome
+        )
+
+    gain, passed = added(True), len(runs) - failed
+    enabled = threshold is not None and proven(gain, failed, added(False), passed)
     if threshold is None:
         why = f"off: {reason}, over the budget of {budget:.0%}"
     elif not enabled:
         why = (
-            f"off: within the budget of {budget:.0%} it caught {gain} more failed runs ({added_failed:.1%}) for "
-            f"{added_passed:.1%} more passed runs in cross-validation"
+            f"off: within the budget of {budget:.0%} it caught {gain} more of {failed} failed runs for {added(False)}"
+            f" more of {passed} passed runs in cross-validation: not proven (at least {MIN_GAIN}, and {MIN_LIFT:g}x"
+            " the share of passed runs, each on its pessimistic bound)"
         )
     else:
         why = f"on: {gain} more failed runs caught in cross-validation within the budget of {budget:.0%}"
@@ -282,4 +345,14 @@ def train_monitor(
     )
 
 
-__all__ = ["FOLDS", "MIN_GAIN", "MIN_TURNS", "choose_threshold", "group_of", "out_of_fold", "train_monitor"]
+__all__ = [
+    "FOLDS",
+    "MIN_GAIN",
+    "MIN_TURNS",
+    "choose_threshold",
+    "group_of",
+    "out_of_fold",
+    "proven",
+    "robust_threshold",
+    "train_monitor",
+]
