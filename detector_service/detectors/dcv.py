@@ -230,7 +230,8 @@ def unlisted(view: TurnView, call: Call) -> Finding | None:
         severity=Severity.ERROR,
         message=(
             f"Rule: list the action details to the user before a database-changing action. '{call.name}' "
-            f"{' and '.join(problems)}. List these details (what it costs or refunds included) and get a yes first."
+            f"{' and '.join(problems)}. List these details{' (what it costs or refunds included)' if figures else ''} "
+            "and get a yes first."
         ),
         evidence={"values": hidden, "figures": figures},
         tool_call_id=call.call_id,
