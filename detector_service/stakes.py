@@ -92,6 +92,7 @@ DETECTORS: dict[str, tuple[Evidence, bool]] = {
     # WRCO
     "ungrounded_value": (Evidence.STRONG, False),
     "contradicts_tool_output": (Evidence.STRONG, False),
+    "entity_named_otherwise": (Evidence.WEAK, False),  # the user may hold several and mean this one after all
     "write_on_unread_entity": (Evidence.WEAK, False),
     # IFU
     "handoff_before_attempt": (Evidence.WEAK, True),

@@ -194,3 +194,19 @@ def test_a_payment_instrument_the_user_holds_two_of_must_be_named(tau_dir: Path)
     # ending in 7447": both named.
     named = Engine(_profile(V1)).evaluate(turn(tau_dir, V1, "0#0", 20))
     assert "details_not_listed" not in {f.detector for f in named.findings}
+
+
+def test_a_figure_computed_for_a_write_must_be_told_before_it(tau_dir: Path) -> None:
+    # gpt-4o lists the new flights and the business upgrade, gets a yes, then computes the fare difference
+    # (calculate -> 368.0) and changes the reservation, saying "$368" only in the message that makes the call: the
+    # user (whose budget was $200) said yes without the cost. A detail the user did not see: it acts, before the write.
+    charged = Engine(_profile(V1)).evaluate(turn(tau_dir, V1, "23#2", 20))
+    hidden = [f for f in charged.findings if f.detector == "details_not_listed"]
+    assert hidden
+    assert "368.0" in hidden[0].message
+    assert hidden[0].evidence["figures"] == ["calculate returned 368.0"]
+    assert hidden[0].action is Action.RETRY
+    # The same task in a run that went well: the computed -2580.0 was told as "a refund of $2580" before the yes.
+    told = Engine(_profile(V1)).evaluate(turn(tau_dir, V1, "7#2", 20))
+    assert "details_not_listed" not in {f.detector for f in told.findings}
+    assert told.action is Action.PASS

@@ -9,7 +9,7 @@ import pytest
 from detector_service.contract.wire import Category, Finding, TurnEvent
 from detector_service.engine import Engine
 from detector_service.offline.trajectories import load_tools
-from tests.tau_turns import QWEN, V1, turn
+from tests.tau_turns import QWEN, TELECOM, V1, turn
 
 pytestmark = pytest.mark.tau
 
@@ -129,3 +129,49 @@ def test_changing_an_attribute_is_no_contradiction_but_another_owner_is(tau_dir:
 
     assert "contradicts_tool_output" not in found({"line_id": "L1001", "plan_id": "P2"})
     assert "contradicts_tool_output" in found({"line_id": "L1001", "customer_id": "C9999"})
+
+
+def test_a_write_on_another_entity_than_the_one_the_user_named(tau_dir: Path) -> None:
+    # gpt-4o (telecom) resumes line L1001 for a user who gave 555-123-2002 as their number: the tools returned
+    # that number for the customer, and L1001's own record holds 555-123-2001. The user's line is another one.
+    found = wrco(turn(tau_dir, TELECOM, "[service_issue]overdue_bill_suspension[PERSONA:Easy]#0", 33))
+    named = [f for f in found if f.detector == "entity_named_otherwise"]
+    assert [f.tool_name for f in named] == ["resume_line"]
+    assert named[0].evidence == {
+        "key": "line_id",
+        "field": "phone_number",
+        "held": "555-123-2001",
+        "said": "555-123-2002",
+    }
+
+
+def test_the_line_with_the_users_number_is_the_one_they_named(tau_dir: Path) -> None:
+    # Two lines read, the user gave the number of the second: a write on it passes, one on the first does not;
+    # a field the user never spoke of (the plan) names nothing.
+    tools = load_tools(tau_dir / "domains" / "tau2-telecom" / "tools_openai.json")
+    lines = [
+        {"line_id": "L1", "phone_number": "555-000-0001", "plan_id": "P1"},
+        {"line_id": "L2", "phone_number": "555-000-0002", "plan_id": "P2"},
+    ]
+    messages: list[dict[str, object]] = [{"role": "user", "content": "My number is 555-000-0002, please resume it."}]
+    for n, line in enumerate(lines):
+        read = {"name": "get_details_by_id", "arguments": json.dumps({"id": line["line_id"]})}
+        messages.append(
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": f"r{n}", "type": "function", "function": read}],
+            }
+        )
+        messages.append({"role": "tool", "tool_call_id": f"r{n}", "content": json.dumps(line)})
+
+    def found(line_id: str) -> list[str]:
+        args = json.dumps({"customer_id": "C1", "line_id": line_id})
+        call = {"id": "w", "type": "function", "function": {"name": "resume_line", "arguments": args}}
+        event = TurnEvent(
+            session_id="t", messages=messages, tools=tools, candidate={"role": "assistant", "tool_calls": [call]}
+        )
+        return [f.detector for f in wrco(event)]
+
+    assert "entity_named_otherwise" not in found("L2")
+    assert "entity_named_otherwise" in found("L1")

@@ -30,14 +30,14 @@ PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 # pretended here (failed flagged 60% / prevention 60% with profiles, 45% / 35% zero-config; with the monitor,
 # leaving the task and the model out, failed flagged 50% at 6% passed and prevention 48%).
 POOLED = {
-    "zero-config": (0.31, 0.04, 0.28),
-    "profiles": (0.39, 0.045, 0.38),
-    "lto": (0.39, 0.045, 0.38),
-    "lto+monitor": (0.42, 0.045, 0.41),
-    "lomo": (0.38, 0.045, 0.36),
-    "lomo+monitor": (0.38, 0.045, 0.36),
-    "deployment": (0.38, 0.045, 0.36),
-    "deployment+monitor": (0.38, 0.045, 0.36),
+    "zero-config": (0.34, 0.04, 0.34),
+    "profiles": (0.42, 0.045, 0.44),
+    "lto": (0.42, 0.045, 0.44),
+    "lto+monitor": (0.46, 0.065, 0.49),
+    "lomo": (0.41, 0.045, 0.42),
+    "lomo+monitor": (0.41, 0.045, 0.42),
+    "deployment": (0.41, 0.045, 0.42),
+    "deployment+monitor": (0.41, 0.045, 0.42),
 }
 TABLE_ALONE = ("zero-config", "profiles", "lto", "lomo", "deployment")
 PER_FILE_PASSED_MAX = 0.15  # every file with at least 10 passed runs, every table-alone setting
@@ -87,6 +87,8 @@ def test_the_deployment_monitor_keeps_every_files_passed_runs(tables: dict[str, 
 
 
 def test_leave_task_out_monitor_catches_more_failed_runs(tables: dict[str, Any]) -> None:
+    # Measured: 8 failed runs (3.8 points) over the table alone, which itself catches two runs the monitor caught
+    # before the table read untold computed figures.
     table, monitored = tables["lto"]["pooled"]["acting"], tables["lto+monitor"]["pooled"]["acting"]
     assert monitored["failed_flagged"] - table["failed_flagged"] >= 0.02
     assert tables["monitor"]["lto"]["auprc"] >= 0.68

@@ -17,6 +17,7 @@ import re
 
 from detector_service.confirmation import accepts, holds_back, says_yes
 from detector_service.contract.profile import OneToolCallPerTurn, RequiresConfirmation, ToolKind
+from detector_service.contract.toolkinds import is_handoff
 from detector_service.contract.wire import Category, Finding, Severity
 from detector_service.policytext import demands_confirmation, one_call_rule
 from detector_service.turn import Call, TurnView, is_amount_key, is_id_key, is_id_value, leaves, norm, text_values
@@ -158,13 +159,39 @@ def _unidentified_instrument(view: TurnView, value: object, confirmed: set[str])
     return not any(all(w in confirmed or f"{w}s" in confirmed for w in _WORDS.split(k) if w) for k in kinds)
 
 
+def _figure(result: str | None) -> float | None:
+    """The number a computation returned ("-2580.0"), sign aside; None for anything else or nothing (zero)."""
+    try:
+        value = abs(float((result or "").strip().replace(",", "").lstrip("$")))
+    except ValueError:
+        return None
+    return value if 0 < value < float("inf") else None
+
+
+def _untold_figures(view: TurnView) -> list[str]:
+    """Figures the agent computed since the latest write (a number a generic tool such as a calculator returned:
+    a price difference, a fee, a refund) that nobody said in the conversation since: the user's yes did not
+    cover what the action costs or returns."""
+    index = view.index
+    heard = index.told_since_write | index.user_values
+    out = []
+    for made in reversed(index.calls):
+        if made.kind is ToolKind.WRITE and made.result is not None and not made.error:
+            break
+        value = _figure(made.result) if made.kind is ToolKind.GENERIC and not is_handoff(made.name) else None
+        if value is not None and norm(value) not in heard and norm(round(value, 2)) not in heard:
+            out.append(f"{made.name} returned {made.result.strip() if made.result else ''}")
+    return out
+
+
 def unlisted(view: TurnView, call: Call) -> Finding | None:
     """Write details the user did not see before saying yes: an id that the assistant did not tell the user
     since the latest write (the listing the confirmation covers) nor in the message the user answered, and
     that the user never said; or an amount never told to the user at all. Values the entity already holds
     need no listing. A payment instrument needs naming where the user holds others of it and nobody said which
     (``_unidentified_instrument``); "the original payment" in the yes or the message it answers names the one
-    the changed record holds."""
+    the changed record holds. A figure the agent computed for the action and never told (``_untold_figures``)
+    is a detail the user did not see either."""
     index = view.index
     existing = _existing_values(view, call)
     confirmed = index.told_since_write | text_values(index.stated_before_user) | index.user_values
@@ -191,17 +218,22 @@ def unlisted(view: TurnView, call: Call) -> Finding | None:
             )
         )
     ]
-    if not hidden:
+    figures = _untold_figures(view)
+    if not hidden and not figures:
         return None
+    problems = [f"uses {', '.join(hidden)}, which the user was not shown before saying yes"] if hidden else []
+    if figures:
+        problems.append(f"follows a figure computed for it that the user was never told ({'; '.join(figures)})")
     return Finding(
         category=Category.DCV,
         detector="details_not_listed",
         severity=Severity.ERROR,
         message=(
-            f"Rule: list the action details to the user before a database-changing action. '{call.name}' uses "
-            f"{', '.join(hidden)}, which the user was not shown before saying yes. List these details and get a yes first."
+            f"Rule: list the action details to the user before a database-changing action. '{call.name}' "
+            f"{' and '.join(problems)}. List these details{' (what it costs or refunds included)' if figures else ''} "
+            "and get a yes first."
         ),
-        evidence={"values": hidden},
+        evidence={"values": hidden, "figures": figures},
         tool_call_id=call.call_id,
         tool_name=call.name,
     )

@@ -11,7 +11,10 @@
 - contradiction: a call pairs an entity id with the id of its owner (user, customer, account) that differs
   from what a tool returned for that entity (e.g. a reservation passed with a user id that the reservation
   does not have). Other id-valued attributes are often what the call changes or chooses (a new plan, the
-  payment method for a difference), so a different value there is no contradiction.
+  payment method for a difference), so a different value there is no contradiction;
+- entity named otherwise: the user named what they mean by an identifier (their phone number, an e-mail), the
+  tools returned a record that holds it, and the write acts on another record whose same field holds another
+  value that the user never said (the first line of the account, not the line with the user's number).
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ def detect(view: TurnView) -> list[Finding]:
                 )
             )
         out.extend(_contradictions(view, call))
+        out.extend(_named_otherwise(view, call))
     return out
 
 
@@ -161,3 +165,43 @@ def _contradictions(view: TurnView, call: Call) -> list[Finding]:
                     )
                     return out
     return out
+
+
+def _own_record(obj: Mapping[str, Any], key: str) -> bool:
+    """The object is the record of its ``key`` (its first id field), not one that only refers to it."""
+    return next((k for k in obj if is_id_key(k)), None) == key
+
+
+def _named_otherwise(view: TurnView, call: Call) -> list[Finding]:
+    """The write's entity holds, in an identifying field, a value the user never said, while the user said
+    another value that the tools return in that field for another record: the user named another entity."""
+    index = view.index
+    args = call.args or {}
+    for key, value in args.items():
+        if not is_id_key(key) or not isinstance(value, str | int) or isinstance(value, bool):
+            continue
+        for obj in index.entities.get((key, norm(value)), ())[:3]:
+            if not _own_record(obj, key):
+                continue
+            for field, held in obj.items():
+                if field == key or field in args or not is_id_key(field) or not isinstance(held, str | int):
+                    continue
+                if isinstance(held, bool) or norm(held) in index.user_values:
+                    continue
+                said = sorted(v for v in index.user_values if v != norm(held) and (field, v) in index.entities)
+                if said:
+                    return [
+                        _finding(
+                            call,
+                            "entity_named_otherwise",
+                            f"Rule: act on the entity the user means. '{call.name}' acts on {key}={value!r}, whose "
+                            f"{field} is {held!r}, but the user gave {field} {said[0]!r}, which a tool returned for "
+                            f"another record. Check which {key} the user means before changing it.",
+                            Severity.WARNING,
+                            key=key,
+                            field=field,
+                            held=held,
+                            said=said[0],
+                        )
+                    ]
+    return []
