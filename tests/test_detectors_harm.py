@@ -16,7 +16,7 @@ from detector_service.offline.replay import replay
 from detector_service.offline.trajectories import load
 from detector_service.stakes import Stakes, stakes_of
 from detector_service.turn import ConversationIndex, parse_json
-from tests.tau_turns import CLAUDE, DOMAIN, GPT4O_2411, GPT_OSS, GROK, TELECOM, V1, tools, trajectory, turn
+from tests.tau_turns import CLAUDE, DOMAIN, GPT4O_2411, GPT_OSS, GROK, REACT, TELECOM, V1, tools, trajectory, turn
 
 pytestmark = pytest.mark.tau
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
@@ -210,3 +210,25 @@ def test_a_figure_computed_for_a_write_must_be_told_before_it(tau_dir: Path) -> 
     told = Engine(_profile(V1)).evaluate(turn(tau_dir, V1, "7#2", 20))
     assert "details_not_listed" not in {f.detector for f in told.findings}
     assert told.action is Action.PASS
+
+
+@pytest.mark.parametrize("profiled", [False, True])
+def test_a_go_ahead_given_unasked_before_the_record_was_read_is_no_confirmation(tau_dir: Path, profiled: bool) -> None:
+    # ReAct 39#0: asked for the user id and the reason, the user adds "Please proceed with the full refund"; the
+    # agent then reads the reservation (basic economy, another passenger) and cancels it without a word.
+    profile = _profile(REACT) if profiled else Profile()
+    event = turn(tau_dir, REACT, "39#0", 8)
+    assert "Please proceed" in event.messages[3]["content"]
+    verdict = Engine(profile).evaluate(event)
+    found = [f for f in verdict.findings if f.detector in ("requires_confirmation", "write_without_confirmation")]
+    assert found
+    assert "before 'h8q05l' was even looked up" in found[0].message
+    assert verdict.action in ACTING
+
+
+def test_a_yes_to_the_agents_own_question_stands_though_the_record_is_read_after(tau_dir: Path) -> None:
+    # gpt-4o-2024-11-20 40#0: "I will update the passenger name ... Can you confirm?" -> "Yes" -> read -> write.
+    event = turn(tau_dir, GPT4O_2411, "40#0", 11)
+    assert event.messages[9]["tool_calls"][0]["function"]["name"] == "get_reservation_details"
+    found = Engine(_profile(GPT4O_2411)).evaluate(event).findings
+    assert not {f.detector for f in found} & {"requires_confirmation", "write_without_confirmation"}

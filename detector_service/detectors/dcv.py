@@ -20,7 +20,17 @@ from detector_service.contract.profile import OneToolCallPerTurn, RequiresConfir
 from detector_service.contract.toolkinds import is_handoff
 from detector_service.contract.wire import Category, Finding, Severity
 from detector_service.policytext import demands_confirmation, one_call_rule
-from detector_service.turn import Call, TurnView, is_amount_key, is_id_key, is_id_value, leaves, norm, text_values
+from detector_service.turn import (
+    Call,
+    TurnView,
+    is_amount_key,
+    is_id_key,
+    is_id_value,
+    leaves,
+    norm,
+    output_digest,
+    text_values,
+)
 
 _VERB = re.compile(r"^[a-z]+", re.IGNORECASE)
 # Payment instruments are named to users by type ("your gift card"), not by their internal id.
@@ -88,6 +98,25 @@ def _carried(view: TurnView, call: Call) -> bool:
     return says_yes(index.latest_user_text) or not holds_back(index.latest_user_text)
 
 
+def _read_after_yes(view: TurnView, call: Call) -> str | None:
+    """An id of the write whose record the agent first read after the user's latest message, where that message
+    gave its go-ahead unasked (the agent had asked for details, not for a yes): the user said yes before anyone
+    had seen what the record holds (the terms of the change), and nothing was told since. A yes to the agent's
+    own question ("Shall I change the name to ...?") stands: the agent stated the change it then made."""
+    index = view.index
+    if any(_ASKS.search(q) for q in _QUESTION.findall(index.stated_before_user)):
+        return None
+    wanted = {norm(v) for k, v in leaves(call.args or {}) if is_id_key(k) and is_id_value(v)}
+    before: set[str] = set()
+    after: set[str] = set()
+    for made in index.calls:
+        if made.kind is not ToolKind.READ or made.error or made.result is None:
+            continue
+        seen = output_digest(made.result)[0] | {norm(v) for _, v in leaves(made.args or {})}
+        (after if made.index > index.latest_user_index else before).update(seen & wanted)
+    return next(iter(sorted(after - before)), None)
+
+
 def unconfirmed(view: TurnView, call: Call, detector: str) -> Finding | None:
     index = view.index
     if index.user_count == 0:
@@ -95,12 +124,15 @@ def unconfirmed(view: TurnView, call: Call, detector: str) -> Finding | None:
     # A confirmation covers the writes that follow it until the assistant talks to the user again.
     yes = accepts(index.latest_user_text, index.stated_before_user)
     stated = _stated(call, index.stated_before_user)
-    if yes and stated:
+    unseen = _read_after_yes(view, call) if yes and stated else None
+    if yes and stated and unseen is None:
         return None
     if not yes and _carried(view, call):
         return None
     if not yes:
         reason = f"the latest user message does not confirm it (it says: {index.latest_user_text[:160]!r})"
+    elif unseen is not None:
+        reason = f"the user said yes before {unseen!r} was even looked up: what it holds was never listed to them"
     else:
         reason = "the action and its details were not listed to the user before they said yes"
     return Finding(
