@@ -9,7 +9,7 @@ import pytest
 from detector_service.contract.wire import Category, Finding, TurnEvent
 from detector_service.engine import Engine
 from detector_service.offline.trajectories import load_tools
-from tests.tau_turns import QWEN, TELECOM, V1, turn
+from tests.tau_turns import QWEN, REACT, TELECOM, V1, turn
 
 pytestmark = pytest.mark.tau
 
@@ -175,3 +175,45 @@ def test_the_line_with_the_users_number_is_the_one_they_named(tau_dir: Path) -> 
 
     assert "entity_named_otherwise" not in found("L2")
     assert "entity_named_otherwise" in found("L1")
+
+
+def test_a_person_a_tool_returned_with_another_birth_date_is_a_contradiction(tau_dir: Path) -> None:
+    # ReAct 0#0: the user gives "Mia Li, born 1990-05-15"; her profile, read later, says 1990-04-05; the booking
+    # goes out with the date the records contradict (the run fails on it).
+    event = turn(tau_dir, REACT, "0#0", 28)
+    found = [f for f in wrco(event) if f.detector == "contradicts_tool_output"]
+    assert found
+    assert "1990-05-15" in found[0].message
+    assert "1990-04-05" in found[0].message
+    assert "get_user_details" in found[0].message
+    same = {**event.candidate, "content": event.candidate["content"].replace("1990-05-15", "1990-04-05")}
+    assert "contradicts_tool_output" not in {f.detector for f in wrco(event.model_copy(update={"candidate": same}))}
+
+
+def test_changing_a_person_of_the_written_record_is_no_contradiction(tau_dir: Path) -> None:
+    # The reservation being changed holds the old date of birth: that is what the update replaces.
+    tools = load_tools(tau_dir / "domains" / "tau1-airline" / "tools_openai.json")
+    reservation = {
+        "reservation_id": "ABC123",
+        "user_id": "mia_li_3668",
+        "passengers": [{"first_name": "Mia", "last_name": "Li", "dob": "1990-04-05"}],
+    }
+    read = {"id": "r", "type": "function", "function": {"name": "get_reservation_details", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "My birth date on ABC123 is wrong, it should be 1990-05-15. Yes, change it."},
+        {"role": "assistant", "content": None, "tool_calls": [read]},
+        {"role": "tool", "tool_call_id": "r", "content": json.dumps(reservation)},
+    ]
+    passengers = [{"first_name": "Mia", "last_name": "Li", "dob": "1990-05-15"}]
+    update = {
+        "id": "w",
+        "type": "function",
+        "function": {
+            "name": "update_reservation_passengers",
+            "arguments": json.dumps({"reservation_id": "ABC123", "passengers": passengers}),
+        },
+    }
+    event = TurnEvent(
+        session_id="t", messages=messages, tools=tools, candidate={"role": "assistant", "tool_calls": [update]}
+    )
+    assert "contradicts_tool_output" not in {f.detector for f in wrco(event)}

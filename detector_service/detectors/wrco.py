@@ -11,7 +11,10 @@
 - contradiction: a call pairs an entity id with the id of its owner (user, customer, account) that differs
   from what a tool returned for that entity (e.g. a reservation passed with a user id that the reservation
   does not have). Other id-valued attributes are often what the call changes or chooses (a new plan, the
-  payment method for a difference), so a different value there is no contradiction;
+  payment method for a difference), so a different value there is no contradiction. And a person in a write
+  (an object with a first and a last name: a passenger, a traveller) who is a person a tool returned under the
+  same names, with another value of an attribute both give (a date of birth): the records of someone other than
+  the entity the write changes say otherwise (the user's profile, saved passengers);
 - entity named otherwise: the user named what they mean by an identifier (their phone number, an e-mail), the
   tools returned a record that holds it, and the write acts on another record whose same field holds another
   value that the user never said (the first line of the account, not the line with the user's number).
@@ -26,7 +29,17 @@ from typing import Any
 from detector_service.contract.profile import ToolKind
 from detector_service.contract.wire import Category, Finding, Severity
 from detector_service.detectors import call_finding, schema_of
-from detector_service.turn import Call, TurnView, is_amount_key, is_id_key, is_id_value, leaves, norm
+from detector_service.turn import (
+    Call,
+    TurnView,
+    dicts,
+    is_amount_key,
+    is_id_key,
+    is_id_value,
+    leaves,
+    norm,
+    parse_json,
+)
 
 
 def _salient(key: str, value: object) -> str | None:
@@ -86,7 +99,7 @@ def detect(view: TurnView) -> list[Finding]:
                     values=unread,
                 )
             )
-        out.extend(_contradictions(view, call))
+        out.extend(_contradictions(view, call) or _person_contradictions(view, call))
         out.extend(_named_otherwise(view, call))
     return out
 
@@ -204,4 +217,74 @@ def _named_otherwise(view: TurnView, call: Call) -> list[Finding]:
                             said=said[0],
                         )
                     ]
+    return []
+
+
+_NAME_KEY = re.compile(r"^(first|last|given|family|middle)_?name$", re.IGNORECASE)
+
+
+def _person(obj: Mapping[str, Any]) -> tuple[tuple[str, str], ...] | None:
+    """A person's name parts (at least a first and a last name), and the object's other scalar attributes with
+    those of a nested name object ({"name": {"first_name": ...}, "dob": ...}) lifted up."""
+    flat = {k: v for k, v in obj.items() if isinstance(v, str | int) and not isinstance(v, bool)}
+    for v in obj.values():
+        if isinstance(v, Mapping):
+            flat.update({k: x for k, x in v.items() if _NAME_KEY.match(k) and isinstance(x, str)})
+    names = tuple(sorted((k.lower(), norm(v)) for k, v in flat.items() if _NAME_KEY.match(k)))
+    return names if len(names) >= 2 else None
+
+
+def _attributes(obj: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if not _NAME_KEY.match(k) and isinstance(v, str | int) and not is_id_key(k)}
+
+
+def _others(value: Any, changed: set[tuple[str, str]]) -> Iterator[dict[str, Any]]:
+    """The objects of a tool output, without the entity the write changes (nor anything inside it)."""
+    if isinstance(value, dict):
+        if any((k, norm(v)) in changed for k, v in value.items() if isinstance(v, str | int)):
+            return
+        yield value
+        for v in value.values():
+            yield from _others(v, changed)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _others(v, changed)
+
+
+def _person_contradictions(view: TurnView, call: Call) -> list[Finding]:
+    people = [(names, d) for d in dicts(call.args) if (names := _person(d)) is not None]
+    if not people:
+        return []
+    # The entity the write changes holds the old values it replaces: its own people are no evidence.
+    changed = {
+        (key, norm(value))
+        for key, value in (call.args or {}).items()
+        if is_id_key(key) and not _OWNER_KEY.search(key) and isinstance(value, str | int)
+    }
+    for made in view.index.calls:
+        if made.error or made.result is None or made.kind is not ToolKind.READ:
+            continue
+        for record in _others(parse_json(made.result), changed):
+            if (names := _person(record)) is None:
+                continue
+            for given_names, given in people:
+                if given_names != names:
+                    continue
+                recorded = _attributes(record)
+                for key, value in _attributes(given).items():
+                    if key in recorded and norm(recorded[key]) != norm(value):
+                        who = " ".join(v for _, v in names)
+                        return [
+                            _finding(
+                                call,
+                                "contradicts_tool_output",
+                                f"Rule: use the values tools returned. '{call.name}' passes {who} with "
+                                f"{key}={value!r}, but '{made.name}' returned {key}={recorded[key]!r} for {who}. "
+                                "Check with the user which one is right before writing it.",
+                                Severity.ERROR,
+                                key=key,
+                                given=value,
+                                recorded=recorded[key],
+                            )
+                        ]
     return []
