@@ -99,8 +99,8 @@ def test_leave_task_out_monitor_catches_more_failed_runs(tables: dict[str, Any])
 
 def test_the_react_run_is_read(tables: dict[str, Any]) -> None:
     # The ReAct harness writes its actions as text: read as calls, its failed runs are flagged and its passed
-    # ones stay quiet (measured: 23% / 0% zero-config, 31% / 0% with the airline profile).
-    for setting, failed_min in (("zero-config", 0.23), ("profiles", 0.30)):
+    # ones stay quiet (measured: 38% / 0% zero-config, 46% / 0% with the airline profile, 5 and 6 of 13).
+    for setting, failed_min in (("zero-config", 0.38), ("profiles", 0.46)):
         row = tables[setting]["per_file"][REACT]["acting"]
         assert (row["n_failed"], row["n_passed"]) == (13, 17)
         assert row["failed_flagged"] >= failed_min, (setting, row)
