@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from detector_service.confirmation import says_yes
 from detector_service.contract.profile import DetectorConfig, OneToolCallPerTurn, Profile, load_profile
-from detector_service.contract.wire import Action, Category, Finding
+from detector_service.contract.wire import Action, Category, Finding, TurnEvent
 from detector_service.engine import Engine
 from tests.tau_turns import QWEN, V1, turn
 
@@ -112,3 +113,56 @@ def test_generic_confirmation_check_follows_the_policy_in_the_request(tau_dir: P
     assert "write_without_confirmation" not in detectors(Engine().evaluate(relaxed).findings)
     forced = Engine(Profile(detectors={"dcv": DetectorConfig(settings={"confirm_all_writes": True})}))
     assert "write_without_confirmation" in detectors(forced.evaluate(relaxed).findings)
+
+
+def test_a_yes_counts_for_the_record_read_before_it_or_for_the_agents_own_question() -> None:
+    # The user says "please proceed" while giving the details the agent asked for; the agent then reads the
+    # reservation and cancels it: nobody saw the record before the yes. Read first, or a yes to the agent's own
+    # question, and the same cancellation is confirmed.
+    def fn(name: str) -> dict[str, Any]:
+        params = {"type": "object", "properties": {"reservation_id": {"type": "string"}}}
+        return {"type": "function", "function": {"name": name, "parameters": params}}
+
+    def call(call_id: str, name: str) -> dict[str, Any]:
+        return {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": name, "arguments": '{"reservation_id": "ZFA04Y"}'},
+                }
+            ],
+        }
+
+    record: dict[str, Any] = {
+        "role": "tool",
+        "tool_call_id": "r",
+        "content": '{"reservation_id": "ZFA04Y", "cabin": "basic_economy"}',
+    }
+    asked_details: dict[str, Any] = {
+        "role": "assistant",
+        "content": "To cancel reservation ZFA04Y, what is your user id and the reason?",
+    }
+    asked_yes: dict[str, Any] = {"role": "assistant", "content": "I will cancel reservation ZFA04Y. Shall I go ahead?"}
+    yes: dict[str, Any] = {
+        "role": "user",
+        "content": "mia_li_3668, change of plans. Please proceed with the cancellation.",
+    }
+    tools = [fn("get_reservation_details"), fn("cancel_reservation")]
+
+    def found(messages: list[dict[str, Any]]) -> set[str]:
+        event = TurnEvent(session_id="s", messages=messages, tools=tools, candidate=call("w", "cancel_reservation"))
+        return detectors(Engine().evaluate(event).findings)
+
+    start: dict[str, Any] = {"role": "user", "content": "I want to cancel ZFA04Y."}
+    assert "write_without_confirmation" in found(
+        [start, asked_details, yes, call("r", "get_reservation_details"), record]
+    )
+    assert "write_without_confirmation" not in found(
+        [start, call("r", "get_reservation_details"), record, asked_details, yes]
+    )
+    assert "write_without_confirmation" not in found(
+        [start, asked_yes, yes, call("r", "get_reservation_details"), record]
+    )
