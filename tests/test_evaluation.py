@@ -30,14 +30,14 @@ PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 # pretended here (failed flagged 60% / prevention 60% with profiles, 45% / 35% zero-config; with the monitor,
 # leaving the task and the model out, failed flagged 50% at 6% passed and prevention 48%).
 POOLED = {
-    "zero-config": (0.34, 0.04, 0.34),
-    "profiles": (0.42, 0.045, 0.44),
-    "lto": (0.42, 0.045, 0.44),
-    "lto+monitor": (0.44, 0.045, 0.46),
-    "lomo": (0.41, 0.045, 0.42),
-    "lomo+monitor": (0.41, 0.045, 0.42),
-    "deployment": (0.41, 0.045, 0.42),
-    "deployment+monitor": (0.41, 0.045, 0.42),
+    "zero-config": (0.35, 0.04, 0.35),
+    "profiles": (0.43, 0.045, 0.46),
+    "lto": (0.43, 0.045, 0.46),
+    "lto+monitor": (0.45, 0.045, 0.48),
+    "lomo": (0.42, 0.045, 0.44),
+    "lomo+monitor": (0.42, 0.045, 0.44),
+    "deployment": (0.42, 0.045, 0.44),
+    "deployment+monitor": (0.42, 0.045, 0.44),
 }
 TABLE_ALONE = ("zero-config", "profiles", "lto", "lomo", "deployment")
 PER_FILE_PASSED_MAX = 0.15  # every file with at least 10 passed runs, every table-alone setting
