@@ -42,7 +42,7 @@ from detector_service.settings import DetectorSettings
 
 log = logging.getLogger(__name__)
 
-PUBLISH_MARGIN_MS = 20  # kept free before a turn's deadline to publish its verdict
+PUBLISH_MARGIN_MS = 50  # kept free before a turn's deadline to publish its verdict (room for a busy host)
 MAX_REPLY_STREAMS = 1024  # reply streams whose expiry refresh is tracked before quiet ones are forgotten
 
 

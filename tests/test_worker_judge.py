@@ -132,8 +132,8 @@ async def test_slow_judge_past_the_deadline_publishes_the_deterministic_verdict_
     redis_url: str, redis: Redis, llm: ScriptedLLM, llm_url: str
 ) -> None:
     llm.answers["fama_judge"] = CM_ANSWER
-    llm.delay_s = 2.0  # well past the turn's deadline, well inside the judge's own timeout
-    deadline = deadline_in(600)
+    llm.delay_s = 3.0  # well past the turn's deadline, well inside the judge's own timeout
+    deadline = deadline_in(1500)  # room for the worker to start on a busy host
     event = with_deadline(spoken(1, reply_to=REPLY), deadline)
     await publish(redis, event)
 
@@ -152,8 +152,8 @@ async def test_a_near_deadline_is_not_held_back_by_a_neighbours_judge_call(
     redis_url: str, redis: Redis, llm: ScriptedLLM, llm_url: str
 ) -> None:
     llm.answers["fama_judge"] = CM_ANSWER
-    llm.delay_s = 2.0
-    near_deadline = deadline_in(600)
+    llm.delay_s = 3.0
+    near_deadline = deadline_in(1500)
     near = with_deadline(spoken(1, reply_to=REPLY), near_deadline)
     far = spoken(2, reply_to=REPLY)  # no deadline: the judge's own timeout bounds it
     await publish(redis, far)
