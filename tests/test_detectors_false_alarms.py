@@ -23,6 +23,7 @@ from detector_service.contract.profile import Profile, load_profile
 from detector_service.contract.wire import Finding, TurnEvent
 from detector_service.engine import Engine
 from detector_service.offline.trajectories import load_tools
+from tests.supervised_upstream import call as tool_call
 from tests.tau_turns import GPT4O_2411, QWEN, TELECOM, V1, turn
 
 pytestmark = pytest.mark.tau
@@ -83,7 +84,7 @@ def test_an_earlier_question_about_proceeding_is_no_yes(tau_dir: Path) -> None:
 
 def _retail(tau_dir: Path, user: str, order_id: str) -> TurnEvent:
     tools = load_tools(tau_dir / "domains" / "tau1-retail" / "tools_openai.json")
-    call = {"order_id": order_id, "reason": "ordered by mistake"}
+    args = {"order_id": order_id, "reason": "ordered by mistake"}
     return TurnEvent(
         session_id="retail-in-part",
         messages=[{"role": "user", "content": user}],
@@ -91,13 +92,7 @@ def _retail(tau_dir: Path, user: str, order_id: str) -> TurnEvent:
         candidate={
             "role": "assistant",
             "content": None,
-            "tool_calls": [
-                {
-                    "id": "c1",
-                    "type": "function",
-                    "function": {"name": "cancel_pending_order", "arguments": json.dumps(call)},
-                }
-            ],
+            "tool_calls": [tool_call("cancel_pending_order", json.dumps(args), "c1")],
         },
     )
 
