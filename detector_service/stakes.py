@@ -76,6 +76,8 @@ DETECTORS: dict[str, tuple[Evidence, bool]] = {
     "arguments_not_json": (Evidence.STRONG, True),
     "schema_violation": (Evidence.STRONG, False),
     "arguments_repaired": (Evidence.STRONG, False),
+    # lists the tool's description pairs by position, of different lengths: a reading of the description's words
+    "unpaired_arguments": (Evidence.WEAK, False),
     # A text action that does not parse: nothing ran and the user got the text. It takes the stakes of the call
     # it names (a read the user must ask for again, a write that did not happen).
     "unparsed_action": (Evidence.STRONG, False),

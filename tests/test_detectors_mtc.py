@@ -7,9 +7,13 @@ from typing import Any
 
 import pytest
 
+from detector_service.contract.profile import load_profile
 from detector_service.contract.wire import Action, Category, TurnEvent
+from detector_service.detectors.paired import paired_arrays
 from detector_service.engine import Engine
-from tests.tau_turns import V1, turn
+from tests.tau_turns import GROK, V1, tools, turn
+
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
 pytestmark = pytest.mark.tau
 
@@ -96,3 +100,55 @@ def test_arguments_sent_as_object(tau_dir: Path) -> None:
     assert verdict.action is Action.REWRITE
     assert verdict.rewritten is not None
     assert json.loads(verdict.rewritten["tool_calls"][0]["function"]["arguments"]) == args
+
+
+def _retail_tool(tau_dir: Path, name: str) -> dict[str, Any]:
+    tool: dict[str, Any] = next(t for t in tools(tau_dir, GROK) if t["function"]["name"] == name)
+    return tool
+
+
+def test_the_lists_a_description_pairs_by_position_are_read_from_it(tau_dir: Path) -> None:
+    for name in ("modify_pending_order_items", "exchange_delivered_order_items"):
+        assert paired_arrays(_retail_tool(tau_dir, name)["function"]["parameters"]) == (("item_ids", "new_item_ids"),)
+    # no airline tool declares such a pairing, lists or not (book_reservation has passengers and payment_methods)
+    assert not [t for t in tools(tau_dir, V1) if paired_arrays(t["function"]["parameters"])]
+
+
+def test_a_pairing_is_read_only_where_the_description_names_one_other_list() -> None:
+    def schema(description: str) -> dict[str, Any]:
+        lists = {"type": "array", "items": {"type": "string"}}
+        return {
+            "type": "object",
+            "properties": {
+                "seatNumbers": lists,
+                "passengerIds": lists,
+                "mealCodes": {**lists, "description": description},
+            },
+        }
+
+    assert paired_arrays(schema("One meal code per passenger id, at the same index.")) == (
+        ("passengerIds", "mealCodes"),
+    )
+    assert paired_arrays(schema("Meal codes, in any order, for the passenger ids.")) == ()  # no position
+    assert paired_arrays(schema("One per passenger id and seat number, in the same order.")) == ()  # two lists named
+
+
+def test_an_item_modified_into_nothing_is_retried(tau_dir: Path) -> None:
+    # grok-4-fast retail 76#0: asked to remove a jacket from a pending order, the agent sends the item with an empty
+    # list of new items (the run failed: the ground truth cancels the order). The retry names both lists.
+    event = turn(tau_dir, GROK, "76#0", 12)
+    verdict = Engine(load_profile(PROFILES / "retail.yaml")).evaluate(event)
+    found = [f for f in verdict.findings if f.detector == "unpaired_arguments"]
+    assert len(found) == 1
+    assert "1 in 'item_ids' and 0 in 'new_item_ids'" in found[0].message
+    assert verdict.action is Action.RETRY
+
+
+def test_lists_of_the_same_length_pass(tau_dir: Path) -> None:
+    event = turn(tau_dir, GROK, "76#0", 12)
+    candidate = copy.deepcopy(event.candidate)
+    fn = candidate["tool_calls"][0]["function"]
+    args = json.loads(fn["arguments"])
+    args["new_item_ids"] = ["8733974883"]
+    fn["arguments"] = json.dumps(args)
+    assert "unpaired_arguments" not in mtc(event.model_copy(update={"candidate": candidate}))

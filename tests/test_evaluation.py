@@ -30,14 +30,14 @@ PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 # pretended here (failed flagged 60% / prevention 60% with profiles, 45% / 35% zero-config; with the monitor,
 # leaving the task and the model out, failed flagged 50% at 6% passed and prevention 48%).
 POOLED = {
-    "zero-config": (0.35, 0.04, 0.35),
-    "profiles": (0.43, 0.045, 0.46),
-    "lto": (0.43, 0.045, 0.46),
-    "lto+monitor": (0.45, 0.045, 0.48),
-    "lomo": (0.42, 0.045, 0.44),
-    "lomo+monitor": (0.42, 0.045, 0.44),
-    "deployment": (0.42, 0.045, 0.44),
-    "deployment+monitor": (0.42, 0.045, 0.44),
+    "zero-config": (0.36, 0.04, 0.36),
+    "profiles": (0.44, 0.045, 0.465),
+    "lto": (0.44, 0.045, 0.465),
+    "lto+monitor": (0.46, 0.045, 0.49),
+    "lomo": (0.43, 0.045, 0.445),
+    "lomo+monitor": (0.43, 0.045, 0.445),
+    "deployment": (0.43, 0.045, 0.445),
+    "deployment+monitor": (0.43, 0.045, 0.445),
 }
 TABLE_ALONE = ("zero-config", "profiles", "lto", "lomo", "deployment")
 PER_FILE_PASSED_MAX = 0.15  # every file with at least 10 passed runs, every table-alone setting

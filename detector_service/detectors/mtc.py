@@ -1,4 +1,5 @@
-"""MTC, malformed tool call: unknown tool, arguments that are not JSON or violate the tool's schema; in a
+"""MTC, malformed tool call: unknown tool, arguments that are not JSON or violate the tool's schema, lists the
+tool's description pairs by position sent with different lengths (:mod:`detector_service.detectors.paired`); in a
 harness that reads actions from text, an action that does not parse (the harness sends it to the user as text).
 
 When exactly one repair is possible (JSON with a trailing comma or single quotes, a number sent as a
@@ -21,6 +22,7 @@ from jsonschema.exceptions import SchemaError
 
 from detector_service.contract.wire import Category, Finding, Severity
 from detector_service.detectors import call_finding, schema_of
+from detector_service.detectors.paired import unpaired
 from detector_service.turn import Call, TurnView, tool_calls_of
 
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
@@ -168,6 +170,21 @@ def detect(view: TurnView) -> list[Finding]:
                         )
                     )
                     continue
+        if schema is not None and isinstance(args, Mapping):
+            for first, n_first, second, n_second in unpaired(schema, args):
+                out.append(
+                    _finding(
+                        call,
+                        "unpaired_arguments",
+                        f"'{call.name}' pairs '{second}' with '{first}' item by item (its description: same "
+                        f"position), but this call sends {n_first} in '{first}' and {n_second} in '{second}': an entry "
+                        f"cannot be dropped or added this way. Send one entry of '{second}' for each entry of "
+                        f"'{first}', in the same order, as agreed with the user; if this tool cannot do what the "
+                        "user asked, say so instead of calling it.",
+                        first=first,
+                        second=second,
+                    )
+                )
         if repaired is not None or sent_object:
             fixed = orjson.dumps(repaired if repaired is not None else args).decode()
             out.append(
