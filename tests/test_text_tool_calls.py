@@ -164,3 +164,32 @@ def test_a_call_after_a_sentence_is_supervised_when_streamed(tmp_path: Path) -> 
         assert [i.categories for i in interventions(app)] == [[Category.DCV]]
     assert _calls(chunks) == []
     assert _text(chunks).endswith(QUESTION)
+
+
+MODEL_FORMATS = {
+    "llama-3.2 pythonic": '[get_reservation_details(reservation_id="ZFA04Y")]',
+    "llama-3.1 python_tag": '<|python_tag|>{"name": "get_reservation_details", "parameters": {"reservation_id": "ZFA04Y"}}',
+    "llama-3.1 function tag": '<function=get_reservation_details>{"reservation_id": "ZFA04Y"}</function>',
+    "mistral": '[TOOL_CALLS] [{"name": "get_reservation_details", "arguments": {"reservation_id": "ZFA04Y"}}]',
+    "granite": '<|tool_call|>[{"name": "get_reservation_details", "arguments": {"reservation_id": "ZFA04Y"}}]',
+}
+
+
+def test_calls_in_the_models_own_formats_arrive_as_tool_calls_streamed_or_not(tmp_path: Path) -> None:
+    # A server run without the model's tool parser hands its call format to the client as text.
+    for name, text in MODEL_FORMATS.items():
+        with proxy_for(_replies(text), tmp_path) as (client, app):
+            completion = client.chat.completions.create(model="m", messages=LOOKED_UP, tools=TOOLS)
+            chunks = _stream(client)
+            assert (_metric(app, "false"), _metric(app, "true")) == (1.0, 1.0), name
+        [called] = completion.choices[0].message.tool_calls or []
+        assert isinstance(called, ChatCompletionMessageFunctionToolCall)
+        assert (called.function.name, json.loads(called.function.arguments)) == (
+            "get_reservation_details",
+            {"reservation_id": "ZFA04Y"},
+        ), name
+        assert completion.choices[0].message.content is None, name
+        [streamed] = _calls(chunks)
+        assert streamed.function is not None
+        assert streamed.function.name == "get_reservation_details", name
+        assert _text(chunks) == "", name

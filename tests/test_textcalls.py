@@ -128,9 +128,15 @@ def test_repair_message_moves_the_calls_and_keeps_the_prose() -> None:
         ("```json", True),
         ("<tool_call>", True),
         ("[{", True),
+        ("[get_user_details(", True),
+        ("[TOOL_CALLS]", True),
+        ("<|python_tag|>", True),
+        ("<function=get_user_details>", True),
         # Too short to tell yet: the stream waits for the next piece.
         ("  ", None),
         ("[", None),
+        ("[get_user", None),
+        ("<|py", None),
         ("``", None),
         ("<tool", None),
         # Prose, inline code, markup, a numbered option: the line streams on.
@@ -139,7 +145,77 @@ def test_repair_message_moves_the_calls_and_keeps_the_prose() -> None:
         ("`HAT170` departs", False),
         ("<b>Note</b>", False),
         ("[1] HAT170 at 10:00", False),
+        ("[see the policy](https://example.com)", False),
     ],
 )
 def test_a_reply_or_a_line_opens_calls_only_with_json_a_fence_or_a_tag(line: str, opens: bool | None) -> None:
     assert line_opens_call(line) is opens
+
+
+@pytest.mark.parametrize(
+    ("text", "prose", "calls"),
+    [
+        (
+            '[get_user_details(user_id="mia_li_3668"), cancel_reservation(reservation_id="ABC123")]',
+            None,
+            [("get_user_details", {"user_id": "mia_li_3668"}), ("cancel_reservation", {"reservation_id": "ABC123"})],
+        ),
+        (
+            "Let me look.\nget_user_details(user_id='mia_li_3668')",
+            "Let me look.",
+            [("get_user_details", {"user_id": "mia_li_3668"})],
+        ),
+        (
+            "```python\nget_reservation_details(reservation_id='ABC123')\n```",
+            None,
+            [("get_reservation_details", {"reservation_id": "ABC123"})],
+        ),
+        (
+            'book_reservation(user_id="u1", passengers=[{"first_name": "Mia"}], insurance=None, total=12.5)',
+            None,
+            [
+                (
+                    "book_reservation",
+                    {"user_id": "u1", "passengers": [{"first_name": "Mia"}], "insurance": None, "total": 12.5},
+                )
+            ],
+        ),
+        (
+            '<|python_tag|>{"name": "get_user_details", "parameters": {"user_id": "u1"}}',
+            None,
+            [("get_user_details", {"user_id": "u1"})],
+        ),
+        (
+            '[TOOL_CALLS] [{"name": "get_user_details", "arguments": {"user_id": "u1"}}]',
+            None,
+            [("get_user_details", {"user_id": "u1"})],
+        ),
+        (
+            'Checking.\n<function=get_user_details>{"user_id": "u1"}</function>',
+            "Checking.",
+            [("get_user_details", {"user_id": "u1"})],
+        ),
+    ],
+)
+def test_calls_in_the_formats_open_models_write_are_read(text: str, prose: str | None, calls: list[Any]) -> None:
+    found = split_text_calls(text, AIRLINE)
+    assert found is not None
+    assert found[0] == prose
+    assert [(c["name"], c["arguments"]) for c in found[1]] == calls
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'I already ran get_user_details(user_id="u1") for you.',  # a call mentioned inside a sentence
+        'print(get_user_details(user_id="u1"))',  # not a call of a declared tool
+        'get_user_details("u1")',  # positional: which parameter is meant is not written
+        'get_user_details(user_id=__import__("os").getcwd())',  # not a literal: nothing is evaluated
+        "get_user_details(user_id={1, 2})",  # no JSON for a set
+        "[send_email(to='x')]",  # not declared
+        "Use len(items) to count them (see [1]).",
+        '<function=send_email>{"to": "x"}</function>',
+    ],
+)
+def test_python_like_text_that_is_no_declared_call_is_left_alone(text: str) -> None:
+    assert split_text_calls(text, AIRLINE) is None

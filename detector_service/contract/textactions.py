@@ -17,12 +17,20 @@ tool result sent as a user message a ``tool`` message answering that call. ``aut
 conversation as ``react`` when it has no native calls or tool messages and one of its assistant messages (the
 candidate included) is a ReAct action, or a text call answered by a tool result written as a user message.
 
-Pure functions; ``split_text_calls`` is also what the proxy uses to move calls a model leaked into its text
+Pure functions; Calls written as text are also read in the other forms open models emit when the server has no tool parser for
+them (the formats vLLM's tool parsers read): a call list after a control token (``<|python_tag|>`` Llama 3.x,
+``[TOOL_CALLS]`` Mistral, ``<|tool_call|>`` Granite), Llama 3.1's ``<function=name>{...}</function>``, and
+Python-style calls (``[get_order(order_id="#W1")]``, Llama 3.2/4 "pythonic"; or the same in a ```` ```python ````
+fence): keyword arguments with literal values only, parsed with :mod:`ast` (nothing is run), and only calls of
+declared tools.
+
+``split_text_calls`` is also what the proxy uses to move calls a model leaked into its text
 to ``tool_calls`` (:mod:`proxy.upstream.textcalls`).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from collections.abc import Collection, Mapping, Sequence
@@ -42,6 +50,11 @@ _ACTION = re.compile(r"^[ \t]*Action[ \t]*:[ \t]*", re.MULTILINE)
 _ACTION_INPUT = re.compile(r"\A([A-Za-z_][\w.\-]*)[ \t]*\r?\n[ \t]*Action[ \t]+Input[ \t]*:[ \t]*(.*)\Z", re.DOTALL)
 _RESULT = re.compile(r"\A\s*(API output|Observation|Tool (?:output|result)|Function (?:output|result))[ \t]*:[ \t]*")
 _DECODER = json.JSONDecoder()
+# Control tokens a model writes before its calls when no tool parser takes them out (vLLM: llama3_json, mistral,
+# granite); removed where they open a line so the calls after them read as any other.
+_MARKER = re.compile(r"^([ \t]*)(?:<\|python_tag\|>|\[TOOL_CALLS\]|<\|tool_call\|>)[ \t]*", re.MULTILINE)
+_FUNCTION_TAG = re.compile(r"<function=([A-Za-z_][\w.\-]*)>\s*(\{.*?\})\s*</function>", re.DOTALL)
+_PY_START = re.compile(r"\n[ \t]*(?=\[?[ \t]*[A-Za-z_][\w.]*\()")
 
 
 def _call_of(value: Any, tools: Collection[str] | None) -> dict[str, Any] | None:
@@ -86,6 +99,52 @@ def _calls_in(text: str, tools: Collection[str] | None) -> list[dict[str, Any]] 
             calls.append(call)
 
 
+def _python_calls(text: str, tools: Collection[str]) -> list[dict[str, Any]] | None:
+    """Python-style calls of declared tools (one, or a list), keyword arguments with literal values; else None."""
+    try:
+        body = ast.parse(text.strip(), mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    calls: list[dict[str, Any]] = []
+    for node in body.elts if isinstance(body, ast.List | ast.Tuple) else [body]:
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+            return None
+        if node.func.id not in tools:
+            return None
+        args: dict[str, Any] = {}
+        for keyword in node.keywords:
+            if keyword.arg is None:
+                return None
+            try:
+                args[keyword.arg] = ast.literal_eval(keyword.value)
+            except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+                return None
+        try:
+            orjson.dumps(args)
+        except TypeError:
+            return None  # a set, bytes or a complex number: no JSON arguments
+        calls.append({"name": node.func.id, "arguments": args})
+    return calls or None
+
+
+def _any_calls(text: str, tools: Collection[str]) -> list[dict[str, Any]] | None:
+    return _calls_in(text, tools) or _python_calls(text, tools)
+
+
+def _function_tags(text: str, tools: Collection[str]) -> tuple[str, list[dict[str, Any]]] | None:
+    """Llama 3.1's ``<function=name>{arguments}</function>`` blocks, with the text around them as prose."""
+    found = list(_FUNCTION_TAG.finditer(text))
+    if not found:
+        return None
+    calls: list[dict[str, Any]] = []
+    for block in found:
+        call = _call_of({"name": block.group(1), "arguments": block.group(2)}, tools)
+        if call is None:
+            return None
+        calls.append(call)
+    return _FUNCTION_TAG.sub("", text).strip(), calls
+
+
 def _blocks(text: str, pattern: re.Pattern[str], tools: Collection[str]) -> tuple[str, list[dict[str, Any]]] | None:
     """Calls in every block ``pattern`` finds, with the text around the blocks as prose."""
     found = list(pattern.finditer(text))
@@ -93,7 +152,7 @@ def _blocks(text: str, pattern: re.Pattern[str], tools: Collection[str]) -> tupl
         return None
     calls: list[dict[str, Any]] = []
     for block in found:
-        inside = _calls_in(block.group(1), tools)
+        inside = _any_calls(block.group(1), tools)
         if inside is None:
             return None
         calls.extend(inside)
@@ -108,14 +167,25 @@ def _trailing(text: str, tools: Collection[str]) -> tuple[str, list[dict[str, An
         calls = _calls_in(text[start:], tools)
         if calls is not None:
             return text[:start].strip(), calls
+    if "(" in text:
+        for start in [0] + [m.end() for m in _PY_START.finditer(text)]:
+            calls = _python_calls(text[start:], tools)
+            if calls is not None:
+                return text[:start].strip(), calls
     return None
 
 
 def split_text_calls(text: str, tools: Collection[str]) -> tuple[str | None, list[dict[str, Any]]] | None:
     """``(prose or None, calls)`` when ``text`` carries tool calls of the declared ``tools``; else None."""
-    if not tools or not text or len(text) > MAX_CHARS or not any(o in text for o in ("{", "[")):
+    if not tools or not text or len(text) > MAX_CHARS or not any(o in text for o in ("{", "[", "(")):
         return None
-    found = _blocks(text, _TAGGED, tools) or _blocks(text, _FENCED, tools) or _trailing(text, tools)
+    text = _MARKER.sub(r"\1", text)
+    found = (
+        _blocks(text, _TAGGED, tools)
+        or _function_tags(text, tools)
+        or _blocks(text, _FENCED, tools)
+        or _trailing(text, tools)
+    )
     if found is None:
         return None
     prose, calls = found

@@ -3,7 +3,8 @@
 Small open models served without a matching tool parser often answer a tool-enabled request with the
 call spelled out as text: a bare ``{"name": ..., "arguments": {...}}`` object, the same inside a
 ```` ```json ```` fence or Hermes-style ``<tool_call>`` tags, several of them one after another, sometimes
-after a sentence of prose. The client then shows JSON to the user and nothing runs. This module turns such
+after a sentence of prose; or in a model's own format when the server runs no parser for it (``<|python_tag|>``,
+``[TOOL_CALLS]``, ``<function=name>``, Python-style ``[name(arg="v")]``). The client then shows JSON to the user and nothing runs. This module turns such
 text back into ``tool_calls``, and only when it is unambiguous: every object must name a tool the request
 declared and carry object arguments; anything else leaves the message as it was. Prose before the calls
 stays as the message's content.
@@ -16,6 +17,7 @@ never held back.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -44,8 +46,11 @@ def leaked_calls(text: str, tools: Collection[str]) -> tuple[str | None, list[di
     return split_text_calls(text, tools)
 
 
-# What opens a call written as text: a JSON object or a list of them, a fence, a Hermes-style tag.
-_LINE_OPENERS = ("{", "[", "```", "<tool_call>")
+# What opens a call written as text: a JSON object or a list of them, a fence, a tag or a model's control token
+# before calls, a list of Python-style calls (``[get_order(order_id="#W1")]``).
+_LINE_OPENERS = ("{", "[", "```", "<tool_call>", "<|python_tag|>", "<|tool_call|>", "<function=", "[TOOL_CALLS]")
+_PY_LIST = re.compile(r"\[[ \t]*[A-Za-z_][\w.]*[ \t]*\(")
+_PY_LIST_SO_FAR = re.compile(r"\[[ \t]*[A-Za-z_][\w.]*[ \t]*\Z")
 
 
 def line_opens_call(line: str) -> bool | None:
@@ -55,8 +60,14 @@ def line_opens_call(line: str) -> bool | None:
     if not head:
         return None
     if head.startswith("["):  # a list of calls, not "[1] HAT170" or a markdown link
+        if head.startswith("[TOOL_CALLS]"):
+            return True
         rest = head[1:].lstrip()
-        return rest.startswith("{") if rest else None
+        if not rest:
+            return None
+        if rest.startswith("{") or _PY_LIST.match(head):
+            return True
+        return None if _PY_LIST_SO_FAR.match(head) or "[TOOL_CALLS]".startswith(head) else False
     if head.startswith(_LINE_OPENERS):
         return True
     return None if any(o.startswith(head) for o in _LINE_OPENERS) else False
