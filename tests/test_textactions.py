@@ -6,13 +6,16 @@ user, and feeds tool results back as user messages opening with ``API output:``;
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from detector_service.contract.profile import Dialect, Profile, load_profile
 from detector_service.contract.textactions import (
+    RESPOND,
     native_turn,
     react_action,
     react_respond,
@@ -163,3 +166,45 @@ def test_replay_flags_the_react_run_only_when_it_reads_its_actions(tau_dir: Path
     for r in read:
         for f in r.flags:  # a flag's turn is the recorded assistant message
             assert r.trajectory.messages[f.turn]["role"] == "assistant"
+
+
+def _as_code_actions(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same conversation as a code-action harness writes it: each action a Python-style call in a ```py
+    fence after the thought, a message to the user as plain text, tool results as "Observation:" messages."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        text = m.get("content") or ""
+        if m["role"] == "assistant" and "Action:" in text:
+            thought, action = text.rsplit("Action:", 1)
+            try:
+                call = json.loads(action)
+            except ValueError:
+                out.append(m)  # an action that does not parse stays as it was
+                continue
+            if call["name"] == RESPOND:
+                out.append({"role": "assistant", "content": call["arguments"]["content"]})
+                continue
+            args = ", ".join(f"{k}={v!r}" for k, v in call["arguments"].items())
+            out.append({"role": "assistant", "content": f"{thought.strip()}\n```py\n{call['name']}({args})\n```"})
+        elif m["role"] == "user" and text.startswith("API output: "):
+            out.append({"role": "user", "content": "Observation: " + text.removeprefix("API output: ")})
+        else:
+            out.append(m)
+    return out
+
+
+def test_a_code_action_harness_is_supervised_like_the_react_one(tau_dir: Path) -> None:
+    # The ReAct runs rewritten as a code-action harness writes them: every acting flag lands on the same turn.
+    airline = load_profile(ROOT / "profiles" / "airline.yaml")
+    compared = 0
+    for t in load(tau_dir / "trajectories" / REACT):
+        code = dataclasses.replace(t, messages=_as_code_actions(t.messages))
+        assert sum("```py" in (m.get("content") or "") for m in code.messages) >= 1, t.id
+        react = replay_one(Engine(airline), t, tools(tau_dir, REACT))
+        written = replay_one(Engine(airline), code, tools(tau_dir, REACT))
+        acting = {"retry", "rewrite", "block"}
+        before = sorted((f.turn, f.finding.detector) for f in react.flags if f.action in acting)
+        after = sorted((f.turn, f.finding.detector) for f in written.flags if f.action in acting)
+        assert after == before, t.id
+        compared += bool(before)
+    assert compared >= 6
