@@ -116,16 +116,15 @@ class Engine:
         """The turn as the detectors read it: actions the harness wrote as text become native calls and tool
         messages (:func:`detector_service.contract.textactions.native_turn`; the profile's ``dialect``), and the
         dialect it was written in. A native turn is returned as it is."""
-        dialect, messages, candidate = native_turn(
-            self.profile.dialect, turn.messages, turn.candidate, tools_by_name(turn.tools).keys()
-        )
-        if dialect is not Dialect.REACT:
+        names = tools_by_name(turn.tools).keys() | self.profile.tools.keys()  # a text harness may declare none
+        dialect, messages, candidate = native_turn(self.profile.dialect, turn.messages, turn.candidate, names)
+        if not dialect.text_actions:
             return dialect, turn
         return dialect, turn.model_copy(update={"messages": messages, "candidate": candidate})
 
     def findings(self, turn: TurnEvent) -> list[Finding]:
         dialect, native = self.native(turn)
-        return self.findings_for(self._scan(native, dialect is Dialect.REACT)[0])
+        return self.findings_for(self._scan(native, dialect.text_actions)[0])
 
     def _scan(self, turn: TurnEvent, text_actions: bool) -> tuple[TurnView, monitor_features.FeatureState | None]:
         """The view of a native-shaped turn (see ``native``) and the session's monitor features (None without a
@@ -218,11 +217,11 @@ class Engine:
     def evaluate(self, turn: TurnEvent) -> Verdict:
         start = time.perf_counter()
         dialect, native = self.native(turn)
-        view, state = self._scan(native, dialect is Dialect.REACT)
+        view, state = self._scan(native, dialect.text_actions)
         found = self.findings_for(view)
         risk = self.risk(view, state)
         action, rewritten = self.decide(native.candidate, found, view.index.kinds, risk, turn.attempt)
-        if dialect is Dialect.REACT:
+        if dialect.text_actions:
             rewritten = None  # a repaired native call is no answer for a harness that reads text: retried instead
         return Verdict(
             turn_id=turn.turn_id,

@@ -28,9 +28,17 @@ class Mode(StrEnum):
 class Dialect(StrEnum):
     """How the agent's harness writes actions (:mod:`detector_service.contract.textactions`)."""
 
-    AUTO = "auto"  # read from the conversation: text actions and no native tool calls mean ``react``
+    AUTO = "auto"  # read from the conversation: text actions and no native tool calls mean ``react`` or ``text``
     NATIVE = "native"  # OpenAI ``tool_calls`` and ``tool`` messages
     REACT = "react"  # ``Thought:`` / ``Action:`` JSON text, ``respond`` to talk, tool results as user messages
+    # Calls written as text in another form (JSON objects, tags, Python-style calls, in fences or not), plain
+    # text to talk, tool results as user messages (``Observation: ...``): a code-action or JSON-text harness.
+    TEXT = "text"
+
+    @property
+    def text_actions(self) -> bool:
+        """Whether the harness writes its actions as text (and reads them from the text)."""
+        return self in (Dialect.REACT, Dialect.TEXT)
 
 
 class ToolKind(StrEnum):

@@ -1,30 +1,32 @@
 """Actions an agent writes as text, and the one native-shaped conversation the detectors and agents read.
 
-Harnesses write an agent's actions in one of two dialects (``Profile.dialect``):
+Harnesses write an agent's actions in one of three dialects (``Profile.dialect``):
 
 - ``native``: OpenAI ``tool_calls``, tool results as ``tool`` messages;
 - ``react``: text. tau-bench's ReAct agent (and many harnesses around open models) writes ``Thought: ...``
   then ``Action:`` and a JSON object ``{"name": ..., "arguments": {...}}``; the action ``respond`` (its
   ``arguments.content``) is a message to the user; tool results come back as ``user`` messages opening with
-  ``API output:`` (or ``Observation:``). The JSON-in-text forms small models write (a bare call object, a
-  ```` ```json ```` fence, ``<tool_call>`` tags, several in a row, after prose) and LangChain's
-  ``Action: name`` / ``Action Input: {...}`` are read the same way.
+  ``API output:`` (or ``Observation:``). LangChain's ``Action: name`` / ``Action Input: {...}`` is read the same way;
+- ``text``: calls written as text in one of the forms below, plain text to the user, tool results as user
+  messages (a code-action harness writing Python-style calls, or one writing JSON objects).
+
+Calls written as text are read in the JSON-in-text forms small models write (a bare call object, a
+```` ```json ```` fence, ``<tool_call>`` tags, several in a row, after prose) and in the forms open models emit
+when the server has no tool parser for them (the formats vLLM's tool parsers read): a call list after a control
+token (``<|python_tag|>`` Llama 3.x, ``[TOOL_CALLS]`` Mistral, ``<|tool_call|>`` Granite), Llama 3.1's
+``<function=name>{...}</function>``, and Python-style calls (``[get_order(order_id="#W1")]``, Llama 3.2/4
+"pythonic"; or the same in a ```` ```python ```` fence): keyword arguments with literal values only, parsed with
+:mod:`ast` (nothing is run), and only calls of known tools.
 
 ``native_turn`` turns a conversation and its candidate answer into the native shape, message for message (the
 indexes stay those of the recorded conversation): a text action becomes an assistant message with
 ``tool_calls`` (ids ``text-<index>``, the thought is not text to the user), ``respond`` its content, and a
 tool result sent as a user message a ``tool`` message answering that call. ``auto`` (the default) reads a
-conversation as ``react`` when it has no native calls or tool messages and one of its assistant messages (the
-candidate included) is a ReAct action, or a text call answered by a tool result written as a user message.
+conversation that has no native calls or tool messages as ``react`` when one of its assistant messages (the
+candidate included) is a ReAct action, as ``text`` when a call written otherwise is answered by a tool result
+written as a user message.
 
-Pure functions; Calls written as text are also read in the other forms open models emit when the server has no tool parser for
-them (the formats vLLM's tool parsers read): a call list after a control token (``<|python_tag|>`` Llama 3.x,
-``[TOOL_CALLS]`` Mistral, ``<|tool_call|>`` Granite), Llama 3.1's ``<function=name>{...}</function>``, and
-Python-style calls (``[get_order(order_id="#W1")]``, Llama 3.2/4 "pythonic"; or the same in a ```` ```python ````
-fence): keyword arguments with literal values only, parsed with :mod:`ast` (nothing is run), and only calls of
-declared tools.
-
-``split_text_calls`` is also what the proxy uses to move calls a model leaked into its text
+Pure functions; ``split_text_calls`` is also what the proxy uses to move calls a model leaked into its text
 to ``tool_calls`` (:mod:`proxy.upstream.textcalls`).
 """
 
@@ -283,6 +285,7 @@ def resolve(
     seen = [*messages, candidate] if candidate is not None else messages
     if _is_native(seen):
         return Dialect.NATIVE
+    found = Dialect.NATIVE
     for i, m in enumerate(seen):
         if m.get("role") != "assistant":
             continue
@@ -292,8 +295,8 @@ def resolve(
             return Dialect.REACT
         answered = i + 1 < len(seen) and seen[i + 1].get("role") == "user"
         if answered and tool_result(_text(seen[i + 1].get("content"))) is not None and text_calls(m, tools):
-            return Dialect.REACT
-    return Dialect.NATIVE
+            found = Dialect.TEXT  # calls written as text, answered as user messages, in no ReAct form (yet)
+    return found
 
 
 def native_message(message: dict[str, Any], at: int, tools: Collection[str]) -> dict[str, Any]:
@@ -347,7 +350,7 @@ def native_turn(
 ) -> tuple[Dialect, list[dict[str, Any]], dict[str, Any] | None]:
     """The conversation and its candidate answer as the detectors read them, and the dialect they were in."""
     found = resolve(dialect, messages, candidate, tools)
-    if found is not Dialect.REACT:
+    if not found.text_actions:
         return found, list(messages), candidate
     native = native_messages(messages, tools)
     return found, native, None if candidate is None else native_message(candidate, len(messages), tools)

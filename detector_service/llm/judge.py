@@ -22,7 +22,7 @@ import orjson
 from openai import APITimeoutError, AsyncOpenAI
 from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr
 
-from detector_service.contract.profile import Dialect, JudgeConfig, Profile, ToolKind
+from detector_service.contract.profile import JudgeConfig, Profile, ToolKind
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import Category, Finding, Severity, TurnEvent, Verdict
 from detector_service.engine import Engine, merge
@@ -258,4 +258,4 @@ async def judged(
     count("ok")
     merged = merge(engine, verdict, native.candidate, extra, turn.tools)
     # A harness that reads actions from text gets no native call in place of its answer: retried instead.
-    return merged.model_copy(update={"rewritten": None}) if dialect is Dialect.REACT else merged
+    return merged.model_copy(update={"rewritten": None}) if dialect.text_actions else merged

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from detector_service import stakes
-from detector_service.contract.profile import Dialect, Profile, ProfileError, load_profile
+from detector_service.contract.profile import Profile, ProfileError, load_profile
 from detector_service.contract.textactions import native_turn
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import TurnEvent
@@ -55,7 +55,7 @@ def native_messages(
     actions its harness wrote as text become native calls (``profile.dialect``; auto-detected by default). The
     flag says whether they were text actions."""
     dialect, native, _ = native_turn(profile.dialect, messages, None, tools)
-    return dialect is Dialect.REACT, native
+    return dialect.text_actions, native
 
 
 def replay_one(

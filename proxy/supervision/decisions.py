@@ -48,6 +48,10 @@ REACT_FORMAT = (
     "Answer again in the same format: Thought: ..., then Action: and exactly one JSON object "
     '{"name": ..., "arguments": {...}}; to ask or tell the user something, use the action "respond".'
 )
+TEXT_FORMAT = (
+    "Answer again in the same format as before: a tool call written exactly the way you wrote your earlier calls, "
+    "or plain text to ask or tell the user something."
+)
 
 
 TRIGGERS: dict[Category, tuple[AgentName, ...]] = {
@@ -176,8 +180,8 @@ def feedback_message(
             "If the user has not explicitly confirmed this action, list its details and ask them to confirm "
             "instead of calling the tool."
         )
-    if dialect is Dialect.REACT:
-        lines.append(REACT_FORMAT)
+    if dialect.text_actions:  # the harness feeds everything back as user messages
+        lines.append(REACT_FORMAT if dialect is Dialect.REACT else TEXT_FORMAT)
         return {"role": REACT_FEEDBACK_ROLE, "content": "\n".join(lines)}
     lines.append("Answer again, fixing this.")
     return {"role": FEEDBACK_ROLE, "content": "\n".join(lines)}
@@ -205,7 +209,7 @@ def block_message(
     dialect: Dialect = Dialect.NATIVE,
 ) -> AssistantMessage:
     """The safe answer that replaces a held candidate, in the agent's voice (:mod:`proxy.supervision.replies`); for a
-    ReAct harness, a ``respond`` action carrying it."""
+    ReAct harness, a ``respond`` action carrying it (a harness writing calls as text otherwise takes plain text)."""
     text = held_reply(tool_calls(candidate), categories, degraded is not None, text_shown)
     if dialect is Dialect.REACT:
         text = react_respond(text, "The action was held back; I need the user's answer before going further.")
@@ -234,7 +238,7 @@ def decide(
     guidance = tuple(f"[{f.category.value}] {f.message}" for f in findings)
     cats = _driving(verdict, profile)
     wanted = verdict.action
-    if wanted is Action.REWRITE and (verdict.rewritten is None or dialect is Dialect.REACT):
+    if wanted is Action.REWRITE and (verdict.rewritten is None or dialect.text_actions):
         wanted = Action.RETRY
     activate = triggered_agents(f.category for f in findings)
     if wanted is Action.PASS or not findings:

@@ -40,7 +40,7 @@ from redis.asyncio import Redis
 from detector_service.agents.policy import policy_text
 from detector_service.contract.active_profile import ProfileHolder
 from detector_service.contract.extraction import PolicyExtraction
-from detector_service.contract.profile import Dialect, Mode
+from detector_service.contract.profile import Mode
 from detector_service.contract.textactions import native_message, native_turn, resolve
 from detector_service.contract.wire import SCHEMA_VERSION, Action, TurnEvent, Verdict, new_id, now_ms
 from detector_service.turn import tools_by_name
@@ -117,9 +117,9 @@ class Supervisor(ChatHooks[Turn]):
         ref = identify(ctx.request_headers.get(SESSION_HEADER), ctx.tenant, messages, tools)
         ctx.response_headers[SESSION_HEADER] = ref.session_id
         active = self.profiles.current  # the turn keeps this profile to its end, whatever is pushed meanwhile
-        names = tools_by_name(tools).keys()
+        names = tools_by_name(tools).keys() | active.profile.tools.keys()  # a text harness may declare none
         dialect = resolve(active.profile.dialect, messages, None, names)
-        ctx.text_actions = dialect is Dialect.REACT  # its harness reads calls written as text: they stay text
+        ctx.text_actions = dialect.text_actions  # its harness reads calls written as text: they stay text
         if not (tools or ctx.text_actions) or int(body.get("n") or 1) != 1:
             return body  # nothing to supervise: no tool use, or several answers the client will choose from
         await self.settled(ref)
@@ -273,9 +273,9 @@ class Supervisor(ChatHooks[Turn]):
         else:
             result = Degraded("deadline" if outcome.reason is MissReason.DEADLINE else "outage")
         # The decision reads the candidate as the detectors do; its feedback and its answer fit the harness.
-        names = turn.tool_names
+        names = turn.tool_names | profile.tools.keys()
         dialect = resolve(profile.dialect, turn.messages, candidate, names)
-        native = native_message(candidate, len(turn.messages), names) if dialect is Dialect.REACT else candidate
+        native = native_message(candidate, len(turn.messages), names) if dialect.text_actions else candidate
         decision = decide(self.mode, profile, result, native, turn.tools, attempt, tool_bytes_sent, dialect, text_shown)
         self._account(turn, attempt, decision)
         self._record(event, outcome, decision, whole=turn.state.turns == 1 and attempt == 0)
