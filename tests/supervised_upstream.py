@@ -27,11 +27,12 @@ Reply = Callable[[dict[str, Any]], dict[str, Any]]
 USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
 
 
-def feedback_in(body: dict[str, Any]) -> str | None:
-    """The proxy's corrective feedback, when this request is a retry."""
+def feedback_in(body: dict[str, Any], role: str = "system") -> str | None:
+    """The proxy's corrective feedback, when this request is a retry (a ``user`` message for a harness that feeds
+    everything back as the user's turns)."""
     last = body["messages"][-1]
     content = last.get("content")
-    if last.get("role") == "system" and isinstance(content, str) and content.startswith("[FAMA feedback]"):
+    if last.get("role") == role and isinstance(content, str) and content.startswith("[FAMA feedback]"):
         return content
     return None
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from detector_service.contract.textactions import react_action, react_respond, react_text
-from tests.supervised_upstream import ScriptedModel
+from tests.supervised_upstream import ScriptedModel, feedback_in
 from tests.supervision_harness import RESERVATION, SYSTEM, TOOLS, interventions, proxy_for
 
 REACT_PROMPT = (
@@ -37,11 +37,7 @@ ENFORCE = {"mode": "enforce"}
 
 def _feedback(body: dict[str, Any]) -> str | None:
     """The proxy's feedback on a retry: a user message, as the harness feeds everything back."""
-    last = body["messages"][-1]
-    content = last.get("content")
-    if last.get("role") == "user" and isinstance(content, str) and content.startswith("[FAMA feedback]"):
-        return content
-    return None
+    return feedback_in(body, role="user")
 
 
 def cancels_until_told(body: dict[str, Any]) -> dict[str, Any]:

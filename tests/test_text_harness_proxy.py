@@ -15,7 +15,7 @@ from typing import Any
 
 from detector_service.contract.profile import Dialect
 from detector_service.contract.textactions import resolve
-from tests.supervised_upstream import ScriptedModel
+from tests.supervised_upstream import ScriptedModel, feedback_in
 from tests.supervision_harness import QUESTION, RESERVATION, SYSTEM, TOOLS, interventions, proxy_for
 
 PROFILE = {"tools": {"get_reservation_details": "read", "cancel_reservation": "write"}}
@@ -34,11 +34,8 @@ ENFORCE = {"mode": "enforce", "profile": PROFILE}
 
 
 def _feedback(body: dict[str, Any]) -> str | None:
-    last = body["messages"][-1]
-    content = last.get("content")
-    if last.get("role") == "user" and isinstance(content, str) and content.startswith("[FAMA feedback]"):
-        return content
-    return None
+    """The proxy's feedback on a retry: a user message, as the harness feeds everything back."""
+    return feedback_in(body, role="user")
 
 
 def test_the_conversation_reads_as_the_text_dialect() -> None:
