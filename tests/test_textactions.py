@@ -22,6 +22,7 @@ from detector_service.contract.textactions import (
     resolve,
     split_text_calls,
     text_calls,
+    tool_result,
 )
 from detector_service.contract.wire import Action, Category
 from detector_service.engine import Engine
@@ -208,3 +209,15 @@ def test_a_code_action_harness_is_supervised_like_the_react_one(tau_dir: Path) -
         assert after == before, t.id
         compared += bool(before)
     assert compared >= 6
+
+
+def test_tool_results_handed_back_in_tags_are_tool_results() -> None:
+    assert tool_result('<tool_response>\n{"status": "booked"}\n</tool_response>') == '{"status": "booked"}'
+    assert tool_result("Observation: []") == "[]"
+    assert tool_result("I got <tool_response>x</tool_response> in my mail") is None  # the user's own words
+    tagged = [
+        {"role": "user", "content": "Cancel ZFA04Y."},
+        {"role": "assistant", "content": '<tool_call>{"name": "get_reservation_details", "arguments": {}}</tool_call>'},
+        {"role": "user", "content": "<tool_response>{}</tool_response>"},
+    ]
+    assert resolve(Dialect.AUTO, tagged, None, frozenset({"get_reservation_details"})) is Dialect.TEXT

@@ -6,7 +6,7 @@ Harnesses write an agent's actions in one of three dialects (``Profile.dialect``
 - ``react``: text. tau-bench's ReAct agent (and many harnesses around open models) writes ``Thought: ...``
   then ``Action:`` and a JSON object ``{"name": ..., "arguments": {...}}``; the action ``respond`` (its
   ``arguments.content``) is a message to the user; tool results come back as ``user`` messages opening with
-  ``API output:`` (or ``Observation:``). LangChain's ``Action: name`` / ``Action Input: {...}`` is read the same way;
+  ``API output:`` (or ``Observation:``, or wrapped in ``<tool_response>`` tags). LangChain's ``Action: name`` / ``Action Input: {...}`` is read the same way;
 - ``text``: calls written as text in one of the forms below, plain text to the user, tool results as user
   messages (a code-action harness writing Python-style calls, or one writing JSON objects).
 
@@ -51,6 +51,8 @@ _FENCED = re.compile(r"```[a-zA-Z]*\s*\n?(.*?)```", re.DOTALL)
 _ACTION = re.compile(r"^[ \t]*Action[ \t]*:[ \t]*", re.MULTILINE)
 _ACTION_INPUT = re.compile(r"\A([A-Za-z_][\w.\-]*)[ \t]*\r?\n[ \t]*Action[ \t]+Input[ \t]*:[ \t]*(.*)\Z", re.DOTALL)
 _RESULT = re.compile(r"\A\s*(API output|Observation|Tool (?:output|result)|Function (?:output|result))[ \t]*:[ \t]*")
+# Hermes/Qwen-style templates without native tool messages hand results back in tags: the message is the block.
+_RESULT_TAG = re.compile(r"\A\s*<tool_response>\s*(.*?)\s*</tool_response>\s*\Z", re.DOTALL)
 _DECODER = json.JSONDecoder()
 # Control tokens a model writes before its calls when no tool parser takes them out (vLLM: llama3_json, mistral,
 # granite); removed where they open a line so the calls after them read as any other.
@@ -229,9 +231,13 @@ def react_action(text: str) -> ReactAction | None:
 
 
 def tool_result(text: str) -> str | None:
-    """The tool output a user message carries (``API output: ...``), or None for the user's own words."""
+    """The tool output a user message carries (``API output: ...``, ``Observation: ...``, a message that is one
+    ``<tool_response>`` block), or None for the user's own words."""
     opened = _RESULT.match(text)
-    return text[opened.end() :] if opened else None
+    if opened:
+        return text[opened.end() :]
+    tagged = _RESULT_TAG.match(text)
+    return tagged.group(1) if tagged else None
 
 
 def _text(content: Any) -> str:
