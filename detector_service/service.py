@@ -21,7 +21,8 @@ from detector_service.contract.redaction import logging_config, redact_also, url
 from detector_service.engine import Engines
 from detector_service.health import create_health_app, health_server
 from detector_service.llm.extraction import ExtractionScheduler, Extractor
-from detector_service.llm.judge import Judge, judge_key, make_client
+from detector_service.llm.judge import judge_key, make_client
+from detector_service.llm.judges import Judges, judge_builder
 from detector_service.metrics import DetectorMetrics
 from detector_service.settings import DetectorSettings
 from detector_service.worker import Worker
@@ -41,12 +42,10 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
     profiles.listen(metrics.profile_switched)
     watch = ProfileWatch(redis, profiles)
     await watch.start()
-    profile = profiles.current.profile  # judge and llm_agents: read once, here
+    profile = profiles.current.profile  # llm_agents: read once, here
     # The logs were set up from the file's profile; a pushed one may name another judge key.
     redact_also(judge_key(settings.judge_api_key, profile.judge))
-    judge = None
-    if profile.judge.enabled:
-        judge = Judge(profile.judge, make_client(profile.judge, judge_key(settings.judge_api_key, profile.judge)))
+    judges = Judges(profiles, judge_builder(settings.judge_api_key))  # follows the profile in force
     extractions = None
     if profile.llm_agents.dce:
         extractor = Extractor(
@@ -55,7 +54,7 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
             profile.llm_agents.timeout_s,
         )
         extractions = ExtractionScheduler(redis, extractor, profile, metrics, settings.consumer_name)
-    worker = Worker(settings, redis, Engines(profiles), metrics, judge, extractions)
+    worker = Worker(settings, redis, Engines(profiles), metrics, judges, extractions)
     server = None
     server_task = None
     if settings.metrics_port:
@@ -84,8 +83,7 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
         if server is not None and server_task is not None:
             server.should_exit = True
             await server_task
-        if judge is not None:
-            await judge.aclose()
+        await judges.aclose()
         if extractions is not None:
             # Burst mode finishes its extractions; a stopping worker cuts them short (another replica redoes them).
             await extractions.aclose(settings.drain_timeout_s if until_idle else EXTRACTION_STOP_S)

@@ -37,6 +37,7 @@ from detector_service.contract.wire import SchemaVersionError, TurnEvent, Verdic
 from detector_service.engine import Engine, Engines
 from detector_service.llm.extraction import ExtractionScheduler
 from detector_service.llm.judge import Judge, judged, worth_judging
+from detector_service.llm.judges import Judges
 from detector_service.metrics import DetectorMetrics
 from detector_service.settings import DetectorSettings
 
@@ -91,7 +92,7 @@ class Worker:
         redis: Redis,
         engine: Engine | Engines,
         metrics: DetectorMetrics,
-        judge: Judge | None = None,
+        judge: Judge | Judges | None = None,
         extractions: ExtractionScheduler | None = None,
     ) -> None:
         self.settings = settings
@@ -99,7 +100,8 @@ class Worker:
         # Per turn, the engine of the profile its proxy judged it under (a pushed profile swaps them).
         self.engines = engine if isinstance(engine, Engines) else Engines.fixed(engine)
         self.metrics = metrics
-        self.judge = judge
+        # The judge of the profile in force (a pushed profile with another judge section gets its own).
+        self.judges = judge if isinstance(judge, Judges) else Judges.fixed(judge)
         self.extractions = extractions
         self.consumer = settings.consumer_name
         self.group = GroupConsumer(
@@ -163,10 +165,11 @@ class Worker:
             done.append(_Done(entry, verdict, turn))
         if not done:
             return
-        if self.judge is None:
+        judge = self.judges.current
+        if judge is None:
             await self._publish(done)
         else:
-            await self._publish_judged(self.judge, done)
+            await self._publish_judged(judge, done)
         if self.extractions is not None:
             self.extractions.notice(d.turn for d in done)
 

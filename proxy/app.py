@@ -17,9 +17,9 @@ from detector_service.bus.client import PROXY, redis_client
 from detector_service.bus.profiles import ProfileWatch
 from detector_service.bus.writer import BatchWriter
 from detector_service.contract.active_profile import ProfileHolder
-from detector_service.contract.profile import Profile, load_profile
+from detector_service.contract.profile import load_profile
 from detector_service.engine import Engines
-from detector_service.llm.judge import Judge, judge_key, make_client
+from detector_service.llm.judges import Judges, judge_builder
 from proxy.edge import admin, health, outcomes, passthrough, responses, routes
 from proxy.edge.auth import Authenticator
 from proxy.edge.deps import ProxyState, Supervision
@@ -40,11 +40,9 @@ from proxy.upstream.client import Upstream
 from proxy.upstream.readiness import Readiness
 
 
-def embedded_judge(settings: ProxySettings, profile: Profile) -> Judge | None:
-    """The LLM judge run in-process when the profile enables it and no detector service is used."""
-    if not profile.judge.enabled:
-        return None
-    return Judge(profile.judge, make_client(profile.judge, judge_key(settings.judge_api_key, profile.judge)))
+def embedded_judges(settings: ProxySettings, profiles: ProfileHolder) -> Judges:
+    """The LLM judge run in-process when the profile in force enables it and no detector service is used."""
+    return Judges(profiles, judge_builder(settings.judge_api_key))
 
 
 def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervisor:
@@ -60,7 +58,7 @@ def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervis
         return Supervisor(
             settings.mode,
             profiles,
-            EmbeddedVerdicts(Engines(profiles), metrics, embedded_judge(settings, profile)),
+            EmbeddedVerdicts(Engines(profiles), metrics, embedded_judges(settings, profiles)),
             MemorySessionStore(ttl_s=settings.session_ttl_s),
             metrics,
             recorder_for(None, metrics, session_ttl_s=settings.session_ttl_s),

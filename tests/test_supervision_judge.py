@@ -3,14 +3,20 @@ turn's deadline. Official SDK -> proxy -> scripted model; the judge is a scripte
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
+import yaml
 
+from detector_service.contract.active_profile import ActiveProfile, ProfileHolder
+from detector_service.contract.profile import JudgeConfig, Profile
 from detector_service.contract.wire import Category
+from detector_service.llm.judges import Judges, judge_builder
 from tests.scripted_llm import ScriptedLLM
 from tests.supervised_upstream import ScriptedModel, feedback_in
 from tests.supervision_harness import CANCEL, LOOKED_UP, QUESTION, TOOLS, interventions, proxy_for
@@ -92,3 +98,67 @@ def test_a_look_up_is_not_sent_to_the_judge(judge: tuple[ScriptedLLM, str], tmp_
         completion = client.chat.completions.create(model="m", messages=CONFIRMED, tools=TOOLS)
     assert completion.choices[0].message.tool_calls
     assert llm.asked("fama_judge") == []
+
+
+ADMIN_KEY = "admin-key-judge-reload-0123456789"
+
+
+def _push(client: Any, profile: dict[str, Any]) -> None:
+    url = str(client.base_url).removesuffix("/v1/")
+    answer = httpx2.post(
+        url + "/admin/profile",
+        content=yaml.safe_dump(profile),
+        headers={"authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+
+
+def test_a_pushed_judge_section_is_in_force_on_the_next_turn(judge: tuple[ScriptedLLM, str], tmp_path: Path) -> None:
+    llm, url = judge
+    without = {"version": 1, "deadline_ms": 3000, "actions": {"CM": "retry"}}
+    other = ScriptedLLM()
+    other.responder = _judge_answer
+    with (
+        other.serving() as other_url,
+        proxy_for(ScriptedModel(_model), tmp_path, mode="enforce", profile=without, admin_key=ADMIN_KEY) as (client, _),
+    ):
+
+        def handling() -> str | None:
+            raw = client.chat.completions.with_raw_response.create(model="m", messages=CONFIRMED, tools=TOOLS)
+            return raw.headers.get("x-fama-intervention")
+
+        assert handling() is None  # no judge: the confirmed cancel passes
+        _push(client, _profile(url))
+        assert handling() == "retry:CM"  # the pushed judge is asked, no restart
+        asked = len(llm.asked("fama_judge"))
+        assert asked >= 1
+        _push(client, {**_profile(url), "actions": {"CM": "retry", "DCV": "guide"}})  # same judge section
+        assert handling() == "retry:CM"
+        _push(client, _profile(other_url))  # another endpoint: the turns go there from now on
+        assert handling() == "retry:CM"
+        assert len(other.asked("fama_judge")) >= 1
+        _push(client, without)  # judge off again
+        before = (len(llm.requests), len(other.requests))
+        assert handling() is None
+        assert (len(llm.requests), len(other.requests)) == before
+
+
+def test_a_judge_section_that_cannot_build_a_judge_leaves_the_deterministic_verdicts() -> None:
+    holder = ProfileHolder.of(Profile())
+    judges = Judges(holder, judge_builder(None))
+    assert judges.current is None
+    holder.offer(ActiveProfile(Profile(judge=JudgeConfig(enabled=True, base_url="http://127.0.0.1:9/v1")), 1))
+    assert judges.current is None  # enabled without a model: logged, the turns go without a judge
+    holder.offer(
+        ActiveProfile(Profile(judge=JudgeConfig(enabled=True, base_url="http://127.0.0.1:9/v1", model="j")), 2)
+    )
+    first = judges.current
+    assert first is not None
+    assert first.config.model == "j"
+    holder.offer(ActiveProfile(Profile(judge=first.config, deadline_ms=900), 3))
+    assert judges.current is first  # the same section keeps the judge, its client and its cache
+    holder.offer(ActiveProfile(Profile(), 4))
+    assert judges.current is None
+    asyncio.run(judges.aclose())
+    assert first.client.is_closed()

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 Source = Literal["file", "pushed"]
 Listener = Callable[["ActiveProfile", "ActiveProfile"], None]  # (old, new)
 
-# Sections read when a process starts (they build clients and schedulers); a pushed change to them is logged.
-READ_AT_START = ("judge", "llm_agents")
+# Sections read when a process starts (they build schedulers); a pushed change to them is logged. (The judge
+# follows the profile in force: detector_service.llm.judges.)
+READ_AT_START = ("llm_agents",)
 
 
 @dataclass(frozen=True, slots=True)

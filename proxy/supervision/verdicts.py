@@ -39,6 +39,7 @@ from detector_service.bus import keys, streams, values
 from detector_service.contract.wire import SchemaVersionError, TurnEvent, Verdict, check_version, dumps, now_ms
 from detector_service.engine import Engine, Engines
 from detector_service.llm.judge import Judge, judged, worth_judging
+from detector_service.llm.judges import Judges
 from proxy.metrics import ProxyMetrics
 
 REPLY_BLOCK_MS = 1000  # the reply reader's XREAD block
@@ -106,19 +107,19 @@ class EmbeddedVerdicts:
     transport = "embedded"
 
     def __init__(
-        self, engine: Engine | Engines, metrics: ProxyMetrics | None = None, judge: Judge | None = None
+        self, engine: Engine | Engines, metrics: ProxyMetrics | None = None, judge: Judge | Judges | None = None
     ) -> None:
         # Per turn, the engine of the profile it is judged under (a pushed profile swaps them).
         self.engines = engine if isinstance(engine, Engines) else Engines.fixed(engine)
         self.metrics = metrics or ProxyMetrics()
-        self.judge = judge
+        # The judge of the profile in force (a pushed profile with another judge section gets its own).
+        self.judges = judge if isinstance(judge, Judges) else Judges.fixed(judge)
 
     async def start(self) -> None:
         return None
 
     async def stop(self) -> None:
-        if self.judge is not None:
-            await self.judge.aclose()
+        await self.judges.aclose()
 
     async def evaluate(self, turn: TurnEvent, timeout_s: float) -> VerdictOutcome:
         start = time.perf_counter()
@@ -129,7 +130,7 @@ class EmbeddedVerdicts:
         except Exception:  # a detector bug degrades this turn like an outage; it must not fail the request
             log.exception("embedded detectors failed on turn %s (session %s)", turn.turn_id, turn.session_id)
             verdict, reason = None, MissReason.OUTAGE
-        judge = self.judge
+        judge = self.judges.current
         # Asked about the turn as the detectors read it (a ReAct look-up is a look-up, not text).
         if verdict is not None and judge is not None and worth_judging(engine.native(turn)[1], engine.profile):
             left_s = timeout_s - (time.perf_counter() - start) - JUDGE_MARGIN_S
