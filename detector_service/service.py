@@ -13,16 +13,18 @@ import logging.config
 import signal
 import sys
 
+from redis.asyncio import Redis
+
 from detector_service.bus.client import DETECTOR, redis_client
 from detector_service.bus.profiles import ProfileWatch
 from detector_service.contract.active_profile import ProfileHolder
-from detector_service.contract.profile import load_profile
+from detector_service.contract.profile import Profile, load_profile
 from detector_service.contract.redaction import logging_config, redact_also, url_secrets
 from detector_service.engine import Engines
 from detector_service.health import create_health_app, health_server
 from detector_service.llm.extraction import ExtractionScheduler, Extractor
 from detector_service.llm.judge import judge_key, make_client
-from detector_service.llm.judges import Judges, judge_builder
+from detector_service.llm.judges import FollowsProfile, Judges, judge_builder
 from detector_service.metrics import DetectorMetrics
 from detector_service.settings import DetectorSettings
 from detector_service.worker import Worker
@@ -30,6 +32,23 @@ from detector_service.worker import Worker
 log = logging.getLogger("detector_service.worker")
 
 EXTRACTION_STOP_S = 1.0  # how long a stopping worker lets LLM extractions in flight finish
+
+
+def extraction_schedulers(
+    profiles: ProfileHolder, redis: Redis, metrics: DetectorMetrics, settings: DetectorSettings
+) -> FollowsProfile[ExtractionScheduler]:
+    """The LLM-backed DCE's extraction scheduler of the profile in force: one when ``llm_agents`` names DCE, built
+    anew when that section or the judge endpoint it calls changes."""
+
+    def build(profile: Profile) -> ExtractionScheduler | None:
+        if not profile.llm_agents.dce:
+            return None
+        key = judge_key(settings.judge_api_key, profile.judge)
+        redact_also(key)
+        extractor = Extractor(profile.judge, make_client(profile.judge, key), profile.llm_agents.timeout_s)
+        return ExtractionScheduler(redis, extractor, profile, metrics, settings.consumer_name)
+
+    return FollowsProfile(profiles, lambda p: (p.llm_agents, p.judge), build, "policy extraction")
 
 
 async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> int:
@@ -42,18 +61,9 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
     profiles.listen(metrics.profile_switched)
     watch = ProfileWatch(redis, profiles)
     await watch.start()
-    profile = profiles.current.profile  # llm_agents: read once, here
-    # The logs were set up from the file's profile; a pushed one may name another judge key.
-    redact_also(judge_key(settings.judge_api_key, profile.judge))
-    judges = Judges(profiles, judge_builder(settings.judge_api_key))  # follows the profile in force
-    extractions = None
-    if profile.llm_agents.dce:
-        extractor = Extractor(
-            profile.judge,
-            make_client(profile.judge, judge_key(settings.judge_api_key, profile.judge)),
-            profile.llm_agents.timeout_s,
-        )
-        extractions = ExtractionScheduler(redis, extractor, profile, metrics, settings.consumer_name)
+    # Both follow the profile in force; the logs learn each judge key they use (a pushed profile may name another).
+    judges = Judges(profiles, judge_builder(settings.judge_api_key))
+    extractions = extraction_schedulers(profiles, redis, metrics, settings)
     worker = Worker(settings, redis, Engines(profiles), metrics, judges, extractions)
     server = None
     server_task = None
@@ -84,9 +94,9 @@ async def serve(settings: DetectorSettings, *, until_idle: bool = False, stop: a
             server.should_exit = True
             await server_task
         await judges.aclose()
-        if extractions is not None:
-            # Burst mode finishes its extractions; a stopping worker cuts them short (another replica redoes them).
-            await extractions.aclose(settings.drain_timeout_s if until_idle else EXTRACTION_STOP_S)
+        # Burst mode finishes its extractions; a stopping worker cuts them short (another replica redoes them).
+        for scheduler in extractions.drain():
+            await scheduler.aclose(settings.drain_timeout_s if until_idle else EXTRACTION_STOP_S)
         await redis.aclose()
     log.info("worker %s stopped after %d turns", worker.consumer, worker.processed)
     return code

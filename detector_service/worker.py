@@ -37,7 +37,7 @@ from detector_service.contract.wire import SchemaVersionError, TurnEvent, Verdic
 from detector_service.engine import Engine, Engines
 from detector_service.llm.extraction import ExtractionScheduler
 from detector_service.llm.judge import Judge, judged, worth_judging
-from detector_service.llm.judges import Judges
+from detector_service.llm.judges import FollowsProfile, Judges
 from detector_service.metrics import DetectorMetrics
 from detector_service.settings import DetectorSettings
 
@@ -93,7 +93,7 @@ class Worker:
         engine: Engine | Engines,
         metrics: DetectorMetrics,
         judge: Judge | Judges | None = None,
-        extractions: ExtractionScheduler | None = None,
+        extractions: ExtractionScheduler | FollowsProfile[ExtractionScheduler] | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
@@ -101,8 +101,9 @@ class Worker:
         self.engines = engine if isinstance(engine, Engines) else Engines.fixed(engine)
         self.metrics = metrics
         # The judge of the profile in force (a pushed profile with another judge section gets its own).
-        self.judges = judge if isinstance(judge, Judges) else Judges.fixed(judge)
-        self.extractions = extractions
+        self.judges = Judges.of(judge)
+        # The policy-extraction scheduler of the profile in force (its llm_agents and judge sections), if any.
+        self.extractions = extractions if isinstance(extractions, FollowsProfile) else FollowsProfile.fixed(extractions)
         self.consumer = settings.consumer_name
         self.group = GroupConsumer(
             redis,
@@ -170,8 +171,9 @@ class Worker:
             await self._publish(done)
         else:
             await self._publish_judged(judge, done)
-        if self.extractions is not None:
-            self.extractions.notice(d.turn for d in done)
+        extractions = self.extractions.current
+        if extractions is not None:
+            extractions.notice(d.turn for d in done)
 
     async def _publish_judged(self, judge: Judge, done: list[_Done]) -> None:
         """Judge the batch's turns concurrently; publish verdicts in waves as their judge calls end.

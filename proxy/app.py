@@ -76,10 +76,9 @@ def build_supervisor(settings: ProxySettings, metrics: ProxyMetrics) -> Supervis
         metrics,
         recorder,
         closing=redis,
-        # The detector service fills the cache (profile ``llm_agents``); a turn only ever reads it.
-        extractions=ExtractionReader(redis, metrics, timeout_s=min(0.05, profile.deadline_ms / 1000))
-        if profile.llm_agents.dce
-        else None,
+        # The detector service fills the cache (profile ``llm_agents``); a turn only ever reads it, and only while
+        # the profile in force names DCE there.
+        extractions=ExtractionReader(redis, metrics, timeout_s=min(0.05, profile.deadline_ms / 1000)),
     )
 
 

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 
 from detector_service.bus import keys, streams
 from detector_service.bus.client import PROXY, redis_client
+from detector_service.contract.active_profile import ActiveProfile, ProfileHolder
 from detector_service.contract.extraction import PolicyExtraction, policy_hash
 from detector_service.contract.profile import Profile
 from detector_service.contract.wire import TurnEvent, dumps
@@ -30,6 +31,7 @@ from detector_service.engine import Engine
 from detector_service.llm.extraction import ExtractionScheduler, Extractor
 from detector_service.llm.judge import make_client
 from detector_service.metrics import DetectorMetrics
+from detector_service.service import extraction_schedulers
 from detector_service.settings import DetectorSettings
 from detector_service.worker import Worker
 from proxy.metrics import ProxyMetrics
@@ -306,3 +308,42 @@ def test_proxy_injects_the_cached_extraction_and_never_waits_for_it(
         assert len(llm.asked("fama_policy_rules")) == 1
     finally:
         store.close()
+
+
+async def test_a_pushed_llm_agents_section_starts_and_stops_the_extraction(
+    redis_url: str, aredis: Redis, llm: ScriptedLLM, llm_url: str
+) -> None:
+    holder = ProfileHolder.of(Profile())  # started without DCE
+    metrics = DetectorMetrics()
+    client = Redis.from_url(redis_url)
+    settings = DetectorSettings(redis_url=redis_url, consumer_name="w", batch_size=1, block_ms=50)
+    schedulers = extraction_schedulers(holder, client, metrics, settings)
+    worker = Worker(settings, client, Engine(), metrics, extractions=schedulers)
+
+    async def process(turn: TurnEvent) -> None:
+        await streams.publish(aredis, keys.TURNS_STREAM, dumps(turn), maxlen=1000)
+        await worker.run(asyncio.Event(), until_idle=True)
+        if schedulers.current is not None:
+            await schedulers.current.wait()
+
+    try:
+        await process(cancel_turn())
+        assert schedulers.current is None
+        assert llm.asked("fama_policy_rules") == []
+        holder.offer(ActiveProfile(Profile.model_validate(profile_for(llm_url)), 1))  # pushed: DCE on
+        first = schedulers.current
+        assert first is not None
+        await process(cancel_turn())
+        assert len(llm.asked("fama_policy_rules")) == 1
+        assert await aredis.exists(keys.extraction_key(policy_hash(SYSTEM))) == 1
+        holder.offer(ActiveProfile(Profile.model_validate(profile_for(llm_url, deadline_ms=4_000)), 2))
+        assert schedulers.current is first  # the sections it is built from did not change
+        holder.offer(ActiveProfile(Profile(), 3))  # pushed: DCE off again
+        assert schedulers.current is None
+        other = cancel_turn().model_copy(update={"messages": [{"role": "system", "content": "Another policy."}]})
+        await process(other)
+        assert len(llm.asked("fama_policy_rules")) == 1  # the new policy text was not sent anywhere
+    finally:
+        for scheduler in schedulers.drain():
+            await scheduler.aclose(5.0)
+        await client.aclose()

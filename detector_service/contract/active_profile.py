@@ -8,8 +8,8 @@ a process that starts while a pushed profile is stored takes the stored one (see
 
 Every reader takes :attr:`ProfileHolder.current` once per unit of work (a turn, a batch) and keeps that
 snapshot to its end: a turn in flight finishes under the profile it started with, the next one gets the new
-one. :meth:`ProfileHolder.offer` is the only place a profile is swapped; listeners (metrics, derived engines)
-hear of each swap.
+one. :meth:`ProfileHolder.offer` is the only place a profile is swapped; listeners (metrics, derived engines, the
+judge and the policy-extraction scheduler, :mod:`detector_service.llm.judges`) hear of each swap.
 """
 
 from __future__ import annotations
@@ -26,10 +26,6 @@ log = logging.getLogger(__name__)
 
 Source = Literal["file", "pushed"]
 Listener = Callable[["ActiveProfile", "ActiveProfile"], None]  # (old, new)
-
-# Sections read when a process starts (they build schedulers); a pushed change to them is logged. (The judge
-# follows the profile in force: detector_service.llm.judges.)
-READ_AT_START = ("llm_agents",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +87,6 @@ class ProfileHolder:
             return False
         self._current = new
         self.since_ms = now_ms()
-        restart = [name for name in READ_AT_START if getattr(old.profile, name) != getattr(new.profile, name)]
         log.info(
             "profile %s version %d (%s, sha256 %s) replaces version %d (sha256 %s)",
             new.profile.name,
@@ -101,8 +96,6 @@ class ProfileHolder:
             old.version,
             old.short_hash,
         )
-        if restart:
-            log.warning("the new profile changes %s: those take effect when the process restarts", ", ".join(restart))
         for listener in self._listeners:
             listener(old, new)
         return True

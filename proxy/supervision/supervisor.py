@@ -124,7 +124,7 @@ class Supervisor(ChatHooks[Turn]):
             return body  # nothing to supervise: no tool use, or several answers the client will choose from
         await self.settled(ref)
         extraction: PolicyExtraction | None = None
-        if self.extractions is None:
+        if self.extractions is None or not active.profile.llm_agents.dce:
             state = await self.store.load(ref)  # no tasks to spawn for a single read
         else:
             # Both reads are bounded; done together, the cached extraction adds no round trip of its own.

@@ -113,7 +113,7 @@ class EmbeddedVerdicts:
         self.engines = engine if isinstance(engine, Engines) else Engines.fixed(engine)
         self.metrics = metrics or ProxyMetrics()
         # The judge of the profile in force (a pushed profile with another judge section gets its own).
-        self.judges = judge if isinstance(judge, Judges) else Judges.fixed(judge)
+        self.judges = Judges.of(judge)
 
     async def start(self) -> None:
         return None
