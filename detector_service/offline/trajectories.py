@@ -42,12 +42,71 @@ def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _messages(messages: list[Any], where: str) -> list[dict[str, Any]]:
-    """The messages of one trajectory, each an object (a chat message), or a TrajectoryError naming the first that is not."""
+def _recorded_call(call: Any) -> Any:
+    """A recorded tool call in the wire shape: ``{"id", "type": "function", "function": {"name", "arguments":
+    <JSON text>}}``. Recorders differ: some keep the arguments as an object, some leave out the ``function`` wrapper
+    (``{"id", "name", "arguments"}``). That is how the run was stored, not something the model got wrong (its
+    harness ran the call), so it is not read as a malformed call."""
+    if not isinstance(call, dict):
+        return call
+    fn = call.get("function")
+    if not isinstance(fn, dict):
+        if not isinstance(call.get("name"), str):
+            return call
+        fn = {"name": call["name"], "arguments": call.get("arguments", call.get("parameters", {}))}
+        call = {"id": call.get("id"), "type": "function", "function": fn}
+    arguments = fn.get("arguments")
+    if isinstance(arguments, dict | list):
+        call = {**call, "function": {**fn, "arguments": orjson.dumps(arguments).decode()}}
+    return call
+
+
+def _is_parts(content: Any) -> bool:
+    """OpenAI content parts (``[{"type": "text", "text": ...}]``), as opposed to a JSON value stored as such."""
+    return isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in content)
+
+
+def _recorded(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation in the wire shape, however it was stored: tool calls as :func:`_recorded_call` makes them,
+    each with an id (``rec-<message>-<k>`` where the recorder kept none), a tool result answering the oldest call
+    still unanswered when it names none, a tool result stored as a JSON value (an object, not text) as its JSON
+    text. Messages already in that shape are kept as they are."""
+    out: list[dict[str, Any]] = []
+    waiting: list[str] = []  # ids of the latest assistant message's calls not answered yet, oldest first
+    for i, m in enumerate(messages):
+        calls = m.get("tool_calls")
+        if m.get("role") == "assistant" and isinstance(calls, list) and calls:
+            shaped = [_recorded_call(c) for c in calls]
+            for k, c in enumerate(shaped):
+                if isinstance(c, dict) and not c.get("id"):
+                    shaped[k] = {**c, "id": f"rec-{i}-{k}"}
+            if any(a is not b for a, b in zip(shaped, calls, strict=True)):
+                m = {**m, "tool_calls": shaped}
+            waiting = [str(c["id"]) for c in shaped if isinstance(c, dict) and c.get("id")]
+        elif m.get("role") == "tool":
+            content = m.get("content")
+            if content is not None and not isinstance(content, str) and not _is_parts(content):
+                m = {**m, "content": orjson.dumps(content).decode()}
+            answered = m.get("tool_call_id")
+            if not answered and waiting:
+                m = {**m, "tool_call_id": waiting[0]}
+            if m.get("tool_call_id") in waiting:
+                waiting.remove(str(m["tool_call_id"]))
+        out.append(m)
+    return out
+
+
+def _objects(messages: list[Any], where: str) -> list[dict[str, Any]]:
+    """The messages of one trajectory, each an object, or a TrajectoryError naming the first that is not."""
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise TrajectoryError(f"{where}: message {i} is {type(m).__name__}, expected an object with a 'role'")
     return messages
+
+
+def _messages(messages: list[Any], where: str) -> list[dict[str, Any]]:
+    """The messages of one OpenAI-format trajectory in the wire shape (:func:`_recorded`)."""
+    return _recorded(_objects(messages, where))
 
 
 def _from_jsonl(path: Path) -> Iterator[Trajectory]:
@@ -126,7 +185,8 @@ def _from_tau2(path: Path, data: dict[str, Any]) -> Iterator[Trajectory]:
         raw = sim.get("messages") or []
         if not isinstance(raw, list):
             raise TrajectoryError(f"{path}: simulation {n} has no 'messages' list")
-        messages = [_tau2_message(m) for m in _messages(raw, f"{path}: simulation {n}") if m.get("role") != "system"]
+        raw = _objects(raw, f"{path}: simulation {n}")
+        messages = _recorded([_tau2_message(m) for m in raw if m.get("role") != "system"])
         if isinstance(policy, str) and policy:
             messages.insert(0, {"role": "system", "content": policy})
         task = tasks.get(str(sim.get("task_id")))
