@@ -252,7 +252,16 @@ def test_json_summary_reports_acting_and_all_flags_per_file_model_and_domain(tau
 def _stored_otherwise(record: dict[str, Any], how: str) -> dict[str, Any]:
     """The same run as another recorder might have stored it."""
     out: dict[str, Any] = json.loads(json.dumps(record))
+    legacy: set[str] = set()  # ids of the calls stored as a legacy function_call
     for m in out["messages"]:
+        if how == "legacy function calls":
+            if len(m.get("tool_calls") or []) == 1:
+                [call] = m.pop("tool_calls")
+                m["function_call"] = call["function"]
+                legacy.add(call["id"])
+            elif m["role"] == "tool" and m.get("tool_call_id") in legacy:
+                m["role"] = "function"
+                del m["tool_call_id"]
         if how == "arguments as objects":
             for c in m.get("tool_calls") or []:
                 c["function"]["arguments"] = json.loads(c["function"]["arguments"])
@@ -273,7 +282,13 @@ def _stored_otherwise(record: dict[str, Any], how: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     "how",
-    ["arguments as objects", "calls without the function wrapper", "tool results as JSON values", "no call ids"],
+    [
+        "arguments as objects",
+        "calls without the function wrapper",
+        "tool results as JSON values",
+        "no call ids",
+        "legacy function calls",
+    ],
 )
 def test_a_run_stored_another_way_gets_the_same_flags(tau_dir: Path, tmp_path: Path, how: str) -> None:
     # claude makes several calls per turn (ids matter) and its runs carry no acting flag: a recorder's way of

@@ -70,10 +70,17 @@ def _recorded(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The conversation in the wire shape, however it was stored: tool calls as :func:`_recorded_call` makes them,
     each with an id (``rec-<message>-<k>`` where the recorder kept none), a tool result answering the oldest call
     still unanswered when it names none, a tool result stored as a JSON value (an object, not text) as its JSON
-    text. Messages already in that shape are kept as they are."""
+    text, the legacy ``function_call`` and ``function`` result as a tool call and a tool result. Messages already in
+    that shape are kept as they are."""
     out: list[dict[str, Any]] = []
     waiting: list[str] = []  # ids of the latest assistant message's calls not answered yet, oldest first
     for i, m in enumerate(messages):
+        legacy = m.get("function_call")
+        if m.get("role") == "assistant" and not m.get("tool_calls") and isinstance(legacy, dict):
+            # The legacy single function call: the same thing as one tool call.
+            m = {k: v for k, v in m.items() if k != "function_call"} | {"tool_calls": [{"function": legacy}]}
+        elif m.get("role") == "function":  # its result, answering the call before it
+            m = {k: v for k, v in m.items() if k != "role"} | {"role": "tool"}
         calls = m.get("tool_calls")
         if m.get("role") == "assistant" and isinstance(calls, list) and calls:
             shaped = [_recorded_call(c) for c in calls]
