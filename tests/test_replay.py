@@ -11,7 +11,7 @@ from detector_service.contract.profile import load_profile
 from detector_service.contract.wire import TurnEvent
 from detector_service.engine import Engine
 from detector_service.offline.replay import replay_command, replay_one
-from detector_service.offline.trajectories import load, load_tools
+from detector_service.offline.trajectories import Trajectory, load, load_tools
 from tests.scripted_llm import ScriptedLLM
 from tests.tau_turns import DOMAIN, QWEN, V1, tools
 
@@ -313,3 +313,35 @@ def test_a_run_stored_another_way_gets_the_same_flags(tau_dir: Path, tmp_path: P
 
 def load_tools_of(tau_dir: Path, domain: str) -> list[dict[str, Any]]:
     return load_tools(tau_dir / "domains" / domain / "tools_openai.json")
+
+
+def test_a_tool_the_record_shows_ran_is_no_unknown_tool(tau_dir: Path) -> None:
+    # gpt-4o's harness had a `think` tool that the tau2 airline tools lack: given those, its 52 think calls read as
+    # unknown tools (passed runs flagged 7.5% -> 22.6%). The record shows each answered without error: it ran.
+    engine = Engine(load_profile(AIRLINE))
+    runs = list(load(tau_dir / "trajectories" / V1))[:24]
+
+    def flags(schema: list[dict[str, Any]]) -> list[list[tuple[int, str, str]]]:
+        return [[(f.turn, f.finding.detector, f.action) for f in replay_one(engine, t, schema).flags] for t in runs]
+
+    assert flags(load_tools_of(tau_dir, "tau2-airline")) == flags(tools(tau_dir, V1))
+    assert "think" not in {t["function"]["name"] for t in load_tools_of(tau_dir, "tau2-airline")}
+    assert any(c["function"]["name"] == "think" for t in runs for m in t.messages for c in m.get("tool_calls") or [])
+    # A call the harness answered with an error is still an unknown tool.
+    rejected: list[dict[str, Any]] = [
+        {"role": "user", "content": "Hi"},
+        {
+            "role": "assistant",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "summon", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "Error: unknown tool summon"},
+        {
+            "role": "assistant",
+            "tool_calls": [{"id": "c2", "type": "function", "function": {"name": "summon", "arguments": "{}"}}],
+        },
+    ]
+    replayed = replay_one(engine, Trajectory(id="r", messages=rejected), tools(tau_dir, V1))
+    assert [(f.turn, f.finding.detector) for f in replayed.flags if f.finding.detector == "unknown_tool"] == [
+        (1, "unknown_tool"),
+        (3, "unknown_tool"),
+    ]

@@ -45,7 +45,7 @@ from detector_service.offline.trajectories import (
     load,
     load_tools,
 )
-from detector_service.turn import ConversationIndex, agent_messages, tools_by_name
+from detector_service.turn import ConversationIndex, agent_messages, is_error_output, tools_by_name
 
 
 def native_messages(
@@ -58,14 +58,34 @@ def native_messages(
     return dialect.text_actions, native
 
 
+def ran_undeclared(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tools the record itself shows ran (a call answered by a result that is no error) though the tools given do not
+    declare them: the run's harness had them (a ``think`` tool, say), so its calls are not unknown tools. A call
+    the harness answered with an error stays one. Declared with no schema: nothing to check their arguments by."""
+    declared = set(tools_by_name(tools))
+    called: dict[str, str] = {}
+    ran: list[str] = []
+    for m in messages:
+        for c in m.get("tool_calls") or ():
+            fn = c.get("function") if isinstance(c, dict) else None
+            if isinstance(fn, dict) and c.get("id") and isinstance(fn.get("name"), str) and fn["name"] not in declared:
+                called[str(c["id"])] = fn["name"]
+        if m.get("role") == "tool" and m.get("tool_call_id") in called and not is_error_output(m):
+            name = called.pop(str(m["tool_call_id"]))
+            if name not in ran:
+                ran.append(name)
+    return [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in ran]
+
+
 def replay_one(
     engine: Engine, trajectory: Trajectory, default_tools: list[dict[str, Any]], collect: bool = False
 ) -> Replayed:
     """One trajectory, turn by turn; with ``collect`` each assistant turn's monitor features are kept too."""
     tools = trajectory.tools if trajectory.tools is not None else default_tools
+    text_actions, messages = native_messages(engine.profile, trajectory.messages, tools_by_name(tools).keys())
+    tools = [*tools, *ran_undeclared(messages, tools)]
     by_name = tools_by_name(tools)
     kinds = ToolKinds(engine.profile, tools)
-    text_actions, messages = native_messages(engine.profile, trajectory.messages, by_name.keys())
     index = ConversationIndex(kinds=kinds, text_actions=text_actions)
     state = FeatureState(kinds) if collect or engine.monitor is not None else None
     out = Replayed(trajectory, messages=messages)
