@@ -273,6 +273,9 @@ def _stored_otherwise(record: dict[str, Any], how: str) -> dict[str, Any]:
         elif how == "tool results as JSON values" and m["role"] == "tool":
             with contextlib.suppress(ValueError):
                 m["content"] = json.loads(m["content"])
+        elif how == "namespaced call names":
+            for c in m.get("tool_calls") or []:
+                c["function"]["name"] = "functions." + c["function"]["name"]
         elif how == "no call ids":
             m.pop("tool_call_id", None)
             for c in m.get("tool_calls") or []:
@@ -288,6 +291,7 @@ def _stored_otherwise(record: dict[str, Any], how: str) -> dict[str, Any]:
         "tool results as JSON values",
         "no call ids",
         "legacy function calls",
+        "namespaced call names",
     ],
 )
 def test_a_run_stored_another_way_gets_the_same_flags(tau_dir: Path, tmp_path: Path, how: str) -> None:

@@ -58,6 +58,29 @@ def native_messages(
     return dialect.text_actions, native
 
 
+def unprefixed(messages: list[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Calls recorded under a namespace (``functions.get_user_details``, ``default_api.get_user_details``, as some
+    harnesses and chat formats write them) under the declared name they stand for; other messages as they are."""
+    declared = set(tools_by_name(tools))
+    out = messages
+    for i, m in enumerate(messages):
+        calls = m.get("tool_calls")
+        if not calls or not isinstance(calls, list):
+            continue
+        renamed = []
+        for c in calls:
+            fn = c.get("function") if isinstance(c, dict) else None
+            name = fn.get("name") if isinstance(fn, dict) else None
+            bare = name.rsplit(".", 1)[-1] if isinstance(name, str) and "." in name else None
+            if isinstance(fn, dict) and bare is not None and name not in declared and bare in declared:
+                c = {**c, "function": {**fn, "name": bare}}
+            renamed.append(c)
+        if any(a is not b for a, b in zip(renamed, calls, strict=True)):
+            out = list(out) if out is messages else out
+            out[i] = {**m, "tool_calls": renamed}
+    return out
+
+
 def ran_undeclared(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Tools the record itself shows ran (a call answered by a result that is no error) though the tools given do not
     declare them: the run's harness had them (a ``think`` tool, say), so its calls are not unknown tools. A call
@@ -83,6 +106,7 @@ def replay_one(
     """One trajectory, turn by turn; with ``collect`` each assistant turn's monitor features are kept too."""
     tools = trajectory.tools if trajectory.tools is not None else default_tools
     text_actions, messages = native_messages(engine.profile, trajectory.messages, tools_by_name(tools).keys())
+    messages = unprefixed(messages, tools)
     tools = [*tools, *ran_undeclared(messages, tools)]
     by_name = tools_by_name(tools)
     kinds = ToolKinds(engine.profile, tools)
