@@ -89,12 +89,14 @@ def ran_undeclared(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str,
     called: dict[str, str] = {}
     ran: list[str] = []
     for m in messages:
-        for c in m.get("tool_calls") or ():
+        calls = m.get("tool_calls")
+        for c in calls if isinstance(calls, list) else ():
             fn = c.get("function") if isinstance(c, dict) else None
             if isinstance(fn, dict) and c.get("id") and isinstance(fn.get("name"), str) and fn["name"] not in declared:
                 called[str(c["id"])] = fn["name"]
-        if m.get("role") == "tool" and m.get("tool_call_id") in called and not is_error_output(m):
-            name = called.pop(str(m["tool_call_id"]))
+        answered = m.get("tool_call_id")
+        if m.get("role") == "tool" and isinstance(answered, str) and answered in called and not is_error_output(m):
+            name = called.pop(answered)
             if name not in ran:
                 ran.append(name)
     return [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in ran]

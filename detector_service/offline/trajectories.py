@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,13 @@ def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _json_text(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits, say: the standard library writes those
+        return json.dumps(value)
+
+
 def _recorded_call(call: Any) -> Any:
     """A recorded tool call in the wire shape: ``{"id", "type": "function", "function": {"name", "arguments":
     <JSON text>}}``. Recorders differ: some keep the arguments as an object, some leave out the ``function`` wrapper
@@ -57,7 +65,7 @@ def _recorded_call(call: Any) -> Any:
         call = {"id": call.get("id"), "type": "function", "function": fn}
     arguments = fn.get("arguments")
     if isinstance(arguments, dict | list):
-        call = {**call, "function": {**fn, "arguments": orjson.dumps(arguments).decode()}}
+        call = {**call, "function": {**fn, "arguments": _json_text(arguments)}}
     return call
 
 
@@ -66,7 +74,7 @@ def _is_parts(content: Any) -> bool:
     return isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in content)
 
 
-def _recorded(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def wire_shaped(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The conversation in the wire shape, however it was stored: tool calls as :func:`_recorded_call` makes them,
     each with an id (``rec-<message>-<k>`` where the recorder kept none), a tool result answering the oldest call
     still unanswered when it names none, a tool result stored as a JSON value (an object, not text) as its JSON
@@ -93,7 +101,7 @@ def _recorded(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif m.get("role") == "tool":
             content = m.get("content")
             if content is not None and not isinstance(content, str) and not _is_parts(content):
-                m = {**m, "content": orjson.dumps(content).decode()}
+                m = {**m, "content": _json_text(content)}
             answered = m.get("tool_call_id")
             if not answered and waiting:
                 m = {**m, "tool_call_id": waiting[0]}
@@ -112,8 +120,8 @@ def _objects(messages: list[Any], where: str) -> list[dict[str, Any]]:
 
 
 def _messages(messages: list[Any], where: str) -> list[dict[str, Any]]:
-    """The messages of one OpenAI-format trajectory in the wire shape (:func:`_recorded`)."""
-    return _recorded(_objects(messages, where))
+    """The messages of one OpenAI-format trajectory in the wire shape (:func:`wire_shaped`)."""
+    return wire_shaped(_objects(messages, where))
 
 
 def _from_jsonl(path: Path) -> Iterator[Trajectory]:
@@ -193,7 +201,7 @@ def _from_tau2(path: Path, data: dict[str, Any]) -> Iterator[Trajectory]:
         if not isinstance(raw, list):
             raise TrajectoryError(f"{path}: simulation {n} has no 'messages' list")
         raw = _objects(raw, f"{path}: simulation {n}")
-        messages = _recorded([_tau2_message(m) for m in raw if m.get("role") != "system"])
+        messages = wire_shaped([_tau2_message(m) for m in raw if m.get("role") != "system"])
         if isinstance(policy, str) and policy:
             messages.insert(0, {"role": "system", "content": policy})
         task = tasks.get(str(sim.get("task_id")))
