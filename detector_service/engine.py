@@ -28,7 +28,7 @@ import orjson
 from detector_service import stakes
 from detector_service.contract.active_profile import ActiveProfile, ProfileHolder
 from detector_service.contract.profile import Dialect, Profile
-from detector_service.contract.textactions import native_turn
+from detector_service.contract.textactions import known_names, native_turn
 from detector_service.contract.toolkinds import ToolKinds
 from detector_service.contract.wire import ACTION_STRENGTH, Action, Category, Finding, TurnEvent, Verdict
 from detector_service.detectors import dcv, ifu, loop, mtc, rules, wrco
@@ -116,7 +116,7 @@ class Engine:
         """The turn as the detectors read it: actions the harness wrote as text become native calls and tool
         messages (:func:`detector_service.contract.textactions.native_turn`; the profile's ``dialect``), and the
         dialect it was written in. A native turn is returned as it is."""
-        names = tools_by_name(turn.tools).keys() | self.profile.tools.keys()  # a text harness may declare none
+        names = known_names(tools_by_name(turn.tools).keys(), self.profile)
         dialect, messages, candidate = native_turn(self.profile.dialect, turn.messages, turn.candidate, names)
         if not dialect.text_actions:
             return dialect, turn

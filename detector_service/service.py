@@ -23,8 +23,8 @@ from detector_service.contract.redaction import logging_config, redact_also, url
 from detector_service.engine import Engines
 from detector_service.health import create_health_app, health_server
 from detector_service.llm.extraction import ExtractionScheduler, Extractor
+from detector_service.llm.follows import FollowsProfile, Judges, judge_builder
 from detector_service.llm.judge import judge_key, make_client
-from detector_service.llm.judges import FollowsProfile, Judges, judge_builder
 from detector_service.metrics import DetectorMetrics
 from detector_service.settings import DetectorSettings
 from detector_service.worker import Worker

@@ -36,8 +36,8 @@ from detector_service.bus.consumer import GroupConsumer
 from detector_service.contract.wire import SchemaVersionError, TurnEvent, Verdict, check_version, dumps, now_ms
 from detector_service.engine import Engine, Engines
 from detector_service.llm.extraction import ExtractionScheduler
+from detector_service.llm.follows import FollowsProfile, Judges
 from detector_service.llm.judge import Judge, judged, worth_judging
-from detector_service.llm.judges import FollowsProfile, Judges
 from detector_service.metrics import DetectorMetrics
 from detector_service.settings import DetectorSettings
 
@@ -103,7 +103,7 @@ class Worker:
         # The judge of the profile in force (a pushed profile with another judge section gets its own).
         self.judges = Judges.of(judge)
         # The policy-extraction scheduler of the profile in force (its llm_agents and judge sections), if any.
-        self.extractions = extractions if isinstance(extractions, FollowsProfile) else FollowsProfile.fixed(extractions)
+        self.extractions = FollowsProfile.holding(extractions, "policy extraction")
         self.consumer = settings.consumer_name
         self.group = GroupConsumer(
             redis,

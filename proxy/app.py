@@ -19,7 +19,7 @@ from detector_service.bus.writer import BatchWriter
 from detector_service.contract.active_profile import ProfileHolder
 from detector_service.contract.profile import load_profile
 from detector_service.engine import Engines
-from detector_service.llm.judges import Judges, judge_builder
+from detector_service.llm.follows import Judges, judge_builder
 from proxy.edge import admin, health, outcomes, passthrough, responses, routes
 from proxy.edge.auth import Authenticator
 from proxy.edge.deps import ProxyState, Supervision

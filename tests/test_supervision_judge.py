@@ -16,7 +16,7 @@ import yaml
 from detector_service.contract.active_profile import ActiveProfile, ProfileHolder
 from detector_service.contract.profile import JudgeConfig, Profile
 from detector_service.contract.wire import Category
-from detector_service.llm.judges import Judges, judge_builder
+from detector_service.llm.follows import Judges, judge_builder
 from tests.scripted_llm import ScriptedLLM
 from tests.supervised_upstream import ScriptedModel, feedback_in
 from tests.supervision_harness import CANCEL, LOOKED_UP, QUESTION, TOOLS, interventions, proxy_for

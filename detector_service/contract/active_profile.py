@@ -9,7 +9,7 @@ a process that starts while a pushed profile is stored takes the stored one (see
 Every reader takes :attr:`ProfileHolder.current` once per unit of work (a turn, a batch) and keeps that
 snapshot to its end: a turn in flight finishes under the profile it started with, the next one gets the new
 one. :meth:`ProfileHolder.offer` is the only place a profile is swapped; listeners (metrics, derived engines, the
-judge and the policy-extraction scheduler, :mod:`detector_service.llm.judges`) hear of each swap.
+judge and the policy-extraction scheduler, :mod:`detector_service.llm.follows`) hear of each swap.
 """
 
 from __future__ import annotations

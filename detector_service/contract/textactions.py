@@ -42,7 +42,7 @@ from typing import Any
 
 import orjson
 
-from detector_service.contract.profile import Dialect
+from detector_service.contract.profile import Dialect, Profile
 
 MAX_CHARS = 65_536  # longer texts are answers, not calls; they are left alone
 RESPOND = "respond"  # the ReAct action that is a message to the user
@@ -177,6 +177,12 @@ def _trailing(text: str, tools: Collection[str]) -> tuple[str, list[dict[str, An
             if calls is not None:
                 return text[:start].strip(), calls
     return None
+
+
+def known_names(declared: Collection[str], profile: Profile) -> frozenset[str]:
+    """The tool names calls written as text are read against: those the request declares and those of the profile's
+    ``tools:`` (a text harness may declare none in its request)."""
+    return frozenset(declared) | profile.tools.keys()
 
 
 def split_text_calls(text: str, tools: Collection[str]) -> tuple[str | None, list[dict[str, Any]]] | None:

@@ -58,10 +58,9 @@ def native_messages(
     return dialect.text_actions, native
 
 
-def unprefixed(messages: list[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def unprefixed(messages: list[dict[str, Any]], declared: Collection[str]) -> list[dict[str, Any]]:
     """Calls recorded under a namespace (``functions.get_user_details``, ``default_api.get_user_details``, as some
     harnesses and chat formats write them) under the declared name they stand for; other messages as they are."""
-    declared = set(tools_by_name(tools))
     out = messages
     for i, m in enumerate(messages):
         calls = m.get("tool_calls")
@@ -81,11 +80,10 @@ def unprefixed(messages: list[dict[str, Any]], tools: Sequence[dict[str, Any]]) 
     return out
 
 
-def ran_undeclared(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def ran_undeclared(messages: Sequence[dict[str, Any]], declared: Collection[str]) -> list[dict[str, Any]]:
     """Tools the record itself shows ran (a call answered by a result that is no error) though the tools given do not
     declare them: the run's harness had them (a ``think`` tool, say), so its calls are not unknown tools. A call
     the harness answered with an error stays one. Declared with no schema: nothing to check their arguments by."""
-    declared = set(tools_by_name(tools))
     called: dict[str, str] = {}
     ran: list[str] = []
     for m in messages:
@@ -107,9 +105,10 @@ def replay_one(
 ) -> Replayed:
     """One trajectory, turn by turn; with ``collect`` each assistant turn's monitor features are kept too."""
     tools = trajectory.tools if trajectory.tools is not None else default_tools
-    text_actions, messages = native_messages(engine.profile, trajectory.messages, tools_by_name(tools).keys())
-    messages = unprefixed(messages, tools)
-    tools = [*tools, *ran_undeclared(messages, tools)]
+    declared = tools_by_name(tools).keys()
+    text_actions, messages = native_messages(engine.profile, trajectory.messages, declared)
+    messages = unprefixed(messages, declared)
+    tools = [*tools, *ran_undeclared(messages, declared)]
     by_name = tools_by_name(tools)
     kinds = ToolKinds(engine.profile, tools)
     index = ConversationIndex(kinds=kinds, text_actions=text_actions)

@@ -41,7 +41,7 @@ from detector_service.agents.policy import policy_text
 from detector_service.contract.active_profile import ProfileHolder
 from detector_service.contract.extraction import PolicyExtraction
 from detector_service.contract.profile import Mode
-from detector_service.contract.textactions import native_message, native_turn, resolve
+from detector_service.contract.textactions import known_names, native_message, native_turn, resolve
 from detector_service.contract.wire import SCHEMA_VERSION, Action, TurnEvent, Verdict, new_id, now_ms
 from detector_service.turn import tools_by_name
 from proxy.hooks import ChatContext, ChatHooks, wants_usage
@@ -117,7 +117,7 @@ class Supervisor(ChatHooks[Turn]):
         ref = identify(ctx.request_headers.get(SESSION_HEADER), ctx.tenant, messages, tools)
         ctx.response_headers[SESSION_HEADER] = ref.session_id
         active = self.profiles.current  # the turn keeps this profile to its end, whatever is pushed meanwhile
-        names = tools_by_name(tools).keys() | active.profile.tools.keys()  # a text harness may declare none
+        names = known_names(tools_by_name(tools).keys(), active.profile)
         dialect = resolve(active.profile.dialect, messages, None, names)
         ctx.text_actions = dialect.text_actions  # its harness reads calls written as text: they stay text
         if not (tools or ctx.text_actions) or int(body.get("n") or 1) != 1:
@@ -273,7 +273,7 @@ class Supervisor(ChatHooks[Turn]):
         else:
             result = Degraded("deadline" if outcome.reason is MissReason.DEADLINE else "outage")
         # The decision reads the candidate as the detectors do; its feedback and its answer fit the harness.
-        names = turn.tool_names | profile.tools.keys()
+        names = known_names(turn.tool_names, profile)
         dialect = resolve(profile.dialect, turn.messages, candidate, names)
         native = native_message(candidate, len(turn.messages), names) if dialect.text_actions else candidate
         decision = decide(self.mode, profile, result, native, turn.tools, attempt, tool_bytes_sent, dialect, text_shown)

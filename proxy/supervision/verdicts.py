@@ -38,8 +38,8 @@ from redis.exceptions import RedisError
 from detector_service.bus import keys, streams, values
 from detector_service.contract.wire import SchemaVersionError, TurnEvent, Verdict, check_version, dumps, now_ms
 from detector_service.engine import Engine, Engines
+from detector_service.llm.follows import Judges
 from detector_service.llm.judge import Judge, judged, worth_judging
-from detector_service.llm.judges import Judges
 from proxy.metrics import ProxyMetrics
 
 REPLY_BLOCK_MS = 1000  # the reply reader's XREAD block

@@ -24,6 +24,7 @@ from detector_service.llm.judge import Judge, judge_key, make_client
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_UNSET = object()
 
 
 class FollowsProfile(Generic[T]):
@@ -39,14 +40,16 @@ class FollowsProfile(Generic[T]):
         self._section = section
         self._build = build
         self._what = what
-        self._key: object = _UNSET
+        self._key: object = _UNSET  # no profile seen yet
         self._current: T | None = None
         self._retired: list[T] = []
         profiles.listen(self._swapped)
 
-    @classmethod
-    def fixed(cls, value: T | None, what: str = "part") -> FollowsProfile[T]:
-        """One value (or none) for every turn (a process whose profile never changes)."""
+    @staticmethod
+    def holding(value: T | FollowsProfile[T] | None, what: str = "part") -> FollowsProfile[T]:
+        """``value`` as a holder: itself, or one value (or none) for every turn whatever the profile."""
+        if isinstance(value, FollowsProfile):
+            return value
         return FollowsProfile(ProfileHolder.of(Profile()), lambda _p: None, lambda _p: value, what)
 
     def _swapped(self, old: ActiveProfile, new: ActiveProfile) -> None:
@@ -77,13 +80,6 @@ class FollowsProfile(Generic[T]):
         out = [*self._retired, *([self._current] if self._current is not None else [])]
         self._retired, self._current = [], None
         return out
-
-
-class _Unset:
-    pass
-
-
-_UNSET = _Unset()
 
 
 def judge_builder(api_key: SecretStr | None) -> Callable[[JudgeConfig], Judge | None]:
